@@ -1,0 +1,51 @@
+# One command to run the pipeline, one to run the tests; each sets up what it needs.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+# torch first and exactly: 2.13.0 has a local CPU build here; any other pick pulls CUDA wheels.
+TORCH := torch==2.13.0
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: demo test test-fast install params lint ui clean-outputs
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[data,dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+## Run the whole pipeline (clean -> deploy) on the embedded data.
+demo: install
+	dvc repro
+	@echo
+	@echo "Pipeline outputs:   outputs/<stage>/  (metrics: dvc metrics show; curves: dvc plots show)"
+	@echo "Registered model:   $$(python -c 'import json;d=json.load(open("outputs/deploy/deploy.json"));print(d["model_name"], "version", d["version"], "->", d["model_uri"])')"
+	@echo "Browse every run:   $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db  (then open http://127.0.0.1:5000)"
+
+## Install and run the test suite (CI runs exactly this).
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/pytest -m "not gpu and not distributed"
+
+test-fast: install
+	$(BIN)/pytest -m "not slow and not gpu and not distributed"
+
+## Recompose params.yaml from conf/ (dvc exp run does this by itself).
+params: install
+	$(BIN)/lmpipe params
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+ui: install
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db
+
+clean-outputs:
+	rm -rf outputs logs multirun

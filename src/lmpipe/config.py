@@ -1,0 +1,275 @@
+"""Structured config schemas, validation, and the conf/ -> params.yaml composition.
+
+`params.yaml` is what every stage reads and DVC tracks; `conf/` is its source. Both DVC
+(`dvc exp run`) and `lmpipe params` compose it with the same DVC function, so the file is
+byte-identical whichever wrote it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+PARAMS_FILE = "params.yaml"
+CONF_DIR = "conf"
+CONF_NAME = "config"
+DIGEST_RESOLVER = "lmpipe_conf_digest"
+
+
+# --- schemas -------------------------------------------------------------------------------
+
+
+@dataclass
+class DataConfig:
+    kind: str = "embedded"  # embedded | local | hf
+    embedded: list[str] = field(default_factory=list)
+    skip_offensive: bool = True
+    paths: list[str] = field(default_factory=list)
+    text_field: str = "text"
+    name: str | None = None
+    config_name: str | None = None
+    split: str = "train"
+    max_docs: int | None = None
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    intermediate_size: int = 688
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
+    init_from: str | None = None
+
+
+@dataclass
+class CleanConfig:
+    normalize: str | None = "NFC"
+    strip_control: bool = True
+    fix_overstrike: bool = True
+    min_chars: int = 20
+    max_chars: int = 5_000_000
+    dedup: str = "exact"  # exact | none
+    dropped_sample_size: int = 5
+    shard_docs: int = 50_000
+
+
+@dataclass
+class TokenizeConfig:
+    vocab_size: int = 8192
+    min_frequency: int = 2
+    train_sample_docs: int | None = None
+    val_fraction: float = 0.02
+    batch_docs: int = 1024
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    """What the shared training loop needs; pretrain and finetune extend it."""
+
+    steps: int = 100
+    batch_size: int = 16
+    grad_accum: int = 1
+    eval_every: int = 50
+    eval_batches: int = 8
+    log_every: int = 1
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass
+class PretrainConfig(TrainConfig):
+    seq_len: int = 256
+
+
+@dataclass
+class FinetuneConfig(TrainConfig):
+    task: str = "sft"
+    dataset: str = "chatterbot"
+    language: str = "english"
+    val_fraction: float = 0.05
+    test_fraction: float = 0.1
+    max_len: int = 192
+
+
+@dataclass
+class EvaluateConfig:
+    max_tokens: int = 65536
+    batch_size: int = 8
+    num_generations: int = 8
+    max_new_tokens: int = 48
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+
+@dataclass
+class GateConfig:
+    metric: str = "finetuned_sft_test_loss"
+    mode: str = "min"  # min | max
+    threshold: float = 6.0
+
+
+@dataclass
+class DeployConfig:
+    registered_model_name: str = "lmpipe-chat"
+    alias: str = "champion"
+    gate: GateConfig = field(default_factory=GateConfig)
+    smoke_prompt: str = "What is AI?"
+    max_new_tokens: int = 32
+
+
+@dataclass
+class HardwareConfig:
+    device: str = "cpu"  # cpu | cuda | auto
+    precision: str = "fp32"  # fp32 | bf16
+    compile: bool = False
+    num_threads: int | None = None
+
+
+@dataclass
+class TrackingConfig:
+    experiment: str = "lmpipe"
+
+
+@dataclass
+class LmpipeConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    clean: CleanConfig = field(default_factory=CleanConfig)
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    deploy: DeployConfig = field(default_factory=DeployConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    seed: int = 1337
+    outputs_dir: str = "outputs"
+    conf_digest: str = MISSING
+
+
+# Values a key may take where the type alone does not say it.
+_CHOICES: dict[str, tuple[Any, ...]] = {
+    "data.kind": ("embedded", "local", "hf"),
+    "clean.dedup": ("exact", "none"),
+    "clean.normalize": (None, "NFC", "NFKC", "NFD", "NFKD"),
+    "finetune.task": ("sft",),
+    "finetune.dataset": ("chatterbot",),
+    "deploy.gate.mode": ("min", "max"),
+    "hardware.device": ("cpu", "cuda", "auto"),
+    "hardware.precision": ("fp32", "bf16"),
+}
+
+
+class ConfigError(ValueError):
+    """A config that does not fit the schema; the message names the key."""
+
+
+def validate(cfg: DictConfig | dict) -> DictConfig:
+    """Merge `cfg` into the schema: unknown keys, wrong types and bad choices fail by key name."""
+    schema = OmegaConf.structured(LmpipeConfig)
+    try:
+        merged = OmegaConf.merge(schema, cfg)
+    except OmegaConfBaseException as exc:  # names full_key in its message
+        key = getattr(exc, "full_key", None) or "?"
+        raise ConfigError(f"invalid config key '{key}': {exc.msg}") from None
+    for key, allowed in _CHOICES.items():
+        value = OmegaConf.select(merged, key)
+        if value not in allowed:
+            raise ConfigError(f"invalid value for '{key}': {value!r} (allowed: {allowed})")
+    missing = sorted(OmegaConf.missing_keys(merged) - {"conf_digest"})
+    if missing:
+        raise ConfigError(f"required config key(s) not set: {', '.join(missing)}")
+    return merged
+
+
+# --- composition and freshness -------------------------------------------------------------
+
+
+def find_project_root(start: Path | None = None) -> Path:
+    """The nearest directory at or above `start` holding both conf/ and dvc.yaml."""
+    here = (start or Path.cwd()).resolve()
+    for candidate in (here, *here.parents):
+        if (candidate / CONF_DIR).is_dir() and (candidate / "dvc.yaml").is_file():
+            return candidate
+    raise FileNotFoundError(f"no lmpipe project (conf/ + dvc.yaml) at or above {here}")
+
+
+def conf_digest(conf_dir: Path) -> str:
+    """sha256 over every file under conf/ (relative path + bytes), order-independent."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in conf_dir.rglob("*") if p.is_file() and p.suffix == ".yaml"):
+        digest.update(path.relative_to(conf_dir).as_posix().encode())
+        digest.update(b"\0")
+        digest.update(path.read_bytes())
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]
+
+
+def register_resolvers() -> None:
+    """`${lmpipe_conf_digest:}` resolves to the digest of the project's conf/ directory."""
+    if not OmegaConf.has_resolver(DIGEST_RESOLVER):
+        OmegaConf.register_new_resolver(
+            DIGEST_RESOLVER, lambda: conf_digest(find_project_root() / CONF_DIR)
+        )
+
+
+def compose_params(
+    root: Path, overrides: list[str] | None = None, output: Path | None = None
+) -> Path:
+    """Write params.yaml exactly as `dvc exp run` would (DVC's own compose_and_dump)."""
+    from dvc.utils.hydra import compose_and_dump
+
+    register_resolvers()
+    output = output or root / PARAMS_FILE
+    cwd = Path.cwd()
+    os.chdir(root)  # the digest resolver finds conf/ from the working directory, as under DVC
+    try:
+        compose_and_dump(
+            output,
+            str(root / CONF_DIR),
+            None,
+            CONF_NAME,
+            str(root / "src"),
+            list(overrides or []),
+        )
+    finally:
+        os.chdir(cwd)
+    return output
+
+
+def stale_params_message(root: Path) -> str | None:
+    """None if params.yaml was composed from the current conf/, else what to run."""
+    params_path = root / PARAMS_FILE
+    if not params_path.is_file():
+        return f"{params_path} does not exist: run `make params` (or `dvc exp run`) to compose it"
+    recorded = OmegaConf.load(params_path).get("conf_digest")
+    current = conf_digest(root / CONF_DIR)
+    if recorded != current:
+        return (
+            f"{PARAMS_FILE} is out of date with {CONF_DIR}/ (composed from conf digest "
+            f"{recorded}, conf/ is now {current}): run `make params` to recompose it, or "
+            "`dvc exp run`, which recomposes it before running"
+        )
+    return None

@@ -1,0 +1,1 @@
+"""Corpus sources, cleaning filters, deduplication and the clean stage's pipeline."""

@@ -1,0 +1,150 @@
+"""Supervised fine-tuning data: chat conversations, split, tokenised with a loss mask.
+
+Loss is on assistant tokens only: the chat template marks them ({% generation %}), and
+every other position gets label -100.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+Messages = list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class Conversation:
+    id: str
+    messages: Messages
+
+    @property
+    def prompt(self) -> str:
+        return self.messages[0]["content"]
+
+
+def chatterbot_dir(language: str) -> Path:
+    try:
+        import chatterbot_corpus
+    except ImportError as exc:
+        raise FileNotFoundError(
+            "finetune.dataset=chatterbot needs `pip install chatterbot-corpus`"
+        ) from exc
+    path = Path(chatterbot_corpus.__file__).parent / "data" / language
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"finetune.language: chatterbot-corpus has no '{language}' data ({path})"
+        )
+    return path
+
+
+def load_chatterbot(language: str = "english") -> list[Conversation]:
+    """Each chatterbot conversation [q, a, q2, a2, ...] becomes alternating user/assistant turns."""
+    conversations = []
+    for path in sorted(chatterbot_dir(language).glob("*.yml")):
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        for index, turns in enumerate(data.get("conversations") or []):
+            texts = [str(t).strip() for t in turns if t is not None and str(t).strip()]
+            if len(texts) < 2:
+                continue
+            texts = texts[: len(texts) // 2 * 2]  # end on an assistant turn
+            messages = [
+                {"role": "user" if i % 2 == 0 else "assistant", "content": text}
+                for i, text in enumerate(texts)
+            ]
+            conversations.append(Conversation(f"chatterbot:{path.stem}:{index}", messages))
+    return conversations
+
+
+def split_of(conversation: Conversation, val_fraction: float, test_fraction: float) -> str:
+    """train/val/test by a hash of the opening prompt, so a question never straddles splits."""
+    key = conversation.prompt.strip().lower().encode()
+    bucket = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big") / 2**64
+    if bucket < test_fraction:
+        return "test"
+    if bucket < test_fraction + val_fraction:
+        return "val"
+    return "train"
+
+
+def split_conversations(
+    conversations: Sequence[Conversation], val_fraction: float, test_fraction: float
+) -> dict[str, list[Conversation]]:
+    splits: dict[str, list[Conversation]] = {"train": [], "val": [], "test": []}
+    for conversation in conversations:
+        splits[split_of(conversation, val_fraction, test_fraction)].append(conversation)
+    return splits
+
+
+def encode_conversation(
+    tokenizer: PreTrainedTokenizerBase, messages: Messages, max_len: int
+) -> dict[str, list[int]] | None:
+    """input_ids and labels (-100 outside assistant turns) cut to max_len; None if no target."""
+    encoded = tokenizer.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    ids = list(encoded["input_ids"])[:max_len]
+    mask = list(encoded["assistant_masks"])[:max_len]
+    labels = [tok if m else IGNORE_INDEX for tok, m in zip(ids, mask, strict=True)]
+    if all(label == IGNORE_INDEX for label in labels):
+        return None
+    return {"input_ids": ids, "labels": labels}
+
+
+def encode_all(
+    tokenizer: PreTrainedTokenizerBase, conversations: Sequence[Conversation], max_len: int
+) -> list[dict[str, list[int]]]:
+    examples = [encode_conversation(tokenizer, c.messages, max_len) for c in conversations]
+    kept = [e for e in examples if e is not None]
+    if len(kept) < len(examples):
+        log.info(
+            "sft: %d conversations had no response token within max_len", len(examples) - len(kept)
+        )
+    return kept
+
+
+def collate(examples: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example; padding is masked out of attention and loss."""
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example["input_ids"])
+        ids[row, :n] = torch.tensor(example["input_ids"])
+        labels[row, :n] = torch.tensor(example["labels"])
+        attention[row, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": attention}
+
+
+def shuffled_batches(
+    examples: Sequence[dict[str, list[int]]],
+    batch_size: int,
+    pad_id: int,
+    generator: torch.Generator,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless epochs, each a fresh permutation from the generator."""
+    if not examples:
+        raise ValueError("no SFT training examples")
+    while True:
+        order = torch.randperm(len(examples), generator=generator).tolist()
+        for first in range(0, len(order), batch_size):
+            chunk = order[first : first + batch_size]
+            if len(chunk) == batch_size or len(order) < batch_size:
+                yield collate([examples[i] for i in chunk], pad_id)
+
+
+def ordered_batches(
+    examples: Sequence[dict[str, list[int]]], batch_size: int, pad_id: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    for first in range(0, len(examples), batch_size):
+        yield collate(examples[first : first + batch_size], pad_id)

@@ -1,0 +1,251 @@
+"""MLflow bookkeeping: where the store is, one run per stage execution, params, metrics, lineage.
+
+The store defaults to `sqlite:///<project>/mlflow.db` with artifacts in `<project>/mlartifacts`.
+`<project>` is `$DVC_ROOT` when DVC runs a queued experiment in a temporary copy, so every
+experiment lands in the real project's store; `MLFLOW_TRACKING_URI` points elsewhere (a server).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import logging
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+RUN_FILE = "run.json"
+TAG_STAGE = "lmpipe.stage"
+TAG_DVC_EXP = "lmpipe.dvc_exp"
+TAG_UPSTREAM = "lmpipe.upstream."
+MAX_PARAM_LENGTH = 6000  # MLflow's limit for a param value
+
+
+def store_root() -> Path:
+    """The project directory that owns the tracking store (DVC_ROOT under `dvc exp run`)."""
+    from lmpipe.config import find_project_root
+
+    if os.environ.get("DVC_ROOT"):
+        return Path(os.environ["DVC_ROOT"]).resolve()
+    return find_project_root()
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store_root() / 'mlflow.db'}"
+
+
+def configure() -> str:
+    """Point MLflow at the project's store; returns the URI."""
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def ensure_experiment(name: str) -> str:
+    """Get or create the experiment, with artifacts under the project's mlartifacts/.
+
+    The artifact location is fixed at creation, so it is always the real project root
+    (never a DVC temp copy), whichever process creates it first.
+    """
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        location = (store_root() / "mlartifacts").as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException:  # created concurrently by another stage process
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def flatten_config(cfg: DictConfig | Mapping[str, Any]) -> dict[str, str]:
+    """`{"a": {"b": 1}}` -> `{"a.b": "1"}`, values cut to MLflow's param length."""
+    container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, Mapping):
+            for key, value in node.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), value)
+        else:
+            flat[prefix] = str(node)[:MAX_PARAM_LENGTH]
+
+    walk("", container)
+    return flat
+
+
+def git_commit(cwd: Path | None = None) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def read_run_file(stage_dir: Path) -> dict[str, Any] | None:
+    path = stage_dir / RUN_FILE
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def dvc_lock_md5s(lock_path: Path = Path("dvc.lock")) -> dict[str, str]:
+    """Output path -> md5 for every stage DVC has locked (what the deps were when produced)."""
+    if not lock_path.is_file():
+        return {}
+    import yaml
+
+    lock = yaml.safe_load(lock_path.read_text()) or {}
+    md5s: dict[str, str] = {}
+    for stage in (lock.get("stages") or {}).values():
+        for out in stage.get("outs", []):
+            if "md5" in out:
+                md5s[out["path"]] = out["md5"]
+    return md5s
+
+
+@contextlib.contextmanager
+def stage_run(
+    stage: str,
+    cfg: DictConfig,
+    upstream: Mapping[str, Path],
+    run_id: str | None = None,
+) -> Iterator[mlflow.ActiveRun]:
+    """One MLflow run for one stage execution; ends FAILED if the body raises.
+
+    `upstream` maps upstream stage names to their output directories: their run.json gives
+    the run ids tagged here, so the chain corpus -> model can be walked in the UI.
+    """
+    configure()
+    experiment_id = ensure_experiment(cfg.tracking.experiment)
+    tags = {TAG_STAGE: stage}
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    if os.environ.get("DVC_EXP_NAME"):
+        tags[TAG_DVC_EXP] = os.environ["DVC_EXP_NAME"]
+    md5s = dvc_lock_md5s()
+    for name, directory in upstream.items():
+        record = read_run_file(directory)
+        if record:
+            tags[f"{TAG_UPSTREAM}{name}"] = record["run_id"]
+        for path, md5 in md5s.items():
+            if Path(path).parent == directory:
+                tags[f"lmpipe.dep.{path}"] = md5
+    with mlflow.start_run(
+        run_id=run_id,
+        experiment_id=None if run_id else experiment_id,
+        run_name=None if run_id else stage,
+        tags=None if run_id else tags,
+    ) as run:
+        if run_id is None:
+            mlflow.log_params(flatten_config(cfg))
+            mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/params.yaml")
+        yield run
+
+
+class MetricLogger:
+    """Step metrics to MLflow (batched, sent from a background thread) and to CSVs for DVC.
+
+    Each `series` ("train", "val") becomes `<csv_dir>/<series>.csv`, a DVC plot.
+
+    Logging must never slow or kill training: sends happen off the training thread, and a
+    failing store is retried and then reported with a warning while the CSV keeps every value.
+    """
+
+    def __init__(
+        self,
+        run_id: str,
+        csv_dir: Path | None = None,
+        flush_every: int = 50,
+        retries: int = 3,
+    ) -> None:
+        self.run_id = run_id
+        self.csv_dir = csv_dir
+        self.flush_every = flush_every
+        self.retries = retries
+        self._pending: list[Metric] = []
+        self._rows: dict[str, list[dict[str, Any]]] = {}
+        self._threads: list[threading.Thread] = []
+        self._client = MlflowClient()
+        self.failed_batches = 0
+
+    def log(self, metrics: Mapping[str, float], step: int, series: str = "train") -> None:
+        now = int(time.time() * 1000)
+        self._pending.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
+        row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+        self._rows.setdefault(series, []).append(row)
+        if len(self._pending) >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        batch, self._pending = self._pending, []
+        thread = threading.Thread(target=self._send, args=(batch,), daemon=True)
+        thread.start()
+        self._threads.append(thread)
+        self._threads = [t for t in self._threads if t.is_alive()]
+
+    def _send(self, batch: list[Metric]) -> None:
+        for attempt in range(1, self.retries + 1):
+            try:
+                # log_batch takes at most 1000 metrics per call
+                for start in range(0, len(batch), 1000):
+                    self._client.log_batch(self.run_id, metrics=batch[start : start + 1000])
+                return
+            except Exception as exc:  # any store failure: retry, then warn
+                if attempt == self.retries:
+                    self.failed_batches += 1
+                    log.warning(
+                        "MLflow did not accept %d metric values after %d tries (%s); "
+                        "they are kept in %s",
+                        len(batch),
+                        self.retries,
+                        exc,
+                        self.csv_dir or "memory only",
+                    )
+                else:
+                    time.sleep(0.5 * attempt)
+
+    def close(self) -> None:
+        self.flush()
+        for thread in self._threads:
+            thread.join()
+        if self.csv_dir is not None:
+            self.write_csvs(self.csv_dir)
+
+    def write_csvs(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        for series, rows in self._rows.items():
+            columns = ["step", *sorted({k for row in rows for k in row} - {"step"})]
+            tmp = directory / f".{series}.csv.tmp"
+            with tmp.open("w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=columns)
+                writer.writeheader()
+                writer.writerows(rows)
+            tmp.replace(directory / f"{series}.csv")
+
+
+def run_status(run_id: str) -> str:
+    return MlflowClient().get_run(run_id).info.status

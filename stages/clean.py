@@ -1,0 +1,23 @@
+"""clean: raw sources -> cleaned corpus shards (outputs/clean/corpus) + stats.json."""
+
+import hydra
+import mlflow
+from omegaconf import DictConfig
+
+from lmpipe.data.corpus import clean_corpus
+from lmpipe.stage import Stage, prepare_cli
+
+
+@hydra.main(version_base="1.3", config_path="..", config_name="params")
+def main(cfg: DictConfig) -> None:
+    with Stage("clean", cfg) as stage:
+        report = clean_corpus(stage.cfg.data, stage.cfg.clean, stage.output("corpus"))
+        stats = report.stats()
+        stage.write_json("stats.json", {**stats, "per_source": dict(report.per_source_out)})
+        stage.log_metrics(stats)
+        mlflow.log_dict(report.dropped_samples, "dropped_samples.json")
+
+
+if __name__ == "__main__":
+    prepare_cli("clean")
+    main()
