@@ -45,7 +45,7 @@ def main(cfg: DictConfig) -> float:
             shuffled_batches(train_examples, f.batch_size, pad, generator),
             f,
             device,
-            c.hardware.precision,
+            c.hardware,
             metrics,
             val_loss,
             desc="finetune",

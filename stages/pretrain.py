@@ -41,7 +41,7 @@ def main(cfg: DictConfig) -> None:
             random_windows(train_tokens, p.batch_size, p.seq_len, generator),
             p,
             device,
-            c.hardware.precision,
+            c.hardware,
             metrics,
             val_loss,
             desc="pretrain",

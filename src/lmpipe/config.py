@@ -188,6 +188,11 @@ class ConfigError(ValueError):
 
 def validate(cfg: DictConfig | dict) -> DictConfig:
     """Merge `cfg` into the schema: unknown keys, wrong types and bad choices fail by key name."""
+    # A "???" must be caught before the merge: merging it keeps the schema's default.
+    given = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+    missing = sorted(OmegaConf.missing_keys(given) - {"conf_digest"})
+    if missing:
+        raise ConfigError(f"required config key(s) not set: {', '.join(missing)}")
     schema = OmegaConf.structured(LmpipeConfig)
     try:
         merged = OmegaConf.merge(schema, cfg)
@@ -198,9 +203,6 @@ def validate(cfg: DictConfig | dict) -> DictConfig:
         value = OmegaConf.select(merged, key)
         if value not in allowed:
             raise ConfigError(f"invalid value for '{key}': {value!r} (allowed: {allowed})")
-    missing = sorted(OmegaConf.missing_keys(merged) - {"conf_digest"})
-    if missing:
-        raise ConfigError(f"required config key(s) not set: {', '.join(missing)}")
     return merged
 
 

@@ -51,9 +51,8 @@ def prepare_cli(stage: str, argv: list[str] | None = None) -> None:
     argv = sys.argv if argv is None else argv
     root = find_project_root()
     message = stale_params_message(root)
-    if message:
+    if message:  # logging is not configured yet: Python's last-resort handler prints to stderr
         log.warning(message)
-        print(f"WARNING: {message}", file=sys.stderr)
     defaults = {
         "hydra.run.dir": f"logs/{stage}/${{now:%Y-%m-%d_%H-%M-%S}}",
         "hydra.sweep.dir": f"multirun/{stage}/${{now:%Y-%m-%d_%H-%M-%S}}",
@@ -139,8 +138,8 @@ class Stage:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool:
-        try:
-            if exc_type is None:
+        if exc_type is None:
+            try:
                 run_record = {
                     "run_id": self.run_id,
                     "stage": self.name,
@@ -150,12 +149,15 @@ class Stage:
                 self.write_json(tracking.RUN_FILE, run_record)
                 self._commit_outputs()
                 log.info("stage %s done: MLflow run %s", self.name, self.run_id)
-            else:
-                self._discard_outputs()
-                log.error("stage %s failed: %s", self.name, exc)
-            self._log_hydra_log()
-        finally:
-            self._run_ctx.__exit__(exc_type, exc, tb)
+            except BaseException as err:  # committing failed: the run must end FAILED too
+                exc_type, exc, tb = type(err), err, err.__traceback__
+        if exc_type is not None:
+            self._discard_outputs()
+            log.error("stage %s failed: %s", self.name, exc)
+        self._log_hydra_log()
+        self._run_ctx.__exit__(exc_type, exc, tb)
+        if exc is not None:
+            raise exc
         return False
 
     def _commit_outputs(self) -> None:

@@ -91,7 +91,7 @@ def train(
     batches: Batches,
     cfg: TrainConfig,
     device: torch.device,
-    precision: str,
+    hardware: HardwareConfig,
     metrics: MetricLogger,
     evaluate: EvalFn | None = None,
     desc: str = "train",
@@ -99,6 +99,8 @@ def train(
     """Run `cfg.steps` optimizer steps; each consumes `cfg.grad_accum` batches."""
     model.to(device)
     model.train()
+    # The compiled module shares parameters with `model`, which is what gets saved.
+    forward = torch.compile(model) if hardware.compile else model
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
         optimizer,
@@ -116,8 +118,8 @@ def train(
         step_loss, step_tokens = 0.0, 0
         for _ in range(cfg.grad_accum):
             batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
-            with autocast(device, precision):
-                loss = model(**batch).loss
+            with autocast(device, hardware.precision):
+                loss = forward(**batch).loss
             (loss / cfg.grad_accum).backward()
             step_loss += loss.item() / cfg.grad_accum
             step_tokens += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())

@@ -1,0 +1,115 @@
+"""Shared fixtures: an isolated MLflow store per test, tiny tokenizers/models, project copies."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture
+def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A private SQLite store, so tests never touch the project's mlflow.db."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    while mlflow.active_run():
+        mlflow.end_run()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory: pytest.TempPathFactory):
+    from lmpipe.tokenizer import load_tokenizer, train_tokenizer
+
+    texts = [
+        "The quick brown fox jumps over the lazy dog.",
+        "What is AI? Artificial intelligence is the study of thinking machines.",
+        "Hello, how are you today? I am fine, thank you.",
+        "The state of the union is strong, said the president to the congress.",
+    ] * 50
+    path = tmp_path_factory.mktemp("tok")
+    train_tokenizer(texts, vocab_size=400).save_pretrained(path)
+    return load_tokenizer(path)
+
+
+@pytest.fixture
+def tiny_model(tiny_tokenizer):
+    from lmpipe.config import ModelConfig
+    from lmpipe.model import build_model
+    from lmpipe.train import seed_everything
+
+    seed_everything(0)
+    cfg = ModelConfig(
+        preset="test",
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=2,
+        intermediate_size=64,
+        max_seq_len=64,
+    )
+    return build_model(cfg, tiny_tokenizer)
+
+
+def project_files() -> list[str]:
+    """Tracked and untracked-but-not-ignored files: the project as a fresh clone would have it."""
+    out = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return [line for line in out.stdout.splitlines() if (REPO / line).is_file()]
+
+
+def tool_env(project: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def run(cmd: list[str], project: Path, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        cmd, cwd=project, env=tool_env(project), capture_output=True, text=True, **kwargs
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {result.returncode}\n--- stdout\n{result.stdout[-6000:]}"
+            f"\n--- stderr\n{result.stderr[-6000:]}"
+        )
+    return result
+
+
+def copy_project(dest: Path) -> Path:
+    """The repository copied into a fresh git repo (DVC experiments need git)."""
+    for rel in project_files():
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, target)
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "config", "user.email", "test@lmpipe.local"],
+        ["git", "config", "user.name", "lmpipe test"],
+        ["git", "add", "-A"],
+        ["git", "commit", "-qm", "copy"],
+    ):
+        run(cmd, dest)
+    return dest
+
+
+@pytest.fixture
+def project_copy(tmp_path: Path) -> Path:
+    return copy_project(tmp_path / "project")

@@ -1,0 +1,100 @@
+"""conf/ -> params.yaml composition, schema validation, stale-params detection."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+from lmpipe.config import (
+    ConfigError,
+    compose_params,
+    conf_digest,
+    stale_params_message,
+    validate,
+)
+from lmpipe.stage import prepare_cli
+from tests.conftest import REPO
+
+
+def test_committed_params_equal_composition_of_conf(tmp_path: Path) -> None:
+    composed = compose_params(REPO, output=tmp_path / "params.yaml")
+    assert composed.read_text() == (REPO / "params.yaml").read_text(), (
+        "params.yaml is stale: run `make params` and commit it"
+    )
+
+
+def test_params_record_the_digest_of_conf() -> None:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert params["conf_digest"] == conf_digest(REPO / "conf")
+    assert stale_params_message(REPO) is None
+
+
+def test_group_override_recomposes(tmp_path: Path) -> None:
+    out = compose_params(REPO, ["model=llama-125m", "finetune.optim.lr=0.01"], tmp_path / "p.yaml")
+    params = yaml.safe_load(out.read_text())
+    assert params["model"]["preset"] == "llama-125m"
+    assert params["model"]["hidden_size"] == 768
+    assert params["finetune"]["optim"]["lr"] == 0.01
+
+
+def test_committed_params_validate() -> None:
+    cfg = validate(OmegaConf.load(REPO / "params.yaml"))
+    assert cfg.finetune.optim.lr > 0
+
+
+def params() -> dict:
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def test_unknown_key_fails_naming_it() -> None:
+    bad = params()
+    bad["finetune"]["optim"]["lrr"] = 1e-3
+    with pytest.raises(ConfigError, match=r"finetune\.optim\.lrr"):
+        validate(bad)
+
+
+def test_wrong_type_fails_naming_key() -> None:
+    bad = params()
+    bad["pretrain"]["steps"] = "many"
+    with pytest.raises(ConfigError, match=r"pretrain\.steps"):
+        validate(bad)
+
+
+def test_bad_choice_fails_naming_key() -> None:
+    bad = params()
+    bad["hardware"]["precision"] = "fp8"
+    with pytest.raises(ConfigError, match=r"hardware\.precision"):
+        validate(bad)
+
+
+def test_missing_required_value_fails_naming_key() -> None:
+    bad = params()
+    bad["data"]["paths"] = "???"
+    with pytest.raises(ConfigError, match=r"data\.paths"):
+        validate(bad)
+
+
+def test_stale_params_name_the_fixing_command(project_copy: Path) -> None:
+    tiny = project_copy / "conf" / "tokenize" / "default.yaml"
+    tiny.write_text(tiny.read_text().replace("vocab_size: 8192", "vocab_size: 4096"))
+    message = stale_params_message(project_copy)
+    assert message is not None
+    assert "make params" in message and "dvc exp run" in message
+    compose_params(project_copy)
+    assert stale_params_message(project_copy) is None
+    assert (
+        yaml.safe_load((project_copy / "params.yaml").read_text())["tokenize"]["vocab_size"] == 4096
+    )
+
+
+def test_prepare_cli_adds_hydra_dirs_unless_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO)
+    argv = ["prog", "finetune.optim.lr=0.1", "hydra.run.dir=custom"]
+    prepare_cli("finetune", argv)
+    assert "hydra.run.dir=custom" in argv
+    assert sum(a.startswith("hydra.run.dir=") for a in argv) == 1
+    assert any(a.startswith("hydra.sweep.dir=multirun/finetune/") for a in argv)
+    assert "hydra.job.name=finetune" in argv

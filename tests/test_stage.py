@@ -1,0 +1,66 @@
+"""The Stage context: atomic outputs, run.json, failure handling, missing inputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from lmpipe import tracking
+from lmpipe.config import ConfigError
+from lmpipe.stage import MissingInputError, Stage
+from tests.conftest import REPO
+
+
+@pytest.fixture
+def cfg(tmp_path: Path):
+    params = OmegaConf.load(REPO / "params.yaml")
+    params.outputs_dir = str(tmp_path / "outputs")
+    return params
+
+
+def test_success_renames_outputs_and_writes_run_json(mlflow_store: str, cfg) -> None:
+    with Stage("clean", cfg) as stage:
+        (stage.output("corpus")).mkdir()
+        (stage.output("stats.json")).write_text("{}")
+        stage.log_metrics({"docs_out": 3})
+    out = Path(cfg.outputs_dir) / "clean"
+    assert sorted(p.name for p in out.iterdir()) == ["corpus", "run.json", "stats.json"]
+    record = json.loads((out / "run.json").read_text())
+    assert record["run_id"] == stage.run_id
+    assert tracking.run_status(stage.run_id) == "FINISHED"
+
+
+def test_failure_keeps_previous_outputs_and_leaves_no_temp(mlflow_store: str, cfg) -> None:
+    with Stage("clean", cfg) as stage:
+        stage.output("stats.json").write_text('{"version": 1}')
+    with pytest.raises(RuntimeError, match="interrupted"), Stage("clean", cfg) as failing:
+        failing.output("stats.json").write_text('{"version": 2, "half')
+        raise RuntimeError("interrupted")
+    out = Path(cfg.outputs_dir) / "clean"
+    assert json.loads((out / "stats.json").read_text()) == {"version": 1}
+    assert json.loads((out / "run.json").read_text())["run_id"] == stage.run_id
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert tracking.run_status(failing.run_id) == "FAILED"
+
+
+def test_declared_but_unwritten_output_fails_the_stage(mlflow_store: str, cfg) -> None:
+    with pytest.raises(RuntimeError, match="never wrote"), Stage("clean", cfg) as stage:
+        stage.output("corpus")
+    assert tracking.run_status(stage.run_id) == "FAILED"
+
+
+def test_missing_upstream_output_names_the_stage_to_run(mlflow_store: str, cfg) -> None:
+    with (
+        pytest.raises(MissingInputError, match=r"dvc repro clean"),
+        Stage("tokenize", cfg) as stage,
+    ):
+        stage.input("clean", "corpus")
+
+
+def test_bad_config_fails_before_any_run(mlflow_store: str, cfg) -> None:
+    cfg.pretrain.stepz = 3
+    with pytest.raises(ConfigError, match=r"pretrain\.stepz"):
+        Stage("pretrain", cfg)
