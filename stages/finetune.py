@@ -6,6 +6,7 @@ Returns the final validation loss, the objective of a Hydra sweep.
 import hydra
 from omegaconf import DictConfig
 
+from lmpipe.config import ConfigError
 from lmpipe.data.sft import (
     encode_all,
     load_chatterbot,
@@ -29,6 +30,11 @@ def main(cfg: DictConfig) -> float:
         device = select_device(c.hardware)
         base = stage.input("pretrain", "model")
         tokenizer, model = load_tokenizer(base), load_model(base)
+        if f.max_len > model.config.max_position_embeddings:
+            raise ConfigError(
+                f"finetune.max_len={f.max_len} exceeds the base model's "
+                f"max_position_embeddings={model.config.max_position_embeddings}"
+            )
         splits = split_conversations(load_chatterbot(f.language), f.val_fraction, f.test_fraction)
         train_examples = encode_all(tokenizer, splits["train"], f.max_len)
         val_examples = encode_all(tokenizer, splits["val"], f.max_len)
