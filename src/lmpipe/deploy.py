@@ -74,10 +74,8 @@ class Deployment:
     smoke_latency_seconds: float
 
 
-def log_and_register(
-    model_dir: Path, cfg: DeployConfig, lineage: Mapping[str, str]
-) -> tuple[str, str]:
-    """Log the pyfunc in the active run and register it; returns (version, model uri)."""
+def log_and_register(model_dir: Path, cfg: DeployConfig, lineage: Mapping[str, str]) -> str:
+    """Log the pyfunc in the active run and register it; returns the registered version."""
     example = pd.DataFrame({"prompt": [cfg.smoke_prompt]})
     params = {**DEFAULT_PARAMS, "max_new_tokens": cfg.max_new_tokens}
     signature = infer_signature(example, ["a reply"], params=params)
@@ -95,7 +93,7 @@ def log_and_register(
     client = MlflowClient()
     for key, value in lineage.items():
         client.set_model_version_tag(cfg.registered_model_name, model_version, key, value)
-    return model_version, info.model_uri
+    return model_version
 
 
 def deploy(
@@ -103,7 +101,7 @@ def deploy(
 ) -> Deployment:
     """Register; set the alias if the gate passes; load back through the registry and answer."""
     gate = check_gate(metrics, cfg.gate)
-    model_version, _ = log_and_register(model_dir, cfg, lineage)
+    model_version = log_and_register(model_dir, cfg, lineage)
     client = MlflowClient()
     client.set_model_version_tag(
         cfg.registered_model_name, model_version, "gate_passed", str(gate.passed)

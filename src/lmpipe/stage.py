@@ -87,7 +87,6 @@ class Stage:
         self._pending: dict[Path, Path] = {}
         self._run_ctx: Any = None
         self.run_id: str = ""
-        self.metrics: dict[str, float] = {}
 
     # -- paths -----------------------------------------------------------------------------
 
@@ -114,9 +113,7 @@ class Stage:
     # -- results ---------------------------------------------------------------------------
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        clean = {k: float(v) for k, v in metrics.items()}
-        self.metrics.update(clean)
-        mlflow.log_metrics(clean, step=step)
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
     def write_json(self, name: str, payload: Mapping[str, Any]) -> Path:
         path = self.output(name)
