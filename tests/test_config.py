@@ -49,24 +49,21 @@ def params() -> dict:
     return yaml.safe_load((REPO / "params.yaml").read_text())
 
 
-def test_unknown_key_fails_naming_it() -> None:
+@pytest.mark.parametrize(
+    ("section", "key", "value", "named"),
+    [
+        ("finetune", "optim", {"lrr": 1e-3}, r"finetune\.optim\.lrr"),  # unknown key
+        ("pretrain", "steps", "many", r"pretrain\.steps"),  # wrong type
+        ("hardware", "precision", "fp8", r"hardware\.precision"),  # not an allowed choice
+    ],
+)
+def test_bad_value_fails_naming_the_key(section: str, key: str, value, named: str) -> None:
     bad = params()
-    bad["finetune"]["optim"]["lrr"] = 1e-3
-    with pytest.raises(ConfigError, match=r"finetune\.optim\.lrr"):
-        validate(bad)
-
-
-def test_wrong_type_fails_naming_key() -> None:
-    bad = params()
-    bad["pretrain"]["steps"] = "many"
-    with pytest.raises(ConfigError, match=r"pretrain\.steps"):
-        validate(bad)
-
-
-def test_bad_choice_fails_naming_key() -> None:
-    bad = params()
-    bad["hardware"]["precision"] = "fp8"
-    with pytest.raises(ConfigError, match=r"hardware\.precision"):
+    if isinstance(value, dict):
+        bad[section][key].update(value)
+    else:
+        bad[section][key] = value
+    with pytest.raises(ConfigError, match=named):
         validate(bad)
 
 

@@ -135,6 +135,7 @@ class Stage:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool:
+        commit_error: BaseException | None = None
         if exc_type is None:
             try:
                 run_record = {
@@ -147,15 +148,16 @@ class Stage:
                 self._commit_outputs()
                 log.info("stage %s done: MLflow run %s", self.name, self.run_id)
             except BaseException as err:  # committing failed: the run must end FAILED too
+                commit_error = err
                 exc_type, exc, tb = type(err), err, err.__traceback__
         if exc_type is not None:
             self._discard_outputs()
             log.error("stage %s failed: %s", self.name, exc)
         self._log_hydra_log()
         self._run_ctx.__exit__(exc_type, exc, tb)
-        if exc is not None:
-            raise exc
-        return False
+        if commit_error is not None:
+            raise commit_error
+        return False  # the body's own exception propagates unchanged
 
     def _commit_outputs(self) -> None:
         for final, tmp in self._pending.items():
