@@ -5,6 +5,7 @@ import mlflow
 from omegaconf import DictConfig
 
 from lmpipe.data.corpus import clean_corpus
+from lmpipe.plots import length_histogram_figure
 from lmpipe.stage import Stage, prepare_cli
 
 
@@ -13,9 +14,19 @@ def main(cfg: DictConfig) -> None:
     with Stage("clean", cfg) as stage:
         report = clean_corpus(stage.cfg.data, stage.cfg.clean, stage.output("corpus"))
         stats = report.stats()
-        stage.write_json("stats.json", {**stats, "per_source": dict(report.per_source_out)})
+        stage.write_json(
+            "stats.json",
+            {
+                **stats,
+                "per_source_in": dict(report.per_source_in),
+                "per_source_out": dict(report.per_source_out),
+            },
+        )
         stage.log_metrics(stats)
+        histogram = report.length_histogram()
         mlflow.log_dict(report.dropped_samples, "dropped_samples.json")
+        mlflow.log_dict(histogram, "length_histogram.json")
+        mlflow.log_figure(length_histogram_figure(histogram), "length_histogram.png")
 
 
 if __name__ == "__main__":

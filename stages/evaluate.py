@@ -10,10 +10,11 @@ from omegaconf import DictConfig
 
 from lmpipe.data.batches import sequential_windows
 from lmpipe.data.sft import encode_all, load_chatterbot, ordered_batches, split_conversations
+from lmpipe.data.tokens import load_tokens
 from lmpipe.evaluate import generate_replies, mean_loss, perplexity, unigram_entropy
 from lmpipe.model import load_model
 from lmpipe.stage import Stage, prepare_cli
-from lmpipe.tokenizer import load_tokenizer, load_tokens
+from lmpipe.tokenizer import load_tokenizer
 from lmpipe.train import seed_everything, select_device
 
 

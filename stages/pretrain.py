@@ -5,10 +5,11 @@ from omegaconf import DictConfig
 
 from lmpipe.config import ConfigError
 from lmpipe.data.batches import random_windows, sequential_windows
+from lmpipe.data.tokens import load_tokens
 from lmpipe.evaluate import mean_loss, perplexity, unigram_entropy
 from lmpipe.model import build_model, count_parameters, save_model
 from lmpipe.stage import Stage, prepare_cli
-from lmpipe.tokenizer import load_tokenizer, load_tokens
+from lmpipe.tokenizer import load_tokenizer
 from lmpipe.tracking import MetricLogger
 from lmpipe.train import seed_everything, select_device, train
 

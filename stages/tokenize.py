@@ -6,8 +6,9 @@ from dataclasses import asdict
 import hydra
 from omegaconf import DictConfig
 
+from lmpipe.data.tokens import encode_corpus
 from lmpipe.stage import Stage, prepare_cli
-from lmpipe.tokenizer import corpus_texts, encode_corpus, train_tokenizer
+from lmpipe.tokenizer import train_tokenizer, training_sample
 
 
 @hydra.main(version_base="1.3", config_path="..", config_name="params")
@@ -16,15 +17,20 @@ def main(cfg: DictConfig) -> None:
         settings = stage.cfg.tokenize
         corpus = stage.input("clean", "corpus")
         start = time.perf_counter()
-        texts = corpus_texts(corpus, settings.val_fraction, settings.train_sample_docs)
-        tokenizer = train_tokenizer(texts, settings.vocab_size, settings.min_frequency)
+        sample = training_sample(corpus, settings.val_fraction, settings.train_sample_chars)
+        tokenizer = train_tokenizer(sample, settings.vocab_size, settings.min_frequency)
         train_seconds = time.perf_counter() - start
         tokenizer.save_pretrained(stage.output("tokenizer"))
         stats = encode_corpus(
-            tokenizer, corpus, stage.output("tokens"), settings.val_fraction, settings.batch_docs
+            tokenizer,
+            corpus,
+            stage.output("tokens"),
+            settings.val_fraction,
+            settings.block_size,
+            settings.shard_tokens,
+            settings.batch_docs,
         )
         summary = {**asdict(stats), "tokenizer_train_seconds": train_seconds}
-        summary.pop("dtype")
         stage.write_json("stats.json", summary)
         stage.log_metrics(summary)
 

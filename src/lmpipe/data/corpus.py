@@ -1,53 +1,90 @@
 """The cleaned corpus: the clean stage's pipeline and the Parquet shards it writes.
 
+Documents stream from the sources in batches to worker processes, which repair, judge and
+sign them (exact digest, MinHash); results come back in corpus order and the deduplication
+decisions are made here, one document at a time. The output is therefore the same for any
+number of workers, and memory is bounded by a few batches plus the dedup indexes.
+
 A corpus directory holds `part-NNNNN.parquet` files with columns id, source, text.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import Counter
-from collections.abc import Iterator
+import math
+import multiprocessing
+import os
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from lmpipe.config import CleanConfig, DataConfig
-from lmpipe.data.dedup import ExactDeduplicator
-from lmpipe.data.filters import drop_reason, repair
-from lmpipe.data.sources import Document, iter_documents
+from lmpipe.data.dedup import ExactDeduplicator, NearDeduplicator, exact_key, minhash_signature
+from lmpipe.data.filters import QUALITY_RULES, REPAIRS, DocumentFilter
+from lmpipe.data.sources import SOURCE_PROBLEMS, Document, iter_documents
 
 log = logging.getLogger(__name__)
 
 SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("text", pa.string())])
-DROP_RULES = ("empty", "too_short", "too_long", "undecodable", "duplicate")
+DROP_RULES = (*SOURCE_PROBLEMS, *QUALITY_RULES, "blocklist", "duplicate", "near_duplicate")
+# Document lengths are histogrammed in powers of two: bin k holds 2**k <= chars < 2**(k+1).
+LENGTH_BINS = 32
+PREVIEW_CHARS = 1000
+# A batch sent to a worker closes at this many characters even if it has few documents.
+BATCH_CHARS = 8_000_000
 
 
 @dataclass
 class CleanReport:
     docs_in: int = 0
     docs_out: int = 0
-    bytes_in: int = 0
-    bytes_out: int = 0
-    repaired_encoding: int = 0
+    chars_in: int = 0
+    chars_out: int = 0
+    repaired: Counter[str] = field(default_factory=Counter)
     dropped: Counter[str] = field(default_factory=Counter)
     # rule -> a few dropped documents, for a person to judge whether the rule is right
     dropped_samples: dict[str, list[dict[str, str]]] = field(default_factory=dict)
+    per_source_in: Counter[str] = field(default_factory=Counter)
     per_source_out: Counter[str] = field(default_factory=Counter)
+    length_in: Counter[int] = field(default_factory=Counter)
+    length_out: Counter[int] = field(default_factory=Counter)
+    near_duplicate_clusters: int = 0
 
     def stats(self) -> dict[str, float]:
+        """Flat numbers for stats.json (a DVC metric) and MLflow."""
         out: dict[str, float] = {
             "docs_in": self.docs_in,
             "docs_out": self.docs_out,
-            "bytes_in": self.bytes_in,
-            "bytes_out": self.bytes_out,
-            "repaired_encoding": self.repaired_encoding,
+            "chars_in": self.chars_in,
+            "chars_out": self.chars_out,
+            "near_duplicate_clusters": self.near_duplicate_clusters,
         }
+        out.update({f"repaired_{name}": self.repaired.get(name, 0) for name in REPAIRS})
+        out["repaired_encoding"] = self.repaired.get("encoding", 0)
         out.update({f"dropped_{rule}": self.dropped.get(rule, 0) for rule in DROP_RULES})
         return out
+
+    def length_histogram(self) -> dict[str, list[int]]:
+        """Document lengths (characters) before and after cleaning, in power-of-two bins."""
+        top = max([*self.length_in, *self.length_out, 0]) + 1
+        return {
+            "bin_start_chars": [2**k for k in range(top)],
+            "before": [self.length_in.get(k, 0) for k in range(top)],
+            "after": [self.length_out.get(k, 0) for k in range(top)],
+        }
+
+
+def length_bin(chars: int) -> int:
+    return min(int(math.log2(chars)) if chars > 0 else 0, LENGTH_BINS - 1)
 
 
 class ShardWriter:
@@ -81,50 +118,163 @@ class ShardWriter:
         self._buffer = []
 
 
-def clean_corpus(data: DataConfig, cfg: CleanConfig, out_dir: Path) -> CleanReport:
-    """Read the configured sources, repair, filter and deduplicate, write shards to out_dir."""
-    report = CleanReport()
-    dedup = ExactDeduplicator() if cfg.dedup == "exact" else None
-    writer = ShardWriter(out_dir, cfg.shard_docs)
-    for doc in tqdm(iter_documents(data), desc="clean", unit="doc", mininterval=2):
-        report.docs_in += 1
-        report.bytes_in += len(doc.text.encode("utf-8", "replace"))
-        report.repaired_encoding += doc.repaired_encoding
-        text = repair(doc.text, cfg)
-        reason = drop_reason(text, cfg)
-        if reason is None and dedup is not None and dedup.is_duplicate(text):
-            reason = "duplicate"
-        if reason is not None:
-            report.dropped[reason] += 1
-            samples = report.dropped_samples.setdefault(reason, [])
-            if len(samples) < cfg.dropped_sample_size:
-                samples.append({"id": doc.id, "text": doc.text[:2000]})
+# --- work done in the worker processes -----------------------------------------------------
+
+# (text or preview, drop reason, repairs, exact digest, MinHash signature)
+Judged = tuple[str, str | None, tuple[str, ...], bytes | None, np.ndarray | None]
+
+_worker: tuple[DocumentFilter, CleanConfig] | None = None
+
+
+def _init_worker(cfg: CleanConfig) -> None:
+    global _worker
+    _worker = (DocumentFilter(cfg), cfg)
+
+
+def _judge_batch(batch: list[tuple[str, str | None]]) -> list[Judged]:
+    """Repair and judge (text, source problem) pairs; sign the documents that pass."""
+    assert _worker is not None, "worker not initialised"
+    document_filter, cfg = _worker
+    out: list[Judged] = []
+    for raw, problem in batch:
+        if problem is not None:
+            out.append((raw[:PREVIEW_CHARS], problem, (), None, None))
             continue
-        writer.add(Document(doc.id, doc.source, text))
-        report.docs_out += 1
-        report.bytes_out += len(text.encode("utf-8"))
-        report.per_source_out[doc.source] += 1
+        result = document_filter(raw)
+        if result.reason is not None:
+            out.append((raw[:PREVIEW_CHARS], result.reason, tuple(result.repairs), None, None))
+            continue
+        key = exact_key(result.text) if cfg.dedup.exact else None
+        signature = minhash_signature(result.text, cfg.dedup) if cfg.dedup.near else None
+        out.append((result.text, None, tuple(sorted(result.repairs)), key, signature))
+    return out
+
+
+# --- the pipeline --------------------------------------------------------------------------
+
+
+def _batches(docs: Iterable[Document], batch_docs: int) -> Iterator[list[Document]]:
+    batch: list[Document] = []
+    chars = 0
+    for doc in docs:
+        batch.append(doc)
+        chars += len(doc.text)
+        if len(batch) >= batch_docs or chars >= BATCH_CHARS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def _judged_batches(
+    batches: Iterator[list[Document]], cfg: CleanConfig, workers: int
+) -> Iterator[tuple[list[Document], list[Judged]]]:
+    """Each batch with its judgements, in input order. At most 2 batches per worker are in
+    flight, so a huge corpus never piles up in memory ahead of the writer."""
+    if workers <= 1:
+        _init_worker(cfg)
+        for batch in batches:
+            yield batch, _judge_batch([(d.text, d.problem) for d in batch])
+        return
+    # forkserver, not fork: the stage process has threads (tqdm, MLflow) that fork would copy.
+    context = multiprocessing.get_context("forkserver")
+    pool = ProcessPoolExecutor(workers, context, initializer=_init_worker, initargs=(cfg,))
+    pending: deque[tuple[list[Document], Future[list[Judged]]]] = deque()
+    try:
+        for batch in batches:
+            payload = [(d.text, d.problem) for d in batch]
+            pending.append((batch, pool.submit(_judge_batch, payload)))
+            if len(pending) >= 2 * workers:
+                done, future = pending.popleft()
+                yield done, future.result()
+        while pending:
+            done, future = pending.popleft()
+            yield done, future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def as_clean_config(cfg: CleanConfig | DictConfig) -> CleanConfig:
+    """A plain dataclass (cheap to send to worker processes) from a config node."""
+    if isinstance(cfg, DictConfig):
+        obj: Any = OmegaConf.to_object(cfg)
+        return obj
+    return cfg
+
+
+def clean_corpus(
+    data: DataConfig, cfg: CleanConfig | DictConfig, out_dir: Path
+) -> CleanReport:
+    """Read the configured sources, repair, filter and deduplicate, write shards to out_dir."""
+    cfg = as_clean_config(cfg)
+    DocumentFilter(cfg)  # fail on a bad blocklist before any worker starts
+    workers = cfg.workers or os.cpu_count() or 1
+    report = CleanReport()
+    exact = ExactDeduplicator() if cfg.dedup.exact else None
+    near = NearDeduplicator(cfg.dedup) if cfg.dedup.near else None
+    writer = ShardWriter(out_dir, cfg.shard_docs)
+    # UTF-8 needs at most 4 bytes per character: larger inputs cannot pass max_chars.
+    max_bytes = 4 * cfg.quality.max_chars if cfg.quality.max_chars is not None else None
+    docs = iter_documents(data, max_bytes)
+    progress = tqdm(desc="clean", unit="doc", mininterval=2)
+    for batch, judgements in _judged_batches(_batches(docs, cfg.batch_docs), cfg, workers):
+        progress.update(len(batch))
+        for doc, (text, reason, repairs, key, signature) in zip(batch, judgements, strict=True):
+            report.docs_in += 1
+            report.per_source_in[doc.source] += 1
+            report.repaired.update(repairs)
+            if doc.problem is None:
+                report.chars_in += len(doc.text)
+                report.length_in[length_bin(len(doc.text))] += 1
+                report.repaired["encoding"] += doc.repaired_encoding
+            if reason is None and key is not None and exact is not None and exact.seen_key(key):
+                reason = "duplicate"
+            if reason is None and signature is not None and near is not None:
+                reason = "near_duplicate" if near.is_duplicate(signature) else None
+            if reason is not None:
+                report.dropped[reason] += 1
+                samples = report.dropped_samples.setdefault(reason, [])
+                if len(samples) < cfg.dropped_sample_size:
+                    samples.append({"id": doc.id, "text": text[:PREVIEW_CHARS]})
+                continue
+            writer.add(Document(doc.id, doc.source, text))
+            report.docs_out += 1
+            report.chars_out += len(text)
+            report.length_out[length_bin(len(text))] += 1
+            report.per_source_out[doc.source] += 1
+    progress.close()
     writer.flush()
+    report.near_duplicate_clusters = len(near.clusters) if near is not None else 0
     if report.docs_out == 0:
         raise ValueError(
-            f"clean kept no document out of {report.docs_in}: check data.* and clean.*"
+            f"clean kept no document out of {report.docs_in} (dropped: {dict(report.dropped)}):"
+            " check data.* and clean.*"
         )
     log.info(
-        "clean: %d -> %d documents, %.1f -> %.1f MB; dropped %s",
+        "clean: %d -> %d documents, %.1f -> %.1f M chars; dropped %s",
         report.docs_in,
         report.docs_out,
-        report.bytes_in / 1e6,
-        report.bytes_out / 1e6,
+        report.chars_in / 1e6,
+        report.chars_out / 1e6,
         dict(report.dropped),
     )
     return report
 
 
-def iter_corpus(directory: Path, batch_size: int = 1024) -> Iterator[list[dict[str, str]]]:
+def iter_corpus(
+    directory: Path, batch_size: int = 1024, columns: list[str] | None = None
+) -> Iterator[list[dict[str, str]]]:
     """Batches of {id, source, text} rows from a corpus directory, in shard order."""
+    for batch in iter_corpus_batches(directory, batch_size, columns):
+        yield batch.to_pylist()
+
+
+def iter_corpus_batches(
+    directory: Path, batch_size: int = 1024, columns: list[str] | None = None
+) -> Iterator[pa.RecordBatch]:
+    """Arrow record batches of a corpus directory, in shard order (no per-row Python objects)."""
     shards = sorted(directory.glob("part-*.parquet"))
     if not shards:
         raise FileNotFoundError(f"{directory}: no part-*.parquet shards")
     for shard in shards:
-        for batch in pq.ParquetFile(shard).iter_batches(batch_size=batch_size):
-            yield batch.to_pylist()
+        yield from pq.ParquetFile(shard).iter_batches(batch_size=batch_size, columns=columns)

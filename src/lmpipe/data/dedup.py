@@ -1,11 +1,32 @@
-"""Deduplication. Exact: a document whose normalised text was already seen is dropped."""
+"""Deduplication: exact (digest of normalised text) and near (MinHash + LSH, datasketch).
+
+Signatures are computed where documents are filtered (in the worker processes); the
+decisions are made in one place, in corpus order, so the first copy of a text is the one
+kept and the outcome does not depend on the number of workers.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import re
 
+import numpy as np
+import xxhash
+from datasketch import MinHash, MinHashLSH
+
+from lmpipe.config import DedupConfig
+
 _SPACE = re.compile(r"\s+")
+_WORD = re.compile(r"\w+")
+_SCHEME = "affine32"
+# FNV-style odd multiplier to fold word hashes into n-gram hashes with numpy.
+_MIX = np.uint64(1099511628211)
+_LOW32 = np.uint64(0xFFFFFFFF)
+# (false positive, false negative) weights for choosing LSH bands. Candidates are confirmed
+# on full signatures, so a false positive only costs a comparison while a false negative
+# keeps a duplicate: favour recall (at threshold 0.8: 87% of pairs found at the threshold,
+# 97% at 0.85, against 40% and 69% with datasketch's equal weights).
+LSH_WEIGHTS = (0.1, 0.9)
 
 
 def exact_key(text: str) -> bytes:
@@ -20,8 +41,76 @@ class ExactDeduplicator:
         self._seen: set[bytes] = set()
 
     def is_duplicate(self, text: str) -> bool:
-        key = exact_key(text)
+        return self.seen_key(exact_key(text))
+
+    def seen_key(self, key: bytes) -> bool:
+        """True if `key` was seen before; remembers it either way."""
         if key in self._seen:
             return True
         self._seen.add(key)
+        return False
+
+
+def shingle_hashes(text: str, ngram: int) -> np.ndarray:
+    """32-bit hashes of the text's lower-cased word n-grams (the whole text if shorter)."""
+    words = _WORD.findall(text.lower())
+    if not words:
+        return np.zeros(0, dtype=np.uint64)
+    hashes = np.fromiter(
+        (xxhash.xxh32_intdigest(w.encode()) for w in words), dtype=np.uint64, count=len(words)
+    )
+    n = min(ngram, len(hashes))
+    grams = np.zeros(len(hashes) - n + 1, dtype=np.uint64)
+    for i in range(n):  # wraps mod 2**64 on purpose: a rolling hash, not arithmetic
+        grams = grams * _MIX + hashes[i : len(hashes) - n + 1 + i]
+    return np.unique(grams & _LOW32)
+
+
+def minhash_signature(text: str, cfg: DedupConfig) -> np.ndarray:
+    """The document's MinHash signature (num_perm uint32 values)."""
+    minhash = MinHash(num_perm=cfg.num_perm, seed=cfg.seed, hashfunc=int, scheme=_SCHEME)
+    shingles = shingle_hashes(text, cfg.ngram)
+    if shingles.size:
+        minhash.update_batch(shingles.tolist())
+    return np.asarray(minhash.hashvalues, dtype=np.uint32)
+
+
+class NearDeduplicator:
+    """Keeps the first of every group of documents whose estimated Jaccard similarity is at
+    least `threshold`. LSH (datasketch) proposes candidates among the kept documents; each
+    candidate is confirmed on the full signatures, so LSH's false positives are not dropped.
+
+    Memory: about 5 KB per kept document (datasketch's band tables plus our signature copy).
+    """
+
+    def __init__(self, cfg: DedupConfig) -> None:
+        self.cfg = cfg
+        self._lsh = MinHashLSH(
+            threshold=cfg.threshold,
+            num_perm=cfg.num_perm,
+            weights=LSH_WEIGHTS,
+            hashfunc=xxhash.xxh3_64_intdigest,
+        )
+        self._signatures = np.zeros((1024, cfg.num_perm), dtype=np.uint32)
+        self._count = 0
+        self.clusters: set[int] = set()  # kept documents that absorbed at least one near copy
+
+    def _minhash(self, signature: np.ndarray) -> MinHash:
+        return MinHash(
+            num_perm=self.cfg.num_perm, seed=self.cfg.seed, hashvalues=signature, scheme=_SCHEME
+        )
+
+    def is_duplicate(self, signature: np.ndarray) -> bool:
+        """True if a kept document is this similar; otherwise remembers this one as kept."""
+        minhash = self._minhash(signature)
+        for candidate in sorted(self._lsh.query(minhash)):
+            similarity = float(np.mean(self._signatures[candidate] == signature))
+            if similarity >= self.cfg.threshold:
+                self.clusters.add(candidate)
+                return True
+        if self._count == len(self._signatures):
+            self._signatures = np.concatenate([self._signatures, np.zeros_like(self._signatures)])
+        self._signatures[self._count] = signature
+        self._lsh.insert(self._count, minhash, check_duplication=False)
+        self._count += 1
         return False

@@ -7,13 +7,17 @@ clean and tokenize, so any token can be traced back to the file or record it cam
 from __future__ import annotations
 
 import glob
+import gzip
 import importlib.metadata
 import itertools
 import json
 import logging
+import re
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from lmpipe.config import DataConfig
 
@@ -28,20 +32,57 @@ class Document:
     id: str
     source: str
     text: str
-    # True when the bytes were not valid UTF-8 and were decoded as Latin-1 instead.
+    # True when the bytes were not valid UTF-8 and had to be repaired while decoding.
     repaired_encoding: bool = False
+    # Why the source could give no usable text (binary, too_long, unreadable, bad_record);
+    # clean counts such a document as dropped by that rule. `text` then says what happened.
+    problem: str | None = None
+
+
+SOURCE_PROBLEMS = ("binary", "too_long", "unreadable", "bad_record")
 
 
 class SourceError(ValueError):
-    """A configured source cannot be read (missing path, unknown package, bad format)."""
+    """A configured source cannot be used at all (missing path, unknown package, wrong field)."""
 
 
 def decode(raw: bytes) -> tuple[str, bool]:
-    """UTF-8 if valid, else Latin-1 (which maps every byte): never fails, says if it repaired."""
+    """Text from bytes, never failing; says whether it had to repair.
+
+    Valid UTF-8 (a BOM dropped) as is. Invalid UTF-8 that still holds valid multi-byte
+    sequences is UTF-8 with stray bytes: those become U+FFFD (removed by clean). Otherwise it
+    is a legacy 8-bit encoding: cp1252, else Latin-1 (which maps every byte).
+    """
     try:
-        return raw.decode("utf-8"), False
+        return raw.decode("utf-8-sig"), False
+    except UnicodeDecodeError:
+        pass
+    text = raw.decode("utf-8-sig", errors="replace")
+    if _VALID_NON_ASCII.search(text):
+        return text, True
+    try:
+        return raw.decode("cp1252"), True
     except UnicodeDecodeError:
         return raw.decode("latin-1"), True
+
+
+_VALID_NON_ASCII = re.compile(r"[^\x00-\x7f\ufffd]")
+
+
+# Bytes that are control characters in no text encoding we read (NUL, most C0, DEL);
+# backspace, tab, newline, form feed, carriage return and escape do occur in text files.
+_BINARY_BYTES = bytes([*(b for b in range(32) if b not in (8, 9, 10, 12, 13, 27)), 127])
+_TEXT_BYTES = bytes(b for b in range(256) if b not in _BINARY_BYTES)
+SNIFF_BYTES = 8192
+
+
+def looks_binary(head: bytes) -> bool:
+    """More than 5% control bytes in the first block: an image, archive or executable.
+    A text file with a few NUL bytes stays text (they are stripped and counted)."""
+    if not head:
+        return False
+    controls = len(head.translate(None, _TEXT_BYTES))
+    return controls > 0.05 * len(head)
 
 
 # --- embedded packages ---------------------------------------------------------------------
@@ -109,7 +150,8 @@ def embedded_documents(name: str, skip_offensive: bool) -> Iterator[Document]:
 
 
 def expand_paths(patterns: Iterable[str]) -> list[Path]:
-    """Paths and globs -> existing files; a pattern that matches nothing is an error."""
+    """Paths, directories and globs -> files, in a stable order; hidden files are skipped.
+    A pattern that matches nothing is an error naming it."""
     files: list[Path] = []
     for pattern in patterns:
         matches = (
@@ -119,67 +161,208 @@ def expand_paths(patterns: Iterable[str]) -> list[Path]:
             raise SourceError(f"data.paths: '{pattern}' does not exist")
         for match in matches:
             path = Path(match)
-            files.extend(
-                sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-            )
+            if path.is_dir():
+                files.extend(
+                    sorted(
+                        p
+                        for p in path.rglob("*")
+                        if p.is_file() and not any(part.startswith(".") for part in p.parts)
+                    )
+                )
+            else:
+                files.append(path)
     return files
 
 
-def local_documents(path: Path, text_field: str) -> Iterator[Document]:
-    source = "local"
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        with path.open("rb") as handle:
-            for lineno, raw in enumerate(handle, 1):
-                if not raw.strip():
-                    continue
-                line, repaired = decode(raw)
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise SourceError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-                if not isinstance(record, dict) or text_field not in record:
-                    raise SourceError(f"{path}:{lineno}: no '{text_field}' field (data.text_field)")
-                yield Document(
-                    f"{source}:{path}:{lineno}", source, str(record[text_field]), repaired
-                )
-    elif suffix == ".parquet":
-        import pyarrow.parquet as pq
+def _format(path: Path) -> tuple[str, bool]:
+    """('txt' | 'jsonl' | 'parquet', gzipped) from the file name."""
+    suffixes = [s.lower() for s in path.suffixes]
+    gzipped = bool(suffixes) and suffixes[-1] == ".gz"
+    if gzipped:
+        suffixes = suffixes[:-1]
+    last = suffixes[-1] if suffixes else ""
+    if last in (".jsonl", ".ndjson", ".json"):
+        return "jsonl", gzipped
+    if last == ".parquet":
+        return "parquet", False
+    return "txt", gzipped
 
-        parquet = pq.ParquetFile(path)
-        if text_field not in parquet.schema_arrow.names:
-            raise SourceError(f"{path}: no column '{text_field}' (data.text_field)")
-        row = 0
-        for batch in parquet.iter_batches(columns=[text_field]):
-            for value in batch.column(0).to_pylist():
-                yield Document(f"{source}:{path}:{row}", source, value or "")
-                row += 1
-    else:  # plain text: one document per file
-        text, repaired = decode(path.read_bytes())
-        yield Document(f"{source}:{path}", source, text, repaired)
+
+def _bounded_lines(handle: BinaryIO, max_bytes: int | None) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, bytes) per line; None for a line over max_bytes, which is skipped
+    without being held in memory (a 50 MB line costs one buffer, not 50 MB)."""
+    limit = -1 if max_bytes is None else max_bytes + 1
+    lineno = 0
+    while True:
+        line = handle.readline(limit)
+        if not line:
+            return
+        lineno += 1
+        if max_bytes is not None and len(line) > max_bytes and not line.endswith(b"\n"):
+            while (rest := handle.readline(1 << 20)) and not rest.endswith(b"\n"):
+                pass
+            yield lineno, None
+        else:
+            yield lineno, line
+
+
+def _too_long(doc_id: str, max_bytes: int | None) -> Document:
+    return Document(doc_id, "local", f"longer than {max_bytes} bytes; not read", problem="too_long")
+
+
+def _text_documents(
+    handle: BinaryIO, name: str, unit: str, max_bytes: int | None
+) -> Iterator[Document]:
+    if unit == "file":
+        raw = handle.read(-1 if max_bytes is None else max_bytes + 1)
+        if max_bytes is not None and len(raw) > max_bytes:
+            yield _too_long(f"local:{name}", max_bytes)
+            return
+        text, repaired = decode(raw)
+        yield Document(f"local:{name}", "local", text, repaired)
+        return
+    if unit == "line":
+        for lineno, line in _bounded_lines(handle, max_bytes):
+            if line is None:
+                yield _too_long(f"local:{name}:{lineno}", max_bytes)
+            elif line.strip():
+                text, repaired = decode(line)
+                yield Document(f"local:{name}:{lineno}", "local", text, repaired)
+        return
+    # paragraphs: runs of non-blank lines
+    parts: list[bytes] = []
+    size, first, overlong = 0, 0, False
+    for lineno, line in itertools.chain(_bounded_lines(handle, max_bytes), [(0, b"")]):
+        if line is not None and not line.strip():
+            if overlong:
+                yield _too_long(f"local:{name}:{first}", max_bytes)
+            elif parts:
+                text, repaired = decode(b"".join(parts))
+                yield Document(f"local:{name}:{first}", "local", text, repaired)
+            parts, size, first, overlong = [], 0, 0, False
+            continue
+        first = first or lineno
+        if line is None or overlong or (max_bytes is not None and size + len(line) > max_bytes):
+            parts, overlong = [], True
+            continue
+        parts.append(line)
+        size += len(line)
+
+
+def _jsonl_documents(
+    handle: BinaryIO, name: str, text_field: str, max_bytes: int | None
+) -> Iterator[Document]:
+    records = missing = 0
+    keys_seen: set[str] = set()
+    for lineno, line in _bounded_lines(handle, max_bytes):
+        doc_id = f"local:{name}:{lineno}"
+        if line is None:
+            yield _too_long(doc_id, max_bytes)
+            continue
+        if not line.strip():
+            continue
+        records += 1
+        text, repaired = decode(line)
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as exc:
+            yield Document(doc_id, "local", f"invalid JSON: {exc.msg}", problem="bad_record")
+            continue
+        value = record.get(text_field) if isinstance(record, dict) else None
+        if isinstance(record, dict) and text_field not in record:
+            missing += 1
+            keys_seen.update(record)
+        if not isinstance(value, str):
+            yield Document(
+                doc_id, "local", f"'{text_field}' is not a string", problem="bad_record"
+            )
+            continue
+        yield Document(doc_id, "local", value, repaired)
+    if records and missing == records:
+        raise SourceError(
+            f"{name}: no record has the field '{text_field}' (data.text_field); "
+            f"fields seen: {', '.join(sorted(keys_seen)[:20])}"
+        )
+
+
+def _parquet_documents(path: Path, text_field: str, max_bytes: int | None) -> Iterator[Document]:
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(path)
+    if text_field not in parquet.schema_arrow.names:
+        raise SourceError(
+            f"{path}: no column '{text_field}' (data.text_field); "
+            f"columns: {', '.join(parquet.schema_arrow.names)}"
+        )
+    row = 0
+    for batch in parquet.iter_batches(batch_size=1024, columns=[text_field]):
+        for value in batch.column(0).to_pylist():
+            doc_id = f"local:{path}:{row}"
+            row += 1
+            text = "" if value is None else value if isinstance(value, str) else str(value)
+            if max_bytes is not None and len(text) > max_bytes:
+                yield _too_long(doc_id, max_bytes)
+            else:
+                yield Document(doc_id, "local", text)
+
+
+def local_documents(
+    path: Path, text_field: str, unit: str = "file", max_bytes: int | None = None
+) -> Iterator[Document]:
+    """Documents of one local file. Problems with the file itself (binary, unreadable,
+    corrupt) become a single problem document and a warning, never an exception."""
+    name = str(path)
+    kind, gzipped = _format(path)
+    try:
+        if kind == "parquet":
+            yield from _parquet_documents(path, text_field, max_bytes)
+            return
+        opener = gzip.open if gzipped else open
+        with opener(path, "rb") as handle:
+            head = handle.peek(SNIFF_BYTES)[:SNIFF_BYTES] if hasattr(handle, "peek") else b""
+            if looks_binary(head):
+                log.warning("%s: looks binary; skipped", path)
+                yield Document(f"local:{name}", "local", "binary content", problem="binary")
+                return
+            if kind == "jsonl":
+                yield from _jsonl_documents(handle, name, text_field, max_bytes)
+            else:
+                yield from _text_documents(handle, name, unit, max_bytes)
+    except SourceError:
+        raise
+    except (OSError, EOFError, ValueError, zlib.error) as exc:  # permissions, I/O, corruption
+        log.warning("%s: cannot be read (%s); skipped", path, exc)
+        yield Document(f"local:{name}", "local", f"cannot be read: {exc}", problem="unreadable")
 
 
 # --- Hugging Face datasets ------------------------------------------------------------------
 
 
-def hf_documents(
-    name: str, config_name: str | None, split: str, text_field: str
-) -> Iterator[Document]:
+def hf_documents(cfg: DataConfig) -> Iterator[Document]:
     """Stream a dataset from the hub (or a local dataset directory) without downloading it all."""
     import datasets
 
-    stream = datasets.load_dataset(name, config_name, split=split, streaming=True)
+    name = cfg.name
+    stream = datasets.load_dataset(
+        name, cfg.config_name, split=cfg.split, streaming=True, revision=cfg.revision
+    )
+    source = f"hf:{name}"
     for index, record in enumerate(stream):
-        if text_field not in record:
-            raise SourceError(f"dataset {name}: record {index} has no '{text_field}' field")
-        yield Document(f"hf:{name}:{split}:{index}", f"hf:{name}", str(record[text_field] or ""))
+        if cfg.text_field not in record:
+            raise SourceError(
+                f"dataset {name}: record {index} has no field '{cfg.text_field}' "
+                f"(data.text_field); fields: {', '.join(record)}"
+            )
+        value = record[cfg.text_field]
+        yield Document(f"{source}:{cfg.split}:{index}", source, "" if value is None else str(value))
 
 
 # --- entry point ---------------------------------------------------------------------------
 
 
-def iter_documents(cfg: DataConfig) -> Iterator[Document]:
-    """All documents of the configured source(s), `max_docs` per source when set."""
+def iter_documents(cfg: DataConfig, max_bytes: int | None = None) -> Iterator[Document]:
+    """All documents of the configured source(s), `max_docs` per source when set. A local
+    document over `max_bytes` is reported as a `too_long` problem without being read."""
     streams: list[Iterator[Document]]
     if cfg.kind == "embedded":
         if not cfg.embedded:
@@ -189,11 +372,15 @@ def iter_documents(cfg: DataConfig) -> Iterator[Document]:
         if not cfg.paths:
             raise SourceError("data.paths: no local path given")
         files = expand_paths(cfg.paths)
-        streams = [itertools.chain.from_iterable(local_documents(p, cfg.text_field) for p in files)]
+        streams = [
+            itertools.chain.from_iterable(
+                local_documents(p, cfg.text_field, cfg.text_unit, max_bytes) for p in files
+            )
+        ]
     elif cfg.kind == "hf":
         if not cfg.name:
             raise SourceError("data.name: no dataset name given")
-        streams = [hf_documents(cfg.name, cfg.config_name, cfg.split, cfg.text_field)]
+        streams = [hf_documents(cfg)]
     else:
         raise SourceError(f"data.kind: unknown source kind '{cfg.kind}'")
     for stream in streams:
