@@ -5,8 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -163,3 +166,66 @@ def test_clean_stage_on_dirty_files_then_a_missing_path(tmp_path: Path) -> None:
         "run.json",
         "stats.json",
     ]
+
+
+@pytest.mark.slow
+def test_clean_stage_killed_mid_run_keeps_the_last_complete_output(tmp_path: Path) -> None:
+    """SIGKILL (no chance to clean up) while shards are being written: the previous corpus
+    stays intact, and the next run tidies the leftovers and succeeds."""
+    words = sorted({w for w in PROSE.lower().replace(",", "").replace(".", "").split()})
+    words += [f"word{i}" for i in range(2000)]
+    rng = random.Random(0)
+    src = tmp_path / "big.jsonl"
+    with src.open("w") as handle:
+        for i in range(6000):
+            text = " ".join(rng.choice(words) for _ in range(500))
+            handle.write(json.dumps({"text": f"Document {i}. {text}"}) + "\n")
+    outputs = tmp_path / "outputs"
+    env = {**tool_env(REPO), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+
+    def clean(paths: str) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "stages.clean",
+            "data.kind=local",
+            f"data.paths=[{paths}]",
+            "clean.shard_docs=100",
+            f"outputs_dir={outputs}",
+            f"hydra.run.dir={tmp_path / 'hydra'}",
+        ]
+
+    first = subprocess.run(
+        clean(str(write_dirty_corpus(tmp_path))),
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert first.returncode == 0, first.stderr[-3000:]
+    corpus = outputs / "clean" / "corpus"
+    before = _digests(corpus)
+    victim = subprocess.Popen(
+        clean(str(src)),
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    while not list((outputs / "clean").glob(".tmp-*-corpus/part-00001.parquet")):
+        assert victim.poll() is None, "the run ended before it could be interrupted"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait()
+    assert _digests(corpus) == before  # the last complete output is untouched
+    assert list((outputs / "clean").glob(".tmp-*"))  # SIGKILL left its temp files behind
+    again = subprocess.run(
+        clean(str(src)), cwd=REPO, env=env, capture_output=True, text=True, check=False
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert not list((outputs / "clean").glob(".*"))
+    assert json.loads((outputs / "clean" / "stats.json").read_text())["docs_in"] == 6000

@@ -55,6 +55,10 @@ def params() -> dict:
         ("finetune", "optim", {"lrr": 1e-3}, r"finetune\.optim\.lrr"),  # unknown key
         ("pretrain", "steps", "many", r"pretrain\.steps"),  # wrong type
         ("hardware", "precision", "fp8", r"hardware\.precision"),  # not an allowed choice
+        ("clean", "dedup", {"threshold": 1.5}, r"clean\.dedup\.threshold.*\(0, 1\]"),  # range
+        ("clean", "quality", {"max_top_ngram_fraction": {"two": 0.2}}, r"top_ngram.*\.two"),
+        ("data", "text_unit", "sentence", r"data\.text_unit"),
+        ("tokenize", "val_fraction", 0.0, r"tokenize\.val_fraction"),
     ],
 )
 def test_bad_value_fails_naming_the_key(section: str, key: str, value, named: str) -> None:

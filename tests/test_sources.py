@@ -107,10 +107,14 @@ def test_text_units(tmp_path: Path, unit: str, expected: list[str]) -> None:
 
 
 def test_directories_are_walked_in_order_without_hidden_files(tmp_path: Path) -> None:
-    for name in ("b.txt", "a.txt", "sub/c.txt", ".hidden.txt"):
+    for name in ("b.txt", "a.txt", "sub/c.txt", ".hidden.txt", "_SUCCESS", ".git/x.txt"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(name)
     assert [d.text for d in iter_documents(local([tmp_path]))] == ["a.txt", "b.txt", "sub/c.txt"]
+    hidden_parent = tmp_path / ".cache" / "data"
+    hidden_parent.mkdir(parents=True)
+    (hidden_parent / "d.txt").write_text("d.txt")  # a hidden directory above the path is fine
+    assert [d.text for d in iter_documents(local([hidden_parent]))] == ["d.txt"]
 
 
 def test_hf_dataset_streams_from_a_local_dataset_directory(

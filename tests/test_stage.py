@@ -64,3 +64,16 @@ def test_bad_config_fails_before_any_run(mlflow_store: str, cfg) -> None:
     cfg.pretrain.stepz = 3
     with pytest.raises(ConfigError, match=r"pretrain\.stepz"):
         Stage("pretrain", cfg)
+
+
+def test_leftovers_of_a_killed_run_are_tidied(mlflow_store: str, cfg) -> None:
+    out = Path(cfg.outputs_dir) / "clean"
+    out.mkdir(parents=True)
+    (out / ".tmp-1a2b3c4d-corpus").mkdir()  # a killed run's half-written output
+    (out / ".tmp-1a2b3c4d-corpus" / "part-00000.parquet").write_text("half")
+    (out / ".old-5e6f7a8b-stats.json").write_text('{"version": 1}')  # killed mid-commit
+    (out / ".old-9c0d1e2f-run.json").write_text("{}")  # superseded: run.json is there
+    (out / "run.json").write_text('{"run_id": "x"}')
+    with Stage("clean", cfg):
+        assert sorted(p.name for p in out.iterdir()) == ["run.json", "stats.json"]
+        assert json.loads((out / "stats.json").read_text()) == {"version": 1}

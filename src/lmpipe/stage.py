@@ -124,6 +124,7 @@ class Stage:
 
     def __enter__(self) -> Stage:
         log.info("stage %s: outputs in %s", self.name, self.out_dir)
+        self._recover_leftovers()
         self._run_ctx = tracking.stage_run(self.name, self.cfg, self.upstream)
         run = self._run_ctx.__enter__()
         self.run_id = run.info.run_id
@@ -173,6 +174,24 @@ class Stage:
             if old is not None:
                 _remove(old)
         self._pending.clear()
+
+    def _recover_leftovers(self) -> None:
+        """Tidy up after a run that was killed (SIGKILL, power loss) and could not clean up:
+        temp outputs are deleted; a previous output moved aside but not yet replaced is put
+        back, so the last complete version is never lost."""
+        if not self.out_dir.is_dir():
+            return
+        for path in sorted(self.out_dir.iterdir()):
+            prefix, _, rest = path.name.partition("-")
+            if prefix not in (".tmp", ".old") or "-" not in rest:
+                continue
+            final = self.out_dir / rest.split("-", 1)[1]
+            if prefix == ".old" and not (final.exists() or final.is_symlink()):
+                log.warning("restoring %s from an interrupted run", final)
+                path.rename(final)
+            else:
+                log.warning("removing %s left by an interrupted run", path)
+                _remove(path)
 
     def _discard_outputs(self) -> None:
         for tmp in self._pending.values():

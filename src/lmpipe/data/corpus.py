@@ -88,23 +88,33 @@ def length_bin(chars: int) -> int:
 
 
 class ShardWriter:
-    """Appends documents to Parquet shards of at most `shard_docs` rows each."""
+    """Appends documents to Parquet shards of at most `shard_docs` rows each, written a row
+    group at a time, so memory holds one row group, never a whole shard."""
 
-    def __init__(self, directory: Path, shard_docs: int) -> None:
+    def __init__(self, directory: Path, shard_docs: int, row_group_docs: int = 2048) -> None:
         self.directory = directory
         self.shard_docs = shard_docs
+        self.row_group_docs = min(row_group_docs, shard_docs)
         self.shards = 0
+        self._rows_in_shard = 0
+        self._writer: pq.ParquetWriter | None = None
         self._buffer: list[Document] = []
+        self._buffer_chars = 0
         directory.mkdir(parents=True, exist_ok=True)
 
     def add(self, doc: Document) -> None:
         self._buffer.append(doc)
-        if len(self._buffer) >= self.shard_docs:
-            self.flush()
+        self._buffer_chars += len(doc.text)
+        room = self.shard_docs - self._rows_in_shard
+        if len(self._buffer) >= min(self.row_group_docs, room) or self._buffer_chars > BATCH_CHARS:
+            self._write_row_group()
 
-    def flush(self) -> None:
+    def _write_row_group(self) -> None:
         if not self._buffer:
             return
+        if self._writer is None:
+            path = self.directory / f"part-{self.shards:05d}.parquet"
+            self._writer = pq.ParquetWriter(path, SCHEMA)
         table = pa.table(
             {
                 "id": [d.id for d in self._buffer],
@@ -113,9 +123,23 @@ class ShardWriter:
             },
             schema=SCHEMA,
         )
-        pq.write_table(table, self.directory / f"part-{self.shards:05d}.parquet")
-        self.shards += 1
-        self._buffer = []
+        self._writer.write_table(table)
+        self._rows_in_shard += len(self._buffer)
+        self._buffer, self._buffer_chars = [], 0
+        if self._rows_in_shard >= self.shard_docs:
+            self._close_shard()
+
+    def _close_shard(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+            self.shards += 1
+            self._rows_in_shard = 0
+
+    def flush(self) -> None:
+        """Write what is buffered and close the current shard."""
+        self._write_row_group()
+        self._close_shard()
 
 
 # --- work done in the worker processes -----------------------------------------------------
@@ -202,9 +226,7 @@ def as_clean_config(cfg: CleanConfig | DictConfig) -> CleanConfig:
     return cfg
 
 
-def clean_corpus(
-    data: DataConfig, cfg: CleanConfig | DictConfig, out_dir: Path
-) -> CleanReport:
+def clean_corpus(data: DataConfig, cfg: CleanConfig | DictConfig, out_dir: Path) -> CleanReport:
     """Read the configured sources, repair, filter and deduplicate, write shards to out_dir."""
     cfg = as_clean_config(cfg)
     DocumentFilter(cfg)  # fail on a bad blocklist before any worker starts
@@ -245,6 +267,8 @@ def clean_corpus(
     progress.close()
     writer.flush()
     report.near_duplicate_clusters = len(near.clusters) if near is not None else 0
+    if report.docs_in == 0:
+        raise ValueError("clean found no document in the configured source: check data.*")
     if report.docs_out == 0:
         raise ValueError(
             f"clean kept no document out of {report.docs_in} (dropped: {dict(report.dropped)}):"

@@ -149,8 +149,14 @@ def embedded_documents(name: str, skip_offensive: bool) -> Iterator[Document]:
 # --- local files ---------------------------------------------------------------------------
 
 
+def _is_hidden(relative: Path) -> bool:
+    # dot files and markers such as _SUCCESS / _COMPLETE that data tools leave beside shards
+    return any(part.startswith((".", "_")) for part in relative.parts)
+
+
 def expand_paths(patterns: Iterable[str]) -> list[Path]:
-    """Paths, directories and globs -> files, in a stable order; hidden files are skipped.
+    """Paths, directories and globs -> files, in a stable order. Inside a directory, hidden
+    (`.x`) and marker (`_x`) files are skipped.
     A pattern that matches nothing is an error naming it."""
     files: list[Path] = []
     for pattern in patterns:
@@ -166,7 +172,7 @@ def expand_paths(patterns: Iterable[str]) -> list[Path]:
                     sorted(
                         p
                         for p in path.rglob("*")
-                        if p.is_file() and not any(part.startswith(".") for part in p.parts)
+                        if p.is_file() and not _is_hidden(p.relative_to(path))
                     )
                 )
             else:

@@ -1,0 +1,154 @@
+"""Tokenize-stage throughput against two baselines, measured in the same run.
+
+1. raw: `tokenizers.Tokenizer.encode_batch` over the same texts, already in memory, with the
+   same tokenizer: the Rust tokenizer's own speed, the ceiling for any pipeline around it.
+2. run_clm: the Hugging Face `run_clm` example's preprocessing: `load_dataset("parquet")`,
+   `Dataset.map(tokenize_function, batched=True)` and `Dataset.map(group_texts,
+   batched=True)` into blocks of the same size.
+
+Ours is `lmpipe.data.tokens.encode_corpus`, end to end: Parquet corpus in, block shards and
+index out. Tokenizer training is excluded everywhere (it is done once, before timing).
+Prints tokens/s for each and the ratios ours/raw (target >= 0.85) and ours/run_clm
+(target >= 2).
+
+    python benchmarks/tokenize_throughput.py            # 50 MB of text, about 5 min on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from itertools import chain
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from synthetic_corpus import generate
+
+from lmpipe.data.corpus import ShardWriter, iter_corpus
+from lmpipe.data.sources import Document
+from lmpipe.data.tokens import encode_corpus
+from lmpipe.tokenizer import train_tokenizer, training_sample
+
+
+def corpus_shards(mb: int, directory: Path) -> Path:
+    """The synthetic corpus as a clean-stage corpus directory (Parquet shards)."""
+    writer = ShardWriter(directory, shard_docs=20_000)
+    for path in sorted(generate(mb).glob("*.jsonl")):
+        with path.open(encoding="utf-8") as handle:
+            for line in handle:
+                record = json.loads(line)
+                writer.add(Document(f"bench:{record['id']}", "bench", record["text"]))
+    writer.flush()
+    return directory
+
+
+def best_of(repeats: int, run: Callable[[], object]) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def run_clm_preprocessing(tokenizer, corpus: Path, block_size: int, cache: Path) -> int:
+    """What examples/pytorch/language-modeling/run_clm.py does to a text dataset."""
+    import datasets
+
+    raw = datasets.load_dataset(
+        "parquet",
+        data_files={"train": [str(p) for p in sorted(corpus.glob("*.parquet"))]},
+        cache_dir=str(cache),
+    )
+    column_names = raw["train"].column_names
+
+    def tokenize_function(examples):
+        return tokenizer(examples["text"])
+
+    tokenized = raw.map(tokenize_function, batched=True, remove_columns=column_names)
+
+    def group_texts(examples):
+        concatenated = {k: list(chain(*examples[k])) for k in examples}
+        total_length = len(concatenated[next(iter(examples))])
+        total_length = (total_length // block_size) * block_size
+        result = {
+            k: [t[i : i + block_size] for i in range(0, total_length, block_size)]
+            for k, t in concatenated.items()
+        }
+        result["labels"] = result["input_ids"].copy()
+        return result
+
+    grouped = tokenized.map(group_texts, batched=True)
+    return len(grouped["train"]) * block_size
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mb", type=int, default=50)
+    parser.add_argument("--vocab-size", type=int, default=8192)
+    parser.add_argument("--block-size", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+
+    import datasets
+
+    datasets.disable_progress_bars()
+    work = Path(tempfile.mkdtemp(prefix="lmpipe-tokbench-"))
+    try:
+        corpus = corpus_shards(args.mb, work / "corpus")
+        tokenizer = train_tokenizer(training_sample(corpus, 0.02, 20_000_000), args.vocab_size)
+        texts = [row["text"] for rows in iter_corpus(corpus) for row in rows]
+        backend = tokenizer.backend_tokenizer
+        chars = sum(map(len, texts))
+        print(f"{len(texts):,} documents, {chars / 1e6:.1f} M characters, vocab {len(tokenizer)}")
+
+        def raw(encode: Callable) -> Callable[[], None]:
+            def run() -> None:
+                for start in range(0, len(texts), 1024):
+                    encode(texts[start : start + 1024], add_special_tokens=False)
+
+            return run
+
+        counted: dict[str, int] = {}
+
+        def ours() -> None:
+            shutil.rmtree(work / "tokens", ignore_errors=True)
+            stats = encode_corpus(
+                tokenizer, corpus, work / "tokens", 0.02, args.block_size, 2**28, 1024
+            )
+            counted["tokens"] = stats.train_tokens + stats.val_tokens + stats.dropped_tail_tokens
+
+        results = {
+            "raw encode_batch": best_of(args.repeats, raw(backend.encode_batch)),
+            "raw encode_batch_fast": best_of(args.repeats, raw(backend.encode_batch_fast)),
+            "lmpipe tokenize": best_of(args.repeats, ours),
+        }
+        cache = work / "hf-cache"
+        start = time.perf_counter()
+        hf_tokens = run_clm_preprocessing(tokenizer, corpus, args.block_size, cache)
+        results["run_clm map+group_texts"] = time.perf_counter() - start
+        tokens = counted["tokens"]  # documents' tokens plus one EOS each: the same text for all
+        print(f"{tokens:,} tokens (run_clm kept {hf_tokens:,} in whole blocks, no EOS)")
+        for name, seconds in results.items():
+            print(f"  {name:<26} {seconds:8.2f} s  {tokens / seconds:12,.0f} tokens/s")
+        ours_s = results["lmpipe tokenize"]
+        print(
+            f"ours / raw encode_batch        = {results['raw encode_batch'] / ours_s:.2f}x"
+            " (target >= 0.85)"
+        )
+        print(f"ours / raw encode_batch_fast   = {results['raw encode_batch_fast'] / ours_s:.2f}x")
+        print(
+            f"ours / run_clm map+group_texts = {results['run_clm map+group_texts'] / ours_s:.2f}x"
+            " (target >= 2)"
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
