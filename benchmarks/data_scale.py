@@ -4,8 +4,8 @@ Runs the real stages (`python -m stages.clean`, `python -m stages.tokenize`) on 
 corpora (benchmarks/synthetic_corpus.py) of a small and a large size, while sampling the
 whole process tree (stage process, its worker processes, Rust threads) for resident
 memory and CPU time. Prints, per stage and size: wall time, MB/s, peak RSS of the tree,
-CPU utilisation of all cores; then the growth ratio large/small against the size ratio
-(1.0 = exactly linear).
+CPU utilisation of all cores; then the growth ratio large/small and the straight line
+through both points (a fixed start-up cost plus seconds per MB).
 
     python benchmarks/data_scale.py                  # 100 MB and 1000 MB (about 25 min on 2 cores)
     python benchmarks/data_scale.py --sizes 20 200   # a quicker look
@@ -126,9 +126,13 @@ def main() -> None:
     for stage in ("clean", "tokenize"):
         a, b = measured[small][stage], measured[large][stage]
         growth = b.seconds / a.seconds
+        # time = start-up + size / rate: a straight line through both points
+        per_mb = (b.seconds - a.seconds) / (large - small)
+        startup = a.seconds - per_mb * small
         print(
-            f"{stage:>9}: time ratio {growth:5.2f}x -> linearity {growth / (large / small):.2f}"
-            f" (1.00 = linear); peak RSS {b.peak_rss_gb:.2f} GB "
+            f"{stage:>9}: time ratio {growth:5.2f}x for {large / small:.0f}x the data; "
+            f"fit {startup:.1f} s start-up + {per_mb:.3f} s/MB ({1 / per_mb:.2f} MB/s); "
+            f"peak RSS {b.peak_rss_gb:.2f} GB "
             f"({'<' if b.peak_rss_gb < RSS_LIMIT_GB else '>='} {RSS_LIMIT_GB} GB); "
             f"CPU {100 * b.utilisation:.0f}%"
         )

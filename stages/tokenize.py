@@ -29,6 +29,7 @@ def main(cfg: DictConfig) -> None:
             settings.block_size,
             settings.shard_tokens,
             settings.batch_docs,
+            settings.engine,
         )
         summary = {**asdict(stats), "tokenizer_train_seconds": train_seconds}
         stage.write_json("stats.json", summary)

@@ -76,6 +76,22 @@ def test_every_stage_has_one_finished_run_linked_to_its_outputs(pipeline: Path) 
     assert upstream == by_stage["pretrain"]
 
 
+def test_clean_run_logs_counts_samples_and_length_histogram(pipeline: Path) -> None:
+    record = json.loads((pipeline / "outputs" / "clean" / "run.json").read_text())
+    artifacts = pipeline / "mlartifacts"
+    logged = {p.name for p in artifacts.rglob("*") if record["run_id"] in p.parts}
+    assert {"dropped_samples.json", "length_histogram.json", "length_histogram.png"} <= logged
+    with sqlite3.connect(pipeline / "mlflow.db") as db:
+        metrics = dict(
+            db.execute(
+                "SELECT key, value FROM latest_metrics WHERE run_uuid = ?", (record["run_id"],)
+            ).fetchall()
+        )
+    stats = json.loads((pipeline / "outputs" / "clean" / "stats.json").read_text())
+    assert metrics["dropped_near_duplicate"] == stats["dropped_near_duplicate"]
+    assert metrics["docs_out"] == stats["docs_out"] > 0
+
+
 def test_dvc_sees_the_pipeline_up_to_date(pipeline: Path) -> None:
     status = run(["dvc", "status"], pipeline).stdout
     assert "up to date" in status

@@ -11,17 +11,22 @@ import pytest
 from transformers import AutoTokenizer
 
 from lmpipe.config import CleanConfig, DataConfig
-from lmpipe.data.corpus import clean_corpus, iter_corpus
+from lmpipe.data.corpus import clean_corpus, is_validation, iter_corpus
 from lmpipe.data.tokens import (
     TokenShardWriter,
     TokenSplit,
     encode_corpus,
-    is_validation,
     load_tokens,
     read_index,
     token_dtype,
 )
-from lmpipe.tokenizer import EOS, train_tokenizer, training_sample
+from lmpipe.tokenizer import (
+    EOS,
+    batch_encoder,
+    tiktoken_equivalent,
+    train_tokenizer,
+    training_sample,
+)
 
 
 @pytest.fixture(scope="module")
@@ -166,3 +171,23 @@ def test_index_format_is_checked(tmp_path: Path) -> None:
         read_index(tmp_path)
     with pytest.raises(FileNotFoundError, match="dvc repro tokenize"):
         read_index(tmp_path / "missing")
+
+
+def test_tiktoken_engine_gives_the_same_ids_as_tokenizers(corpus: Path) -> None:
+    tokenizer = train_tokenizer(training_sample(corpus, 0.1, None), vocab_size=2000)
+    assert tiktoken_equivalent(tokenizer) is not None
+    texts = [row["text"] for rows in iter_corpus(corpus) for row in rows]
+    texts += ["Ünïcödé, émojis 🙂, tabs\tand  double  spaces", "<|endoftext|> as text", ""]
+    fast = batch_encoder(tokenizer, "auto")(texts)
+    reference = batch_encoder(tokenizer, "tokenizers")(texts)
+    assert fast == reference
+    assert tokenizer.decode(fast[0]) == texts[0]
+
+
+def test_tokenizers_that_tiktoken_cannot_match_are_left_to_tokenizers(tiny_tokenizer) -> None:
+    from tokenizers import normalizers
+
+    tiny_tokenizer.backend_tokenizer.normalizer = normalizers.Lowercase()
+    assert tiktoken_equivalent(tiny_tokenizer) is None
+    assert batch_encoder(tiny_tokenizer)(["ABC"]) == [tiny_tokenizer.encode("abc")]
+    tiny_tokenizer.backend_tokenizer.normalizer = None

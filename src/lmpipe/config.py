@@ -118,6 +118,7 @@ class TokenizeConfig:
     block_size: int = 1024  # shards hold whole blocks; the last partial block is dropped
     shard_tokens: int = 268_435_456
     batch_docs: int = 1024
+    engine: str = "auto"  # auto: tiktoken where it is the same tokenization | tokenizers
 
 
 @dataclass
@@ -220,6 +221,7 @@ class LmpipeConfig:
 _CHOICES: dict[str, tuple[Any, ...]] = {
     "data.kind": ("embedded", "local", "hf"),
     "data.text_unit": ("file", "paragraph", "line"),
+    "tokenize.engine": ("auto", "tokenizers"),
     "clean.normalize": (None, "NFC", "NFKC", "NFD", "NFKD"),
     "finetune.task": ("sft",),
     "finetune.dataset": ("chatterbot",),

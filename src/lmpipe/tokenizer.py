@@ -4,16 +4,19 @@ that `AutoTokenizer.from_pretrained` loads it, with a ChatML chat template for S
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
-from collections.abc import Iterable, Iterator
+import os
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import tiktoken
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from lmpipe.data.corpus import iter_corpus_batches
-from lmpipe.data.tokens import is_validation
+from lmpipe.data.corpus import is_validation, iter_corpus_batches
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +70,94 @@ def train_tokenizer(
 
 def load_tokenizer(path: Path | str) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(str(path))
+
+
+# --- bulk encoding -------------------------------------------------------------------------
+
+BatchEncoder = Callable[[list[str]], list[list[int]]]
+# The GPT-2 pre-tokenization regex, which `pre_tokenizers.ByteLevel(use_regex=True)` applies.
+_BYTE_LEVEL_SPLIT = (
+    r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+)
+
+
+def tiktoken_equivalent(tokenizer: PreTrainedTokenizerBase) -> tiktoken.Encoding | None:
+    """The same byte-level BPE as a tiktoken encoding, or None when it cannot be the same.
+
+    tiktoken merges the adjacent pair whose joined bytes have the lowest rank; `tokenizers`
+    merges the pair with the lowest merge rank. With no normaliser, GPT-2 pre-tokenization
+    and tokens numbered in merge order (as BpeTrainer numbers them) the two agree; anything
+    else (dropout, byte fallback, prefix space, other pre-tokenizers) returns None.
+    """
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
+    if (
+        spec.get("normalizer")
+        or model.get("type") != "BPE"
+        or model.get("dropout")
+        or model.get("byte_fallback")
+        or model.get("continuing_subword_prefix")
+        or model.get("end_of_word_suffix")
+        or pre.get("type") != "ByteLevel"
+        or pre.get("add_prefix_space")
+        or not pre.get("use_regex", True)
+    ):
+        return None
+    vocab: dict[str, int] = model["vocab"]
+    merged_ids = [
+        vocab.get(m.replace(" ", "", 1) if isinstance(m, str) else "".join(m))
+        for m in model["merges"]
+    ]
+    if None in merged_ids or merged_ids != sorted(merged_ids):
+        return None  # tokens not numbered in merge order
+    to_byte = {char: byte for byte, char in bytes_to_unicode().items()}
+    specials = {token["content"] for token in spec.get("added_tokens", [])}
+    try:
+        ranks = {
+            bytes(to_byte[c] for c in token): rank
+            for token, rank in vocab.items()
+            if token not in specials
+        }
+    except KeyError:  # a token outside the byte alphabet
+        return None
+    return tiktoken.Encoding(
+        "lmpipe-bpe", pat_str=_BYTE_LEVEL_SPLIT, mergeable_ranks=ranks, special_tokens={}
+    )
+
+
+def batch_encoder(tokenizer: PreTrainedTokenizerBase, engine: str = "auto") -> BatchEncoder:
+    """texts -> token ids (no special tokens), as fast as this machine allows.
+
+    `auto` uses tiktoken's BPE engine (about 4x `tokenizers` on the same text) when it is
+    provably the same tokenization, checked once more on the first batch against
+    `tokenizers`; otherwise, or with `engine="tokenizers"`, the Rust `tokenizers` batch
+    encoder without offsets. Both run on every core.
+    """
+    backend = tokenizer.backend_tokenizer
+
+    def with_tokenizers(texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+
+    encoding = tiktoken_equivalent(tokenizer) if engine == "auto" else None
+    if encoding is None:
+        return with_tokenizers
+    threads = os.cpu_count() or 1
+    checked = False
+
+    def with_tiktoken(texts: list[str]) -> list[list[int]]:
+        nonlocal encoding, checked
+        if encoding is None:
+            return with_tokenizers(texts)
+        ids = encoding.encode_ordinary_batch(texts, num_threads=threads)
+        if not checked:
+            checked = True
+            if ids != with_tokenizers(texts):
+                log.warning("tiktoken and tokenizers disagree here: using tokenizers")
+                encoding = None
+                return with_tokenizers(texts)
+        return ids
+
+    return with_tiktoken
 
 
 def corpus_text_chars(corpus_dir: Path) -> int:

@@ -10,6 +10,7 @@ A corpus directory holds `part-NNNNN.parquet` files with columns id, source, tex
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import multiprocessing
@@ -81,6 +82,12 @@ class CleanReport:
             "before": [self.length_in.get(k, 0) for k in range(top)],
             "after": [self.length_out.get(k, 0) for k in range(top)],
         }
+
+
+def is_validation(doc_id: str, val_fraction: float) -> bool:
+    """Deterministic split by document id: stable across runs, machines and Python versions."""
+    bucket = int.from_bytes(hashlib.blake2b(doc_id.encode(), digest_size=8).digest(), "big")
+    return bucket / 2**64 < val_fraction
 
 
 def length_bin(chars: int) -> int:

@@ -16,7 +16,6 @@ across runs, machines, worker counts and corpus order.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import queue
@@ -33,19 +32,14 @@ import pyarrow.compute as pc
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from lmpipe.data.corpus import iter_corpus_batches
+from lmpipe.data.corpus import is_validation, iter_corpus_batches
+from lmpipe.tokenizer import batch_encoder
 
 log = logging.getLogger(__name__)
 
 INDEX_FILE = "index.json"
 FORMAT = "lmpipe.tokens/1"
 SPLITS = ("train", "val")
-
-
-def is_validation(doc_id: str, val_fraction: float) -> bool:
-    """Deterministic split by document id: stable across runs, machines and Python versions."""
-    bucket = int.from_bytes(hashlib.blake2b(doc_id.encode(), digest_size=8).digest(), "big")
-    return bucket / 2**64 < val_fraction
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -208,16 +202,15 @@ def encode_corpus(
     block_size: int,
     shard_tokens: int,
     batch_docs: int = 1024,
+    engine: str = "auto",
 ) -> TokenStats:
-    """Encode every document with the Rust tokenizer (batched, on all cores), append EOS,
+    """Encode every document (batched, on all cores; see `batch_encoder`), append EOS,
     route it to its split by id hash and pack the streams into block shards."""
     out_dir.mkdir(parents=True, exist_ok=True)
     vocab_size = len(tokenizer)
     dtype = token_dtype(vocab_size)
     eos = np.asarray([tokenizer.eos_token_id], dtype=dtype)
-    backend = tokenizer.backend_tokenizer
-    # encode_batch_fast skips character offsets, which token shards do not need.
-    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    encode = batch_encoder(tokenizer, engine)
     writers = {s: TokenShardWriter(out_dir, s, dtype, block_size, shard_tokens) for s in SPLITS}
     chars = 0
     start = time.perf_counter()
@@ -226,11 +219,11 @@ def encode_corpus(
     for batch in _prefetch(batches):
         text_column = batch.column("text")
         chars += int(pc.sum(pc.utf8_length(text_column)).as_py() or 0)
-        encodings = encode(text_column.to_pylist(), add_special_tokens=False)
+        encoded = encode(text_column.to_pylist())
         parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
-        for doc_id, encoding in zip(batch.column("id").to_pylist(), encodings, strict=True):
+        for doc_id, ids in zip(batch.column("id").to_pylist(), encoded, strict=True):
             split = "val" if is_validation(doc_id, val_fraction) else "train"
-            parts[split] += (np.asarray(encoding.ids, dtype=dtype), eos)
+            parts[split] += (np.asarray(ids, dtype=dtype), eos)
         for split, arrays in parts.items():
             if arrays:
                 stream = np.concatenate(arrays)
