@@ -77,9 +77,11 @@ def test_every_stage_has_one_finished_run_linked_to_its_outputs(pipeline: Path) 
 
 
 def test_clean_run_logs_counts_samples_and_length_histogram(pipeline: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
     record = json.loads((pipeline / "outputs" / "clean" / "run.json").read_text())
-    artifacts = pipeline / "mlartifacts"
-    logged = {p.name for p in artifacts.rglob("*") if record["run_id"] in p.parts}
+    client = MlflowClient(f"sqlite:///{pipeline / 'mlflow.db'}")
+    logged = {a.path for a in client.list_artifacts(record["run_id"])}
     assert {"dropped_samples.json", "length_histogram.json", "length_histogram.png"} <= logged
     with sqlite3.connect(pipeline / "mlflow.db") as db:
         metrics = dict(
