@@ -49,6 +49,10 @@ def write_dirty_corpus(root: Path) -> Path:
     return src
 
 
+def run_stage(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=False)
+
+
 def clean_settings(workers: int = 1) -> CleanConfig:
     return CleanConfig(
         quality=QualityConfig(min_chars=10, max_chars=100_000, min_words=3),
@@ -136,13 +140,9 @@ def test_clean_stage_on_dirty_files_then_a_missing_path(tmp_path: Path) -> None:
         f"outputs_dir={outputs}",
         f"hydra.run.dir={tmp_path / 'hydra'}",
     ]
-    ok = subprocess.run(
+    ok = run_stage(
         [*base, f"data.paths=[{src}]", "clean.quality.min_words=3", "clean.dedup.threshold=0.7"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
+        env,
     )
     assert ok.returncode == 0, ok.stderr[-3000:]
     stats = json.loads((outputs / "clean" / "stats.json").read_text())
@@ -150,14 +150,7 @@ def test_clean_stage_on_dirty_files_then_a_missing_path(tmp_path: Path) -> None:
     assert stats["dropped_bad_record"] == 1 and stats["dropped_near_duplicate"] == 1
     assert stats["per_source_out"] == {"local": stats["docs_out"]}
     before = _digests(outputs / "clean" / "corpus")
-    missing = subprocess.run(
-        [*base, f"data.paths=[{src}/*.txt,{tmp_path}/not-there.jsonl]"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    missing = run_stage([*base, f"data.paths=[{src}/*.txt,{tmp_path}/not-there.jsonl]"], env)
     assert missing.returncode != 0
     assert "not-there.jsonl' does not exist" in missing.stderr
     assert _digests(outputs / "clean" / "corpus") == before
@@ -195,14 +188,7 @@ def test_clean_stage_killed_mid_run_keeps_the_last_complete_output(tmp_path: Pat
             f"hydra.run.dir={tmp_path / 'hydra'}",
         ]
 
-    first = subprocess.run(
-        clean(str(write_dirty_corpus(tmp_path))),
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    first = run_stage(clean(str(write_dirty_corpus(tmp_path))), env)
     assert first.returncode == 0, first.stderr[-3000:]
     corpus = outputs / "clean" / "corpus"
     before = _digests(corpus)
@@ -223,9 +209,7 @@ def test_clean_stage_killed_mid_run_keeps_the_last_complete_output(tmp_path: Pat
     victim.wait()
     assert _digests(corpus) == before  # the last complete output is untouched
     assert list((outputs / "clean").glob(".tmp-*"))  # SIGKILL left its temp files behind
-    again = subprocess.run(
-        clean(str(src)), cwd=REPO, env=env, capture_output=True, text=True, check=False
-    )
+    again = run_stage(clean(str(src)), env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert not list((outputs / "clean").glob(".*"))
     assert json.loads((outputs / "clean" / "stats.json").read_text())["docs_in"] == 6000
