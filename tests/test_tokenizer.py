@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from lmpipe.tokenizer import (
     train_tokenizer,
     training_sample,
 )
+from tests.conftest import file_digests
 
 
 @pytest.fixture(scope="module")
@@ -114,16 +114,12 @@ def test_shard_writer_packs_whole_blocks_across_shards(tmp_path: Path) -> None:
     assert np.array_equal(on_disk, stream[:20])
 
 
-def _digests(directory: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
-
-
 def test_encode_corpus_packs_documents_with_eos_deterministically(
     tmp_path: Path, tiny_tokenizer, corpus: Path
 ) -> None:
     first = encode_corpus(tiny_tokenizer, corpus, tmp_path / "a", 0.2, 64, 4096, batch_docs=64)
     encode_corpus(tiny_tokenizer, corpus, tmp_path / "b", 0.2, 64, 4096, batch_docs=17)
-    assert _digests(tmp_path / "a") == _digests(tmp_path / "b")
+    assert file_digests(tmp_path / "a") == file_digests(tmp_path / "b")
     index = read_index(tmp_path / "a")
     assert index["dtype"] == "uint16" and index["block_size"] == 64
     train_info = index["splits"]["train"]

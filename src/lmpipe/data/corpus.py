@@ -36,6 +36,8 @@ from lmpipe.data.sources import SOURCE_PROBLEMS, Document, iter_documents
 log = logging.getLogger(__name__)
 
 SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("text", pa.string())])
+# Text repairs, and "encoding": bytes that were not valid UTF-8 (repaired while decoding).
+REPAIR_COUNTS = (*REPAIRS, "encoding")
 DROP_RULES = (*SOURCE_PROBLEMS, *QUALITY_RULES, "blocklist", "duplicate", "near_duplicate")
 # Document lengths are histogrammed in powers of two: bin k holds 2**k <= chars < 2**(k+1).
 LENGTH_BINS = 32
@@ -69,8 +71,7 @@ class CleanReport:
             "chars_out": self.chars_out,
             "near_duplicate_clusters": self.near_duplicate_clusters,
         }
-        out.update({f"repaired_{name}": self.repaired.get(name, 0) for name in REPAIRS})
-        out["repaired_encoding"] = self.repaired.get("encoding", 0)
+        out.update({f"repaired_{name}": self.repaired.get(name, 0) for name in REPAIR_COUNTS})
         out.update({f"dropped_{rule}": self.dropped.get(rule, 0) for rule in DROP_RULES})
         return out
 
@@ -157,9 +158,9 @@ Judged = tuple[str, str | None, tuple[str, ...], bytes | None, np.ndarray | None
 _worker: tuple[DocumentFilter, CleanConfig] | None = None
 
 
-def _init_worker(cfg: CleanConfig) -> None:
+def _init_worker(cfg: CleanConfig, document_filter: DocumentFilter | None = None) -> None:
     global _worker
-    _worker = (DocumentFilter(cfg), cfg)
+    _worker = (document_filter or DocumentFilter(cfg), cfg)
 
 
 def _judge_batch(batch: list[tuple[str, str | None]]) -> list[Judged]:
@@ -198,12 +199,16 @@ def _batches(docs: Iterable[Document], batch_docs: int) -> Iterator[list[Documen
 
 
 def _judged_batches(
-    batches: Iterator[list[Document]], cfg: CleanConfig, workers: int
+    batches: Iterator[list[Document]],
+    cfg: CleanConfig,
+    document_filter: DocumentFilter,
+    workers: int,
 ) -> Iterator[tuple[list[Document], list[Judged]]]:
     """Each batch with its judgements, in input order. At most 2 batches per worker are in
-    flight, so a huge corpus never piles up in memory ahead of the writer."""
+    flight, so a huge corpus never piles up in memory ahead of the writer. With one worker
+    the judging runs here, with `document_filter`; workers build their own."""
     if workers <= 1:
-        _init_worker(cfg)
+        _init_worker(cfg, document_filter)
         for batch in batches:
             yield batch, _judge_batch([(d.text, d.problem) for d in batch])
         return
@@ -236,7 +241,7 @@ def as_clean_config(cfg: CleanConfig | DictConfig) -> CleanConfig:
 def clean_corpus(data: DataConfig, cfg: CleanConfig | DictConfig, out_dir: Path) -> CleanReport:
     """Read the configured sources, repair, filter and deduplicate, write shards to out_dir."""
     cfg = as_clean_config(cfg)
-    DocumentFilter(cfg)  # fail on a bad blocklist before any worker starts
+    document_filter = DocumentFilter(cfg)  # a bad blocklist fails before any worker starts
     workers = cfg.workers or os.cpu_count() or 1
     report = CleanReport()
     exact = ExactDeduplicator() if cfg.dedup.exact else None
@@ -246,7 +251,9 @@ def clean_corpus(data: DataConfig, cfg: CleanConfig | DictConfig, out_dir: Path)
     max_bytes = 4 * cfg.quality.max_chars if cfg.quality.max_chars is not None else None
     docs = iter_documents(data, max_bytes)
     progress = tqdm(desc="clean", unit="doc", mininterval=2)
-    for batch, judgements in _judged_batches(_batches(docs, cfg.batch_docs), cfg, workers):
+    for batch, judgements in _judged_batches(
+        _batches(docs, cfg.batch_docs), cfg, document_filter, workers
+    ):
         progress.update(len(batch))
         for doc, (text, reason, repairs, key, signature) in zip(batch, judgements, strict=True):
             report.docs_in += 1
@@ -256,9 +263,10 @@ def clean_corpus(data: DataConfig, cfg: CleanConfig | DictConfig, out_dir: Path)
                 report.chars_in += len(doc.text)
                 report.length_in[length_bin(len(doc.text))] += 1
                 report.repaired["encoding"] += doc.repaired_encoding
-            if reason is None and key is not None and exact is not None and exact.seen_key(key):
+            # key and signature are None when their dedup is switched off
+            if reason is None and exact is not None and key is not None and exact.seen_key(key):
                 reason = "duplicate"
-            if reason is None and signature is not None and near is not None:
+            elif reason is None and near is not None and signature is not None:
                 reason = "near_duplicate" if near.is_duplicate(signature) else None
             if reason is not None:
                 report.dropped[reason] += 1

@@ -42,8 +42,12 @@ def fix_overstrike(text: str) -> str:
     return text
 
 
+def _strip_control_counted(text: str) -> tuple[str, int]:
+    return _CONTROL.subn("", text.replace("\r\n", "\n").replace("\r", "\n"))
+
+
 def strip_control(text: str) -> str:
-    return _CONTROL.sub("", text.replace("\r\n", "\n").replace("\r", "\n"))
+    return _strip_control_counted(text)[0]
 
 
 class _TextExtractor(HTMLParser):
@@ -95,10 +99,9 @@ def repair(text: str, cfg: CleanConfig) -> tuple[str, set[str]]:
         text = fix_overstrike(text)
         fired.add("overstrike")
     if cfg.strip_control:
-        stripped = strip_control(text)
-        if len(stripped) != len(text.replace("\r\n", "\n")):
+        text, removed = _strip_control_counted(text)
+        if removed:
             fired.add("control")
-        text = stripped
     if cfg.strip_markup:
         stripped = strip_markup(text)
         if stripped != text:
@@ -112,9 +115,7 @@ def repair(text: str, cfg: CleanConfig) -> tuple[str, set[str]]:
 # --- quality rules -------------------------------------------------------------------------
 
 
-def _ngram_char_fractions(
-    words: list[str], lengths: np.ndarray, n: int
-) -> tuple[float, float]:
+def _ngram_char_fractions(words: list[str], lengths: np.ndarray, n: int) -> tuple[float, float]:
     """(share of characters in the most frequent n-gram's occurrences, share of characters
     covered by n-grams that occur more than once), both over all word characters."""
     if len(words) < n:

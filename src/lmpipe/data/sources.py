@@ -274,14 +274,13 @@ def _jsonl_documents(
         except json.JSONDecodeError as exc:
             yield Document(doc_id, "local", f"invalid JSON: {exc.msg}", problem="bad_record")
             continue
-        value = record.get(text_field) if isinstance(record, dict) else None
         if isinstance(record, dict) and text_field not in record:
             missing += 1
             keys_seen.update(record)
+        value = record.get(text_field, 0) if isinstance(record, dict) else 0
+        value = "" if value is None else value  # null text: an empty document, as in Parquet
         if not isinstance(value, str):
-            yield Document(
-                doc_id, "local", f"'{text_field}' is not a string", problem="bad_record"
-            )
+            yield Document(doc_id, "local", f"'{text_field}' is not a string", problem="bad_record")
             continue
         yield Document(doc_id, "local", value, repaired)
     if records and missing == records:
