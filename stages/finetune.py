@@ -1,6 +1,7 @@
 """finetune: pretrain checkpoint + chat pairs -> SFT model (outputs/finetune/model).
 
-Returns the final validation loss, the objective of a Hydra sweep.
+Early stopping on the validation loss; the best weights become the model. Resumable like
+pretrain. Returns the best validation loss, the objective of a Hydra sweep.
 """
 
 import hydra
@@ -18,16 +19,16 @@ from lmpipe.evaluate import mean_loss, perplexity
 from lmpipe.model import load_model, save_model
 from lmpipe.stage import Stage, prepare_cli
 from lmpipe.tokenizer import load_tokenizer
-from lmpipe.tracking import MetricLogger
-from lmpipe.train import seed_everything, select_device, train
+from lmpipe.train import seed_everything, setup_hardware, train
 
 
 @hydra.main(version_base="1.3", config_path="..", config_name="params")
 def main(cfg: DictConfig) -> float:
-    with Stage("finetune", cfg, upstream=("pretrain",)) as stage:
+    resume_keys = ("seed", "finetune")
+    with Stage("finetune", cfg, upstream=("pretrain",), resume_keys=resume_keys) as stage:
         c, f = stage.cfg, stage.cfg.finetune
-        generator = seed_everything(c.seed)
-        device = select_device(c.hardware)
+        device, env = setup_hardware(c.hardware)
+        seed_everything(c.seed)
         base = stage.input("pretrain", "model")
         tokenizer, model = load_tokenizer(base), load_model(base)
         if f.max_len > model.config.max_position_embeddings:
@@ -45,32 +46,32 @@ def main(cfg: DictConfig) -> float:
                 m, ordered_batches(val_examples, f.batch_size, pad), device, f.eval_batches
             )[0]
 
-        metrics = MetricLogger(stage.run_id, csv_dir=stage.output("curves"))
+        metrics = stage.metric_logger()
         result = train(
             model,
-            shuffled_batches(train_examples, f.batch_size, pad, generator),
+            shuffled_batches(train_examples, f.batch_size, pad, c.seed, env.rank, env.world_size),
             f,
-            device,
             c.hardware,
+            device,
             metrics,
             val_loss,
+            checkpoints=stage.checkpoints,
+            run_id=stage.run_id,
+            env=env,
             desc="finetune",
         )
         metrics.close()
-        save_model(model, tokenizer, stage.output("model"))
+        save_model(model, tokenizer, stage.output("model"), env)
+        objective = result.best_val_loss if f.final_weights == "best" else result.val_loss
         summary = {
-            "train_loss": result.train_loss,
-            "val_loss": result.val_loss,
-            "val_perplexity": perplexity(result.val_loss),
+            **result.summary(),
+            "val_perplexity": perplexity(objective),
             "train_examples": len(train_examples),
             "val_examples": len(val_examples),
-            "tokens": result.tokens,
-            "tokens_per_second": result.tokens_per_second,
-            "seconds": result.seconds,
         }
         stage.write_json("metrics.json", summary)
         stage.log_metrics(summary)
-        return result.val_loss
+        return objective
 
 
 if __name__ == "__main__":

@@ -1,4 +1,8 @@
-"""tokenize: cleaned corpus -> BPE tokenizer (outputs/tokenize/tokenizer) + token shards."""
+"""tokenize: cleaned corpus -> BPE tokenizer (outputs/tokenize/tokenizer) + token shards.
+
+With `model.init_from` (continued pretraining or finetuning an existing model) the base
+model's own tokenizer is used instead of training one.
+"""
 
 import time
 from dataclasses import asdict
@@ -8,7 +12,7 @@ from omegaconf import DictConfig
 
 from lmpipe.data.tokens import encode_corpus
 from lmpipe.stage import Stage, prepare_cli
-from lmpipe.tokenizer import train_tokenizer, training_sample
+from lmpipe.tokenizer import base_tokenizer, train_tokenizer, training_sample
 
 
 @hydra.main(version_base="1.3", config_path="..", config_name="params")
@@ -17,8 +21,11 @@ def main(cfg: DictConfig) -> None:
         settings = stage.cfg.tokenize
         corpus = stage.input("clean", "corpus")
         start = time.perf_counter()
-        sample = training_sample(corpus, settings.val_fraction, settings.train_sample_chars)
-        tokenizer = train_tokenizer(sample, settings.vocab_size, settings.min_frequency)
+        if stage.cfg.model.init_from:
+            tokenizer = base_tokenizer(stage.cfg.model.init_from)
+        else:
+            sample = training_sample(corpus, settings.val_fraction, settings.train_sample_chars)
+            tokenizer = train_tokenizer(sample, settings.vocab_size, settings.min_frequency)
         train_seconds = time.perf_counter() - start
         tokenizer.save_pretrained(stage.output("tokenizer"))
         stats = encode_corpus(

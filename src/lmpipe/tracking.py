@@ -171,11 +171,12 @@ class MetricLogger:
 
     Logging must never slow or kill training: sends happen off the training thread, and a
     failing store is retried and then reported with a warning while the CSV keeps every value.
+    Without a `run_id` (a non-main process of a distributed run) nothing is sent or written.
     """
 
     def __init__(
         self,
-        run_id: str,
+        run_id: str | None,
         csv_dir: Path | None = None,
         flush_every: int = 50,
         retries: int = 3,
@@ -187,7 +188,7 @@ class MetricLogger:
         self._pending: list[Metric] = []
         self._rows: dict[str, list[dict[str, Any]]] = {}
         self._threads: list[threading.Thread] = []
-        self._client = MlflowClient()
+        self._client = MlflowClient() if run_id is not None else None
         self.failed_batches = 0
 
     def log(self, metrics: Mapping[str, float], step: int, series: str = "train") -> None:
@@ -198,8 +199,16 @@ class MetricLogger:
         if len(self._pending) >= self.flush_every:
             self.flush()
 
+    def state_dict(self) -> dict[str, list[dict[str, Any]]]:
+        """The rows logged so far: a resumed run's CSVs then hold the whole history."""
+        return {series: list(rows) for series, rows in self._rows.items()}
+
+    def load_state_dict(self, rows: Mapping[str, list[dict[str, Any]]]) -> None:
+        self._rows = {series: list(r) for series, r in rows.items()}
+
     def flush(self) -> None:
-        if not self._pending:
+        if not self._pending or self.run_id is None:
+            self._pending = []
             return
         batch, self._pending = self._pending, []
         thread = threading.Thread(target=self._send, args=(batch,), daemon=True)
@@ -245,6 +254,14 @@ class MetricLogger:
                 writer.writeheader()
                 writer.writerows(rows)
             tmp.replace(directory / f"{series}.csv")
+
+
+def run_exists(run_id: str) -> bool:
+    try:
+        MlflowClient().get_run(run_id)
+    except MlflowException:
+        return False
+    return True
 
 
 def run_status(run_id: str) -> str:

@@ -1,17 +1,22 @@
 """One training loop for pretrain and finetune.
 
 AdamW (no weight decay on norms, biases and embeddings), linear warmup then cosine decay
-to `min_lr_ratio * lr`, gradient accumulation and clipping, bf16 autocast on CUDA, periodic
-evaluation, step metrics through `tracking.MetricLogger`.
+to `min_lr_ratio * lr`, gradient accumulation with the loss weighted by tokens across
+micro-batches and processes, clipping, bf16 autocast on CUDA, optional torch.compile and
+gradient checkpointing, DDP or FSDP2 when started as several processes, periodic
+evaluation, best and last checkpoints, early stopping, and exact resume: a run killed at
+any moment and restarted continues from its last checkpoint to the same weights.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import random
+import resource
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,32 +24,48 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel, get_cosine_with_min_lr_schedule_with_warmup
 
+from lmpipe import distributed
+from lmpipe.checkpoint import BEST, LAST, Checkpoints
 from lmpipe.config import HardwareConfig, OptimConfig, TrainConfig
+from lmpipe.data.batches import ShuffledBatches
 from lmpipe.data.sft import IGNORE_INDEX
+from lmpipe.distributed import DistEnv
+from lmpipe.evaluate import perplexity
 from lmpipe.tracking import MetricLogger
 
 log = logging.getLogger(__name__)
 
-Batches = Iterator[dict[str, torch.Tensor]]
-EvalFn = Callable[[PreTrainedModel], float]
+EvalFn = Callable[[torch.nn.Module], float]
+
+# Dense bf16 peak FLOP/s per device, for MFU when hardware.peak_flops is not set.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
 
 
-def seed_everything(seed: int) -> torch.Generator:
-    """Seed python, numpy and torch; returns a generator for data order."""
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (model initialisation draws from torch's generator)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
 
 
-def select_device(hardware: HardwareConfig) -> torch.device:
+def select_device(hardware: HardwareConfig, env: DistEnv | None = None) -> torch.device:
+    """The device from the config; with several processes on CUDA, this process's GPU."""
     if hardware.num_threads:
         torch.set_num_threads(hardware.num_threads)
-    if hardware.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if hardware.device == "cuda" and not torch.cuda.is_available():
+    kind = hardware.device
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("hardware.device=cuda but no CUDA GPU is visible: use hardware=cpu")
-    return torch.device(hardware.device)
+    if kind == "cuda":
+        return torch.device("cuda", env.local_rank if env else 0)
+    return torch.device(kind)
+
+
+def setup_hardware(hardware: HardwareConfig) -> tuple[torch.device, DistEnv]:
+    """This process's device, after joining the process group if there are several."""
+    env = distributed.init(select_device(hardware).type)
+    return select_device(hardware, env), env
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -73,81 +94,288 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Ada
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
 
+# --- throughput ----------------------------------------------------------------------------
+
+
+def flop_terms(model: PreTrainedModel) -> tuple[float, float]:
+    """Training FLOPs per token = dense + attention * sequence length.
+
+    dense: 6 per weight (forward + backward). The input embedding is a lookup, not a
+    matmul; with tied embeddings the same matrix is the output projection, so it counts
+    once. attention (scores and weighted sum): 12 * layers * hidden per position.
+    """
+    config = model.config
+    params = sum(p.numel() for p in model.parameters())
+    if not getattr(config, "tie_word_embeddings", False):
+        params -= model.get_input_embeddings().weight.numel()
+    return 6.0 * params, 12.0 * config.num_hidden_layers * config.hidden_size
+
+
+def flops_per_token(model: PreTrainedModel, seq_len: int) -> float:
+    dense, attention = flop_terms(model)
+    return dense + attention * seq_len
+
+
+def peak_flops(hardware: HardwareConfig, device: torch.device) -> float | None:
+    """Peak FLOP/s of one device: the configured value, else a known GPU's bf16 figure."""
+    if hardware.peak_flops:
+        return float(hardware.peak_flops)
+    if device.type == "cuda" and hardware.precision == "bf16":
+        name = torch.cuda.get_device_name(device)
+        for key, value in PEAK_BF16_FLOPS.items():
+            if key in name:
+                return value
+    return None
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak allocated CUDA memory, or the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+# --- the loop ------------------------------------------------------------------------------
+
+
 @dataclass
 class TrainResult:
     steps: int
     train_loss: float
     val_loss: float | None
+    best_val_loss: float | None
+    best_step: int | None
     tokens: int
     seconds: float
+    stopped_early: bool
+    resumed_from: int | None
 
     @property
     def tokens_per_second(self) -> float:
         return self.tokens / max(self.seconds, 1e-9)
 
+    def summary(self) -> dict[str, float]:
+        """The numbers for metrics.json and MLflow (unset ones left out)."""
+        values = {
+            "steps": self.steps,
+            "train_loss": self.train_loss,
+            "val_loss": self.val_loss,
+            "best_val_loss": self.best_val_loss,
+            "best_step": self.best_step,
+            "tokens": self.tokens,
+            "tokens_per_second": self.tokens_per_second,
+            "seconds": self.seconds,
+            "stopped_early": int(self.stopped_early),
+            "resumed_from_step": self.resumed_from,
+        }
+        return {k: float(v) for k, v in values.items() if v is not None}
+
+
+@dataclass
+class _Progress:
+    """What a checkpoint must carry besides model and optimizer to continue exactly."""
+
+    step: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    best_val_loss: float | None = None
+    best_step: int | None = None
+    evals_without_gain: int = 0
+    train_loss: float = float("nan")
+    val_loss: float | None = None
+
 
 def train(
     model: PreTrainedModel,
-    batches: Batches,
+    batches: ShuffledBatches,
     cfg: TrainConfig,
-    device: torch.device,
     hardware: HardwareConfig,
+    device: torch.device,
     metrics: MetricLogger,
     evaluate: EvalFn | None = None,
+    checkpoints: Checkpoints | None = None,
+    run_id: str = "",
+    env: DistEnv | None = None,
     desc: str = "train",
 ) -> TrainResult:
-    """Run `cfg.steps` optimizer steps; each consumes `cfg.grad_accum` batches."""
+    """Run `cfg.steps` optimizer steps of `cfg.grad_accum` micro-batches each.
+
+    `model` is trained in place (under FSDP it stays sharded: save it with
+    `model.save_model`, which gathers). With `checkpoints`, an unfinished checkpoint of
+    the same config is resumed and `last`/`best` are kept up to date.
+    """
+    env = env or DistEnv()
     model.to(device)
+    if hardware.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    # The compiled module shares parameters with `model`, which is what gets saved.
-    forward = torch.compile(model) if hardware.compile else model
-    optimizer = build_optimizer(model, cfg.optim)
+    wrapped = distributed.wrap_model(model, env, hardware.strategy)
+    optimizer = build_optimizer(wrapped, cfg.optim)
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
         optimizer,
         num_warmup_steps=cfg.optim.warmup_steps,
-        num_training_steps=cfg.steps,
+        num_training_steps=max(cfg.steps, 1),
         min_lr_rate=cfg.optim.min_lr_ratio,
     )
-    tokens = 0
-    train_loss = float("nan")
-    val_loss: float | None = None
-    start = time.perf_counter()
-    progress = tqdm(range(1, cfg.steps + 1), desc=desc, unit="step", mininterval=1)
-    for step in progress:
-        step_start = time.perf_counter()
-        step_loss, step_tokens = 0.0, 0
-        for _ in range(cfg.grad_accum):
-            batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
-            with autocast(device, hardware.precision):
-                loss = forward(**batch).loss
-            (loss / cfg.grad_accum).backward()
-            step_loss += loss.item() / cfg.grad_accum
-            step_tokens += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+    progress = _Progress()
+    resumed_from = None
+    if checkpoints is not None and checkpoints.resumable() is not None:
+        trainer = checkpoints.load(LAST, wrapped, optimizer)
+        scheduler.load_state_dict(trainer["scheduler"])
+        batches.position = trainer["position"]
+        progress = _Progress(**trainer["progress"])
+        metrics.load_state_dict(trainer["metrics"])
+        resumed_from = progress.step
+        log.info("%s: resuming at step %d of %d", desc, progress.step, cfg.steps)
+    # The compiled module shares parameters with `wrapped`, which is what gets saved.
+    forward = torch.compile(wrapped) if hardware.compile else wrapped
+    dense_flops, attention_flops = flop_terms(model)
+    peak = peak_flops(hardware, device)
+    if peak is None and env.is_main:
+        log.info("%s: no peak FLOP/s known for this device (hardware.peak_flops): no MFU", desc)
+
+    def save(name: str, state_extra: dict | None = None) -> None:
+        if checkpoints is None:
+            return
+        metrics.flush()
+        trainer = None
+        if name == LAST:
+            trainer = {
+                "scheduler": scheduler.state_dict(),
+                "position": batches.position,
+                "progress": vars(progress).copy(),
+                "metrics": metrics.state_dict(),
+            }
+        state = {"step": progress.step, "run_id": run_id, **(state_extra or {})}
+        checkpoints.save(name, wrapped, state, optimizer if name == LAST else None, trainer)
+
+    best_weights: dict[str, torch.Tensor] | None = None  # in memory when no checkpoints
+    interval_tokens, interval_flops, interval_start = 0, 0.0, time.perf_counter()
+    run_start = time.perf_counter() - progress.seconds
+    stopped_early = False
+    bar = tqdm(
+        total=cfg.steps, initial=progress.step, desc=desc, unit="step", mininterval=1,
+        disable=not env.is_main,
+    )  # fmt: skip
+    while progress.step < cfg.steps:
+        step = progress.step + 1
+        micro_batches = [next(batches) for _ in range(cfg.grad_accum)]
+        # Every labelled token of the global batch weighs the same, however the micro-batches
+        # and processes split them: loss = sum over tokens / global token count.
+        label_count = distributed.all_reduce_sum(
+            torch.tensor(sum(_label_tokens(b) for b in micro_batches), dtype=torch.float64)
+        )
+        label_tensor = label_count.to(device=device, dtype=torch.float32)
+        step_loss = torch.zeros((), device=device)
+        step_input_tokens, step_flops = 0, 0.0
+        for index, batch in enumerate(micro_batches):
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            with (
+                distributed.gradient_sync(forward, index == len(micro_batches) - 1),
+                autocast(device, hardware.precision),
+            ):
+                loss = forward(**batch, num_items_in_batch=label_tensor).loss
+                # DDP and FSDP average gradients over processes; the loss is already global.
+                (loss * env.world_size).backward()
+            step_loss += loss.detach()
+            tokens = _input_tokens(batch)
+            step_input_tokens += tokens
+            step_flops += tokens * (dense_flops + attention_flops * batch["input_ids"].shape[1])
+        grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), cfg.optim.grad_clip)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        if not np.isfinite(step_loss):
-            raise FloatingPointError(f"{desc}: loss is {step_loss} at step {step}; lower the lr")
-        tokens += step_tokens
-        train_loss = step_loss
+        loss_value = float(distributed.all_reduce_sum(step_loss))
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"{desc}: loss is {loss_value} at step {step}; lower the lr")
+        global_tokens, global_flops = (
+            float(v)
+            for v in distributed.all_reduce_sum(
+                torch.tensor([step_input_tokens, step_flops], dtype=torch.float64)
+            )
+        )
+        progress.step, progress.train_loss = step, loss_value
+        progress.tokens += int(global_tokens)
+        interval_tokens += int(global_tokens)
+        interval_flops += global_flops
         if step % cfg.log_every == 0 or step == cfg.steps:
-            elapsed = time.perf_counter() - step_start
+            elapsed = max(time.perf_counter() - interval_start, 1e-9)
+            values = {
+                "train_loss": loss_value,
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": float(grad_norm),
+                "tokens_per_second": interval_tokens / elapsed,
+                "peak_memory_gb": peak_memory_gb(device),
+            }
+            if peak:
+                values["mfu"] = interval_flops / elapsed / (peak * env.world_size)
+            metrics.log(values, step)
+            bar.set_postfix(loss=f"{loss_value:.3f}")
+            interval_tokens, interval_flops, interval_start = 0, 0.0, time.perf_counter()
+        bar.update(1)
+        if evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
+            progress.val_loss = evaluate(forward)
             metrics.log(
                 {
-                    "train_loss": step_loss,
-                    "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": float(grad_norm),
-                    "tokens_per_second": step_tokens / max(elapsed, 1e-9),
+                    "val_loss": progress.val_loss,
+                    "val_perplexity": perplexity(progress.val_loss),
                 },
                 step,
+                "val",
             )
-            progress.set_postfix(loss=f"{step_loss:.3f}")
-        if evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
-            val_loss = evaluate(model)
-            metrics.log(
-                {"val_loss": val_loss, "val_perplexity": float(np.exp(val_loss))}, step, "val"
-            )
-            log.info("%s step %d: train loss %.4f, val loss %.4f", desc, step, step_loss, val_loss)
-    progress.close()
-    return TrainResult(cfg.steps, train_loss, val_loss, tokens, time.perf_counter() - start)
+            log.info("%s step %d: train loss %.4f, val loss %.4f", desc, step, loss_value,
+                     progress.val_loss)  # fmt: skip
+            best = progress.best_val_loss
+            if best is None or progress.val_loss < best - cfg.early_stopping_min_delta:
+                progress.best_val_loss, progress.best_step = progress.val_loss, step
+                progress.evals_without_gain = 0
+                if checkpoints is not None:
+                    save(BEST, {"val_loss": progress.val_loss})
+                elif cfg.final_weights == BEST:
+                    best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            else:
+                progress.evals_without_gain += 1
+                patience = cfg.early_stopping_patience
+                if patience is not None and progress.evals_without_gain >= patience:
+                    log.info("%s: no val gain in %d evaluations, stopping at step %d (best %d)",
+                             desc, patience, step, progress.best_step)  # fmt: skip
+                    stopped_early = True
+        progress.seconds = time.perf_counter() - run_start
+        if stopped_early:
+            break
+        if step % cfg.checkpoint_every == 0 and step < cfg.steps:
+            save(LAST)
+    bar.close()
+    if cfg.steps == 0 and evaluate is not None:  # nothing trained: still report where it stands
+        progress.val_loss = evaluate(forward)
+    save(LAST)
+    if checkpoints is not None:
+        checkpoints.mark_finished()
+    if cfg.final_weights == BEST and progress.best_step not in (None, progress.step):
+        log.info("%s: final weights are the best checkpoint (step %d)", desc, progress.best_step)
+        if checkpoints is not None:
+            checkpoints.load(BEST, wrapped)
+        elif best_weights is not None:
+            model.load_state_dict(best_weights)
+    return TrainResult(
+        steps=progress.step,
+        train_loss=progress.train_loss,
+        val_loss=progress.val_loss,
+        best_val_loss=progress.best_val_loss,
+        best_step=progress.best_step,
+        tokens=progress.tokens,
+        seconds=progress.seconds,
+        stopped_early=stopped_early,
+        resumed_from=resumed_from,
+    )
+
+
+def _label_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Positions that are next-token targets (the model shifts labels by one)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def _input_tokens(batch: dict[str, torch.Tensor]) -> int:
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()

@@ -16,6 +16,8 @@ import torch
 import yaml
 from transformers import PreTrainedTokenizerBase
 
+from lmpipe.data.batches import ShuffledBatches
+
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
@@ -130,17 +132,21 @@ def shuffled_batches(
     examples: Sequence[dict[str, list[int]]],
     batch_size: int,
     pad_id: int,
-    generator: torch.Generator,
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless epochs, each a fresh permutation from the generator."""
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+) -> ShuffledBatches:
+    """Endless, resumable epochs of padded batches, each epoch a fresh seeded permutation."""
     if not examples:
         raise ValueError("no SFT training examples")
-    while True:
-        order = torch.randperm(len(examples), generator=generator).tolist()
-        for first in range(0, len(order), batch_size):
-            chunk = order[first : first + batch_size]
-            if len(chunk) == batch_size or len(order) < batch_size:
-                yield collate([examples[i] for i in chunk], pad_id)
+    return ShuffledBatches(
+        len(examples),
+        batch_size,
+        lambda rows: collate([examples[i] for i in rows], pad_id),
+        seed,
+        rank,
+        world_size,
+    )
 
 
 def ordered_batches(

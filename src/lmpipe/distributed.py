@@ -1,0 +1,165 @@
+"""Several training processes through torch.distributed: who we are, wrapping, collectives.
+
+Processes are started by torchrun (RANK/WORLD_SIZE/LOCAL_RANK in the environment) or by
+SLURM through hydra-submitit-launcher (submitit exports the same variables); lmpipe never
+starts them itself. One process is the plain, undistributed case: every helper here is then
+a no-op, so the training loop has a single code path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Only the main process logs to MLflow and writes outputs."""
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def _export_slurm_env() -> None:
+    """Inside a SLURM job of several tasks, set torchrun's variables from SLURM's."""
+    if "RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
+        return
+    from submitit.helpers import TorchDistributedEnvironment
+
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
+def process_env() -> DistEnv:
+    """The rank and world size this process was started with (1 process if none)."""
+    _export_slurm_env()
+    return DistEnv(
+        rank=int(os.environ.get("RANK", 0)),
+        world_size=int(os.environ.get("WORLD_SIZE", 1)),
+        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+    )
+
+
+def init(device_type: str) -> DistEnv:
+    """Join the process group (NCCL on CUDA, gloo on CPU) when there are several processes."""
+    env = process_env()
+    if not env.enabled or dist.is_initialized():
+        return env
+    if device_type == "cuda":
+        torch.cuda.set_device(env.local_rank)
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=timedelta(minutes=30))
+    log.info("process %d of %d joined the %s group", env.rank, env.world_size, backend)
+    return env
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap_model(model: torch.nn.Module, env: DistEnv, strategy: str) -> torch.nn.Module:
+    """DDP, or FSDP2 (`fully_shard` per decoder layer, then the root) for big models."""
+    if not env.enabled:
+        return model
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in _decoder_layers(model):
+            fully_shard(layer)
+        return fully_shard(model)
+    from torch.nn.parallel import DistributedDataParallel
+
+    device = next(model.parameters()).device
+    return DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None
+    )
+
+
+def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks of a transformers decoder (LlamaDecoderLayer and friends)."""
+    base = getattr(model, "model", model)
+    layers = getattr(base, "layers", None)
+    if layers is None:
+        raise ValueError(f"strategy=fsdp: no decoder layers found on {type(model).__name__}")
+    return list(layers)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under DDP and torch.compile wrappers (FSDP2 wraps in place)."""
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model) if hasattr(model, "no_sync") else model
+
+
+@contextlib.contextmanager
+def gradient_sync(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
+    """Skip the gradient all-reduce on accumulation micro-batches but the last."""
+    module = getattr(model, "_orig_mod", model)
+    if enabled or not dist.is_initialized():
+        yield
+    elif hasattr(module, "no_sync"):  # DDP
+        with module.no_sync():
+            yield
+    elif hasattr(module, "set_requires_gradient_sync"):  # FSDP2
+        module.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            module.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    if not dist.is_initialized():
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's value on every rank."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's weights on CPU, gathered from all processes (collective)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )

@@ -1,0 +1,77 @@
+"""Train a tiny model for a few steps with the shared loop; run alone or under torchrun.
+
+    torchrun --nproc_per_node 2 tests/distributed_worker.py OUT --batch-size 2 --strategy ddp
+    python tests/distributed_worker.py OUT --batch-size 4
+
+Batches are SFT-like (padding, prompt tokens masked out of the loss), so the comparison
+also checks that the loss is weighted by tokens across processes, not averaged per process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from lmpipe.config import HardwareConfig, OptimConfig, TrainConfig
+from lmpipe.data.sft import IGNORE_INDEX, shuffled_batches
+from lmpipe.distributed import full_model_state
+from lmpipe.tracking import MetricLogger
+from lmpipe.train import seed_everything, setup_hardware, train
+
+
+def examples(count: int = 64) -> list[dict[str, list[int]]]:
+    generator = torch.Generator().manual_seed(7)
+    out = []
+    for _ in range(count):
+        length = int(torch.randint(6, 24, (1,), generator=generator))
+        prompt = int(torch.randint(1, length - 2, (1,), generator=generator))
+        ids = torch.randint(3, 90, (length,), generator=generator).tolist()
+        out.append({"input_ids": ids, "labels": [IGNORE_INDEX] * prompt + ids[prompt:]})
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--batch-size", type=int, required=True)
+    parser.add_argument("--grad-accum", type=int, default=1)
+    parser.add_argument("--strategy", default="ddp")
+    parser.add_argument("--steps", type=int, default=4)
+    args = parser.parse_args()
+
+    hardware = HardwareConfig(strategy=args.strategy, num_threads=1)
+    device, env = setup_hardware(hardware)
+    seed_everything(0)
+    config = LlamaConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
+        tie_word_embeddings=True, pad_token_id=0,
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    cfg = TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        optim=OptimConfig(lr=1e-2, warmup_steps=1, weight_decay=0.1),
+    )
+    batches = shuffled_batches(examples(), args.batch_size, 0, 3, env.rank, env.world_size)
+    metrics = MetricLogger(None)
+    result = train(model, batches, cfg, hardware, device, metrics, env=env)
+    state = full_model_state(model)
+    if env.is_main:
+        args.out.mkdir(parents=True, exist_ok=True)
+        # tied lm_head shares the embedding tensor: store a copy per name
+        save_file({k: v.clone() for k, v in state.items()}, args.out / "weights.safetensors")
+        losses = [row["train_loss"] for row in metrics.state_dict()["train"]]
+        summary = {"losses": losses, "tokens": result.tokens, "world_size": env.world_size}
+        (args.out / "result.json").write_text(json.dumps(summary))
+    torch.distributed.destroy_process_group() if env.enabled else None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Several processes on CPU (gloo): DDP and FSDP2 through torchrun must train exactly what one
+process does with the batch doubled, and gradient accumulation what one bigger batch does."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import BIN, REPO, run
+
+pytestmark = pytest.mark.distributed
+
+WORKER = str(REPO / "tests" / "distributed_worker.py")
+
+
+def train_tiny(out: Path, batch_size: int, processes: int = 1, *extra: str) -> dict:
+    if processes == 1:
+        cmd = [sys.executable, WORKER]
+    else:
+        cmd = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={processes}", WORKER]
+    run([*cmd, str(out), "--batch-size", str(batch_size), *extra], REPO, timeout=300)
+    result = json.loads((out / "result.json").read_text())
+    result["weights"] = load_file(out / "weights.safetensors")
+    return result
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return train_tiny(tmp_path_factory.mktemp("single"), batch_size=4)
+
+
+def assert_same_training(a: dict, b: dict) -> None:
+    assert a["tokens"] == b["tokens"]
+    assert a["losses"] == pytest.approx(b["losses"], rel=1e-5)
+    assert a["weights"].keys() == b["weights"].keys()
+    for name, tensor in a["weights"].items():
+        torch.testing.assert_close(b["weights"][name], tensor, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_match_one_with_the_doubled_batch(
+    strategy: str, single: dict, tmp_path: Path
+) -> None:
+    double = train_tiny(tmp_path, 2, 2, "--strategy", strategy)
+    assert double["world_size"] == 2
+    assert_same_training(single, double)
+
+
+def test_gradient_accumulation_matches_one_bigger_batch(single: dict, tmp_path: Path) -> None:
+    accumulated = train_tiny(tmp_path, 2, 1, "--grad-accum", "2")
+    assert_same_training(single, accumulated)
+
+
+def test_training_actually_changed_the_weights(single: dict, tmp_path: Path) -> None:
+    """Guards the comparisons above against a loop that does nothing."""
+    untrained = train_tiny(tmp_path, 4, 1, "--steps", "1")
+    differences = [
+        (single["weights"][k] - untrained["weights"][k]).abs().max().item()
+        for k in single["weights"]
+    ]
+    assert max(differences) > 1e-3
