@@ -11,21 +11,42 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lmpipe.config import HardwareConfig, OptimConfig, TrainConfig
-from lmpipe.data.batches import random_windows, sequential_windows
+from lmpipe.data.batches import sequential_windows, window_batches
 from lmpipe.evaluate import generate_replies, mean_loss, unigram_entropy
 from lmpipe.model import load_model, save_model
 from lmpipe.tracking import MetricLogger
-from lmpipe.train import build_optimizer, select_device, train
+from lmpipe.train import (
+    build_optimizer,
+    flops_per_token,
+    peak_flops,
+    seed_everything,
+    select_device,
+    train,
+)
+
+CPU = torch.device("cpu")
+
+
+def fresh_model(tokenizer):
+    from lmpipe.config import ModelConfig
+    from lmpipe.model import build_model
+
+    seed_everything(0)
+    cfg = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=2,
+                      intermediate_size=64, max_seq_len=64)  # fmt: skip
+    return build_model(cfg, tokenizer)
 
 
 class NullLogger(MetricLogger):
-    """Collects rows without an MLflow run."""
+    """Collects rows without an MLflow run (and keeps MetricLogger's own history)."""
 
     def __init__(self) -> None:
+        super().__init__(None)
         self.rows: list[tuple[dict, int, str]] = []
 
     def log(self, metrics, step, series="train") -> None:
         self.rows.append((dict(metrics), step, series))
+        super().log(metrics, step, series)
 
 
 def test_no_weight_decay_on_norms_biases_and_embeddings(tiny_model) -> None:
@@ -51,26 +72,88 @@ def test_training_learns_a_repeating_sequence(tiny_model) -> None:
 
     before = val_loss(tiny_model)
     result = train(
-        tiny_model,
-        random_windows(pattern, 8, 32, torch.Generator().manual_seed(0)),
-        cfg,
-        device,
-        HardwareConfig(),
-        logger,
-        val_loss,
-    )
+        tiny_model, window_batches(pattern, 32, 8, seed=0), cfg, HardwareConfig(), device,
+        logger, val_loss,
+    )  # fmt: skip
     assert result.val_loss < before / 3
     assert [step for _, step, series in logger.rows if series == "val"] == [30, 60]
     lrs = [row["lr"] for row, _, series in logger.rows if series == "train"]
     assert max(lrs) == pytest.approx(1e-2) and lrs[-1] == pytest.approx(1e-3, rel=1e-3)
 
 
+def test_step_metrics_include_throughput_mfu_and_memory(tiny_model) -> None:
+    tokens = np.arange(2000, dtype=np.uint16) % 50
+    logger = NullLogger()
+    cfg = TrainConfig(steps=4, batch_size=2, log_every=2)
+    hardware = HardwareConfig(peak_flops=1e12)
+    train(tiny_model, window_batches(tokens, 16, 2, 0), cfg, hardware, CPU, logger)
+    rows = [(row, step) for row, step, series in logger.rows if series == "train"]
+    assert [step for _, step in rows] == [2, 4]
+    for row, _ in rows:
+        assert {"train_loss", "lr", "grad_norm", "tokens_per_second", "mfu"} <= set(row)
+        assert row["tokens_per_second"] > 0 and 0 < row["mfu"] < 1
+        assert row["peak_memory_gb"] > 0.05  # this process's peak RSS
+
+
+def test_flops_per_token_is_six_per_weight_plus_attention(tiny_model) -> None:
+    config = tiny_model.config
+    weights = sum(p.numel() for p in tiny_model.parameters())  # tied: the embedding once
+    attention = 12 * config.num_hidden_layers * config.hidden_size * 64
+    assert flops_per_token(tiny_model, 64) == 6 * weights + attention
+
+
+def test_mfu_is_off_without_a_known_peak() -> None:
+    assert peak_flops(HardwareConfig(), CPU) is None
+    assert peak_flops(HardwareConfig(peak_flops=2e12), CPU) == 2e12
+
+
 def test_diverging_training_stops_with_a_clear_error(tiny_model) -> None:
     tokens = np.arange(200, dtype=np.uint16) % 50
-    batches = random_windows(tokens, 2, 16, torch.Generator().manual_seed(0))
     cfg = TrainConfig(steps=3, batch_size=2, optim=OptimConfig(lr=float("inf"), warmup_steps=0))
     with pytest.raises(FloatingPointError, match="lower the lr"):
-        train(tiny_model, batches, cfg, torch.device("cpu"), HardwareConfig(), NullLogger())
+        train(
+            tiny_model, window_batches(tokens, 16, 2, 0), cfg, HardwareConfig(), CPU, NullLogger()
+        )
+
+
+def test_gradient_checkpointing_trains_the_same_weights(tiny_tokenizer) -> None:
+    tokens = np.arange(3000, dtype=np.uint16) % 60
+    cfg = TrainConfig(steps=3, batch_size=2)
+    weights = []
+    for checkpointing in (False, True):
+        model = fresh_model(tiny_tokenizer)
+        hardware = HardwareConfig(gradient_checkpointing=checkpointing)
+        train(model, window_batches(tokens, 16, 2, 0), cfg, hardware, CPU, NullLogger())
+        assert model.is_activation_checkpointing == checkpointing
+        weights.append(model.state_dict())
+    for name, tensor in weights[0].items():
+        torch.testing.assert_close(weights[1][name], tensor)
+
+
+def test_window_batches_split_a_global_batch_across_processes() -> None:
+    tokens = np.arange(64 * 8, dtype=np.uint16)
+    whole = window_batches(tokens, 8, 4, seed=5)
+    halves = [window_batches(tokens, 8, 2, seed=5, rank=r, world_size=2) for r in (0, 1)]
+    for _ in range(5):  # crosses an epoch boundary (16 windows per epoch)
+        joined = torch.cat([next(h)["input_ids"] for h in halves])
+        torch.testing.assert_close(next(whole)["input_ids"], joined)
+
+
+def test_batches_resume_from_a_position() -> None:
+    tokens = np.arange(64 * 8, dtype=np.uint16)
+    straight = window_batches(tokens, 8, 4, seed=5)
+    expected = [next(straight)["input_ids"] for _ in range(9)]
+    resumed = window_batches(tokens, 8, 4, seed=5)
+    resumed.position = 6
+    for want in expected[6:]:
+        torch.testing.assert_close(next(resumed)["input_ids"], want)
+    epochs = {tuple(sorted(straight.indices(p) + straight.indices(p + 1))) for p in (0, 2)}
+    assert len(epochs) == 2  # a fresh permutation each epoch
+
+
+def test_too_little_data_for_one_global_batch_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        window_batches(np.arange(100, dtype=np.uint16), 16, 4, seed=0, world_size=2)
 
 
 def test_saved_model_loads_with_auto_classes(tmp_path: Path, tiny_model, tiny_tokenizer) -> None:

@@ -74,8 +74,11 @@ def prepare_cli(stage: str, argv: list[str] | None = None) -> None:
     argv.extend(f"{key}={value}" for key, value in defaults.items() if key not in given)
     launcher = _cli_value(argv, "hardware.launcher") or _params_value(root, "hardware.launcher")
     if launcher and launcher != "none":
-        if not any(arg in ("-m", "--multirun") for arg in argv[1:]):
-            argv.extend(["--multirun", f"hydra.job.env_set.{SINGLE_JOB_ENV}=1"])
+        # --cfg/--info show the composed config (launcher included) instead of running.
+        inspecting = {"--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help"}
+        if not any(arg in ("-m", "--multirun", *inspecting) for arg in argv[1:]):
+            argv.insert(1, "--multirun")  # argparse: flags before the overrides
+            argv.append(f"+hydra.job.env_set.{SINGLE_JOB_ENV}=1")
         argv.extend(
             [f"hydra.searchpath=[file://{root / 'conf'}]", f"hydra/launcher=lmpipe_{launcher}"]
         )

@@ -207,7 +207,7 @@ def train(
     env = env or DistEnv()
     model.to(device)
     if hardware.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable({"use_reentrant": False})
     model.train()
     wrapped = distributed.wrap_model(model, env, hardware.strategy)
     optimizer = build_optimizer(wrapped, cfg.optim)

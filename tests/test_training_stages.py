@@ -1,0 +1,132 @@
+"""The training stages as users run them: `dvc repro` after a SIGKILL, torchrun with two
+processes, the submitit launcher, and a packaged GGUF model as the base."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import BIN, copy_project, run, tool_env
+
+pytestmark = pytest.mark.slow
+
+PRETRAIN = "outputs/pretrain"
+
+
+def weights(project: Path, stage: str = "pretrain") -> dict[str, torch.Tensor]:
+    return load_file(project / "outputs" / stage / "model" / "model.safetensors")
+
+
+def runs(project: Path, stage: str) -> list[tuple[str, str]]:
+    with sqlite3.connect(project / "mlflow.db") as db:
+        return db.execute(
+            "SELECT r.run_uuid, r.status FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
+            "WHERE t.key = 'lmpipe.stage' AND t.value = ? ORDER BY r.start_time",
+            (stage,),
+        ).fetchall()
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Smoke data cleaned and tokenized; pretrain long enough to be killed mid-way."""
+    project = copy_project(tmp_path_factory.mktemp("train") / "project")
+    run(["lmpipe", "params", "experiment=smoke", "pretrain.steps=400",
+         "pretrain.checkpoint_every=50", "pretrain.eval_every=100"], project)  # fmt: skip
+    run(["git", "commit", "-qam", "params"], project)
+    run(["dvc", "repro", "tokenize"], project, timeout=600)
+    return project
+
+
+def test_sigkill_mid_training_then_dvc_repro_resumes_to_identical_weights(project: Path):
+    process = subprocess.Popen(
+        ["dvc", "repro", "pretrain"], cwd=project, env=tool_env(project),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    state_file = project / PRETRAIN / "checkpoints" / "last" / "state.json"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if state_file.is_file() and json.loads(state_file.read_text())["step"] >= 100:
+            break
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    killed_at = json.loads(state_file.read_text())
+    assert 100 <= killed_at["step"] < 400 and not killed_at.get("finished")
+    assert not (project / PRETRAIN / "model").exists()  # killed before the end
+    assert runs(project, "pretrain") == [(killed_at["run_id"], "RUNNING")]
+
+    run(["dvc", "repro", "pretrain"], project, timeout=600)
+    record = json.loads((project / PRETRAIN / "run.json").read_text())
+    assert record["run_id"] == killed_at["run_id"]  # the same MLflow run, continued
+    assert runs(project, "pretrain") == [(killed_at["run_id"], "FINISHED")]
+    metrics = json.loads((project / PRETRAIN / "metrics.json").read_text())
+    assert metrics["resumed_from_step"] >= 100 and metrics["steps"] == 400
+    curve = (project / PRETRAIN / "curves" / "train.csv").read_text().splitlines()
+    assert len(curve) == 1 + 400  # the whole history, not just the resumed part
+    resumed = weights(project)
+
+    run(["dvc", "repro", "--force", "pretrain"], project, timeout=600)  # uninterrupted
+    assert json.loads((project / PRETRAIN / "run.json").read_text())["run_id"] != record["run_id"]
+    assert "resumed_from_step" not in json.loads((project / PRETRAIN / "metrics.json").read_text())
+    straight = weights(project)
+    assert resumed.keys() == straight.keys()
+    for name, tensor in straight.items():
+        assert torch.equal(resumed[name], tensor), name
+
+
+def test_torchrun_two_processes_match_one_with_the_doubled_batch(project: Path):
+    common = ["pretrain.steps=6", "pretrain.eval_every=3"]
+    torchrun = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m"]
+    before = len(runs(project, "pretrain"))
+    run([*torchrun, "stages.pretrain", "pretrain.batch_size=2", *common], project, timeout=600)
+    two = weights(project)
+    assert len(runs(project, "pretrain")) == before + 1  # rank 0 alone tracks
+    assert not [p for p in (project / PRETRAIN).iterdir() if p.name.startswith(".tmp-")]
+    two_metrics = json.loads((project / PRETRAIN / "metrics.json").read_text())
+
+    run(["python", "-m", "stages.pretrain", "pretrain.batch_size=4", *common], project)
+    one = weights(project)
+    one_metrics = json.loads((project / PRETRAIN / "metrics.json").read_text())
+    assert two_metrics["tokens"] == one_metrics["tokens"]
+    assert two_metrics["val_loss"] == pytest.approx(one_metrics["val_loss"], rel=1e-5)
+    for name, tensor in one.items():
+        torch.testing.assert_close(two[name], tensor, rtol=1e-4, atol=1e-6)
+
+
+def test_submitit_local_launcher_runs_the_stage_as_a_job(project: Path):
+    before = len(runs(project, "pretrain"))
+    result = run(
+        ["python", "-m", "stages.pretrain", "hardware.launcher=submitit_local",
+         "pretrain.steps=4"], project, timeout=600,
+    )  # fmt: skip
+    assert "Submitit 'local' sweep output dir" in result.stdout + result.stderr
+    job_logs = list((project / "multirun" / "pretrain").glob("*/.submitit/*/*_0_log.*"))
+    assert "stage pretrain done" in "".join(log.read_text() for log in job_logs)
+    # A single launched job writes the DVC-tracked outputs, like a plain run.
+    assert json.loads((project / PRETRAIN / "metrics.json").read_text())["steps"] == 4
+    assert [status for _, status in runs(project, "pretrain")[before:]] == ["FINISHED"]
+
+
+def test_slurm_launcher_config_reads_hardware_slurm(project: Path):
+    params = project / "params.yaml"
+    saved = params.read_text()
+    try:
+        run(["lmpipe", "params", "experiment=smoke", "hardware=slurm"], project)
+        result = run(
+            ["python", "-m", "stages.pretrain", "--cfg", "all", "--resolve",
+             "hardware.slurm.partition=gpu-long"], project,
+        )  # fmt: skip
+    finally:
+        params.write_text(saved)
+    launcher = result.stdout.split("\n  launcher:\n", 1)[1].split("\n  sweeper:", 1)[0]
+    assert "SlurmLauncher" in launcher
+    assert "partition: gpu-long" in launcher and "tasks_per_node: 8" in launcher
