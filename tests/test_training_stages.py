@@ -130,3 +130,29 @@ def test_slurm_launcher_config_reads_hardware_slurm(project: Path):
     launcher = result.stdout.split("\n  launcher:\n", 1)[1].split("\n  sweeper:", 1)[0]
     assert "SlurmLauncher" in launcher
     assert "partition: gpu-long" in launcher and "tasks_per_node: 8" in launcher
+
+
+def test_packaged_smollm2_is_a_base_for_finetune(tmp_path: Path):
+    """model.init_from=smollm2-135m: tokenize keeps SmolLM2's tokenizer, pretrain with 0 steps
+    passes the dequantized GGUF weights through as safetensors, finetune trains on top."""
+    project = copy_project(tmp_path / "project")
+    run(["lmpipe", "params", "experiment=smoke", "model.init_from=smollm2-135m",
+         "pretrain.steps=0", "finetune.steps=2", "finetune.eval_every=1",
+         "finetune.batch_size=2", "finetune.final_weights=last"], project)  # fmt: skip
+    run(["git", "commit", "-qam", "smollm2 base"], project)
+    run(["dvc", "repro", "finetune"], project, timeout=900)
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(project / "outputs" / "tokenize" / "tokenizer")
+    assert len(tokenizer) == 49152 and "{% generation %}" in tokenizer.chat_template
+    index = json.loads((project / "outputs/tokenize/tokens/index.json").read_text())
+    assert index["vocab_size"] == 49152
+    base = weights(project, "pretrain")
+    assert sum(t.numel() for t in base.values()) > 130e6  # SmolLM2-135M, tied embeddings
+    pretrain = json.loads((project / PRETRAIN / "metrics.json").read_text())
+    assert pretrain["steps"] == 0 and pretrain["val_loss"] < 6  # a trained model, not random
+    finetune = json.loads((project / "outputs/finetune/metrics.json").read_text())
+    assert finetune["steps"] == 2 and finetune["val_loss"] < 6
+    tuned = weights(project, "finetune")
+    assert any(not torch.equal(tuned[k], base[k]) for k in base)

@@ -105,7 +105,7 @@ def load_base(spec: str) -> PreTrainedModel:
     """Pretrained weights named by `model.init_from` (GGUF is dequantized to float32)."""
     source = resolve_source(spec)
     log.info("model: loading %s %s", source.path, source.gguf_file or "")
-    return AutoModelForCausalLM.from_pretrained(
+    model = AutoModelForCausalLM.from_pretrained(
         source.path,
         attn_implementation="sdpa",
         dtype=torch.float32,
@@ -113,6 +113,13 @@ def load_base(spec: str) -> PreTrainedModel:
         **({"use_safetensors": True} if not source.gguf_file else {}),
         **source.kwargs(),
     )
+    if source.gguf_file:
+        # GGUF tensors arrive dequantized to plain float32; drop the quantizer bookkeeping,
+        # which would make save_pretrained refuse them and mark the config as quantized.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    return model
 
 
 def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
