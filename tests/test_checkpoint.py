@@ -44,10 +44,10 @@ def run(tokenizer, checkpoints: Checkpoints | None, logger=None, cfg: TrainConfi
     model = fresh_model(tokenizer)
     logger = logger or NullLogger()
 
+    @torch.no_grad()
     def evaluate(m) -> float:
-        return float(
-            m(input_ids=torch.tensor([[1, 2, 3, 4]]), labels=torch.tensor([[1, 2, 3, 4]])).loss
-        )
+        ids = torch.tensor([[1, 2, 3, 4]])
+        return float(m(input_ids=ids, labels=ids).loss)
 
     result = train(
         model, window_batches(TOKENS, 16, cfg.batch_size, seed=3), cfg, HardwareConfig(), CPU,

@@ -221,7 +221,11 @@ def train(
     )
     progress = _Progress()
     resumed_from = None
-    if checkpoints is not None and checkpoints.resumable() is not None:
+    # Rank 0 decides (it also repairs an interrupted write); every rank follows.
+    resume = checkpoints is not None and distributed.broadcast_object(
+        checkpoints.resumable() is not None if env.is_main else None
+    )
+    if resume:
         trainer = checkpoints.load(LAST, wrapped, optimizer)
         scheduler.load_state_dict(trainer["scheduler"])
         batches.position = trainer["position"]
