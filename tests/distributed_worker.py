@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from lmpipe.checkpoint import Checkpoints
 from lmpipe.config import HardwareConfig, OptimConfig, TrainConfig
 from lmpipe.data.sft import IGNORE_INDEX, shuffled_batches
 from lmpipe.distributed import full_model_state
@@ -35,6 +36,19 @@ def examples(count: int = 64) -> list[dict[str, list[int]]]:
     return out
 
 
+class CrashingLogger(MetricLogger):
+    """Every process dies at the same step, like a job killed mid-run."""
+
+    def __init__(self, crash_at: int | None) -> None:
+        super().__init__(None)
+        self.crash_at = crash_at
+
+    def log(self, metrics, step, series="train") -> None:
+        if step == self.crash_at:
+            raise SystemExit(f"crashing at step {step}")
+        super().log(metrics, step, series)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
@@ -42,6 +56,8 @@ def main() -> None:
     parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--strategy", default="ddp")
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--checkpoints", type=Path, help="checkpoint every 2 steps, resume")
+    parser.add_argument("--crash-at", type=int, help="die while logging this step")
     args = parser.parse_args()
 
     hardware = HardwareConfig(strategy=args.strategy, num_threads=1)
@@ -57,18 +73,21 @@ def main() -> None:
         steps=args.steps,
         batch_size=args.batch_size,
         grad_accum=args.grad_accum,
+        checkpoint_every=2,
         optim=OptimConfig(lr=1e-2, warmup_steps=1, weight_decay=0.1),
     )
     batches = shuffled_batches(examples(), args.batch_size, 0, 3, env.rank, env.world_size)
-    metrics = MetricLogger(None)
-    result = train(model, batches, cfg, hardware, device, metrics, env=env)
+    metrics = CrashingLogger(args.crash_at)
+    checkpoints = Checkpoints(args.checkpoints, "worker", env) if args.checkpoints else None
+    result = train(model, batches, cfg, hardware, device, metrics, checkpoints=checkpoints, env=env)
     state = full_model_state(model)
     if env.is_main:
         args.out.mkdir(parents=True, exist_ok=True)
         # tied lm_head shares the embedding tensor: store a copy per name
         save_file({k: v.clone() for k, v in state.items()}, args.out / "weights.safetensors")
         losses = [row["train_loss"] for row in metrics.state_dict()["train"]]
-        summary = {"losses": losses, "tokens": result.tokens, "world_size": env.world_size}
+        summary = {"losses": losses, "tokens": result.tokens, "world_size": env.world_size,
+                   "resumed_from": result.resumed_from}  # fmt: skip
         (args.out / "result.json").write_text(json.dumps(summary))
     torch.distributed.destroy_process_group() if env.enabled else None
 

@@ -18,12 +18,16 @@ pytestmark = pytest.mark.distributed
 WORKER = str(REPO / "tests" / "distributed_worker.py")
 
 
-def train_tiny(out: Path, batch_size: int, processes: int = 1, *extra: str) -> dict:
+def train_tiny(
+    out: Path, batch_size: int, processes: int = 1, *extra: str, check: bool = True
+) -> dict | None:
     if processes == 1:
         cmd = [sys.executable, WORKER]
     else:
         cmd = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={processes}", WORKER]
-    run([*cmd, str(out), "--batch-size", str(batch_size), *extra], REPO, timeout=300)
+    done = run([*cmd, str(out), "--batch-size", str(batch_size), *extra], REPO, check, timeout=300)
+    if done.returncode != 0:
+        return None
     result = json.loads((out / "result.json").read_text())
     result["weights"] = load_file(out / "weights.safetensors")
     return result
@@ -64,3 +68,16 @@ def test_training_actually_changed_the_weights(single: dict, tmp_path: Path) -> 
         for k in single["weights"]
     ]
     assert max(differences) > 1e-3
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_resume_from_a_gathered_checkpoint(
+    strategy: str, single: dict, tmp_path: Path
+) -> None:
+    """Killed after the step-2 checkpoint, restarted: same weights as the uninterrupted run."""
+    args = ("--strategy", strategy, "--checkpoints", str(tmp_path / "ckpt"))
+    assert train_tiny(tmp_path / "a", 2, 2, *args, "--crash-at", "3", check=False) is None
+    resumed = train_tiny(tmp_path / "b", 2, 2, *args)
+    assert resumed["resumed_from"] == 2
+    for name, tensor in single["weights"].items():
+        torch.testing.assert_close(resumed["weights"][name], tensor, rtol=1e-5, atol=1e-6)

@@ -191,8 +191,9 @@ def _check_only_tied_missing(
     model: PreTrainedModel, weights: Mapping[str, torch.Tensor], path: Path
 ) -> None:
     """save_pretrained drops tied copies (lm_head = embeddings); any other gap is an error."""
+    # Tied names share one Parameter object (also when FSDP has replaced it by a DTensor).
     params = dict(model.named_parameters(remove_duplicate=False))
-    present = {params[k].data_ptr() for k in weights if k in params}
-    missing = [k for k, p in params.items() if k not in weights and p.data_ptr() not in present]
+    present = {id(params[k]) for k in weights if k in params}
+    missing = [k for k, p in params.items() if k not in weights and id(p) not in present]
     if missing:
         raise ValueError(f"checkpoint {path} lacks weights for {', '.join(missing[:5])}")
