@@ -217,6 +217,10 @@ class MetricLogger:
         self._threads = [t for t in self._threads if t.is_alive()]
 
     def _send(self, batch: list[Metric]) -> None:
+        # Linux schedules threads separately: at the lowest priority the store's work (about
+        # 0.25 ms of CPU per value in MLflow's SQL store) yields the cores to training.
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         for attempt in range(1, self.retries + 1):
             try:
                 # log_batch takes at most 1000 metrics per call
