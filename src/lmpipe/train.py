@@ -186,6 +186,16 @@ class _Progress:
     train_loss: float = float("nan")
     val_loss: float | None = None
 
+    def record_eval(self, step: int, min_delta: float) -> bool:
+        """Track the best val loss so far; True if `self.val_loss` (at `step`) is a new best."""
+        assert self.val_loss is not None
+        if self.best_val_loss is None or self.val_loss < self.best_val_loss - min_delta:
+            self.best_val_loss, self.best_step = self.val_loss, step
+            self.evals_without_gain = 0
+            return True
+        self.evals_without_gain += 1
+        return False
+
 
 def train(
     model: PreTrainedModel,
@@ -266,41 +276,13 @@ def train(
     while progress.step < cfg.steps:
         step = progress.step + 1
         micro_batches = [next(batches) for _ in range(cfg.grad_accum)]
-        # Every labelled token of the global batch weighs the same, however the micro-batches
-        # and processes split them: loss = sum over tokens / global token count.
-        label_count = distributed.all_reduce_sum(
-            torch.tensor(sum(_label_tokens(b) for b in micro_batches), dtype=torch.float64)
-        )
-        label_tensor = label_count.to(device=device, dtype=torch.float32)
-        step_loss = torch.zeros((), device=device)
-        step_input_tokens, step_flops = 0, 0.0
-        for index, batch in enumerate(micro_batches):
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            with (
-                distributed.gradient_sync(forward, index == len(micro_batches) - 1),
-                autocast(device, hardware.precision),
-            ):
-                loss = forward(**batch, num_items_in_batch=label_tensor).loss
-                # DDP and FSDP average gradients over processes; the loss is already global.
-                (loss * env.world_size).backward()
-            step_loss += loss.detach()
-            tokens = _input_tokens(batch)
-            step_input_tokens += tokens
-            step_flops += tokens * (dense_flops + attention_flops * batch["input_ids"].shape[1])
-        grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), cfg.optim.grad_clip)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        optimizer.step()
+        loss_value, grad_norm, global_tokens, global_flops = _optimizer_step(
+            forward, optimizer, micro_batches, cfg.optim.grad_clip, hardware, device, env,
+            (dense_flops, attention_flops),
+        )  # fmt: skip
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_value = float(distributed.all_reduce_sum(step_loss))
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"{desc}: loss is {loss_value} at step {step}; lower the lr")
-        global_tokens, global_flops = (
-            float(v)
-            for v in distributed.all_reduce_sum(
-                torch.tensor([step_input_tokens, step_flops], dtype=torch.float64)
-            )
-        )
         progress.step, progress.train_loss = step, loss_value
         progress.tokens += int(global_tokens)
         interval_tokens += int(global_tokens)
@@ -310,7 +292,7 @@ def train(
             values = {
                 "train_loss": loss_value,
                 "lr": scheduler.get_last_lr()[0],
-                "grad_norm": float(grad_norm),
+                "grad_norm": grad_norm,
                 "tokens_per_second": interval_tokens / elapsed,
                 "peak_memory_gb": peak_memory_gb(device),
             }
@@ -332,21 +314,16 @@ def train(
             )
             log.info("%s step %d: train loss %.4f, val loss %.4f", desc, step, loss_value,
                      progress.val_loss)  # fmt: skip
-            best = progress.best_val_loss
-            if best is None or progress.val_loss < best - cfg.early_stopping_min_delta:
-                progress.best_val_loss, progress.best_step = progress.val_loss, step
-                progress.evals_without_gain = 0
+            if progress.record_eval(step, cfg.early_stopping_min_delta):
                 if checkpoints is not None:
                     save(BEST, {"val_loss": progress.val_loss})
                 elif cfg.final_weights == BEST:
                     best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            else:
-                progress.evals_without_gain += 1
-                patience = cfg.early_stopping_patience
-                if patience is not None and progress.evals_without_gain >= patience:
-                    log.info("%s: no val gain in %d evaluations, stopping at step %d (best %d)",
-                             desc, patience, step, progress.best_step)  # fmt: skip
-                    stopped_early = True
+            patience = cfg.early_stopping_patience
+            if patience is not None and progress.evals_without_gain >= patience:
+                log.info("%s: no val gain in %d evaluations, stopping at step %d (best %d)",
+                         desc, patience, step, progress.best_step)  # fmt: skip
+                stopped_early = True
         progress.seconds = time.perf_counter() - run_start
         if stopped_early:
             break
@@ -375,6 +352,51 @@ def train(
         stopped_early=stopped_early,
         resumed_from=resumed_from,
     )
+
+
+def _optimizer_step(
+    forward: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    micro_batches: list[dict[str, torch.Tensor]],
+    grad_clip: float,
+    hardware: HardwareConfig,
+    device: torch.device,
+    env: DistEnv,
+    flop_terms: tuple[float, float],
+) -> tuple[float, float, float, float]:
+    """One optimizer step over the micro-batches of every process.
+
+    Returns the global mean loss, the gradient norm before clipping, and the input tokens and
+    model FLOPs of the step summed over processes.
+    """
+    # Every labelled token of the global batch weighs the same, however the micro-batches
+    # and processes split them: loss = sum over tokens / global token count.
+    label_count = distributed.all_reduce_sum(
+        torch.tensor(sum(_label_tokens(b) for b in micro_batches), dtype=torch.float64)
+    ).to(device=device, dtype=torch.float32)
+    dense_flops, attention_flops = flop_terms
+    step_loss = torch.zeros((), device=device)
+    input_tokens, flops = 0, 0.0
+    for index, batch in enumerate(micro_batches):
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with (
+            distributed.gradient_sync(forward, index == len(micro_batches) - 1),
+            autocast(device, hardware.precision),
+        ):
+            loss = forward(**batch, num_items_in_batch=label_count).loss
+            # DDP and FSDP average gradients over processes; the loss is already global.
+            (loss * env.world_size).backward()
+        step_loss += loss.detach()
+        tokens = _input_tokens(batch)
+        input_tokens += tokens
+        flops += tokens * (dense_flops + attention_flops * batch["input_ids"].shape[1])
+    grad_norm = torch.nn.utils.clip_grad_norm_(forward.parameters(), grad_clip)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    totals = distributed.all_reduce_sum(torch.tensor([input_tokens, flops], dtype=torch.float64))
+    loss_value = float(distributed.all_reduce_sum(step_loss))
+    return loss_value, float(grad_norm), float(totals[0]), float(totals[1])
 
 
 def _label_tokens(batch: dict[str, torch.Tensor]) -> int:
