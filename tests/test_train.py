@@ -187,3 +187,29 @@ def test_cuda_request_without_gpu_is_a_clear_error() -> None:
         pytest.skip("a GPU is present")
     with pytest.raises(RuntimeError, match="hardware=cpu"):
         select_device(HardwareConfig(device="cuda"))
+
+
+def test_init_from_sources_resolve_or_fail_clearly(tmp_path: Path) -> None:
+    from lmpipe.model import resolve_source
+
+    packaged = resolve_source("smollm2-135m")
+    assert packaged.gguf_file.endswith(".gguf")
+    assert (Path(packaged.path) / packaged.gguf_file).is_file()
+    assert resolve_source("HuggingFaceTB/SmolLM2-135M").path == "HuggingFaceTB/SmolLM2-135M"
+    with pytest.raises(FileNotFoundError, match="no GGUF file"):
+        resolve_source(str(tmp_path / "missing.gguf"))
+    with pytest.raises(FileNotFoundError, match="not a transformers model directory"):
+        resolve_source(str(tmp_path))
+
+
+def test_init_from_with_a_foreign_tokenizer_is_refused(tmp_path: Path, tiny_model) -> None:
+    from lmpipe.config import ModelConfig
+    from lmpipe.model import build_model
+
+    class BiggerVocabulary:  # all build_model asks before refusing
+        def __len__(self) -> int:
+            return 10_000
+
+    tiny_model.save_pretrained(tmp_path)  # a base with a 400-token vocabulary
+    with pytest.raises(ValueError, match="tokenize with the base model's tokenizer"):
+        build_model(ModelConfig(init_from=str(tmp_path)), BiggerVocabulary())
