@@ -97,6 +97,11 @@ def _params_value(root: Path, key: str) -> Any:
     return OmegaConf.select(OmegaConf.load(params), key) if params.is_file() else None
 
 
+def _plain(node: Any) -> Any:
+    """A config value as plain Python (dicts, lists, scalars), e.g. for hashing."""
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
 def _hydra_mode() -> RunMode | None:
     return HydraConfig.get().mode if HydraConfig.initialized() else None
 
@@ -134,7 +139,7 @@ class Stage:
         self.upstream = {up: self.inputs_root / up for up in upstream}
         self.checkpoints: Checkpoints | None = None
         if resume_keys:
-            identity = {key: OmegaConf.select(self.cfg, key) for key in resume_keys}
+            identity = {key: _plain(OmegaConf.select(self.cfg, key)) for key in resume_keys}
             identity["upstream_runs"] = {
                 up: (tracking.read_run_file(path) or {}).get("run_id")
                 for up, path in self.upstream.items()
