@@ -12,6 +12,8 @@ take. On a CPU the store's work (about 0.25 ms of CPU per metric value in MLflow
 store) competes with training for the same cores; on a GPU it runs on otherwise idle cores.
 
     python benchmarks/tracking_overhead.py           # about 3 min on 2 cores
+    python benchmarks/tracking_overhead.py --hidden-size 256 --layers 4 --seq-len 256 \
+        --batch-size 16 --steps 60 --repeats 2      # demo-sized steps (~0.5 s), ~6 min
 """
 
 from __future__ import annotations
@@ -39,20 +41,18 @@ TEXT = [
 ]
 
 
-def one_run(cfg: TrainConfig, tokens: np.ndarray, tokenizer, run_id: str | None) -> float:
+def one_run(
+    cfg: TrainConfig, model_cfg: ModelConfig, tokens: np.ndarray, tokenizer, run_id: str | None
+) -> float:
     """Seconds for the whole training, the last metric sends included."""
     seed_everything(0)
-    model = build_model(
-        ModelConfig(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=4,
-                    intermediate_size=344, max_seq_len=128), tokenizer,
-    )  # fmt: skip
+    model = build_model(model_cfg, tokenizer)
     with tempfile.TemporaryDirectory() as curves:
         logger = MetricLogger(run_id, csv_dir=Path(curves) if run_id else None)
+        batches = window_batches(tokens, model_cfg.max_seq_len, cfg.batch_size, seed=0)
         start = time.perf_counter()
-        train(
-            model, window_batches(tokens, 128, cfg.batch_size, seed=0), cfg, HardwareConfig(),
-            torch.device("cpu"), logger, evaluate=lambda m: 1.0,
-        )  # fmt: skip
+        train(model, batches, cfg, HardwareConfig(), torch.device("cpu"), logger,
+              evaluate=lambda m: 1.0)  # fmt: skip
         logger.close()  # waits for the last sends: part of the cost
         return time.perf_counter() - start
 
@@ -61,7 +61,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=4)
+    parser.add_argument("--hidden-size", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args()
+    # 4 heads and the Llama MLP ratio of the presets (tiny: 256 -> 688)
+    model_cfg = ModelConfig(
+        hidden_size=args.hidden_size, num_layers=args.layers, num_heads=4, num_kv_heads=4,
+        intermediate_size=int(args.hidden_size * 2.6875), max_seq_len=args.seq_len,
+    )  # fmt: skip
     logging.basicConfig(level=logging.WARNING)
 
     tokenizer = train_tokenizer(TEXT * 200, vocab_size=512)
@@ -76,13 +85,14 @@ def main() -> None:
         for repeat in range(args.repeats + 1):  # round 0 warms allocator, kernels and store
             # rotating who goes first cancels order effects
             for name in names[repeat % 3 :] + names[: repeat % 3]:
-                cfg = TrainConfig(steps=args.steps, batch_size=8, log_every=variants[name],
+                cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size,
+                                  log_every=variants[name],
                                   eval_every=10, optim=OptimConfig(lr=1e-3))  # fmt: skip
                 if name == "untracked":
-                    seconds = one_run(cfg, tokens, tokenizer, None)
+                    seconds = one_run(cfg, model_cfg, tokens, tokenizer, None)
                 else:
                     with mlflow.start_run(experiment_id=experiment) as run:
-                        seconds = one_run(cfg, tokens, tokenizer, run.info.run_id)
+                        seconds = one_run(cfg, model_cfg, tokens, tokenizer, run.info.run_id)
                     history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "lr")
                     logged[name] = len(history)
                 if repeat:
