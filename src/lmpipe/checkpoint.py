@@ -181,11 +181,6 @@ class Checkpoints:
             tmp.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
             tmp.replace(path)
 
-    def clear(self) -> None:
-        if self.env.is_main and self.directory.exists():
-            atomic.remove(self.directory)
-        distributed.barrier()
-
 
 def _check_only_tied_missing(
     model: PreTrainedModel, weights: Mapping[str, torch.Tensor], path: Path

@@ -48,8 +48,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def select_device(hardware: HardwareConfig, env: DistEnv | None = None) -> torch.device:
-    """The device from the config; with several processes on CUDA, this process's GPU."""
+def select_device(hardware: HardwareConfig) -> torch.device:
+    """The device the config asks for (`auto`: CUDA if there is one)."""
     if hardware.num_threads:
         torch.set_num_threads(hardware.num_threads)
     kind = hardware.device
@@ -57,15 +57,17 @@ def select_device(hardware: HardwareConfig, env: DistEnv | None = None) -> torch
         kind = "cuda" if torch.cuda.is_available() else "cpu"
     if kind == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("hardware.device=cuda but no CUDA GPU is visible: use hardware=cpu")
-    if kind == "cuda":
-        return torch.device("cuda", env.local_rank if env else 0)
     return torch.device(kind)
 
 
 def setup_hardware(hardware: HardwareConfig) -> tuple[torch.device, DistEnv]:
-    """This process's device, after joining the process group if there are several."""
-    env = distributed.init(select_device(hardware).type)
-    return select_device(hardware, env), env
+    """This process's device, after joining the process group if there are several:
+    with several processes on CUDA, each takes the GPU of its local rank."""
+    device = select_device(hardware)
+    env = distributed.init(device.type)
+    if device.type == "cuda":
+        device = torch.device("cuda", env.local_rank)
+    return device, env
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
