@@ -1,21 +1,31 @@
-"""evaluate: pretrained + fine-tuned models on held-out data -> outputs/evaluate/metrics.json.
+"""evaluate: pretrained + fine-tuned models on held-out data -> outputs/evaluate/.
 
-Validation perplexity of both models on the tokenize val split, response-only loss on the
-held-out (test) chat pairs, and generations for held-out prompts as an MLflow table.
+Writes the held-out predictions (predictions.csv) first and computes metrics.json from
+that file: for sft the response loss of the pretrained, fine-tuned and int8 models and
+their generations; for classify accuracy, macro-F1 and per-class scores of the classifier
+and its int8 variant beside the majority-class baseline, with a confusion matrix. Both
+report the pretrained model's perplexity on the held-out corpus, and champion.json the
+difference to the registry's current champion.
 """
 
 import hydra
 import mlflow
+import pandas as pd
 from omegaconf import DictConfig
 
+from lmpipe import registry, tasks
+from lmpipe.data import classify
 from lmpipe.data.batches import sequential_windows
-from lmpipe.data.sft import encode_all, load_chatterbot, ordered_batches, split_conversations
 from lmpipe.data.tokens import load_tokens
-from lmpipe.evaluate import generate_replies, mean_loss, perplexity, unigram_entropy
-from lmpipe.model import load_model
+from lmpipe.evaluate import confusion_matrix, mean_loss, perplexity, unigram_entropy
+from lmpipe.model import load_classifier, load_model
+from lmpipe.plots import confusion_matrix_figure, loss_comparison_figure
+from lmpipe.quantize import quantize_int8
 from lmpipe.stage import Stage, prepare_cli
 from lmpipe.tokenizer import load_tokenizer
 from lmpipe.train import seed_everything, select_device
+
+PREDICTIONS = "predictions.csv"
 
 
 @hydra.main(version_base="1.3", config_path="..", config_name="params")
@@ -24,52 +34,83 @@ def main(cfg: DictConfig) -> None:
         c, e, f = stage.cfg, stage.cfg.evaluate, stage.cfg.finetune
         seed_everything(c.seed)
         device = select_device(c.hardware)
-        tokenizer = load_tokenizer(stage.input("finetune", "model"))
+        finetuned_dir = stage.input("finetune", "model")
+        tokenizer = load_tokenizer(finetuned_dir)
+        pretrained = load_model(stage.input("pretrain", "model")).to(device)
+
+        # Held-out corpus text: how well the pretrained LM models language.
         val_tokens = load_tokens(stage.input("tokenize", "tokens"), "val")
         seq_len = c.pretrain.seq_len
-        test = split_conversations(load_chatterbot(f.language), f.val_fraction, f.test_fraction)[
-            "test"
-        ]
-        test_examples = encode_all(tokenizer, test, f.max_len)
-        prompts = [conv.prompt for conv in test[: e.num_generations]]
-        table = {
-            "prompt": prompts,
-            "reference": [conv.messages[1]["content"] for conv in test[: e.num_generations]],
+        windows = sequential_windows(val_tokens, e.batch_size, seq_len, e.max_tokens)
+        val_loss, val_count = mean_loss(pretrained, windows, device)
+        corpus = {
+            "pretrained_val_loss": val_loss,
+            "pretrained_val_perplexity": perplexity(val_loss),
+            "val_tokens": val_count,
+            "unigram_entropy": unigram_entropy(
+                val_tokens[: min(len(val_tokens), e.max_tokens) // seq_len * seq_len],
+                len(tokenizer),
+            ),
         }
 
-        metrics: dict[str, float] = {}
-        for name in ("pretrain", "finetune"):
-            label = "pretrained" if name == "pretrain" else "finetuned"
-            model = load_model(stage.input(name, "model")).to(device)
-            windows = sequential_windows(val_tokens, e.batch_size, seq_len, e.max_tokens)
-            val_loss, val_count = mean_loss(model, windows, device)
-            sft_loss, _ = mean_loss(
-                model, ordered_batches(test_examples, e.batch_size, tokenizer.pad_token_id), device
+        predictions_path = stage.output(PREDICTIONS)
+        plots = stage.output("plots")
+        plots.mkdir()
+        if f.task == "classify":
+            finetuned = load_classifier(finetuned_dir).to(device)
+            models = {"finetuned": finetuned, "int8": quantize_int8(load_classifier(finetuned_dir))}
+            splits = tasks.classify_splits(f)
+            frame = tasks.predict_classify(models, tokenizer, splits["test"], f.max_len,
+                                           e.batch_size, device)  # fmt: skip
+            frame.to_csv(predictions_path, index=False)
+            saved = pd.read_csv(predictions_path)  # the metrics come from the saved file
+            labels = [finetuned.config.id2label[i] for i in range(finetuned.config.num_labels)]
+            metrics = tasks.score_classify(
+                saved, list(models), labels, classify.majority_label(splits["train"])
             )
-            metrics |= {
-                f"{label}_val_loss": val_loss,
-                f"{label}_val_perplexity": perplexity(val_loss),
-                f"{label}_sft_test_loss": sft_loss,
-                f"{label}_sft_test_perplexity": perplexity(sft_loss),
-            }
-            table[label] = generate_replies(
-                model,
-                tokenizer,
-                prompts,
-                e.max_new_tokens,
-                e.do_sample,
-                e.temperature,
-                e.top_p,
-                device,
+            figure = confusion_matrix_figure(
+                confusion_matrix(saved["actual"], saved["finetuned_predicted"], labels),
+                labels,
+                f"WordNet category, test set: accuracy {metrics['finetuned_accuracy']:.3f}, "
+                f"macro-F1 {metrics['finetuned_macro_f1']:.3f}",
             )
-        metrics["val_tokens"] = val_count
-        metrics["sft_test_examples"] = len(test_examples)
-        metrics["unigram_entropy"] = unigram_entropy(
-            val_tokens[: min(len(val_tokens), e.max_tokens) // seq_len * seq_len], len(tokenizer)
-        )
-        mlflow.log_table(table, artifact_file="generations.json")
+            figure.savefig(plots / "confusion_matrix.png", dpi=110)
+            mlflow.log_figure(figure, "confusion_matrix.png")
+        else:
+            finetuned = load_model(finetuned_dir).to(device)
+            models = {"pretrained": pretrained, "finetuned": finetuned,
+                      "int8": quantize_int8(load_model(finetuned_dir))}  # fmt: skip
+            generation = {"max_new_tokens": e.max_new_tokens, "do_sample": e.do_sample,
+                          "temperature": e.temperature, "top_p": e.top_p}  # fmt: skip
+            test = tasks.sft_splits(f)["test"]
+            frame = tasks.predict_sft(models, tokenizer, test, f.max_len, e.batch_size, device,
+                                      generation, e.num_generations)  # fmt: skip
+            frame.to_csv(predictions_path, index=False)
+            saved = pd.read_csv(predictions_path, keep_default_na=False)
+            metrics = tasks.score_sft(saved, list(models))
+            per_example = {m: saved[f"{m}_loss"] / saved["target_tokens"] for m in models}
+            figure = loss_comparison_figure(per_example, "Held-out response loss per example")
+            figure.savefig(plots / "sft_test_loss.png", dpi=110)
+            mlflow.log_figure(figure, "sft_test_loss.png")
+            shown = saved.head(e.num_generations)
+            mlflow.log_table(shown[["prompt", "reference", *(f"{m}_reply" for m in models)]],
+                             artifact_file="generations.json")  # fmt: skip
+        metrics = {**corpus, **metrics}
+        # What int8 quantization costs: int8 minus fp32 for each headline metric.
+        for key in [k for k in metrics if k.startswith("finetuned_") and "." not in k]:
+            twin = "int8_" + key.removeprefix("finetuned_")
+            if twin in metrics:
+                metrics[f"{twin}_change"] = metrics[twin] - metrics[key]
         stage.write_json("metrics.json", metrics)
         stage.log_metrics(metrics)
+        mlflow.log_artifact(str(predictions_path), artifact_path="predictions")
+
+        champion = registry.aliased(c.deploy.registered_model_name, registry.CHAMPION)
+        comparison = registry.compare(metrics, champion)
+        stage.write_json("champion.json", comparison)
+        stage.log_metrics(
+            {f"vs_champion.{k}": v["difference"] for k, v in comparison["metrics"].items()}
+        )
 
 
 if __name__ == "__main__":

@@ -1,22 +1,17 @@
-"""finetune: pretrain checkpoint + chat pairs -> SFT model (outputs/finetune/model).
+"""finetune: pretrained model + task data -> fine-tuned model (outputs/finetune/model).
 
-Early stopping on the validation loss; the best weights become the model. Resumable like
-pretrain. Returns the best validation loss, the objective of a Hydra sweep.
+`finetune=sft` instruction-tunes on chat pairs; `finetune=classify` trains a sequence
+classifier on WordNet glosses. Either can use LoRA (merged before saving) or freeze the
+lower layers. Early stopping on the validation loss; the best weights become the model.
+Resumable like pretrain. Returns the best validation loss, the objective of a Hydra sweep.
 """
 
 import hydra
 from omegaconf import DictConfig
 
-from lmpipe.config import ConfigError
-from lmpipe.data.sft import (
-    encode_all,
-    load_chatterbot,
-    ordered_batches,
-    shuffled_batches,
-    split_conversations,
-)
-from lmpipe.evaluate import mean_loss, perplexity
-from lmpipe.model import load_model, save_model
+from lmpipe import tasks
+from lmpipe.evaluate import perplexity
+from lmpipe.model import save_model
 from lmpipe.stage import Stage, prepare_cli
 from lmpipe.tokenizer import load_tokenizer
 from lmpipe.train import seed_everything, setup_hardware, train
@@ -30,45 +25,26 @@ def main(cfg: DictConfig) -> float:
         device, env = setup_hardware(c.hardware)
         seed_everything(c.seed)
         base = stage.input("pretrain", "model")
-        tokenizer, model = load_tokenizer(base), load_model(base)
-        if f.max_len > model.config.max_position_embeddings:
-            raise ConfigError(
-                f"finetune.max_len={f.max_len} exceeds the base model's "
-                f"max_position_embeddings={model.config.max_position_embeddings}"
-            )
-        splits = split_conversations(load_chatterbot(f.language), f.val_fraction, f.test_fraction)
-        train_examples = encode_all(tokenizer, splits["train"], f.max_len)
-        val_examples = encode_all(tokenizer, splits["val"], f.max_len)
-        pad = tokenizer.pad_token_id
-
-        def val_loss(m) -> float:
-            return mean_loss(
-                m, ordered_batches(val_examples, f.batch_size, pad), device, f.eval_batches
-            )[0]
-
+        tokenizer = load_tokenizer(base)
+        setup = tasks.build(f, base, tokenizer, c.seed, device, env.rank, env.world_size)
         metrics = stage.metric_logger()
         result = train(
-            model,
-            shuffled_batches(train_examples, f.batch_size, pad, c.seed, env.rank, env.world_size),
+            setup.model,
+            setup.batches,
             f,
             c.hardware,
             device,
             metrics,
-            val_loss,
+            setup.evaluate,
             checkpoints=stage.checkpoints,
             run_id=stage.run_id,
             env=env,
-            desc="finetune",
+            desc=f"finetune ({f.task})",
         )
         metrics.close()
-        save_model(model, tokenizer, stage.output("model"), env)
+        save_model(setup.final_model(), tokenizer, stage.output("model"), env)
         objective = result.best_val_loss if f.final_weights == "best" else result.val_loss
-        summary = {
-            **result.summary(),
-            "val_perplexity": perplexity(objective),
-            "train_examples": len(train_examples),
-            "val_examples": len(val_examples),
-        }
+        summary = {**result.summary(), "val_perplexity": perplexity(objective), **setup.counts}
         stage.write_json("metrics.json", summary)
         stage.log_metrics(summary)
         return objective

@@ -159,13 +159,36 @@ class PretrainConfig(TrainConfig):
 
 
 @dataclass
+class LoraSettings:
+    """Low-rank adapters (peft); merged into the weights before the model is saved."""
+
+    enabled: bool = False
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
+
+
+@dataclass
 class FinetuneConfig(TrainConfig):
-    task: str = "sft"
-    dataset: str = "chatterbot"
+    task: str = "sft"  # sft (chat pairs, causal LM) | classify (sequence classification)
+    dataset: str = "chatterbot"  # chatterbot (sft) | wordnet (classify)
     language: str = "english"
     val_fraction: float = 0.05
     test_fraction: float = 0.1
     max_len: int = 192
+    # sft: pack whole examples into rows of max_len tokens instead of one padded example per row.
+    packing: bool = False
+    # classify: WordNet lexicographer categories to tell apart (empty: all 45), and a cap
+    # on texts per category (a stable hash-ordered sample; null: all).
+    categories: list[str] = field(default_factory=list)
+    max_per_class: int | None = None
+    # Freeze the first N decoder layers (and the token embeddings with freeze_embeddings).
+    freeze_layers: int = 0
+    freeze_embeddings: bool = False
+    lora: LoraSettings = field(default_factory=LoraSettings)
 
 
 @dataclass
@@ -188,10 +211,19 @@ class GateConfig:
 
 @dataclass
 class DeployConfig:
-    registered_model_name: str = "lmpipe-chat"
-    alias: str = "champion"
-    gate: GateConfig = field(default_factory=GateConfig)
+    registered_model_name: str = "lmpipe-sft"
+    gates: dict[str, GateConfig] = field(
+        default_factory=lambda: {
+            "sft": GateConfig(),
+            "classify": GateConfig("finetuned_macro_f1", "max", 0.3),
+        }
+    )
+    # A candidate worse than the champion by more than this fails the gate; null: no check.
+    champion_tolerance: float | None = 0.0
+    quantized_variant: bool = True
+    latency_requests: int = 20
     smoke_prompt: str = "What is AI?"
+    smoke_text: str = "a large wild animal of the cat family with a striped coat"
     max_new_tokens: int = 32
 
 
@@ -257,9 +289,8 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "data.text_unit": ("file", "paragraph", "line"),
     "tokenize.engine": ("auto", "tokenizers"),
     "clean.normalize": (None, "NFC", "NFKC", "NFD", "NFKD"),
-    "finetune.task": ("sft",),
-    "finetune.dataset": ("chatterbot",),
-    "deploy.gate.mode": ("min", "max"),
+    "finetune.task": ("sft", "classify"),
+    "finetune.dataset": ("chatterbot", "wordnet"),
     "hardware.device": ("cpu", "cuda", "auto"),
     "hardware.precision": ("fp32", "bf16"),
     "hardware.launcher": ("none", "slurm", "submitit_local"),
@@ -267,6 +298,10 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "pretrain.final_weights": ("last", "best"),
     "finetune.final_weights": ("last", "best"),
 }
+
+
+# finetune.task -> the datasets it can train on.
+TASK_DATASETS: dict[str, tuple[str, ...]] = {"sft": ("chatterbot",), "classify": ("wordnet",)}
 
 
 # Numeric keys with a valid range: key -> (check, the rule in words).
@@ -297,7 +332,13 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     # pretrain.steps=0 with model.init_from: the base model passes through unchanged.
     "pretrain.steps": (lambda v: v >= 0, ">= 0"),
     "finetune.steps": (lambda v: v >= 1, ">= 1"),
+    "finetune.freeze_layers": (lambda v: v >= 0, ">= 0"),
+    "finetune.max_per_class": (lambda v: v >= 3, ">= 3"),
+    "finetune.lora.r": (lambda v: v >= 1, ">= 1"),
+    "finetune.lora.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "hardware.peak_flops": (lambda v: v > 0, "> 0"),
+    "deploy.champion_tolerance": (lambda v: v >= 0, ">= 0"),
+    "deploy.latency_requests": (lambda v: v >= 1, ">= 1"),
 }
 
 
@@ -331,6 +372,20 @@ def validate(cfg: DictConfig | dict) -> DictConfig:
         for n in OmegaConf.select(merged, key):
             if not str(n).isdigit() or int(n) < 1:
                 raise ConfigError(f"invalid key '{key}.{n}': n-gram sizes are positive integers")
+    for task, gate in merged.deploy.gates.items():
+        if gate.mode not in ("min", "max"):
+            raise ConfigError(
+                f"invalid value for 'deploy.gates.{task}.mode': {gate.mode!r} "
+                "(allowed: ('min', 'max'))"
+            )
+    task, dataset = merged.finetune.task, merged.finetune.dataset
+    if task not in merged.deploy.gates:
+        raise ConfigError(f"deploy.gates has no gate for finetune.task={task}")
+    if dataset not in TASK_DATASETS[task]:
+        raise ConfigError(
+            f"invalid value for 'finetune.dataset': {dataset!r} is not a {task} dataset "
+            f"(allowed for finetune.task={task}: {TASK_DATASETS[task]})"
+        )
     return merged
 
 

@@ -1,14 +1,17 @@
-"""Deployment: the fine-tuned model as an MLflow pyfunc, registered, gated, smoke-tested.
+"""Deployment: the fine-tuned model as an MLflow pyfunc, gated, registered, aliased, measured.
 
 The pyfunc is logged from code (`serving.py`), not pickled, so loading it unpickles nothing.
+Every candidate is registered. It becomes `champion` only if its gate metric passes the
+threshold and is not worse than the current champion's; otherwise it is the `challenger`.
 """
 
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -18,8 +21,9 @@ import pandas as pd
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
+from lmpipe import registry
 from lmpipe.config import ConfigError, DeployConfig, GateConfig
-from lmpipe.serving import DEFAULT_PARAMS
+from lmpipe.serving import DEFAULT_PARAMS, INPUT_COLUMN
 
 log = logging.getLogger(__name__)
 
@@ -30,36 +34,84 @@ class GateResult:
     value: float
     mode: str
     threshold: float
-    passed: bool
+    passed_threshold: bool
+    champion_version: str | None = None
+    champion_value: float | None = None
+    not_worse_than_champion: bool | None = None  # None: no champion (or no check)
+
+    @property
+    def passed(self) -> bool:
+        return self.passed_threshold and self.not_worse_than_champion is not False
 
 
-def check_gate(metrics: Mapping[str, float], gate: GateConfig) -> GateResult:
+def better_or_equal(value: float, reference: float, mode: str, tolerance: float = 0.0) -> bool:
+    return value <= reference + tolerance if mode == "min" else value >= reference - tolerance
+
+
+def check_gate(
+    metrics: Mapping[str, float],
+    gate: GateConfig,
+    champion: registry.RegisteredVersion | None = None,
+    tolerance: float | None = 0.0,
+) -> GateResult:
+    """Threshold on `gate.metric`, then (with a champion and a tolerance) not worse than it."""
     if gate.metric not in metrics:
         raise ConfigError(
-            f"deploy.gate.metric: '{gate.metric}' is not an evaluate metric "
+            f"deploy.gates: metric '{gate.metric}' is not an evaluate metric "
             f"(available: {', '.join(sorted(metrics))})"
         )
     value = float(metrics[gate.metric])
-    passed = value <= gate.threshold if gate.mode == "min" else value >= gate.threshold
-    return GateResult(gate.metric, value, gate.mode, gate.threshold, passed)
+    result = GateResult(
+        gate.metric, value, gate.mode, gate.threshold,
+        better_or_equal(value, gate.threshold, gate.mode),
+    )  # fmt: skip
+    if champion is not None and tolerance is not None and gate.metric in champion.metrics:
+        result.champion_version = champion.version
+        result.champion_value = champion.metrics[gate.metric]
+        result.not_worse_than_champion = better_or_equal(
+            value, result.champion_value, gate.mode, tolerance
+        )
+    return result
 
 
 def requirements() -> list[str]:
     """What the served model imports, pinned to the versions it was trained with."""
     names = [
-        "omegaconf",
-        "pyarrow",
-        "tqdm",
-        "mlflow",
-        "torch",
-        "transformers",
-        "tokenizers",
-        "numpy",
-        "pandas",
-        "pyyaml",
-        "safetensors",
-    ]
+        "omegaconf", "pyarrow", "tqdm", "mlflow", "torch", "transformers", "tokenizers",
+        "numpy", "pandas", "pyyaml", "safetensors", "peft",
+    ]  # fmt: skip
     return [f"{name}=={version(name).split('+')[0]}" for name in names]
+
+
+def log_and_register(
+    model_dir: Path,
+    task: str,
+    name: str,
+    cfg: DeployConfig,
+    artifact: str = "model",
+    quantize: str | None = None,
+) -> str:
+    """Log the pyfunc in the active run and register it as `name`; returns the version."""
+    column = INPUT_COLUMN[task]
+    if task == "classify":
+        example = pd.DataFrame({column: [cfg.smoke_text]})
+        signature = infer_signature(example, pd.DataFrame({"label": ["x"], "confidence": [0.5]}))
+    else:
+        example = pd.DataFrame({column: [cfg.smoke_prompt]})
+        params = {**DEFAULT_PARAMS, "max_new_tokens": cfg.max_new_tokens}
+        signature = infer_signature(example, ["a reply"], params=params)
+    info = mlflow.pyfunc.log_model(
+        name=artifact,
+        python_model=str(Path(__file__).with_name("serving.py")),
+        artifacts={"model": str(model_dir)},
+        code_paths=[str(Path(__file__).parent)],
+        model_config={"task": task, **({"quantize": quantize} if quantize else {})},
+        signature=signature,
+        input_example=example,
+        pip_requirements=requirements(),
+        registered_model_name=name,
+    )
+    return str(info.registered_model_version)
 
 
 @dataclass
@@ -67,80 +119,135 @@ class Deployment:
     model_name: str
     version: str
     model_uri: str
-    alias: str | None
+    alias: str
     gate: dict[str, Any]
-    smoke_prompt: str
-    smoke_reply: str
+    smoke_input: str
+    smoke_output: Any
     smoke_latency_seconds: float
+    quantized: dict[str, Any] | None = field(default=None)
 
 
-def log_and_register(model_dir: Path, cfg: DeployConfig, lineage: Mapping[str, str]) -> str:
-    """Log the pyfunc in the active run and register it; returns the registered version."""
-    example = pd.DataFrame({"prompt": [cfg.smoke_prompt]})
-    params = {**DEFAULT_PARAMS, "max_new_tokens": cfg.max_new_tokens}
-    signature = infer_signature(example, ["a reply"], params=params)
-    info = mlflow.pyfunc.log_model(
-        name="model",
-        python_model=str(Path(__file__).with_name("serving.py")),
-        artifacts={"model": str(model_dir)},
-        code_paths=[str(Path(__file__).parent)],
-        signature=signature,
-        input_example=example,
-        pip_requirements=requirements(),
-        registered_model_name=cfg.registered_model_name,
-    )
-    model_version = str(info.registered_model_version)
-    client = MlflowClient()
-    for key, value in lineage.items():
-        client.set_model_version_tag(cfg.registered_model_name, model_version, key, value)
-    return model_version
+def timed_predictions(model: Any, inputs: pd.DataFrame, params: dict | None) -> list[float]:
+    """Seconds per single-row request, one request per row, after one warm-up request."""
+    model.predict(inputs.iloc[:1], params=params)
+    seconds = []
+    for row in range(len(inputs)):
+        start = time.perf_counter()
+        model.predict(inputs.iloc[row : row + 1], params=params)
+        seconds.append(time.perf_counter() - start)
+    return seconds
 
 
 def deploy(
-    model_dir: Path, metrics: Mapping[str, float], cfg: DeployConfig, lineage: Mapping[str, str]
+    model_dir: Path,
+    task: str,
+    metrics: Mapping[str, float],
+    cfg: DeployConfig,
+    tags: Mapping[str, str],
+    requests: list[str],
 ) -> Deployment:
-    """Register; set the alias if the gate passes; load back through the registry and answer."""
-    gate = check_gate(metrics, cfg.gate)
-    model_version = log_and_register(model_dir, cfg, lineage)
+    """Gate, register (+ the int8 variant), set aliases, and measure through the registry."""
+    name = cfg.registered_model_name
+    champion = registry.aliased(name, registry.CHAMPION)
+    gate = check_gate(metrics, cfg.gates[task], champion, cfg.champion_tolerance)
+    model_version = log_and_register(model_dir, task, name, cfg)
     client = MlflowClient()
-    client.set_model_version_tag(
-        cfg.registered_model_name, model_version, "gate_passed", str(gate.passed)
-    )
+    for key, value in {**tags, "gate_passed": str(gate.passed)}.items():
+        client.set_model_version_tag(name, model_version, key, value)
+    alias = registry.CHAMPION if gate.passed else registry.CHALLENGER
+    registry.set_alias(name, alias, model_version)
     if gate.passed:
-        client.set_registered_model_alias(cfg.registered_model_name, cfg.alias, model_version)
-        uri = f"models:/{cfg.registered_model_name}@{cfg.alias}"
-        log.info(
-            "gate passed (%s=%.4f): %s -> version %s",
-            gate.metric,
-            gate.value,
-            cfg.alias,
-            model_version,
-        )
+        registry.drop_alias(name, registry.CHALLENGER)  # the challenger, if any, lost
+        log.info("gate passed (%s=%.4f): %s version %s is the champion", gate.metric, gate.value,
+                 name, model_version)  # fmt: skip
     else:
-        uri = f"models:/{cfg.registered_model_name}/{model_version}"
-        log.warning(
-            "gate failed (%s=%.4f, %s threshold %.4f): version %s registered without alias '%s'",
-            gate.metric,
-            gate.value,
-            gate.mode,
-            gate.threshold,
-            model_version,
-            cfg.alias,
-        )
+        log.warning("gate failed (%s): %s version %s registered as the challenger",
+                    gate_reason(gate), name, model_version)  # fmt: skip
+
+    uri = f"models:/{name}@{alias}"
     served = mlflow.pyfunc.load_model(uri)
+    column = INPUT_COLUMN[task]
+    smoke_input = cfg.smoke_text if task == "classify" else cfg.smoke_prompt
+    params = None if task == "classify" else {"max_new_tokens": cfg.max_new_tokens}
     start = time.perf_counter()
-    reply = served.predict(
-        pd.DataFrame({"prompt": [cfg.smoke_prompt]}), params={"max_new_tokens": cfg.max_new_tokens}
-    )[0]
+    output = served.predict(pd.DataFrame({column: [smoke_input]}), params=params)
     latency = time.perf_counter() - start
-    log.info("smoke test through %s: %r -> %r (%.3fs)", uri, cfg.smoke_prompt, reply, latency)
+    smoke_output = output.to_dict("records")[0] if isinstance(output, pd.DataFrame) else output[0]
+    log.info("smoke test through %s: %r -> %r (%.3fs)", uri, smoke_input, smoke_output, latency)
+
+    quantized = None
+    if cfg.quantized_variant:
+        quantized = deploy_quantized(model_dir, task, metrics, cfg, served, requests, alias,
+                                     model_version, tags)  # fmt: skip
     return Deployment(
-        model_name=cfg.registered_model_name,
+        model_name=name,
         version=model_version,
         model_uri=uri,
-        alias=cfg.alias if gate.passed else None,
-        gate=asdict(gate),
-        smoke_prompt=cfg.smoke_prompt,
-        smoke_reply=reply,
+        alias=alias,
+        gate={**asdict(gate), "passed": gate.passed},
+        smoke_input=smoke_input,
+        smoke_output=smoke_output,
         smoke_latency_seconds=latency,
+        quantized=quantized,
     )
+
+
+def gate_reason(gate: GateResult) -> str:
+    if not gate.passed_threshold:
+        return f"{gate.metric}={gate.value:.4f}, {gate.mode} threshold {gate.threshold:.4f}"
+    return (
+        f"{gate.metric}={gate.value:.4f} is worse than champion version "
+        f"{gate.champion_version}'s {gate.champion_value:.4f}"
+    )
+
+
+def deploy_quantized(
+    model_dir: Path,
+    task: str,
+    metrics: Mapping[str, float],
+    cfg: DeployConfig,
+    served: Any,
+    requests: list[str],
+    alias: str,
+    source_version: str,
+    tags: Mapping[str, str],
+) -> dict[str, Any]:
+    """Register the int8 variant beside the fp32 model, with its size, latency and quality."""
+    from lmpipe.quantize import state_size_bytes
+
+    name = f"{cfg.registered_model_name}-int8"
+    model_version = log_and_register(model_dir, task, name, cfg, "model_int8", "int8")
+    client = MlflowClient()
+    for key, value in {**tags, "quantized_from": f"{cfg.registered_model_name}/{source_version}"
+                       }.items():  # fmt: skip
+        client.set_model_version_tag(name, model_version, key, value)
+    registry.set_alias(name, alias, model_version)
+    quantized = mlflow.pyfunc.load_model(f"models:/{name}/{model_version}")
+
+    inputs = pd.DataFrame({INPUT_COLUMN[task]: requests[: cfg.latency_requests]})
+    params = None if task == "classify" else {"max_new_tokens": cfg.max_new_tokens}
+    fp32_seconds = timed_predictions(served, inputs, params)
+    int8_seconds = timed_predictions(quantized, inputs, params)
+    fp32_model = served.unwrap_python_model().model
+    int8_model = quantized.unwrap_python_model().model
+    report = {
+        "model_name": name,
+        "version": model_version,
+        "fp32_bytes": state_size_bytes(fp32_model),
+        "int8_bytes": state_size_bytes(int8_model),
+        "fp32_latency_p50_seconds": statistics.median(fp32_seconds),
+        "int8_latency_p50_seconds": statistics.median(int8_seconds),
+        "requests": len(inputs),
+    }
+    report["size_ratio"] = report["int8_bytes"] / report["fp32_bytes"]
+    report["latency_ratio"] = report["int8_latency_p50_seconds"] / report[
+        "fp32_latency_p50_seconds"]  # fmt: skip
+    # Quality: evaluate scored the same int8 recipe on the held-out set.
+    for key, value in metrics.items():
+        if key.startswith("int8_"):
+            report[f"quality.{key}"] = float(value)
+    log.info("int8 variant %s/%s: %.1f MB -> %.1f MB, p50 %.1f ms -> %.1f ms", name,
+             model_version, report["fp32_bytes"] / 1e6, report["int8_bytes"] / 1e6,
+             report["fp32_latency_p50_seconds"] * 1e3,
+             report["int8_latency_p50_seconds"] * 1e3)  # fmt: skip
+    return report

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -92,3 +93,111 @@ def generate_replies(
         )
         replies.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip())
     return replies
+
+
+@dataclass
+class ClassPredictions:
+    actual: np.ndarray  # class ids
+    predicted: np.ndarray
+    confidence: np.ndarray  # softmax probability of the predicted class
+    loss: float  # mean cross-entropy
+
+
+@torch.no_grad()
+def predict_classes(
+    model: PreTrainedModel,
+    batches: Iterable[dict[str, torch.Tensor]],
+    device: torch.device,
+    max_batches: int | None = None,
+) -> ClassPredictions:
+    """A sequence classifier's predictions (and loss) over labelled batches."""
+    was_training = model.training
+    model.eval()
+    actual, predicted, confidence, total = [], [], [], 0.0
+    for index, batch in enumerate(batches):
+        if max_batches is not None and index >= max_batches:
+            break
+        logits = model(
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
+        ).logits.float()
+        labels = batch["labels"].to(device)
+        total += float(F.cross_entropy(logits, labels, reduction="sum"))
+        probs = logits.softmax(-1)
+        best = probs.max(-1)
+        actual.append(labels.cpu().numpy())
+        predicted.append(best.indices.cpu().numpy())
+        confidence.append(best.values.cpu().numpy())
+    model.train(was_training)
+    if not actual:
+        raise ValueError("no labelled examples to classify")
+    actual_ids = np.concatenate(actual)
+    return ClassPredictions(
+        actual_ids, np.concatenate(predicted), np.concatenate(confidence), total / len(actual_ids)
+    )
+
+
+def confusion_matrix(
+    actual: Sequence[str], predicted: Sequence[str], labels: Sequence[str]
+) -> np.ndarray:
+    """counts[i, j]: texts of class labels[i] predicted as labels[j]."""
+    index = {name: i for i, name in enumerate(labels)}
+    counts = np.zeros((len(labels), len(labels)), dtype=np.int64)
+    for truth, guess in zip(actual, predicted, strict=True):
+        counts[index[truth], index[guess]] += 1
+    return counts
+
+
+def classification_report(
+    actual: Sequence[str], predicted: Sequence[str], labels: Sequence[str]
+) -> dict[str, float]:
+    """Accuracy, macro-F1 and per-class precision/recall/F1 from the confusion matrix.
+
+    A class with no predictions (or no texts) has precision (recall) 0, and F1 0 unless
+    both are undefined; macro-F1 averages over all `labels`.
+    """
+    counts = confusion_matrix(actual, predicted, labels)
+    if counts.sum() == 0:
+        raise ValueError("no predictions to score")
+    hits = np.diag(counts).astype(float)
+    predicted_totals, actual_totals = counts.sum(0), counts.sum(1)
+    precision = np.divide(hits, predicted_totals, out=np.zeros_like(hits),
+                          where=predicted_totals > 0)  # fmt: skip
+    recall = np.divide(hits, actual_totals, out=np.zeros_like(hits), where=actual_totals > 0)
+    denominator = precision + recall
+    f1 = np.divide(2 * precision * recall, denominator, out=np.zeros_like(hits),
+                   where=denominator > 0)  # fmt: skip
+    report = {"accuracy": float(hits.sum() / counts.sum()), "macro_f1": float(f1.mean())}
+    for name, p, r, f in zip(labels, precision, recall, f1, strict=True):
+        report |= {
+            f"precision.{name}": float(p),
+            f"recall.{name}": float(r),
+            f"f1.{name}": float(f),
+        }
+    return report
+
+
+@torch.no_grad()
+def example_losses(
+    model: PreTrainedModel,
+    batches: Iterable[dict[str, torch.Tensor]],
+    device: torch.device,
+) -> tuple[list[float], list[int]]:
+    """Per example (row): summed next-token cross-entropy over its labelled positions, and
+    how many there are. Their ratio of sums is `mean_loss`."""
+    was_training = model.training
+    model.eval()
+    sums, counts = [], []
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(
+            input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")
+        ).logits.float()
+        targets = batch["labels"][:, 1:]
+        losses = F.cross_entropy(
+            logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
+        )
+        sums += losses.sum(1).tolist()
+        counts += (targets != IGNORE_INDEX).sum(1).tolist()
+    model.train(was_training)
+    return sums, counts

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
     GenerationConfig,
     LlamaConfig,
     PreTrainedModel,
@@ -149,6 +152,40 @@ def load_model(path: str | Path) -> PreTrainedModel:
     return AutoModelForCausalLM.from_pretrained(
         str(path), attn_implementation="sdpa", use_safetensors=True, trust_remote_code=False
     )
+
+
+def load_classifier(path: str | Path, labels: Sequence[str] | None = None) -> PreTrainedModel:
+    """A sequence classifier on a saved decoder (transformers' ...ForSequenceClassification).
+
+    With `labels`, a fresh classification head for them is put on the decoder (a pretrained
+    LM); without, the classifier saved by finetune is loaded with its own labels.
+    """
+    classes = (
+        {
+            "num_labels": len(labels),
+            "id2label": dict(enumerate(labels)),
+            "label2id": {name: i for i, name in enumerate(labels)},
+        }
+        if labels is not None
+        else {}
+    )
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(path),
+        attn_implementation="sdpa",
+        use_safetensors=True,
+        trust_remote_code=False,
+        **classes,
+    )
+    if model.config.pad_token_id is None:
+        raise ValueError(f"{path}: the model config has no pad_token_id, which the classifier "
+                         "needs to find each row's last token")  # fmt: skip
+    return model
+
+
+def is_classifier(path: str | Path) -> bool:
+    """True for a model saved by `finetune.task=classify`."""
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+    return any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
 
 
 def save_model(

@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")  # no display on training machines
 
 import matplotlib.pyplot as plt
+import numpy as np
 from matplotlib.figure import Figure
 
 
@@ -27,4 +28,40 @@ def length_histogram_figure(histogram: Mapping[str, Sequence[int]]) -> Figure:
     axis.set_yscale("symlog")
     axis.legend()
     axis.set_title("Document length before and after clean")
+    return figure
+
+
+def confusion_matrix_figure(counts: np.ndarray, labels: Sequence[str], title: str) -> Figure:
+    """Row-normalised confusion matrix (true class per row), with the counts written in."""
+    totals = counts.sum(1, keepdims=True)
+    shares = np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)
+    size = max(5.0, 0.6 * len(labels) + 2.5)
+    figure, axis = plt.subplots(figsize=(size, size * 0.85), layout="constrained")
+    image = axis.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    ticks = range(len(labels))
+    axis.set_xticks(list(ticks), labels, rotation=60, ha="right", fontsize=8)
+    axis.set_yticks(list(ticks), labels, fontsize=8)
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("true")
+    for i in ticks:
+        for j in ticks:
+            if counts[i, j]:
+                axis.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=7,
+                          color="white" if shares[i, j] > 0.5 else "black")  # fmt: skip
+    figure.colorbar(image, ax=axis, label="share of the true class")
+    axis.set_title(title)
+    return figure
+
+
+def loss_comparison_figure(losses: Mapping[str, Sequence[float]], title: str) -> Figure:
+    """Histograms of per-example loss, one per model, on shared bins."""
+    values = [np.asarray(v, dtype=float) for v in losses.values()]
+    bins = np.linspace(min(v.min() for v in values), max(v.max() for v in values), 30)
+    figure, axis = plt.subplots(figsize=(8, 4), layout="constrained")
+    for name, series in zip(losses, values, strict=True):
+        axis.hist(series, bins=bins, alpha=0.55, label=f"{name} (mean {series.mean():.3f})")
+    axis.set_xlabel("mean response loss per held-out example (nats/token)")
+    axis.set_ylabel("examples")
+    axis.legend()
+    axis.set_title(title)
     return figure

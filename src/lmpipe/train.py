@@ -16,11 +16,12 @@ import math
 import random
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import PreTrainedModel, get_cosine_with_min_lr_schedule_with_warmup
 
@@ -35,7 +36,9 @@ from lmpipe.tracking import MetricLogger
 
 log = logging.getLogger(__name__)
 
-EvalFn = Callable[[torch.nn.Module], float]
+# Validation: the val loss, or a mapping with "loss" and further values logged as val_<name>
+# (e.g. a classifier's accuracy).
+EvalFn = Callable[[torch.nn.Module], float | Mapping[str, float]]
 
 # Dense bf16 peak FLOP/s per device, for MFU when hardware.peak_flops is not set.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
@@ -305,11 +308,12 @@ def train(
             interval_tokens, interval_flops, interval_start = 0, 0.0, time.perf_counter()
         bar.update(1)
         if evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
-            progress.val_loss = evaluate(forward)
+            progress.val_loss, extra = _split_eval(evaluate(forward))
             metrics.log(
                 {
                     "val_loss": progress.val_loss,
                     "val_perplexity": perplexity(progress.val_loss),
+                    **{f"val_{name}": value for name, value in extra.items()},
                 },
                 step,
                 "val",
@@ -333,7 +337,7 @@ def train(
             save(LAST)
     bar.close()
     if cfg.steps == 0 and evaluate is not None:  # nothing trained: still report where it stands
-        progress.val_loss = evaluate(forward)
+        progress.val_loss, _ = _split_eval(evaluate(forward))
     save(LAST)
     if checkpoints is not None:
         checkpoints.mark_finished()
@@ -374,7 +378,7 @@ def _optimizer_step(
     # Every labelled token of the global batch weighs the same, however the micro-batches
     # and processes split them: loss = sum over tokens / global token count.
     label_count = distributed.all_reduce_sum(
-        torch.tensor(sum(_label_tokens(b) for b in micro_batches), dtype=torch.float64)
+        torch.tensor(sum(_target_count(b) for b in micro_batches), dtype=torch.float64)
     ).to(device=device, dtype=torch.float32)
     dense_flops, attention_flops = flop_terms
     step_loss = torch.zeros((), device=device)
@@ -385,7 +389,7 @@ def _optimizer_step(
             distributed.gradient_sync(forward, index == len(micro_batches) - 1),
             autocast(device, hardware.precision),
         ):
-            loss = forward(**batch, num_items_in_batch=label_count).loss
+            loss = _loss(forward, batch, label_count)
             # DDP and FSDP average gradients over processes; the loss is already global.
             (loss * env.world_size).backward()
         step_loss += loss.detach()
@@ -401,9 +405,37 @@ def _optimizer_step(
     return loss_value, float(grad_norm), float(totals[0]), float(totals[1])
 
 
-def _label_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Positions that are next-token targets (the model shifts labels by one)."""
+def _split_eval(result: float | Mapping[str, float]) -> tuple[float, dict[str, float]]:
+    if isinstance(result, Mapping):
+        extra = {k: float(v) for k, v in result.items() if k != "loss"}
+        return float(result["loss"]), extra
+    return float(result), {}
+
+
+def _is_classification(batch: dict[str, torch.Tensor]) -> bool:
+    """One label per row (sequence classification) rather than one per token."""
+    return batch["labels"].ndim == 1
+
+
+def _target_count(batch: dict[str, torch.Tensor]) -> int:
+    """Prediction targets in a batch: rows for a classifier; for a causal LM the labelled
+    positions that are next-token targets (the model shifts labels by one)."""
+    if _is_classification(batch):
+        return batch["labels"].numel()
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def _loss(
+    forward: torch.nn.Module, batch: dict[str, torch.Tensor], target_count: torch.Tensor
+) -> torch.Tensor:
+    """Summed cross-entropy over the batch's targets / the global target count."""
+    if _is_classification(batch):
+        # The classifier heads' own loss is a per-batch mean; sum it so that accumulation
+        # and processes weigh every example the same.
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        logits = forward(**inputs).logits.float()
+        return F.cross_entropy(logits, batch["labels"], reduction="sum") / target_count
+    return forward(**batch, num_items_in_batch=target_count).loss
 
 
 def _input_tokens(batch: dict[str, torch.Tensor]) -> int:

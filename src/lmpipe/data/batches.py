@@ -74,6 +74,14 @@ class ShuffledBatches:
         return batch
 
 
+def in_order(
+    num_items: int, batch_size: int, make_batch: Callable[[Sequence[int]], Batch]
+) -> Iterator[Batch]:
+    """Every item once, in order, in batches of `batch_size` (the last may be smaller)."""
+    for first in range(0, num_items, batch_size):
+        yield make_batch(range(first, min(first + batch_size, num_items)))
+
+
 def window_batches(
     tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
 ) -> ShuffledBatches:

