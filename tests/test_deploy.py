@@ -1,4 +1,5 @@
-"""Quality gate, and the pyfunc through the Model Registry with a tiny model."""
+"""Quality gate (threshold and champion), registry aliases, the int8 variant, and the pyfunc
+through the Model Registry with tiny models."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
+from lmpipe import registry
 from lmpipe.config import ConfigError, DeployConfig, GateConfig
 from lmpipe.deploy import check_gate, deploy
-from lmpipe.model import save_model
+from lmpipe.model import load_classifier, save_model
+from lmpipe.quantize import quantize_int8, state_size_bytes
 
 
 @pytest.mark.parametrize(
@@ -23,30 +26,111 @@ def test_gate(mode: str, threshold: float, passed: bool) -> None:
 
 
 def test_gate_on_unknown_metric_names_it() -> None:
-    with pytest.raises(ConfigError, match=r"deploy\.gate\.metric: 'acc'"):
+    with pytest.raises(ConfigError, match=r"deploy\.gates: metric 'acc'"):
         check_gate({"loss": 1.0}, GateConfig(metric="acc"))
 
 
-def test_deploy_registers_gates_and_serves(
+@pytest.mark.parametrize(
+    ("mode", "value", "champion", "tolerance", "passed"),
+    [
+        ("min", 4.0, 4.5, 0.0, True),  # better than the champion
+        ("min", 4.6, 4.5, 0.0, False),  # worse
+        ("min", 4.6, 4.5, 0.2, True),  # worse, but within the tolerance
+        ("max", 0.6, 0.7, 0.0, False),
+        ("min", 4.6, 4.5, None, True),  # no champion check
+    ],
+)
+def test_gate_must_not_be_worse_than_the_champion(
+    mode: str, value: float, champion: float, tolerance: float | None, passed: bool
+) -> None:
+    incumbent = registry.RegisteredVersion("m", "3", "run", {"score": champion})
+    gate = GateConfig(metric="score", mode=mode, threshold=100.0 if mode == "min" else 0.0)
+    result = check_gate({"score": value}, gate, incumbent, tolerance)
+    assert result.passed is passed and result.passed_threshold
+    if tolerance is not None:
+        assert result.champion_version == "3" and result.champion_value == champion
+
+
+def deploy_config(name: str, **kwargs) -> DeployConfig:
+    gates = {"sft": GateConfig("loss", "min", 5.0), "classify": GateConfig("f1", "max", 0.5)}
+    return DeployConfig(registered_model_name=name, gates=gates, max_new_tokens=4,
+                        latency_requests=3, **kwargs)  # fmt: skip
+
+
+def test_champion_challenger_and_int8_variant(
     mlflow_store: str, tmp_path: Path, tiny_model, tiny_tokenizer
 ) -> None:
     model_dir = tmp_path / "model"
     save_model(tiny_model, tiny_tokenizer, model_dir)
-    cfg = DeployConfig(
-        registered_model_name="test-chat",
-        gate=GateConfig(metric="loss", threshold=5.0),
-        max_new_tokens=4,
-    )
-    with mlflow.start_run():
-        passed = deploy(model_dir, {"loss": 4.0}, cfg, {"lmpipe.run.finetune": "r1"})
-    with mlflow.start_run():
-        failed = deploy(model_dir, {"loss": 9.0}, cfg, {})
+    cfg = deploy_config("test-chat")
+    requests = ["hi", "what is AI?", "bye"]
+
+    def run(metrics: dict[str, float], tags: dict[str, str]):
+        with mlflow.start_run():
+            mlflow.log_metrics(metrics)  # as the deploy stage does: the version's run has them
+            return deploy(model_dir, "sft", metrics, cfg, tags, requests)
+
+    first = run({"loss": 4.0, "int8_loss": 4.01}, {"lmpipe.run.finetune": "r1"})
+    worse = run({"loss": 4.5}, {})  # passes the threshold, worse than the champion
+    failed = run({"loss": 9.0}, {})  # fails the threshold
+    better = run({"loss": 3.5}, {})
     client = MlflowClient()
-    assert passed.alias == "champion" and failed.alias is None
-    assert str(client.get_model_version_by_alias("test-chat", "champion").version) == passed.version
-    assert client.get_model_version("test-chat", passed.version).tags["lmpipe.run.finetune"] == "r1"
-    assert failed.model_uri == f"models:/test-chat/{failed.version}"
+    assert [d.alias for d in (first, worse, failed, better)] == [
+        "champion",
+        "challenger",
+        "challenger",
+        "champion",
+    ]
+    assert worse.gate["not_worse_than_champion"] is False and worse.gate["champion_version"] == "1"
+    assert str(client.get_model_version_by_alias("test-chat", "champion").version) == "4"
+    assert registry.aliased("test-chat", registry.CHALLENGER) is None  # the winner cleared it
+    assert client.get_model_version("test-chat", "1").tags["lmpipe.run.finetune"] == "r1"
+    assert client.get_model_version("test-chat", "2").tags["gate_passed"] == "False"
+    assert registry.aliased("test-chat").metrics["loss"] == 3.5
+
+    quantized = first.quantized
+    assert quantized["model_name"] == "test-chat-int8" and quantized["requests"] == 3
+    assert 0 < quantized["int8_bytes"] < quantized["fp32_bytes"]
+    assert quantized["fp32_latency_p50_seconds"] > 0 and quantized["int8_latency_p50_seconds"] > 0
+    assert quantized["quality.int8_loss"] == 4.01
+    int8 = mlflow.pyfunc.load_model("models:/test-chat-int8@champion")
+    up_proj = int8.unwrap_python_model().model.model.layers[0].mlp.up_proj
+    assert type(up_proj).__module__.startswith("torch.ao.nn.quantized.dynamic")
+    replies = int8.predict(pd.DataFrame({"prompt": ["hi"]}), params={"max_new_tokens": 3})
+    assert len(replies) == 1 and isinstance(replies[0], str)
+
     served = mlflow.pyfunc.load_model("models:/test-chat@champion")
     replies = served.predict(pd.DataFrame({"prompt": ["hi", "bye"]}), params={"max_new_tokens": 3})
     assert len(replies) == 2 and all(isinstance(r, str) for r in replies)
     assert served.metadata.signature.inputs.input_names() == ["prompt"]
+
+
+def test_classifier_deploys_and_answers_labels(
+    mlflow_store: str, tmp_path: Path, tiny_model, tiny_tokenizer
+) -> None:
+    base = tmp_path / "base"
+    save_model(tiny_model, tiny_tokenizer, base)
+    model_dir = tmp_path / "classifier"
+    save_model(load_classifier(base, ["noun.animal", "noun.food"]), tiny_tokenizer, model_dir)
+    cfg = deploy_config("test-classify", quantized_variant=False)
+    with mlflow.start_run():
+        result = deploy(model_dir, "classify", {"f1": 0.7}, cfg, {}, ["a dog", "a pie"])
+    assert result.alias == "champion" and result.smoke_output["label"] in ("noun.animal",
+                                                                          "noun.food")  # fmt: skip
+    served = mlflow.pyfunc.load_model("models:/test-classify@champion")
+    out = served.predict(pd.DataFrame({"text": ["a small dog", "an apple pie"]}))
+    assert list(out.columns) == ["label", "confidence"] and len(out) == 2
+    assert set(out["label"]) <= {"noun.animal", "noun.food"}
+    assert ((out["confidence"] > 0) & (out["confidence"] <= 1)).all()
+
+
+def test_int8_quantization_keeps_outputs_close_and_shrinks_linear_weights(tiny_model) -> None:
+    import torch
+
+    quantized = quantize_int8(tiny_model)
+    probe = torch.tensor([list(range(5, 21))])
+    with torch.no_grad():
+        reference, approx = tiny_model(input_ids=probe).logits, quantized(input_ids=probe).logits
+    assert (reference - approx).abs().max() < 0.05 * reference.abs().max() + 1e-3
+    assert state_size_bytes(quantized) < state_size_bytes(tiny_model)
+    assert type(tiny_model.model.layers[0].mlp.up_proj) is torch.nn.Linear  # a copy

@@ -30,7 +30,10 @@ def mean_loss(
             break
         batch = {k: v.to(device) for k, v in batch.items()}
         logits = model(
-            input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")
+            input_ids=batch["input_ids"],
+            attention_mask=batch.get("attention_mask"),
+            position_ids=batch.get("position_ids"),  # packed rows
+            use_cache=False,  # with a KV cache, transformers ignores packed positions
         ).logits
         targets = batch["labels"][:, 1:]
         loss = F.cross_entropy(
@@ -120,6 +123,7 @@ def predict_classes(
         logits = model(
             input_ids=batch["input_ids"].to(device),
             attention_mask=batch["attention_mask"].to(device),
+            use_cache=False,
         ).logits.float()
         labels = batch["labels"].to(device)
         total += float(F.cross_entropy(logits, labels, reduction="sum"))
@@ -191,7 +195,10 @@ def example_losses(
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
         logits = model(
-            input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")
+            input_ids=batch["input_ids"],
+            attention_mask=batch.get("attention_mask"),
+            position_ids=batch.get("position_ids"),  # packed rows
+            use_cache=False,  # with a KV cache, transformers ignores packed positions
         ).logits.float()
         targets = batch["labels"][:, 1:]
         losses = F.cross_entropy(

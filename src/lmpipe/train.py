@@ -433,9 +433,11 @@ def _loss(
         # The classifier heads' own loss is a per-batch mean; sum it so that accumulation
         # and processes weigh every example the same.
         inputs = {k: v for k, v in batch.items() if k != "labels"}
-        logits = forward(**inputs).logits.float()
+        logits = forward(**inputs, use_cache=False).logits.float()
         return F.cross_entropy(logits, batch["labels"], reduction="sum") / target_count
-    return forward(**batch, num_items_in_batch=target_count).loss
+    # No KV cache in training: it costs memory, and with one transformers ignores the
+    # restarting position_ids that keep packed examples apart.
+    return forward(**batch, num_items_in_batch=target_count, use_cache=False).loss
 
 
 def _input_tokens(batch: dict[str, torch.Tensor]) -> int:

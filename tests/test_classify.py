@@ -1,0 +1,166 @@
+"""finetune=classify: WordNet data, stratified splits, the classifier in the shared loop, and
+metrics from saved predictions checked against scikit-learn."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn import metrics as sk
+
+from lmpipe.config import HardwareConfig, OptimConfig, TrainConfig
+from lmpipe.data import classify
+from lmpipe.evaluate import classification_report, confusion_matrix, predict_classes
+from lmpipe.model import is_classifier, load_classifier, save_model
+from lmpipe.tasks import score_classify
+from lmpipe.train import seed_everything, train
+from tests.test_train import NullLogger
+
+CPU = torch.device("cpu")
+CATEGORIES = ["noun.animal", "noun.food", "noun.plant"]
+
+
+@pytest.fixture(scope="module")
+def glosses() -> list[classify.LabelledText]:
+    return classify.load_wordnet_glosses(CATEGORIES, max_per_class=60)
+
+
+def test_wordnet_glosses_carry_their_lexicographer_category(glosses) -> None:
+    counts = Counter(item.label for item in glosses)
+    assert counts == {name: 60 for name in CATEGORIES}
+    assert len({item.text for item in glosses}) == len(glosses)  # no duplicate text
+    tiger = classify.load_wordnet_glosses(["noun.animal"])
+    assert len(tiger) > 7000  # the whole category without a cap
+    assert any("feline" in t.text or "cat" in t.text for t in tiger)
+
+
+def test_unknown_category_is_named() -> None:
+    with pytest.raises(ValueError, match=r"noun\.dragons"):
+        classify.load_wordnet_glosses(["noun.animal", "noun.dragons"])
+
+
+def test_split_is_stratified_disjoint_and_stable(glosses) -> None:
+    splits = classify.stratified_split(glosses, 0.1, 0.2)
+    for name in CATEGORIES:
+        per_split = {s: sum(t.label == name for t in items) for s, items in splits.items()}
+        assert per_split == {"train": 42, "val": 6, "test": 12}
+    ids = [{t.id for t in items} for items in splits.values()]
+    assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
+    # Another sample of the data leaves every kept text in the same split.
+    again = classify.stratified_split(list(reversed(glosses)), 0.1, 0.2)
+    assert {t.id for t in again["test"]} == {t.id for t in splits["test"]}
+
+
+def random_labels(n: int, names: list[str], seed: int) -> tuple[list[str], list[str]]:
+    rng = np.random.default_rng(seed)
+    actual = rng.choice(names, n).tolist()
+    # Mostly right, sometimes wrong, and one class never predicted.
+    predicted = [a if rng.random() < 0.6 else rng.choice(names[:-1]) for a in actual]
+    return actual, predicted
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_classification_report_matches_scikit_learn(seed: int) -> None:
+    names = ["a", "b", "c", "d"]
+    actual, predicted = random_labels(200, names, seed)
+    report = classification_report(actual, predicted, names)
+    assert report["accuracy"] == pytest.approx(sk.accuracy_score(actual, predicted))
+    assert report["macro_f1"] == pytest.approx(
+        sk.f1_score(actual, predicted, labels=names, average="macro", zero_division=0)
+    )
+    f1 = sk.f1_score(actual, predicted, labels=names, average=None, zero_division=0)
+    precision = sk.precision_score(actual, predicted, labels=names, average=None, zero_division=0)
+    recall = sk.recall_score(actual, predicted, labels=names, average=None, zero_division=0)
+    for i, name in enumerate(names):
+        assert report[f"f1.{name}"] == pytest.approx(f1[i])
+        assert report[f"precision.{name}"] == pytest.approx(precision[i])
+        assert report[f"recall.{name}"] == pytest.approx(recall[i])
+    assert (
+        confusion_matrix(actual, predicted, names)
+        == sk.confusion_matrix(actual, predicted, labels=names)
+    ).all()
+
+
+def test_scores_come_from_the_predictions_table_with_a_majority_baseline() -> None:
+    names = ["x", "y", "z"]
+    actual, predicted = random_labels(90, names, 5)
+    frame = pd.DataFrame({"actual": actual, "finetuned_predicted": predicted})
+    metrics = score_classify(frame, ["finetuned"], names, majority="y")
+    assert metrics["finetuned_accuracy"] == pytest.approx(sk.accuracy_score(actual, predicted))
+    baseline = ["y"] * len(actual)
+    assert metrics["baseline_accuracy"] == pytest.approx(sk.accuracy_score(actual, baseline))
+    assert metrics["baseline_macro_f1"] == pytest.approx(
+        sk.f1_score(actual, baseline, labels=names, average="macro", zero_division=0)
+    )
+    assert metrics["test_examples"] == 90
+
+
+@pytest.fixture
+def classifier_base(tmp_path: Path, tiny_model, tiny_tokenizer) -> Path:
+    path = tmp_path / "base"
+    save_model(tiny_model, tiny_tokenizer, path)
+    return path
+
+
+def keyword_examples(tokenizer, n: int) -> list[dict]:
+    """Two classes told apart by one word: learnable in a few dozen steps."""
+    texts = {0: "the quick brown fox", 1: "what is the state of the union"}
+    items = [classify.LabelledText(str(i), texts[i % 2], str(i % 2)) for i in range(n)]
+    return classify.encode_texts(tokenizer, items, ["0", "1"], 16)
+
+
+def test_classifier_trains_in_the_shared_loop_and_saves(
+    tmp_path: Path, classifier_base: Path, tiny_tokenizer
+) -> None:
+    seed_everything(0)
+    model = load_classifier(classifier_base, ["0", "1"])
+    examples = keyword_examples(tiny_tokenizer, 64)
+    pad = model.config.pad_token_id
+    cfg = TrainConfig(steps=30, batch_size=8, eval_every=30,
+                      optim=OptimConfig(lr=5e-3, warmup_steps=2))  # fmt: skip
+
+    def accuracy(m) -> dict[str, float]:
+        result = predict_classes(m, classify.ordered_batches(examples, 8, pad), CPU)
+        return {"loss": result.loss, "accuracy": float((result.actual == result.predicted).mean())}
+
+    logger = NullLogger()
+    train(model, classify.shuffled_batches(examples, 8, pad, 0), cfg, HardwareConfig(), CPU,
+          logger, accuracy)  # fmt: skip
+    val = [row for row, _, series in logger.rows if series == "val"][-1]
+    assert val["val_accuracy"] == 1.0 and val["val_loss"] < 0.2
+    save_model(model, tiny_tokenizer, tmp_path / "clf")
+    assert is_classifier(tmp_path / "clf") and not is_classifier(classifier_base)
+    reloaded = load_classifier(tmp_path / "clf")
+    assert reloaded.config.id2label == {0: "0", 1: "1"}
+    again = predict_classes(reloaded, classify.ordered_batches(examples, 8, pad), CPU)
+    assert (again.actual == again.predicted).all()
+
+
+def test_classification_micro_batches_add_up_to_the_full_batch_gradient(
+    classifier_base: Path, tiny_tokenizer
+) -> None:
+    """Each micro-batch's loss is its summed cross-entropy over the global example count, so
+    two halves give the full batch's mean-loss gradient (a per-half mean would double it)."""
+    from lmpipe.train import _loss, _target_count
+
+    seed_everything(0)
+    model = load_classifier(classifier_base, ["0", "1"])
+    examples = keyword_examples(tiny_tokenizer, 6)
+    pad = model.config.pad_token_id
+    full = classify.collate(examples, pad)
+    count = torch.tensor(float(_target_count(full)))
+    assert count == 6
+    torch.nn.functional.cross_entropy(
+        model(input_ids=full["input_ids"], attention_mask=full["attention_mask"]).logits,
+        full["labels"],
+    ).backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    for half in (examples[:2], examples[2:]):
+        _loss(model, classify.collate(half, pad), count).backward()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, expected[name], rtol=1e-4, atol=1e-6)
