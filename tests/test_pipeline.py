@@ -165,10 +165,11 @@ def test_a_failing_stage_ends_failed_and_writes_nothing(pipeline: Path) -> None:
     deploy_json = pipeline / "outputs" / "deploy" / "deploy.json"
     before = deploy_json.read_text()
     result = run(
-        ["python", "-m", "stages.deploy", "deploy.gate.metric=accuracy"], pipeline, check=False
+        ["python", "-m", "stages.deploy", "deploy.gates.sft.metric=accuracy"], pipeline,
+        check=False,
     )
     assert result.returncode != 0
-    assert "deploy.gate.metric: 'accuracy'" in result.stderr + result.stdout
+    assert "deploy.gates: metric 'accuracy'" in result.stderr + result.stdout
     stage, status, _ = stage_runs(pipeline)[-1]
     assert (stage, status) == ("deploy", "FAILED")
     assert deploy_json.read_text() == before
