@@ -5,7 +5,7 @@ Starts MLflow's scoring server for `models:/<name>@champion` of the project's st
 and prints errors, p50 and p95. The baseline, measured in the same run on the same inputs,
 is the same pyfunc called in-process: the ratio is what the HTTP server adds.
 
-    python benchmarks/serving_latency.py                          # lmpipe-sft@champion, 200 requests
+    python benchmarks/serving_latency.py              # lmpipe-sft@champion, 200 requests
     python benchmarks/serving_latency.py --model lmpipe-classify --requests 500
 """
 
@@ -38,7 +38,7 @@ def main() -> None:
     uri = tracking.configure()
     model_uri = f"models:/{args.model}@{args.alias}"
     model = mlflow.pyfunc.load_model(model_uri)
-    task = model.metadata.get_model_config().get("task", "sft")
+    task = (model.model_config or {}).get("task", "sft")
     row = {INPUT_COLUMN[task]: INPUTS[task]}
     params = None if task == "classify" else {"max_new_tokens": args.max_new_tokens}
     payload = {"dataframe_records": [row], **({"params": params} if params else {})}
