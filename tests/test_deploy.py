@@ -134,3 +134,17 @@ def test_int8_quantization_keeps_outputs_close_and_shrinks_linear_weights(tiny_m
     assert (reference - approx).abs().max() < 0.05 * reference.abs().max() + 1e-3
     assert state_size_bytes(quantized) < state_size_bytes(tiny_model)
     assert type(tiny_model.model.layers[0].mlp.up_proj) is torch.nn.Linear  # a copy
+
+
+def test_int8_variant_failing_its_own_threshold_is_only_the_challenger(
+    mlflow_store: str, tmp_path: Path, tiny_model, tiny_tokenizer
+) -> None:
+    model_dir = tmp_path / "model"
+    save_model(tiny_model, tiny_tokenizer, model_dir)
+    with mlflow.start_run():
+        result = deploy(model_dir, "sft", {"loss": 3.0, "int8_loss": 7.0},
+                        deploy_config("gated"), {}, ["hi"])  # fmt: skip
+    assert result.alias == "champion" and result.quantized["alias"] == "challenger"
+    assert registry.aliased("gated-int8", registry.CHAMPION) is None
+    int8 = MlflowClient().get_model_version("gated-int8", result.quantized["version"])
+    assert int8.tags["gate_passed"] == "False"

@@ -173,3 +173,37 @@ def test_a_failing_stage_ends_failed_and_writes_nothing(pipeline: Path) -> None:
     stage, status, _ = stage_runs(pipeline)[-1]
     assert (stage, status) == ("deploy", "FAILED")
     assert deploy_json.read_text() == before
+
+
+def test_classify_task_through_the_pipeline(pipeline: Path) -> None:
+    """finetune=classify reruns finetune → deploy only; evaluate scores from its saved
+    predictions; deploy registers lmpipe-classify; a second run meets the champion."""
+    run(["lmpipe", "params", "experiment=smoke", "finetune=classify"], pipeline)
+    result = run(["dvc", "repro"], pipeline, timeout=900)
+    ran = [s for s in STAGES if f"Running stage '{s}'" in result.stdout]
+    assert ran == ["finetune", "evaluate", "deploy"]
+    evaluate = pipeline / "outputs" / "evaluate"
+    predictions = evaluate / "predictions.csv"
+    header = predictions.read_text().splitlines()[0].split(",")
+    assert {"actual", "finetuned_predicted", "int8_predicted"} <= set(header)
+    metrics = json.loads((evaluate / "metrics.json").read_text())
+    assert {"finetuned_accuracy", "finetuned_macro_f1", "baseline_accuracy",
+            "int8_macro_f1_change", "pretrained_val_perplexity"} <= set(metrics)  # fmt: skip
+    assert metrics["test_examples"] == len(predictions.read_text().splitlines()) - 1
+    assert (evaluate / "plots" / "confusion_matrix.png").stat().st_size > 10_000
+    deployed = json.loads((pipeline / "outputs/deploy/deploy.json").read_text())
+    assert deployed["model_name"] == "lmpipe-classify" and deployed["alias"] == "champion"
+    assert deployed["quantized"]["model_name"] == "lmpipe-classify-int8"
+
+    # Another learning rate: evaluate now reports the difference to that champion.
+    run(["lmpipe", "params", "experiment=smoke", "finetune=classify",
+         "finetune.optim.lr=1e-2"], pipeline)  # fmt: skip
+    run(["dvc", "repro"], pipeline, timeout=900)
+    champion = json.loads((evaluate / "champion.json").read_text())
+    assert champion["champion"] == {"name": "lmpipe-classify", "version": "1"}
+    diff = champion["metrics"]["finetuned_macro_f1"]
+    assert diff["difference"] == pytest.approx(diff["candidate"] - diff["champion"])
+    second = json.loads((pipeline / "outputs/deploy/deploy.json").read_text())
+    assert second["gate"]["champion_version"] == "1"
+    assert second["alias"] == ("champion" if second["gate"]["not_worse_than_champion"]
+                               else "challenger")  # fmt: skip

@@ -217,11 +217,23 @@ def deploy_quantized(
 
     name = f"{cfg.registered_model_name}-int8"
     model_version = log_and_register(model_dir, task, name, cfg, "model_int8", "int8")
+    # The variant must pass the same threshold on its own score (evaluate's int8_* metrics).
+    gate = cfg.gates[task]
+    own_metric = "int8_" + gate.metric.removeprefix("finetuned_")
+    own_value = metrics.get(own_metric)
+    passed = own_value is None or better_or_equal(float(own_value), gate.threshold, gate.mode)
+    variant_alias = alias if passed else registry.CHALLENGER
     client = MlflowClient()
-    for key, value in {**tags, "quantized_from": f"{cfg.registered_model_name}/{source_version}"
-                       }.items():  # fmt: skip
+    source = f"{cfg.registered_model_name}/{source_version}"
+    for key, value in {**tags, "quantized_from": source, "gate_passed": str(passed)}.items():
         client.set_model_version_tag(name, model_version, key, value)
-    registry.set_alias(name, alias, model_version)
+    registry.set_alias(name, variant_alias, model_version)
+    if variant_alias == registry.CHAMPION:
+        registry.drop_alias(name, registry.CHALLENGER)
+    elif not passed:
+        log.warning("int8 variant %s/%s: %s=%.4f fails the %s threshold %.4f: registered as the "
+                    "challenger", name, model_version, own_metric, float(own_value), gate.mode,
+                    gate.threshold)  # fmt: skip
     quantized = mlflow.pyfunc.load_model(f"models:/{name}/{model_version}")
 
     inputs = pd.DataFrame({INPUT_COLUMN[task]: requests[: cfg.latency_requests]})
@@ -233,6 +245,7 @@ def deploy_quantized(
     report = {
         "model_name": name,
         "version": model_version,
+        "alias": variant_alias,
         "fp32_bytes": state_size_bytes(fp32_model),
         "int8_bytes": state_size_bytes(int8_model),
         "fp32_latency_p50_seconds": statistics.median(fp32_seconds),
