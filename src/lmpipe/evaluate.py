@@ -72,6 +72,7 @@ def generate_replies(
     temperature: float = 1.0,
     top_p: float = 1.0,
     device: torch.device | None = None,
+    min_new_tokens: int = 0,
 ) -> list[str]:
     """Answer each prompt as a single user turn through the chat template."""
     device = device or next(model.parameters()).device
@@ -92,6 +93,7 @@ def generate_replies(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
             max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,  # > 0: same reply length, e.g. to compare latency
             **sampling,
         )
         replies.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip())

@@ -2,7 +2,7 @@
 
 One class serves both tasks; the logged `model_config` says which:
   task: sft       input: a `prompt` column (or a list of strings); output: one reply per row
-                  (params: max_new_tokens, do_sample, temperature, top_p)
+                  (params: max_new_tokens, min_new_tokens, do_sample, temperature, top_p)
   task: classify  input: a `text` column; output: `label` and `confidence` per row
   quantize: int8  rebuild the int8 dynamic-quantized variant at load time (CPU)
 """
@@ -16,6 +16,7 @@ import pandas as pd
 
 DEFAULT_PARAMS: dict[str, Any] = {
     "max_new_tokens": 32,
+    "min_new_tokens": 0,
     "do_sample": False,
     "temperature": 1.0,
     "top_p": 1.0,
@@ -63,6 +64,7 @@ class ServedModel(mlflow.pyfunc.PythonModel):
             do_sample=bool(settings["do_sample"]),
             temperature=float(settings["temperature"]),
             top_p=float(settings["top_p"]),
+            min_new_tokens=int(settings["min_new_tokens"]),
         )
 
     def _classify(self, texts: list[str]) -> pd.DataFrame:
