@@ -1,11 +1,11 @@
 """evaluate: pretrained + fine-tuned models on held-out data -> outputs/evaluate/.
 
 Writes the held-out predictions (predictions.csv) first and computes metrics.json from
-that file: for sft the response loss of the pretrained, fine-tuned and int8 models and
-their generations; for classify accuracy, macro-F1 and per-class scores of the classifier
-and its int8 variant beside the majority-class baseline, with a confusion matrix. Both
-report the pretrained model's perplexity on the held-out corpus, and champion.json the
-difference to the registry's current champion.
+that file. sft: the response loss of the pretrained, fine-tuned and int8 models, their
+generations, and both models' perplexity on the held-out corpus. classify: accuracy,
+macro-F1 and per-class scores of the classifier and its int8 variant beside the
+majority-class baseline, a confusion matrix, and the pretrained model's corpus perplexity.
+champion.json holds the difference to the registry's current champion.
 """
 
 import hydra
@@ -41,8 +41,12 @@ def main(cfg: DictConfig) -> None:
         # Held-out corpus text: how well the pretrained LM models language.
         val_tokens = load_tokens(stage.input("tokenize", "tokens"), "val")
         seq_len = c.pretrain.seq_len
-        windows = sequential_windows(val_tokens, e.batch_size, seq_len, e.max_tokens)
-        val_loss, val_count = mean_loss(pretrained, windows, device)
+
+        def corpus_loss(model) -> tuple[float, int]:
+            windows = sequential_windows(val_tokens, e.batch_size, seq_len, e.max_tokens)
+            return mean_loss(model, windows, device)
+
+        val_loss, val_count = corpus_loss(pretrained)
         corpus = {
             "pretrained_val_loss": val_loss,
             "pretrained_val_perplexity": perplexity(val_loss),
@@ -78,6 +82,10 @@ def main(cfg: DictConfig) -> None:
             mlflow.log_figure(figure, "confusion_matrix.png")
         else:
             finetuned = load_model(finetuned_dir).to(device)
+            # What fine-tuning did to language modelling of the held-out corpus (forgetting).
+            tuned_loss, _ = corpus_loss(finetuned)
+            corpus |= {"finetuned_val_loss": tuned_loss, "finetuned_val_perplexity":
+                       perplexity(tuned_loss)}  # fmt: skip
             models = {"pretrained": pretrained, "finetuned": finetuned,
                       "int8": quantize_int8(load_model(finetuned_dir))}  # fmt: skip
             generation = {"max_new_tokens": e.max_new_tokens, "do_sample": e.do_sample,

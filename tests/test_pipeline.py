@@ -57,7 +57,7 @@ def test_every_stage_produced_its_outputs(pipeline: Path) -> None:
     metrics = json.loads((out / "evaluate" / "metrics.json").read_text())
     assert {"pretrained_val_loss", "finetuned_val_loss", "finetuned_sft_test_loss"} <= set(metrics)
     deployed = json.loads((out / "deploy" / "deploy.json").read_text())
-    assert deployed["alias"] == "champion" and deployed["smoke_reply"] is not None
+    assert deployed["alias"] == "champion" and deployed["smoke_output"] is not None
 
 
 def test_every_stage_has_one_finished_run_linked_to_its_outputs(pipeline: Path) -> None:
@@ -165,7 +165,8 @@ def test_a_failing_stage_ends_failed_and_writes_nothing(pipeline: Path) -> None:
     deploy_json = pipeline / "outputs" / "deploy" / "deploy.json"
     before = deploy_json.read_text()
     result = run(
-        ["python", "-m", "stages.deploy", "deploy.gates.sft.metric=accuracy"], pipeline,
+        ["python", "-m", "stages.deploy", "deploy.gates.sft.metric=accuracy"],
+        pipeline,
         check=False,
     )
     assert result.returncode != 0

@@ -4,9 +4,9 @@ Linear weights become int8 with one scale per output channel, and activations ar
 on the fly: PyTorch's fbgemm kernels, the CPU int8 path that is faster than fp32 here
 (torchao's `Int8DynamicActivationInt8WeightConfig` ran slower than fp32 on this CPU).
 Per-channel scales lose less than per-tensor ones (SmolLM2-135M, held-out loss 2.04 in fp32:
-3.91 per-tensor, 3.68 per-channel) and run faster (56 vs 82 ms per 64-token forward). Quantization is a
-deterministic function of the weights, so the variant is stored as the fp32 model plus this
-recipe and rebuilt at load time: nothing quantized is pickled.
+3.91 per-tensor, 3.68 per-channel) and run faster (56 vs 82 ms per 64-token forward).
+Quantization is a deterministic function of the weights, so the variant is stored as the fp32
+model plus this recipe and rebuilt at load time: nothing quantized is pickled.
 """
 
 from __future__ import annotations
