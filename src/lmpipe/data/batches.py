@@ -10,6 +10,7 @@ the same global batch (2 processes x batch B see what 1 process x batch 2B sees)
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -74,12 +75,29 @@ class ShuffledBatches:
         return batch
 
 
-def in_order(
-    num_items: int, batch_size: int, make_batch: Callable[[Sequence[int]], Batch]
+def shuffled_examples(
+    examples: Sequence[Any],
+    batch_size: int,
+    collate: Callable[[Sequence[Any]], Batch],
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+) -> ShuffledBatches:
+    """Endless, resumable, reshuffled batches of `examples`, each batch made by `collate`."""
+    if not examples:
+        raise ValueError("no training examples")
+    return ShuffledBatches(
+        len(examples), batch_size, lambda rows: collate([examples[i] for i in rows]), seed,
+        rank, world_size,
+    )  # fmt: skip
+
+
+def ordered_examples(
+    examples: Sequence[Any], batch_size: int, collate: Callable[[Sequence[Any]], Batch]
 ) -> Iterator[Batch]:
-    """Every item once, in order, in batches of `batch_size` (the last may be smaller)."""
-    for first in range(0, num_items, batch_size):
-        yield make_batch(range(first, min(first + batch_size, num_items)))
+    """Every example once, in order, in batches of `batch_size` (the last may be smaller)."""
+    for first in range(0, len(examples), batch_size):
+        yield collate(examples[first : first + batch_size])
 
 
 def window_batches(

@@ -13,11 +13,12 @@ import logging
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from lmpipe.data.batches import ShuffledBatches, in_order
+from lmpipe.data.batches import ShuffledBatches, ordered_examples, shuffled_examples
 
 log = logging.getLogger(__name__)
 
@@ -143,21 +144,11 @@ def shuffled_batches(
     rank: int = 0,
     world_size: int = 1,
 ) -> ShuffledBatches:
-    if not examples:
-        raise ValueError("no classification training examples")
-    return ShuffledBatches(
-        len(examples),
-        batch_size,
-        lambda rows: collate([examples[i] for i in rows], pad_id),
-        seed,
-        rank,
-        world_size,
-    )
+    return shuffled_examples(examples, batch_size, partial(collate, pad_id=pad_id), seed, rank,
+                             world_size)  # fmt: skip
 
 
 def ordered_batches(
     examples: Sequence[dict], batch_size: int, pad_id: int
 ) -> Iterator[dict[str, torch.Tensor]]:
-    return in_order(
-        len(examples), batch_size, lambda rows: collate([examples[i] for i in rows], pad_id)
-    )
+    return ordered_examples(examples, batch_size, partial(collate, pad_id=pad_id))

@@ -10,13 +10,14 @@ import hashlib
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 import yaml
 from transformers import PreTrainedTokenizerBase
 
-from lmpipe.data.batches import ShuffledBatches, in_order
+from lmpipe.data.batches import ShuffledBatches, ordered_examples, shuffled_examples
 
 log = logging.getLogger(__name__)
 
@@ -180,33 +181,17 @@ def shuffled_batches(
     Padded (one example per row) by default; with `packing_len`, rows are examples packed
     up to that many tokens and a batch holds `batch_size` such rows.
     """
-    if not examples:
-        raise ValueError("no SFT training examples")
-    if packing_len:
+    if packing_len and examples:
         rows = pack(examples, packing_len)
         log.info("sft: %d examples packed into %d rows of <= %d tokens",
                  len(examples), len(rows), packing_len)  # fmt: skip
-        return ShuffledBatches(
-            len(rows),
-            batch_size,
-            lambda indices: collate_packed([rows[i] for i in indices], pad_id),
-            seed,
-            rank,
-            world_size,
-        )
-    return ShuffledBatches(
-        len(examples),
-        batch_size,
-        lambda rows: collate([examples[i] for i in rows], pad_id),
-        seed,
-        rank,
-        world_size,
-    )
+        return shuffled_examples(rows, batch_size, partial(collate_packed, pad_id=pad_id), seed,
+                                 rank, world_size)  # fmt: skip
+    return shuffled_examples(examples, batch_size, partial(collate, pad_id=pad_id), seed, rank,
+                             world_size)  # fmt: skip
 
 
 def ordered_batches(
     examples: Sequence[dict[str, list[int]]], batch_size: int, pad_id: int
 ) -> Iterator[dict[str, torch.Tensor]]:
-    return in_order(
-        len(examples), batch_size, lambda rows: collate([examples[i] for i in rows], pad_id)
-    )
+    return ordered_examples(examples, batch_size, partial(collate, pad_id=pad_id))
