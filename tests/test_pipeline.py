@@ -36,6 +36,22 @@ def param(project: Path, run_id: str, key: str) -> str:
     return value
 
 
+def sweep_runs(project: Path) -> list[tuple[str, list[str]]]:
+    """(parent run id, child run ids) of every sweep, oldest first."""
+    with sqlite3.connect(project / "mlflow.db") as db:
+        parents = db.execute(
+            "SELECT r.run_uuid FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
+            "WHERE t.key = 'lmpipe.sweep' ORDER BY r.start_time"
+        ).fetchall()
+        return [
+            (parent, [row[0] for row in db.execute(
+                "SELECT run_uuid FROM tags WHERE key = 'mlflow.parentRunId' AND value = ?",
+                (parent,),
+            )])
+            for (parent,) in parents
+        ]  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     project = copy_project(tmp_path_factory.mktemp("e2e") / "project")
@@ -148,10 +164,52 @@ def test_stage_cli_override_and_multirun(pipeline: Path) -> None:
     assert sorted(param(pipeline, r, "finetune.optim.lr") for _, _, r in jobs) == ["0.001", "0.004"]
     job_models = sorted((pipeline / "multirun" / "finetune").glob("*/*/outputs/finetune/model"))
     assert len(job_models) == 2
+    parent, children = sweep_runs(pipeline)[-1]
+    assert sorted(children) == sorted(r for _, _, r in jobs)
+    with sqlite3.connect(pipeline / "mlflow.db") as db:
+        status, best = db.execute(
+            "SELECT r.status, m.value FROM runs r JOIN metrics m ON m.run_uuid = r.run_uuid "
+            "WHERE r.run_uuid = ? AND m.key = 'best_best_val_loss'",
+            (parent,),
+        ).fetchone()
+        objectives = [
+            db.execute(
+                "SELECT value FROM metrics WHERE run_uuid = ? AND key = 'best_val_loss'", (r,)
+            ).fetchone()[0]
+            for r in children
+        ]
+    assert status == "FINISHED" and best == min(objectives)
+    plots = [p for p in pipeline.rglob("sweep_finetune.optim.lr.png") if parent in p.parts]
+    assert plots and plots[0].stat().st_size > 5_000
     # A multirun writes under its job directories, never over the DVC-tracked outputs.
     single_model = (pipeline / "outputs" / "finetune" / "model" / "model.safetensors").read_bytes()
     assert single_model != baseline_model  # the single run did replace it, as intended
     assert (pipeline / "outputs" / "finetune" / "run.json").read_text().count(single) == 1
+
+
+def test_four_parallel_joblib_jobs_lose_no_run_and_no_metric(pipeline: Path) -> None:
+    """4 processes writing to one SQLite store at once: every run and every step metric lands."""
+    result = run(["python", "-m", "stages.finetune", "-m", "hydra/launcher=joblib",
+                  "hydra.launcher.n_jobs=4", "finetune.optim.lr=0.001,0.002,0.003,0.004"],
+                 pipeline)  # fmt: skip
+    assert "database is locked" not in result.stdout + result.stderr
+    _, children = sweep_runs(pipeline)[-1]
+    assert len(children) == 4
+    steps = yaml.safe_load((pipeline / "params.yaml").read_text())["finetune"]["steps"]
+    with sqlite3.connect(pipeline / "mlflow.db") as db:
+        for child in children:
+            (status,) = db.execute(
+                "SELECT status FROM runs WHERE run_uuid = ?", (child,)
+            ).fetchone()
+            # Step rows only (the run's closing summary repeats train_loss at step 0).
+            steps_query = ("SELECT COUNT(*) FROM metrics WHERE run_uuid = ? "
+                           "AND key = 'train_loss' AND step >= 1")  # fmt: skip
+            (count,) = db.execute(steps_query, (child,)).fetchone()
+            assert status == "FINISHED" and count == steps
+        lrs = sorted(db.execute(
+            f"SELECT value FROM params WHERE key = 'finetune.optim.lr' AND run_uuid IN "
+            f"({','.join('?' * len(children))})", children).fetchall())  # fmt: skip
+    assert [v for (v,) in lrs] == ["0.001", "0.002", "0.003", "0.004"]
 
 
 def test_stale_params_warn_with_the_fix(pipeline: Path) -> None:

@@ -72,6 +72,12 @@ def prepare_cli(stage: str, argv: list[str] | None = None) -> None:
     }
     given = {arg.split("=", 1)[0].lstrip("+") for arg in argv[1:] if "=" in arg}
     argv.extend(f"{key}={value}" for key, value in defaults.items() if key not in given)
+    if any(arg in ("-m", "--multirun") for arg in argv[1:]):
+        # A user's sweep: one MLflow parent run, a child per job (lmpipe.sweep).
+        argv.extend([
+            "+hydra.callbacks.lmpipe_sweep._target_=lmpipe.sweep.SweepCallback",
+            f"+hydra.callbacks.lmpipe_sweep.stage={stage}",
+        ])  # fmt: skip
     launcher = _cli_value(argv, "hardware.launcher") or _params_value(root, "hardware.launcher")
     if launcher and launcher != "none":
         # --cfg/--info show the composed config (launcher included) instead of running.

@@ -124,6 +124,10 @@ def dvc_lock_md5s(lock_path: Path = Path("dvc.lock")) -> dict[str, str]:
     return md5s
 
 
+# Set by lmpipe.sweep.SweepCallback for the jobs of a multirun: their parent MLflow run.
+SWEEP_PARENT_ENV = "LMPIPE_SWEEP_PARENT_RUN"
+
+
 @contextlib.contextmanager
 def stage_run(
     stage: str,
@@ -157,6 +161,8 @@ def stage_run(
         experiment_id=None if run_id else experiment_id,
         run_name=None if run_id else stage,
         tags=None if run_id else tags,
+        # A job of a Hydra sweep: the child of the sweep's run (lmpipe.sweep).
+        parent_run_id=None if run_id else os.environ.get(SWEEP_PARENT_ENV) or None,
     ) as run:
         if run_id is None:
             mlflow.log_params(flatten_config(cfg))
