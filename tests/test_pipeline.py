@@ -212,6 +212,27 @@ def test_four_parallel_joblib_jobs_lose_no_run_and_no_metric(pipeline: Path) -> 
     assert [v for (v,) in lrs] == ["0.001", "0.002", "0.003", "0.004"]
 
 
+def test_optuna_sweeper_gets_the_stage_objective(pipeline: Path) -> None:
+    """conf/hydra/sweeper/lmpipe_lr_search.yaml: Optuna proposes learning rates, the stage
+    returns its best val loss, and Optuna's best is the parent run's best."""
+    run(["python", "-m", "stages.finetune", "-m", "hydra/sweeper=lmpipe_lr_search",
+         "hydra.sweeper.n_trials=2"], pipeline)  # fmt: skip
+    parent, children = sweep_runs(pipeline)[-1]
+    assert len(children) == 2
+    sweeps = sorted((pipeline / "multirun" / "finetune").iterdir())
+    results = yaml.safe_load((sweeps[-1] / "optimization_results.yaml").read_text())
+    with sqlite3.connect(pipeline / "mlflow.db") as db:
+        (best,) = db.execute("SELECT value FROM metrics WHERE run_uuid = ? AND "
+                             "key = 'best_best_val_loss'", (parent,)).fetchone()  # fmt: skip
+        lrs = [float(v) for (v,) in db.execute(
+            f"SELECT value FROM params WHERE key = 'finetune.optim.lr' AND run_uuid IN "
+            f"({','.join('?' * len(children))})", children)]  # fmt: skip
+    assert results["best_value"] == pytest.approx(best)
+    best_lr = results["best_params"]["finetune.optim.lr"]
+    assert any(lr == pytest.approx(best_lr) for lr in lrs)  # Optuna's best is one of the runs
+    assert all(1e-4 <= lr <= 1e-2 for lr in lrs) and len(set(lrs)) == 2
+
+
 def test_stale_params_warn_with_the_fix(pipeline: Path) -> None:
     conf = pipeline / "conf" / "evaluate" / "default.yaml"
     conf.write_text(conf.read_text().replace("batch_size: 8", "batch_size: 4"))

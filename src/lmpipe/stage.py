@@ -72,11 +72,14 @@ def prepare_cli(stage: str, argv: list[str] | None = None) -> None:
     }
     given = {arg.split("=", 1)[0].lstrip("+") for arg in argv[1:] if "=" in arg}
     argv.extend(f"{key}={value}" for key, value in defaults.items() if key not in given)
+    # conf/hydra/ (launcher and sweeper configs) is not in params.yaml's search path.
+    searchpath = f"hydra.searchpath=[file://{root / 'conf'}]"
     if any(arg in ("-m", "--multirun") for arg in argv[1:]):
         # A user's sweep: one MLflow parent run, a child per job (lmpipe.sweep).
         argv.extend([
             "+hydra.callbacks.lmpipe_sweep._target_=lmpipe.sweep.SweepCallback",
             f"+hydra.callbacks.lmpipe_sweep.stage={stage}",
+            searchpath,
         ])  # fmt: skip
     launcher = _cli_value(argv, "hardware.launcher") or _params_value(root, "hardware.launcher")
     if launcher and launcher != "none":
@@ -85,9 +88,8 @@ def prepare_cli(stage: str, argv: list[str] | None = None) -> None:
         if not any(arg in ("-m", "--multirun", *inspecting) for arg in argv[1:]):
             argv.insert(1, "--multirun")  # argparse: flags before the overrides
             argv.append(f"+hydra.job.env_set.{SINGLE_JOB_ENV}=1")
-        argv.extend(
-            [f"hydra.searchpath=[file://{root / 'conf'}]", f"hydra/launcher=lmpipe_{launcher}"]
-        )
+        argv.extend([*([searchpath] if searchpath not in argv else []),
+                     f"hydra/launcher=lmpipe_{launcher}"])  # fmt: skip
 
 
 def _cli_value(argv: Sequence[str], key: str) -> str | None:

@@ -84,11 +84,13 @@ class SweepCallback(Callback):
 
 
 def _swept_keys(config: DictConfig) -> list[str]:
-    """Config keys given several values on the command line (a,b,c or a sweep function)."""
-    keys = []
+    """Config keys given several values: on the command line (a,b,c or a sweep function) or
+    in a sweeper's search space (hydra.sweeper.params, e.g. Optuna's)."""
+    keys = list(OmegaConf.select(config, "hydra.sweeper.params") or {})
     for override in OmegaConf.select(config, "hydra.overrides.task") or []:
         key, _, value = str(override).partition("=")
-        if "," in value or value.startswith(("range(", "choice(", "interval(")):
+        sweep_function = value.startswith(("range(", "choice(", "interval(", "tag("))
+        if ("," in value or sweep_function) and key.lstrip("+~") not in keys:
             keys.append(key.lstrip("+~"))
     return keys
 
