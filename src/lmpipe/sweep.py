@@ -19,7 +19,6 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
-import mlflow
 from hydra.experimental.callback import Callback
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
@@ -80,7 +79,6 @@ class SweepCallback(Callback):
             log.info("sweep: best %s=%.4f (run %s) of %d jobs", metric, best_value,
                      best.info.run_id, len(children))  # fmt: skip
         client.set_terminated(self.parent, "FINISHED" if not failed else "FAILED")
-        mlflow.end_run()
 
 
 def _swept_keys(config: DictConfig) -> list[str]:
