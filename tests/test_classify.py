@@ -3,6 +3,7 @@ metrics from saved predictions checked against scikit-learn."""
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from sklearn import metrics as sk
 from lmpipe.config import HardwareConfig, OptimConfig, TrainConfig
 from lmpipe.data import classify
 from lmpipe.evaluate import classification_report, confusion_matrix, predict_classes
-from lmpipe.model import is_classifier, load_classifier, save_model
+from lmpipe.model import load_classifier, save_model
 from lmpipe.tasks import score_classify
 from lmpipe.train import seed_everything, train
 from tests.test_train import NullLogger
@@ -133,7 +134,10 @@ def test_classifier_trains_in_the_shared_loop_and_saves(
     val = [row for row, _, series in logger.rows if series == "val"][-1]
     assert val["val_accuracy"] == 1.0 and val["val_loss"] < 0.2
     save_model(model, tiny_tokenizer, tmp_path / "clf")
-    assert is_classifier(tmp_path / "clf") and not is_classifier(classifier_base)
+    saved = json.loads((tmp_path / "clf" / "config.json").read_text())
+    assert saved["architectures"] == ["LlamaForSequenceClassification"]
+    base = json.loads((classifier_base / "config.json").read_text())
+    assert base["architectures"] == ["LlamaForCausalLM"]
     reloaded = load_classifier(tmp_path / "clf")
     assert reloaded.config.id2label == {0: "0", 1: "1"}
     again = predict_classes(reloaded, classify.ordered_batches(examples, 8, pad), CPU)

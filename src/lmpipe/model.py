@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 from transformers import (
-    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     GenerationConfig,
@@ -180,12 +179,6 @@ def load_classifier(path: str | Path, labels: Sequence[str] | None = None) -> Pr
         raise ValueError(f"{path}: the model config has no pad_token_id, which the classifier "
                          "needs to find each row's last token")  # fmt: skip
     return model
-
-
-def is_classifier(path: str | Path) -> bool:
-    """True for a model saved by `finetune.task=classify`."""
-    config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
-    return any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
 
 
 def save_model(

@@ -24,10 +24,6 @@ class RegisteredVersion:
     run_id: str
     metrics: dict[str, float] = field(default_factory=dict)
 
-    @property
-    def uri(self) -> str:
-        return f"models:/{self.name}/{self.version}"
-
 
 def aliased(name: str, alias: str = CHAMPION) -> RegisteredVersion | None:
     """The version of registered model `name` that holds `alias`, or None."""
