@@ -4,7 +4,9 @@ import hydra
 import mlflow
 from omegaconf import DictConfig
 
+from lmpipe import lineage
 from lmpipe.data.corpus import clean_corpus
+from lmpipe.data.sources import source_uri
 from lmpipe.plots import length_histogram_figure
 from lmpipe.stage import Stage, prepare_cli
 
@@ -23,6 +25,10 @@ def main(cfg: DictConfig) -> None:
             },
         )
         stage.log_metrics(stats)
+        stage.log_inputs(
+            lineage.Input(source, digest, lineage.RAW, source_uri(source, stage.cfg.data))
+            for source, digest in report.source_digests().items()
+        )
         histogram = report.length_histogram()
         mlflow.log_dict(report.dropped_samples, "dropped_samples.json")
         mlflow.log_dict(histogram, "length_histogram.json")

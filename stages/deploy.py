@@ -8,8 +8,10 @@ from dataclasses import asdict
 import hydra
 import mlflow
 import pandas as pd
+from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
+from lmpipe import lineage
 from lmpipe.deploy import deploy
 from lmpipe.stage import Stage, prepare_cli
 
@@ -23,8 +25,8 @@ def main(cfg: DictConfig) -> None:
         task = stage.cfg.finetune.task
         # Held-out inputs are the latency workload of the fp32 vs int8 comparison.
         requests = predictions["text" if task == "classify" else "prompt"].astype(str).tolist()
-        tags = {f"lmpipe.run.{name}": stage.upstream_run_id(name) for name in stage.upstream}
-        tags["lmpipe.run.deploy"] = stage.run_id
+        # The version names the run of every stage from clean to this deploy.
+        tags = lineage.version_tags(stage.run_id, MlflowClient())
         # The version's run carries the metrics it was gated on (the next champion check).
         stage.log_metrics(metrics)
         result = deploy(stage.input("finetune", "model"), task, metrics, stage.cfg.deploy, tags,

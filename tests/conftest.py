@@ -29,16 +29,21 @@ def file_digests(directory: Path) -> dict[str, str]:
 
 @pytest.fixture
 def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    """A private SQLite store, so tests never touch the project's mlflow.db."""
+    """A private SQLite store (and outbox), so tests never touch the project's mlflow.db."""
     import mlflow
+
+    from lmpipe import outbox, tracking
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("DVC_ROOT", raising=False)
+    monkeypatch.setattr(tracking, "store_root", lambda: tmp_path)
     mlflow.set_tracking_uri(uri)
+    outbox.reset()
     yield uri
     while mlflow.active_run():
         mlflow.end_run()
+    outbox.reset()
 
 
 @pytest.fixture(scope="session")

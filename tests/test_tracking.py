@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from pathlib import Path
 
@@ -10,7 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from lmpipe import tracking
+from lmpipe import lineage, tracking
 from lmpipe.config import validate
 from tests.conftest import REPO
 
@@ -47,8 +49,8 @@ def test_stage_run_tags_params_and_upstream(mlflow_store: str, cfg, tmp_path: Pa
         run_id = run.info.run_id
     stored = MlflowClient().get_run(run_id)
     assert stored.info.status == "FINISHED"
-    assert stored.data.tags[tracking.TAG_STAGE] == "tokenize"
-    assert stored.data.tags[f"{tracking.TAG_UPSTREAM}clean"] == "abc123"
+    assert stored.data.tags[lineage.TAG_STAGE] == "tokenize"
+    assert stored.data.tags[f"{lineage.TAG_UPSTREAM}clean"] == "abc123"
     assert stored.data.params["finetune.optim.lr"] == str(cfg.finetune.optim.lr)
     experiment = MlflowClient().get_experiment(stored.info.experiment_id)
     assert experiment.name == "lmpipe"
@@ -76,16 +78,71 @@ def test_metric_logger_batches_to_mlflow_and_csv(mlflow_store: str, tmp_path: Pa
     assert (tmp_path / "curves" / "val.csv").read_text().splitlines() == ["step,val_loss", "20,0.5"]
 
 
-def test_unreachable_store_warns_but_keeps_metrics(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+class DownClient:
+    """A store that refuses every write, counting the attempts."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def log_batch(self, run_id, metrics) -> None:
+        self.calls += 1
+        raise ConnectionError("connection refused")
+
+
+def test_unreachable_store_warns_once_saves_for_replay_and_keeps_csvs(
+    mlflow_store: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
-    logger = tracking.MetricLogger("no-such-run", csv_dir=tmp_path, flush_every=1, retries=2)
-    logger._client = MlflowClient(tracking_uri="http://127.0.0.1:9")  # nothing listens there
-    with caplog.at_level(logging.WARNING, logger="lmpipe.tracking"):
-        logger.log({"train_loss": 1.5}, 1)
+    with mlflow.start_run() as run:
+        run_id = run.info.run_id
+    logger = tracking.MetricLogger(run_id, csv_dir=tmp_path / "curves", flush_every=2)
+    down = logger._client = DownClient()
+    with caplog.at_level(logging.WARNING, logger="lmpipe.outbox"):
+        for step in range(1, 11):
+            logger.log({"train_loss": 10.0 / step, "lr": 0.1}, step)
         logger.close()
-    assert logger.failed_batches == 1
-    assert "did not accept" in caplog.text
-    assert (tmp_path / "train.csv").read_text().splitlines()[1] == "1,1.5"
+    # The first batch is tried `retries` times; after that the store is known to be down.
+    assert down.calls == logger.retries and logger.saved_batches == 10
+    assert caplog.text.count("tracking store unreachable") == 1
+    assert len((tmp_path / "curves" / "train.csv").read_text().splitlines()) == 11
+    saved = tracking.project_outbox()
+    assert [p.stem for p in saved.pending()] == [run_id]
+
+    # The store is back (here: the real client): replay sends everything, in order, once.
+    assert saved.replay() == 1 and saved.pending() == []
+    history = MlflowClient().get_metric_history(run_id, "train_loss")
+    assert sorted(m.step for m in history) == list(range(1, 11))
+    assert saved.replay() == 0  # nothing left to send twice
+
+
+def test_replay_keeps_what_it_could_not_send(mlflow_store: str, tmp_path: Path) -> None:
+    """An outbox replayed while the store is still down stays whole for the next try."""
+    from mlflow.entities import Metric
+
+    with mlflow.start_run() as run:
+        run_id = run.info.run_id
+    saved = tracking.project_outbox()
+    saved.save_metrics(run_id, [Metric("loss", 1.0, 0, 1)])
+    (tmp_path / "log.txt").write_text("hello")
+    saved.save_artifact(run_id, tmp_path / "log.txt", "logs")
+    saved.save_end(run_id, "FAILED")
+    assert saved.replay(DownClient()) == 0
+    lines = saved.pending()[0].read_text().splitlines()
+    assert [json.loads(line)["kind"] for line in lines] == ["metrics", "artifact", "end"]
+    (tmp_path / "log.txt").unlink()  # the outbox holds its own copy of the artifact
+    assert saved.replay() == 1 and not saved.directory.joinpath(f"{run_id}.files").exists()
+    stored = MlflowClient().get_run(run_id)
+    assert stored.data.metrics == {"loss": 1.0} and stored.info.status == "FAILED"
+    assert [a.path for a in MlflowClient().list_artifacts(run_id, "logs")] == ["logs/log.txt"]
+
+
+def test_stage_run_records_dvc_deps_as_inputs_with_dvc_md5(mlflow_store: str, cfg) -> None:
+    with tracking.stage_run("tokenize", cfg, {}) as run:
+        run_id = run.info.run_id
+    inputs = {
+        d.dataset.name: (d.dataset.digest, {t.key: t.value for t in d.tags})
+        for d in MlflowClient().get_run(run_id).inputs.dataset_inputs
+    }
+    source = REPO / "stages" / "tokenize.py"
+    digest, tags = inputs["stages/tokenize.py"]
+    assert digest == hashlib.md5(source.read_bytes()).hexdigest()  # DVC 3's md5 of a file
+    assert tags["mlflow.data.context"] == "code"

@@ -16,7 +16,36 @@ def main(argv: list[str] | None = None) -> int:
     )
     params.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=llama-125m")
     commands.add_parser("check-params", help="exit 1 if params.yaml is stale with respect to conf/")
+    lineage_cmd = commands.add_parser(
+        "lineage", help="print the chain of runs and data from the raw corpus to a run or model"
+    )
+    lineage_cmd.add_argument(
+        "reference", help="an MLflow run id, models:/<name>/<version> or models:/<name>@<alias>"
+    )
+    commands.add_parser(
+        "replay", help="send the MLflow writes saved while the tracking store was unreachable"
+    )
     args = parser.parse_args(argv)
+
+    if args.command == "replay":
+        from lmpipe import tracking
+
+        tracking.configure()
+        saved = tracking.project_outbox()
+        runs = len(saved.pending())
+        delivered = saved.replay()
+        print(f"replayed {delivered} of {runs} saved runs to {tracking.tracking_uri()}")
+        return 0 if delivered == runs else 1
+    if args.command == "lineage":
+        from lmpipe import lineage, tracking
+
+        tracking.configure()
+        try:
+            print(lineage.lineage_text(args.reference))
+        except ValueError as err:
+            print(f"lmpipe lineage: {err}", file=sys.stderr)
+            return 1
+        return 0
 
     root = find_project_root()
     if args.command == "params":

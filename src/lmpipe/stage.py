@@ -22,17 +22,16 @@ import logging
 import os
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import mlflow
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from lmpipe import atomic, distributed, tracking
+from lmpipe import atomic, distributed, lineage, tracking
 from lmpipe.checkpoint import Checkpoints, fingerprint
 from lmpipe.config import find_project_root, stale_params_message, validate
 
@@ -171,10 +170,6 @@ class Stage:
             )
         return path
 
-    def upstream_run_id(self, stage: str) -> str:
-        """The MLflow run that produced an upstream stage's current outputs."""
-        return json.loads(self.input(stage, tracking.RUN_FILE).read_text())["run_id"]
-
     def output(self, name: str) -> Path:
         """A temporary path that becomes `<out_dir>/<name>` when the stage succeeds."""
         if not self.env.is_main:
@@ -195,9 +190,13 @@ class Stage:
         return tracking.MetricLogger(self.run_id, csv_dir=self.output("curves"))
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        if not self.env.is_main:
-            return
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+        if self.env.is_main:
+            tracking.send_or_save_metrics(self.run_id, metrics, step)
+
+    def log_inputs(self, inputs: Iterable[lineage.Input]) -> None:
+        """Record inputs beyond the DVC deps (logged at start), e.g. the raw sources."""
+        if self.env.is_main:
+            tracking.log_inputs(self.run_id, list(inputs))
 
     def write_json(self, name: str, payload: Mapping[str, Any]) -> Path:
         path = self.output(name)
@@ -290,7 +289,4 @@ class Stage:
         hydra_cfg = HydraConfig.get()
         log_file = Path(hydra_cfg.runtime.output_dir) / f"{hydra_cfg.job.name}.log"
         if log_file.is_file():
-            try:
-                mlflow.log_artifact(str(log_file), "logs")
-            except Exception as err:  # never mask the stage's own outcome
-                log.warning("could not attach %s to the MLflow run: %s", log_file, err)
+            tracking.send_or_save_artifact(self.run_id, log_file, "logs")

@@ -12,6 +12,7 @@ import csv
 import json
 import logging
 import os
+import queue
 import subprocess
 import threading
 import time
@@ -25,19 +26,19 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
+from lmpipe import lineage, outbox
+from lmpipe.config import find_project_root
+from lmpipe.lineage import TAG_STAGE
+
 log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
-TAG_STAGE = "lmpipe.stage"
 TAG_DVC_EXP = "lmpipe.dvc_exp"
-TAG_UPSTREAM = "lmpipe.upstream."
 MAX_PARAM_LENGTH = 6000  # MLflow's limit for a param value
 
 
 def store_root() -> Path:
     """The project directory that owns the tracking store (DVC_ROOT under `dvc exp run`)."""
-    from lmpipe.config import find_project_root
-
     if os.environ.get("DVC_ROOT"):
         return Path(os.environ["DVC_ROOT"]).resolve()
     return find_project_root()
@@ -51,7 +52,44 @@ def configure() -> str:
     """Point MLflow at the project's store; returns the URI."""
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
+    # MLflow retries an unreachable server 7 times with growing backoff (minutes per call).
+    # A stage waits ~15 s at most before it saves to the outbox; the env vars still win.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     return uri
+
+
+def project_outbox() -> outbox.Outbox:
+    """Where writes the store did not take are saved (next to the default store)."""
+    return outbox.Outbox(store_root())
+
+
+def replay_outbox() -> None:
+    """Send what earlier runs could not; a store still down only leaves it saved."""
+    saved = project_outbox()
+    if saved.pending():
+        log.info("sending %d saved run record(s) from %s", len(saved.pending()), saved.directory)
+        saved.replay()
+
+
+def send_or_save_metrics(run_id: str, metrics: Mapping[str, float], step: int | None) -> None:
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+    outbox.send_or_save(
+        f"{len(batch)} metric values",
+        lambda: MlflowClient().log_batch(run_id, metrics=batch),
+        lambda: project_outbox().save_metrics(run_id, batch),
+        project_outbox().directory,
+    )
+
+
+def send_or_save_artifact(run_id: str, path: Path, artifact_path: str | None) -> None:
+    outbox.send_or_save(
+        f"artifact {path.name}",
+        lambda: MlflowClient().log_artifact(run_id, str(path), artifact_path),
+        lambda: project_outbox().save_artifact(run_id, path, artifact_path),
+        project_outbox().directory,
+    )
 
 
 def ensure_experiment(name: str) -> str:
@@ -109,21 +147,6 @@ def read_run_file(stage_dir: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text())
 
 
-def dvc_lock_md5s(lock_path: Path = Path("dvc.lock")) -> dict[str, str]:
-    """Output path -> md5 for every stage DVC has locked (what the deps were when produced)."""
-    if not lock_path.is_file():
-        return {}
-    import yaml
-
-    lock = yaml.safe_load(lock_path.read_text()) or {}
-    md5s: dict[str, str] = {}
-    for stage in (lock.get("stages") or {}).values():
-        for out in stage.get("outs", []):
-            if "md5" in out:
-                md5s[out["path"]] = out["md5"]
-    return md5s
-
-
 # Set by lmpipe.sweep.SweepCallback for the jobs of a multirun: their parent MLflow run.
 SWEEP_PARENT_ENV = "LMPIPE_SWEEP_PARENT_RUN"
 
@@ -141,6 +164,8 @@ def stage_run(
     the run ids tagged here, so the chain corpus -> model can be walked in the UI.
     """
     configure()
+    outbox.reset()  # a new run tries the store again, whatever an earlier run in this process saw
+    replay_outbox()
     experiment_id = ensure_experiment(cfg.tracking.experiment)
     tags = {TAG_STAGE: stage}
     commit = git_commit()
@@ -148,26 +173,40 @@ def stage_run(
         tags["mlflow.source.git.commit"] = commit
     if os.environ.get("DVC_EXP_NAME"):
         tags[TAG_DVC_EXP] = os.environ["DVC_EXP_NAME"]
-    md5s = dvc_lock_md5s()
-    for name, directory in upstream.items():
-        record = read_run_file(directory)
-        if record:
-            tags[f"{TAG_UPSTREAM}{name}"] = record["run_id"]
-        for path, md5 in md5s.items():
-            if Path(path).parent == directory:
-                tags[f"lmpipe.dep.{path}"] = md5
-    with mlflow.start_run(
+    upstream_runs = {name: read_run_file(directory) for name, directory in upstream.items()}
+    tags |= lineage.upstream_tags(
+        {name: record["run_id"] for name, record in upstream_runs.items() if record}
+    )
+    run = mlflow.start_run(
         run_id=run_id,
         experiment_id=None if run_id else experiment_id,
         run_name=None if run_id else stage,
         tags=None if run_id else tags,
         # A job of a Hydra sweep: the child of the sweep's run (lmpipe.sweep).
         parent_run_id=None if run_id else os.environ.get(SWEEP_PARENT_ENV) or None,
-    ) as run:
+    )
+    status = "FAILED"
+    try:
         if run_id is None:
             mlflow.log_params(flatten_config(cfg))
             mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/params.yaml")
+            log_inputs(run.info.run_id, lineage.dvc_deps(stage, find_project_root()))
         yield run
+        status = "FINISHED"
+    finally:
+        # mlflow.end_run leaves the active run even when the store fails to take the status.
+        outbox.send_or_save(
+            f"the run's end ({status})",
+            lambda: mlflow.end_run(status),
+            lambda: project_outbox().save_end(run.info.run_id, status),
+            project_outbox().directory,
+        )
+
+
+def log_inputs(run_id: str, inputs: list[lineage.Input]) -> None:
+    """Record what a run read as MLflow dataset inputs (see lmpipe.lineage)."""
+    if inputs:
+        MlflowClient().log_inputs(run_id, datasets=lineage.dataset_inputs(inputs))
 
 
 class MetricLogger:
@@ -175,9 +214,10 @@ class MetricLogger:
 
     Each `series` ("train", "val") becomes `<csv_dir>/<series>.csv`, a DVC plot.
 
-    Logging must never slow or kill training: sends happen off the training thread, and a
-    failing store is retried and then reported with a warning while the CSV keeps every value.
-    Without a `run_id` (a non-main process of a distributed run) nothing is sent or written.
+    Logging must never slow or kill training: one sender thread does the sends, a failing
+    batch is retried, and then it and every later batch go to the outbox (lmpipe.outbox),
+    with one warning, while the CSVs keep every value. Without a `run_id` (a non-main
+    process of a distributed run) nothing is sent or written.
     """
 
     def __init__(
@@ -185,7 +225,7 @@ class MetricLogger:
         run_id: str | None,
         csv_dir: Path | None = None,
         flush_every: int = 50,
-        retries: int = 3,
+        retries: int = 2,  # on top of MLflow's own HTTP retries and SQLite's busy timeout
     ) -> None:
         self.run_id = run_id
         self.csv_dir = csv_dir
@@ -193,9 +233,10 @@ class MetricLogger:
         self.retries = retries
         self._pending: list[Metric] = []
         self._rows: dict[str, list[dict[str, Any]]] = {}
-        self._threads: list[threading.Thread] = []
+        self._queue: queue.SimpleQueue[list[Metric] | None] = queue.SimpleQueue()
+        self._sender: threading.Thread | None = None
         self._client = MlflowClient() if run_id is not None else None
-        self.failed_batches = 0
+        self.saved_batches = 0  # batches that went to the outbox instead of the store
 
     def log(self, metrics: Mapping[str, float], step: int, series: str = "train") -> None:
         now = int(time.time() * 1000)
@@ -217,40 +258,42 @@ class MetricLogger:
             self._pending = []
             return
         batch, self._pending = self._pending, []
-        thread = threading.Thread(target=self._send, args=(batch,), daemon=True)
-        thread.start()
-        self._threads.append(thread)
-        self._threads = [t for t in self._threads if t.is_alive()]
+        if self._sender is None:
+            self._sender = threading.Thread(target=self._send_loop, daemon=True)
+            self._sender.start()
+        self._queue.put(batch)
 
-    def _send(self, batch: list[Metric]) -> None:
+    def _send_loop(self) -> None:
         # Linux schedules threads separately: at the lowest priority the store's work (about
         # 0.25 ms of CPU per value in MLflow's SQL store) yields the cores to training.
         with contextlib.suppress(OSError, AttributeError):
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        while (batch := self._queue.get()) is not None:
+            sent = outbox.send_or_save(
+                f"{len(batch)} metric values",
+                lambda batch=batch: self._send(batch),
+                lambda batch=batch: project_outbox().save_metrics(self.run_id, batch),
+                project_outbox().directory,
+            )
+            self.saved_batches += not sent
+
+    def _send(self, batch: list[Metric]) -> None:
         for attempt in range(1, self.retries + 1):
             try:
-                # log_batch takes at most 1000 metrics per call
-                for start in range(0, len(batch), 1000):
+                for start in range(0, len(batch), 1000):  # log_batch takes at most 1000
                     self._client.log_batch(self.run_id, metrics=batch[start : start + 1000])
                 return
-            except Exception as exc:  # any store failure: retry, then warn
+            except Exception:  # a busy or unreachable store: retry, then give up on it
                 if attempt == self.retries:
-                    self.failed_batches += 1
-                    log.warning(
-                        "MLflow did not accept %d metric values after %d tries (%s); "
-                        "they are kept in %s",
-                        len(batch),
-                        self.retries,
-                        exc,
-                        self.csv_dir or "memory only",
-                    )
-                else:
-                    time.sleep(0.5 * attempt)
+                    raise
+                time.sleep(0.5 * attempt)
 
     def close(self) -> None:
         self.flush()
-        for thread in self._threads:
-            thread.join()
+        if self._sender is not None:
+            self._queue.put(None)
+            self._sender.join()
+            self._sender = None
         if self.csv_dir is not None:
             self.write_csvs(self.csv_dir)
 

@@ -61,6 +61,15 @@ class CleanReport:
     length_in: Counter[int] = field(default_factory=Counter)
     length_out: Counter[int] = field(default_factory=Counter)
     near_duplicate_clusters: int = 0
+    # source -> md5 of its documents as read (ids and raw text): the lineage of the corpus
+    raw_digests: dict[str, Any] = field(default_factory=dict)
+
+    def add_raw(self, doc: Document) -> None:
+        digest = self.raw_digests.setdefault(doc.source, hashlib.md5(usedforsecurity=False))
+        digest.update(f"{doc.id}\0{doc.text}\0".encode("utf-8", "surrogatepass"))
+
+    def source_digests(self) -> dict[str, str]:
+        return {source: digest.hexdigest() for source, digest in self.raw_digests.items()}
 
     def stats(self) -> dict[str, float]:
         """Flat numbers for stats.json (a DVC metric) and MLflow."""
@@ -258,6 +267,7 @@ def clean_corpus(data: DataConfig, cfg: CleanConfig | DictConfig, out_dir: Path)
         for doc, (text, reason, repairs, key, signature) in zip(batch, judgements, strict=True):
             report.docs_in += 1
             report.per_source_in[doc.source] += 1
+            report.add_raw(doc)
             report.repaired.update(repairs)
             if doc.problem is None:
                 report.chars_in += len(doc.text)

