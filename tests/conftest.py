@@ -99,9 +99,11 @@ def tool_env(project: Path) -> dict[str, str]:
     return env
 
 
-def run(cmd: list[str], project: Path, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+def run(
+    cmd: list[str], project: Path, check: bool = True, env: dict[str, str] | None = None, **kwargs
+) -> subprocess.CompletedProcess:
     result = subprocess.run(
-        cmd, cwd=project, env=tool_env(project), capture_output=True, text=True, **kwargs
+        cmd, cwd=project, env=env or tool_env(project), capture_output=True, text=True, **kwargs
     )
     if check and result.returncode != 0:
         raise AssertionError(

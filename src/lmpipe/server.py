@@ -55,43 +55,39 @@ def post(url: str, payload: bytes | dict, content_type: str = "application/json"
 
 def is_up(base_url: str) -> bool:
     try:
-        with urllib.request.urlopen(f"{base_url}/ping", timeout=5) as reply:
+        with urllib.request.urlopen(f"{base_url}/health", timeout=5) as reply:
             return reply.status == 200
     except (urllib.error.URLError, ConnectionError, TimeoutError):
         return False
 
 
 @contextlib.contextmanager
-def serve(
-    model_uri: str,
-    tracking_uri: str,
-    log_path: Path,
-    port: int | None = None,
+def mlflow_process(
+    args: list[str], port: int, log_path: Path, env: dict[str, str] | None = None,
     startup_timeout: float = 180.0,
-) -> Iterator[str]:
-    """`mlflow models serve` for `model_uri` on 127.0.0.1; yields the base URL."""
-    port = port or free_port()
+) -> Iterator[str]:  # fmt: skip
+    """`mlflow <args>` serving HTTP on 127.0.0.1:`port` until the block ends; yields its URL.
+
+    It runs in its own process group, so stopping it also stops the workers it forked.
+    """
     bin_dir = str(Path(sys.executable).parent)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri,
+    # The project's venv first: mlflow launches uvicorn/gunicorn through the shell.
+    env = {**os.environ, **(env or {}),
            "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}  # fmt: skip
-    command = [
-        str(Path(bin_dir) / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager",
-        "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-    ]  # fmt: skip
     base_url = f"http://127.0.0.1:{port}"
     with open(log_path, "w") as log_file:
-        process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+        process = subprocess.Popen([str(Path(bin_dir) / "mlflow"), *args], env=env,
+                                   stdout=log_file, stderr=subprocess.STDOUT,
                                    start_new_session=True)  # fmt: skip
         try:
             deadline = time.monotonic() + startup_timeout
             while not is_up(base_url):
                 if process.poll() is not None:
-                    raise RuntimeError(f"mlflow models serve exited {process.returncode}: "
+                    raise RuntimeError(f"mlflow {args[0]} exited {process.returncode}: "
                                        f"{log_path.read_text()[-3000:]}")  # fmt: skip
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"mlflow models serve not up after {startup_timeout}s")
+                    raise TimeoutError(f"mlflow {args[0]} not up after {startup_timeout}s")
                 time.sleep(0.5)
-            log.info("serving %s at %s", model_uri, base_url)
             yield base_url
         finally:
             with contextlib.suppress(ProcessLookupError):
@@ -101,6 +97,31 @@ def serve(
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, 9)
                 process.wait()
+
+
+def serve(
+    model_uri: str, tracking_uri: str, log_path: Path, port: int | None = None
+) -> contextlib.AbstractContextManager[str]:
+    """`mlflow models serve` for `model_uri` on 127.0.0.1; yields the base URL."""
+    port = port or free_port()
+    args = ["models", "serve", "-m", model_uri, "--env-manager", "local",
+            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]  # fmt: skip
+    return mlflow_process(args, port, log_path, {"MLFLOW_TRACKING_URI": tracking_uri})
+
+
+def tracking_server(
+    backend_store_uri: str,
+    artifacts_dir: Path,
+    log_path: Path,
+    port: int | None = None,
+    command: str = "server",
+) -> contextlib.AbstractContextManager[str]:
+    """`mlflow server` (or `mlflow ui`, the same server) on 127.0.0.1, default host checks."""
+    port = port or free_port()
+    args = [command, "--backend-store-uri", backend_store_uri,
+            "--artifacts-destination", str(artifacts_dir),
+            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]  # fmt: skip
+    return mlflow_process(args, port, log_path)
 
 
 @dataclass
