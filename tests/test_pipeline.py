@@ -4,6 +4,7 @@ then the three ways users drive it: `dvc exp run -S`, stage CLI overrides, Hydra
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from collections import Counter
 from pathlib import Path
@@ -439,3 +440,62 @@ def test_classify_task_through_the_pipeline(pipeline: Path) -> None:
     assert second["gate"]["champion_version"] == "1"
     assert second["alias"] == ("champion" if second["gate"]["not_worse_than_champion"]
                                else "challenger")  # fmt: skip
+
+
+def test_mlflow_ui_lists_every_stage_and_a_sweeps_children(pipeline: Path, tmp_path: Path) -> None:
+    """`mlflow ui` over the project's store, in headless Chromium: the lmpipe experiment lists
+    runs of all six stages, and expanding a sweep's parent run shows its children."""
+    import shutil
+
+    from lmpipe.server import tracking_server
+
+    chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and chromedriver):
+        pytest.skip("needs Debian's chromium and chromium-driver (.ci/run installs them when it "
+                    "may use apt-get)")  # fmt: skip
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    if not sweep_runs(pipeline):  # run on its own, without the sweep tests before it
+        run(["python", "-m", "stages.finetune", "-m", "finetune.optim.lr=0.001,0.004"], pipeline)
+    parent, children = sweep_runs(pipeline)[0]
+    with sqlite3.connect(pipeline / "mlflow.db") as db:
+        (experiment_id,) = db.execute(
+            "SELECT experiment_id FROM experiments WHERE name = 'lmpipe'"
+        ).fetchone()
+        name_of = dict(db.execute("SELECT run_uuid, name FROM runs"))
+    child_names = [name_of[child] for child in children]
+    assert all(name.startswith("finetune finetune.optim.lr=") for name in child_names)
+
+    options = Options()
+    options.binary_location = chromium
+    # Tall enough that the virtualised runs table renders every row.
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--window-size=1600,2600"):  # fmt: skip
+        options.add_argument(arg)
+    store = f"sqlite:///{pipeline / 'mlflow.db'}"
+    with tracking_server(store, pipeline / "mlartifacts", tmp_path / "ui.log", command="ui") as url:
+        driver = webdriver.Chrome(options=options, service=Service(chromedriver))
+        try:
+            driver.get(f"{url}/#/experiments/{experiment_id}/runs")
+            wait = WebDriverWait(driver, 120)
+
+            def run_names(_=None) -> list[str]:
+                cells = driver.find_elements(By.XPATH, "//div[@col-id='attributes.`Run Name`']//a")
+                return [cell.text for cell in cells]
+
+            wait.until(lambda _: set(STAGES) <= set(run_names()))
+            assert not set(child_names) & set(run_names())  # collapsed under the parent
+            driver.find_element(
+                By.XPATH, f"//a[contains(@href, '/runs/{parent}')]/ancestor::div[@role='row'][1]"
+                "//button",
+            ).click()  # fmt: skip
+            wait.until(lambda _: set(child_names) <= set(run_names()))
+            driver.set_window_size(1600, 1000)
+            shot = Path(os.environ.get("LMPIPE_SCREENSHOT_DIR", tmp_path)) / "mlflow-ui.png"
+            assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 20_000
+        finally:
+            driver.quit()

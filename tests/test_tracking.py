@@ -54,6 +54,9 @@ def test_stage_run_tags_params_and_upstream(mlflow_store: str, cfg, tmp_path: Pa
     assert stored.data.params["finetune.optim.lr"] == str(cfg.finetune.optim.lr)
     experiment = MlflowClient().get_experiment(stored.info.experiment_id)
     assert experiment.name == "lmpipe"
+    # Artifacts beside the SQLite store, not in MLflow's cwd-relative ./mlruns.
+    store_dir = Path(mlflow_store.removeprefix("sqlite:///")).parent
+    assert experiment.artifact_location == (store_dir / "mlartifacts").as_uri()
 
 
 def test_stage_run_that_raises_ends_failed(mlflow_store: str, cfg) -> None:

@@ -63,7 +63,7 @@ def dvc_deps(stage: str, root: Path) -> list[Input]:
                 str(out.fs_path): s.name for s in repo.index.stages for out in s.outs
             }  # fmt: skip
             (dvc_stage,) = repo.stage.collect(stage)
-            return [
+            inputs = [
                 Input(
                     name=dep.def_path,
                     digest=dep.get_hash().value,
@@ -74,6 +74,8 @@ def dvc_deps(stage: str, root: Path) -> list[Input]:
                 # params are logged as params; a missing dep fails the stage on its own
                 if not isinstance(dep, ParamsDependency) and dep.exists
             ]
+            # Data before code: the MLflow runs table shows the first input in its column.
+            return sorted(inputs, key=lambda item: item.context == CODE)
     except DvcException as err:
         log.info("no DVC stage '%s' in %s (%s): no DVC deps recorded", stage, root, err)
         return []

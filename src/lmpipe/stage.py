@@ -140,7 +140,9 @@ class Stage:
         self.env = distributed.process_env()
         outputs = Path(self.cfg.outputs_dir)
         self.inputs_root = outputs
-        if _hydra_mode() == RunMode.MULTIRUN and not os.environ.get(SINGLE_JOB_ENV):
+        # A job of a user's sweep (a launcher's single job is an ordinary run).
+        self.sweep_job = _hydra_mode() == RunMode.MULTIRUN and not os.environ.get(SINGLE_JOB_ENV)
+        if self.sweep_job:
             outputs = Path(HydraConfig.get().runtime.output_dir) / self.cfg.outputs_dir
         self.out_dir = outputs / name
         self.upstream = {up: self.inputs_root / up for up in upstream}
@@ -219,7 +221,12 @@ class Stage:
                 resume_run = None
             log.info("stage %s: resuming step %s of MLflow run %s", self.name, state["step"],
                      resume_run)  # fmt: skip
-        self._run_ctx = tracking.stage_run(self.name, self.cfg, self.upstream, run_id=resume_run)
+        run_name = self.name
+        if self.sweep_job:  # named by its swept values, e.g. "finetune finetune.optim.lr=0.001"
+            run_name = f"{self.name} {HydraConfig.get().job.override_dirname}".strip()
+        self._run_ctx = tracking.stage_run(
+            self.name, self.cfg, self.upstream, run_id=resume_run, run_name=run_name
+        )
         run = self._run_ctx.__enter__()
         self.run_id = run.info.run_id
         return self

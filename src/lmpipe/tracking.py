@@ -93,7 +93,7 @@ def send_or_save_artifact(run_id: str, path: Path, artifact_path: str | None) ->
 
 
 def ensure_experiment(name: str) -> str:
-    """Get or create the experiment, with artifacts under the project's mlartifacts/.
+    """Get or create the experiment, with artifacts in `mlartifacts/` beside a SQLite store.
 
     The artifact location is fixed at creation, so it is always the real project root
     (never a DVC temp copy), whichever process creates it first.
@@ -102,9 +102,12 @@ def ensure_experiment(name: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
+    # A SQLite store keeps its artifacts beside it (a server decides for itself). Never
+    # MLflow's default ./mlruns: relative to the cwd, a DVC temp copy would own them.
+    uri = mlflow.get_tracking_uri()
     location = None
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
-        location = (store_root() / "mlartifacts").as_uri()
+    if uri.startswith("sqlite:///"):
+        location = (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
     try:
         return client.create_experiment(name, artifact_location=location)
     except MlflowException:  # created concurrently by another stage process
@@ -157,6 +160,7 @@ def stage_run(
     cfg: DictConfig,
     upstream: Mapping[str, Path],
     run_id: str | None = None,
+    run_name: str | None = None,
 ) -> Iterator[mlflow.ActiveRun]:
     """One MLflow run for one stage execution; ends FAILED if the body raises.
 
@@ -180,7 +184,7 @@ def stage_run(
     run = mlflow.start_run(
         run_id=run_id,
         experiment_id=None if run_id else experiment_id,
-        run_name=None if run_id else stage,
+        run_name=None if run_id else run_name or stage,
         tags=None if run_id else tags,
         # A job of a Hydra sweep: the child of the sweep's run (lmpipe.sweep).
         parent_run_id=None if run_id else os.environ.get(SWEEP_PARENT_ENV) or None,
