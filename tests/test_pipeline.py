@@ -226,6 +226,9 @@ def test_dvc_exp_queue_logs_every_experiment_into_the_project_store(
     run(["dvc", "plots", "diff", *names, "-o", str(tmp_path / "plots")], pipeline)
     page = (tmp_path / "plots" / "index.html").read_text()
     assert "finetune_loss" in page and all(name in page for name in names)
+    run(["dvc", "plots", "show", "-o", str(tmp_path / "workspace_plots")], pipeline)
+    page = (tmp_path / "workspace_plots" / "index.html").read_text()
+    assert "pretrain_loss" in page and "finetune_loss" in page
 
 
 def test_stage_cli_override_and_multirun(pipeline: Path) -> None:

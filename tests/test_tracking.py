@@ -138,6 +138,19 @@ def test_replay_keeps_what_it_could_not_send(mlflow_store: str, tmp_path: Path) 
     assert [a.path for a in MlflowClient().list_artifacts(run_id, "logs")] == ["logs/log.txt"]
 
 
+def test_a_replay_in_progress_elsewhere_is_left_alone(mlflow_store: str) -> None:
+    from mlflow.entities import Metric
+
+    with mlflow.start_run() as run:
+        run_id = run.info.run_id
+    saved = tracking.project_outbox()
+    saved.save_metrics(run_id, [Metric("loss", 1.0, 0, 1)])
+    with saved._locked():  # as another process replaying (or writing) would hold it
+        assert saved.replay() == 0
+    assert [p.stem for p in saved.pending()] == [run_id]
+    assert saved.replay() == 1 and MlflowClient().get_run(run_id).data.metrics == {"loss": 1.0}
+
+
 def test_stage_run_records_dvc_deps_as_inputs_with_dvc_md5(mlflow_store: str, cfg) -> None:
     with tracking.stage_run("tokenize", cfg, {}) as run:
         run_id = run.info.run_id

@@ -10,13 +10,14 @@ the records, oldest first, and removes what was delivered.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import shutil
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,6 @@ log = logging.getLogger(__name__)
 
 OUTBOX_DIR = "mlflow-outbox"
 
-_lock = threading.Lock()  # the training thread and the metric sender both write records
 _unreachable: str | None = None  # why the store was given up on, once it failed
 
 
@@ -47,11 +47,25 @@ class Outbox:
     def __init__(self, root: Path) -> None:
         self.directory = root / OUTBOX_DIR
 
+    @contextlib.contextmanager
+    def _locked(self, wait: bool = True) -> Iterator[bool]:
+        """The outbox to ourselves: writers (threads or processes) and a replay never
+        interleave, so a replay cannot delete a record appended while it was sending."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with (self.directory / ".lock").open("a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
     def _append(self, run_id: str, record: dict[str, Any]) -> None:
-        with _lock:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            with (self.directory / f"{run_id}.jsonl").open("a") as handle:
-                handle.write(json.dumps(record) + "\n")
+        with self._locked(), (self.directory / f"{run_id}.jsonl").open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
 
     def save_metrics(self, run_id: str, metrics: Iterable[Metric]) -> None:
         rows = [[m.key, m.value, m.timestamp, m.step] for m in metrics]
@@ -77,29 +91,35 @@ class Outbox:
 
     def replay(self, client: MlflowClient | None = None) -> int:
         """Send every saved record; returns how many runs were completely delivered. A run whose
-        records fail stays saved from the first undelivered record on."""
+        records fail stays saved from the first undelivered record on. Another process
+        replaying at the same time is left to it."""
         client = client or MlflowClient()
         delivered = 0
-        for journal in self.pending():
-            run_id = journal.stem
-            records = [json.loads(line) for line in journal.read_text().splitlines() if line]
-            for index, record in enumerate(records):
-                try:
-                    _send_record(client, run_id, record, self.directory)
-                except Exception as err:  # still unreachable: keep the rest for next time
-                    log.warning(
-                        "replay of run %s stopped at record %d of %d: %s",
-                        run_id, index + 1, len(records), err,
-                    )  # fmt: skip
-                    with _lock:
-                        journal.write_text("".join(json.dumps(r) + "\n" for r in records[index:]))
-                    return delivered
-            with _lock:
-                journal.unlink()
-                shutil.rmtree(self.directory / f"{run_id}.files", ignore_errors=True)
-            log.info("replayed %d saved records of run %s", len(records), run_id)
-            delivered += 1
+        with self._locked(wait=False) as mine:
+            if not mine:
+                log.info("another process is replaying %s", self.directory)
+                return 0
+            for journal in self.pending():
+                if not self._replay_run(client, journal):
+                    break
+                delivered += 1
         return delivered
+
+    def _replay_run(self, client: MlflowClient, journal: Path) -> bool:
+        run_id = journal.stem
+        records = [json.loads(line) for line in journal.read_text().splitlines() if line]
+        for index, record in enumerate(records):
+            try:
+                _send_record(client, run_id, record, self.directory)
+            except Exception as err:  # still unreachable: keep the rest for next time
+                log.warning("replay of run %s stopped at record %d of %d: %s",
+                            run_id, index + 1, len(records), err)  # fmt: skip
+                journal.write_text("".join(json.dumps(r) + "\n" for r in records[index:]))
+                return False
+        journal.unlink()
+        shutil.rmtree(self.directory / f"{run_id}.files", ignore_errors=True)
+        log.info("replayed %d saved records of run %s", len(records), run_id)
+        return True
 
 
 def _send_record(
