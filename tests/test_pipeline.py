@@ -445,22 +445,31 @@ def test_classify_task_through_the_pipeline(pipeline: Path) -> None:
                                else "challenger")  # fmt: skip
 
 
-def test_mlflow_ui_lists_every_stage_and_a_sweeps_children(pipeline: Path, tmp_path: Path) -> None:
-    """`mlflow ui` over the project's store, in headless Chromium: the lmpipe experiment lists
-    runs of all six stages, and expanding a sweep's parent run shows its children."""
+@pytest.fixture(scope="module")  # module scope: checked before the pipeline fixture is built
+def chromium() -> tuple[str, str]:
+    """Debian's chromium and its chromedriver, or a skip that says what is missing."""
     import shutil
 
-    from lmpipe.server import tracking_server
-
-    chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not (chromium and chromedriver):
+    browser, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (browser and driver):
         pytest.skip("needs Debian's chromium and chromium-driver (.ci/run installs them when it "
                     "may use apt-get)")  # fmt: skip
-    webdriver = pytest.importorskip("selenium.webdriver")
+    pytest.importorskip("selenium", reason="needs selenium (the dev extra)")
+    return browser, driver
+
+
+def test_mlflow_ui_lists_every_stage_and_a_sweeps_children(
+    chromium: tuple[str, str], pipeline: Path, tmp_path: Path
+) -> None:
+    """`mlflow ui` over the project's store, in headless Chromium: the lmpipe experiment lists
+    runs of all six stages, and expanding a sweep's parent run shows its children."""
+    from selenium import webdriver
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
+
+    from lmpipe.server import tracking_server
 
     if not sweep_runs(pipeline):  # run on its own, without the sweep tests before it
         run(["python", "-m", "stages.finetune", "-m", "finetune.optim.lr=0.001,0.004"], pipeline)
@@ -473,8 +482,9 @@ def test_mlflow_ui_lists_every_stage_and_a_sweeps_children(pipeline: Path, tmp_p
     child_names = [name_of[child] for child in children]
     assert all(name.startswith("finetune finetune.optim.lr=") for name in child_names)
 
+    browser, chromedriver = chromium
     options = Options()
-    options.binary_location = chromium
+    options.binary_location = browser
     # Tall enough that the virtualised runs table renders every row.
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
                 "--window-size=1600,2600"):  # fmt: skip
