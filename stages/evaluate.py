@@ -17,7 +17,8 @@ from lmpipe import registry, tasks
 from lmpipe.data import classify
 from lmpipe.data.batches import sequential_windows
 from lmpipe.data.tokens import load_tokens
-from lmpipe.evaluate import confusion_matrix, mean_loss, perplexity, unigram_entropy
+from lmpipe.evaluate import confusion_matrix
+from lmpipe.lm_metrics import mean_loss, perplexity, unigram_entropy
 from lmpipe.model import load_classifier, load_model
 from lmpipe.plots import confusion_matrix_figure, loss_comparison_figure
 from lmpipe.quantize import quantize_int8

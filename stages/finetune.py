@@ -10,7 +10,7 @@ import hydra
 from omegaconf import DictConfig
 
 from lmpipe import tasks
-from lmpipe.evaluate import perplexity
+from lmpipe.lm_metrics import perplexity
 from lmpipe.model import save_model
 from lmpipe.stage import Stage, prepare_cli
 from lmpipe.tokenizer import load_tokenizer

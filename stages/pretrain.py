@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 from lmpipe.config import ConfigError
 from lmpipe.data.batches import sequential_windows, window_batches
 from lmpipe.data.tokens import load_tokens
-from lmpipe.evaluate import mean_loss, perplexity, unigram_entropy
+from lmpipe.lm_metrics import mean_loss, perplexity, unigram_entropy
 from lmpipe.model import build_model, count_parameters, save_model
 from lmpipe.stage import Stage, prepare_cli
 from lmpipe.tokenizer import load_tokenizer

@@ -178,6 +178,27 @@ def test_finetune_param_change_leaves_upstream_cached(pipeline: Path) -> None:
     assert set(json.loads(status)) == {"finetune"}
 
 
+@pytest.mark.parametrize(
+    ("source", "stages"),
+    [
+        ("src/lmpipe/evaluate.py", {"finetune", "evaluate", "deploy"}),  # not pretrain
+        ("src/lmpipe/plots.py", {"evaluate"}),  # clean's figure only goes to MLflow
+        ("src/lmpipe/lineage.py", set()),  # bookkeeping changes no output
+    ],
+)
+def test_a_code_change_reruns_only_the_stages_it_reaches(
+    pipeline: Path, source: str, stages: set[str]
+) -> None:
+    edited = pipeline / source
+    original = edited.read_text()
+    edited.write_text(original + "\n# an edit\n")
+    try:
+        status = run(["dvc", "status", "--json"], pipeline).stdout
+    finally:
+        edited.write_text(original)
+    assert set(json.loads(status)) == stages
+
+
 def test_dvc_exp_queue_logs_every_experiment_into_the_project_store(
     pipeline: Path, tmp_path: Path
 ) -> None:

@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM
 
 from lmpipe.config import HardwareConfig, OptimConfig, TrainConfig
 from lmpipe.data.batches import sequential_windows, window_batches
-from lmpipe.evaluate import generate_replies, mean_loss, unigram_entropy
+from lmpipe.evaluate import generate_replies
+from lmpipe.lm_metrics import mean_loss, unigram_entropy
 from lmpipe.model import load_model, save_model
 from lmpipe.tracking import MetricLogger
 from lmpipe.train import (

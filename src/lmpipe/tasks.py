@@ -28,10 +28,9 @@ from lmpipe.evaluate import (
     classification_report,
     example_losses,
     generate_replies,
-    mean_loss,
-    perplexity,
     predict_classes,
 )
+from lmpipe.lm_metrics import mean_loss, perplexity
 from lmpipe.model import load_classifier, load_model
 
 

@@ -29,9 +29,8 @@ from lmpipe import distributed
 from lmpipe.checkpoint import BEST, LAST, Checkpoints
 from lmpipe.config import HardwareConfig, OptimConfig, TrainConfig
 from lmpipe.data.batches import ShuffledBatches
-from lmpipe.data.sft import IGNORE_INDEX
 from lmpipe.distributed import DistEnv
-from lmpipe.evaluate import perplexity
+from lmpipe.lm_metrics import IGNORE_INDEX, perplexity
 from lmpipe.tracking import MetricLogger
 
 log = logging.getLogger(__name__)

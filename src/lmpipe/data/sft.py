@@ -18,10 +18,10 @@ import yaml
 from transformers import PreTrainedTokenizerBase
 
 from lmpipe.data.batches import ShuffledBatches, ordered_examples, shuffled_examples
+from lmpipe.lm_metrics import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 Messages = list[dict[str, str]]
 
 
