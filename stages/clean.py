@@ -1,7 +1,6 @@
 """clean: raw sources -> cleaned corpus shards (outputs/clean/corpus) + stats.json."""
 
 import hydra
-import mlflow
 from omegaconf import DictConfig
 
 from lmpipe import lineage
@@ -30,9 +29,9 @@ def main(cfg: DictConfig) -> None:
             for source, digest in report.source_digests().items()
         )
         histogram = report.length_histogram()
-        mlflow.log_dict(report.dropped_samples, "dropped_samples.json")
-        mlflow.log_dict(histogram, "length_histogram.json")
-        mlflow.log_figure(length_histogram_figure(histogram), "length_histogram.png")
+        stage.log_dict(report.dropped_samples, "dropped_samples.json")
+        stage.log_dict(histogram, "length_histogram.json")
+        stage.log_figure(length_histogram_figure(histogram), "length_histogram.png")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ champion.json holds the difference to the registry's current champion.
 """
 
 import hydra
-import mlflow
 import pandas as pd
 from omegaconf import DictConfig
 
@@ -80,7 +79,7 @@ def main(cfg: DictConfig) -> None:
                 f"macro-F1 {metrics['finetuned_macro_f1']:.3f}",
             )
             figure.savefig(plots / "confusion_matrix.png", dpi=110)
-            mlflow.log_figure(figure, "confusion_matrix.png")
+            stage.log_figure(figure, "confusion_matrix.png")
         else:
             finetuned = load_model(finetuned_dir).to(device)
             # What fine-tuning did to language modelling of the held-out corpus (forgetting).
@@ -100,10 +99,10 @@ def main(cfg: DictConfig) -> None:
             per_example = {m: saved[f"{m}_loss"] / saved["target_tokens"] for m in models}
             figure = loss_comparison_figure(per_example, "Held-out response loss per example")
             figure.savefig(plots / "sft_test_loss.png", dpi=110)
-            mlflow.log_figure(figure, "sft_test_loss.png")
+            stage.log_figure(figure, "sft_test_loss.png")
             shown = saved.head(e.num_generations)
-            mlflow.log_table(shown[["prompt", "reference", *(f"{m}_reply" for m in models)]],
-                             artifact_file="generations.json")  # fmt: skip
+            stage.log_table(shown[["prompt", "reference", *(f"{m}_reply" for m in models)]],
+                            "generations.json")  # fmt: skip
         metrics = {**corpus, **metrics}
         # What int8 quantization costs: int8 minus fp32 for each headline metric.
         for key in [k for k in metrics if k.startswith("finetuned_") and "." not in k]:
@@ -112,7 +111,7 @@ def main(cfg: DictConfig) -> None:
                 metrics[f"{twin}_change"] = metrics[twin] - metrics[key]
         stage.write_json("metrics.json", metrics)
         stage.log_metrics(metrics)
-        mlflow.log_artifact(str(predictions_path), artifact_path="predictions")
+        stage.log_artifact(predictions_path, "predictions")
 
         champion = registry.aliased(c.deploy.registered_model_name, registry.CHAMPION)
         comparison = registry.compare(metrics, champion)

@@ -77,3 +77,58 @@ def test_leftovers_of_a_killed_run_are_tidied(mlflow_store: str, cfg) -> None:
     with Stage("clean", cfg):
         assert sorted(p.name for p in out.iterdir()) == ["run.json", "stats.json"]
         assert json.loads((out / "stats.json").read_text()) == {"version": 1}
+
+
+def logged_files(run_id: str) -> set[str]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    found, folders = set(), [None]
+    while folders:
+        for item in client.list_artifacts(run_id, folders.pop()):
+            (folders.append(item.path) if item.is_dir else found.add(item.path))
+    return found
+
+
+def stage_artifacts(stage: Stage) -> None:
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    predictions = stage.output("predictions.csv")
+    predictions.write_text("a,b\n1,2\n")
+    stage.log_artifact(predictions, "predictions")
+    stage.log_dict({"x": 1}, "samples.json")
+    stage.log_figure(plt.figure(), "histogram.png")
+    stage.log_table(pd.DataFrame({"prompt": ["hi"], "reply": ["hello"]}), "generations.json")
+
+
+def test_artifacts_are_logged_under_their_final_names(mlflow_store: str, cfg) -> None:
+    with Stage("clean", cfg) as stage:
+        stage_artifacts(stage)
+    files = logged_files(stage.run_id)
+    # A pending output is logged as predictions.csv, never as its temporary name.
+    expected = {"predictions/predictions.csv", "samples.json", "histogram.png", "generations.json"}
+    assert expected <= files
+
+
+def test_a_store_down_mid_stage_saves_every_write_and_the_stage_still_succeeds(
+    mlflow_store: str, cfg, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lmpipe import outbox
+
+    with Stage("clean", cfg) as stage:
+        monkeypatch.setattr(outbox, "_unreachable", "the server went away")  # as after a failure
+        stage_artifacts(stage)
+        stage.log_metrics({"docs_out": 3})
+        stage.output("stats.json").write_text("{}")
+    assert (Path(cfg.outputs_dir) / "clean" / "stats.json").is_file()
+    saved = tracking.project_outbox()
+    lines = saved.pending()[0].read_text().splitlines()
+    kinds = [json.loads(line)["kind"] for line in lines]
+    assert kinds.count("artifact") >= 4 and "metrics" in kinds and kinds[-1] == "end"
+    assert tracking.run_status(stage.run_id) == "RUNNING"  # the store never heard the end
+    outbox.reset()  # the store is back
+    assert saved.replay() == 1
+    assert tracking.run_status(stage.run_id) == "FINISHED"
+    expected = {"predictions/predictions.csv", "samples.json", "histogram.png", "generations.json"}
+    assert expected <= logged_files(stage.run_id)

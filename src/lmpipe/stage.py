@@ -20,13 +20,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import mlflow
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -34,6 +36,10 @@ from omegaconf import DictConfig, OmegaConf
 from lmpipe import atomic, distributed, lineage, tracking
 from lmpipe.checkpoint import Checkpoints, fingerprint
 from lmpipe.config import find_project_root, stale_params_message, validate
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +206,42 @@ class Stage:
         if self.env.is_main:
             tracking.log_inputs(self.run_id, list(inputs))
 
+    # Artifacts go through the outbox like metrics: a store that is down never fails a stage.
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        """A file to this run; a pending output goes under its final name, not the temp one."""
+        final = next((f for f, tmp in self._pending.items() if tmp == path), path)
+        self._log_written(final.name, lambda copy: shutil.copy2(path, copy), artifact_path)
+
+    def log_figure(self, figure: Figure, name: str) -> None:
+        self._log_written(name, lambda path: figure.savefig(path, dpi=110))
+
+    def log_dict(self, payload: Any, name: str) -> None:
+        self._log_written(name, lambda path: path.write_text(json.dumps(payload, indent=2)))
+
+    def log_table(self, frame: pd.DataFrame, name: str) -> None:
+        """A table the MLflow UI shows as one (mlflow.log_table); saved as its JSON if the
+        store is down."""
+        if not self.env.is_main:
+            return
+        with tempfile.TemporaryDirectory() as scratch:
+            path = Path(scratch) / name
+            path.write_text(frame.to_json(orient="split", index=False))
+            tracking.send_or_save_artifact(
+                self.run_id, path, None,
+                send=lambda: mlflow.log_table(frame, artifact_file=name, run_id=self.run_id),
+            )  # fmt: skip
+
+    def _log_written(
+        self, name: str, write: Callable[[Path], object], artifact_path: str | None = None
+    ) -> None:
+        if not self.env.is_main:
+            return
+        with tempfile.TemporaryDirectory() as scratch:
+            path = Path(scratch) / name
+            write(path)
+            tracking.send_or_save_artifact(self.run_id, path, artifact_path)
+
     def write_json(self, name: str, payload: Mapping[str, Any]) -> Path:
         path = self.output(name)
         path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
@@ -296,4 +338,4 @@ class Stage:
         hydra_cfg = HydraConfig.get()
         log_file = Path(hydra_cfg.runtime.output_dir) / f"{hydra_cfg.job.name}.log"
         if log_file.is_file():
-            tracking.send_or_save_artifact(self.run_id, log_file, "logs")
+            self.log_artifact(log_file, "logs")

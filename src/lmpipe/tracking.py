@@ -16,7 +16,7 @@ import queue
 import subprocess
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -83,10 +83,14 @@ def send_or_save_metrics(run_id: str, metrics: Mapping[str, float], step: int | 
     )
 
 
-def send_or_save_artifact(run_id: str, path: Path, artifact_path: str | None) -> None:
+def send_or_save_artifact(
+    run_id: str, path: Path, artifact_path: str | None, send: Callable[[], None] | None = None
+) -> None:
+    """Log the file `path` as an artifact, or save it for replay. `send` replaces the plain
+    upload (e.g. mlflow.log_table, which also tags the run), with the file as the fallback."""
     outbox.send_or_save(
         f"artifact {path.name}",
-        lambda: MlflowClient().log_artifact(run_id, str(path), artifact_path),
+        send or (lambda: MlflowClient().log_artifact(run_id, str(path), artifact_path)),
         lambda: project_outbox().save_artifact(run_id, path, artifact_path),
         project_outbox().directory,
     )
