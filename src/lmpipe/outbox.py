@@ -31,10 +31,6 @@ OUTBOX_DIR = "mlflow-outbox"
 _unreachable: str | None = None  # why the store was given up on, once it failed
 
 
-def store_unreachable() -> bool:
-    return _unreachable is not None
-
-
 def reset() -> None:
     """Forget an earlier failure (a new process state, or a test)."""
     global _unreachable
@@ -64,27 +60,32 @@ class Outbox:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     def _append(self, run_id: str, record: dict[str, Any]) -> None:
-        with self._locked(), (self.directory / f"{run_id}.jsonl").open("a") as handle:
+        """Append under the lock, which the caller holds."""
+        with (self.directory / f"{run_id}.jsonl").open("a") as handle:
             handle.write(json.dumps(record) + "\n")
 
     def save_metrics(self, run_id: str, metrics: Iterable[Metric]) -> None:
         rows = [[m.key, m.value, m.timestamp, m.step] for m in metrics]
-        self._append(run_id, {"kind": "metrics", "metrics": rows})
+        with self._locked():
+            self._append(run_id, {"kind": "metrics", "metrics": rows})
 
     def save_artifact(self, run_id: str, local_path: Path, artifact_path: str | None) -> None:
-        # A copy: the original may be a temporary file, or replaced by the next run.
-        copy = self.directory / f"{run_id}.files" / uuid.uuid4().hex / local_path.name
-        copy.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(local_path, copy)
-        record = {
-            "kind": "artifact",
-            "path": str(copy.relative_to(self.directory)),
-            "artifact_path": artifact_path,
-        }
-        self._append(run_id, record)
+        # A copy: the original may be a temporary file, or replaced by the next run. Copied
+        # under the lock, so a replay never removes it before its record is written.
+        with self._locked():
+            copy = self.directory / f"{run_id}.files" / uuid.uuid4().hex / local_path.name
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(local_path, copy)
+            record = {
+                "kind": "artifact",
+                "path": str(copy.relative_to(self.directory)),
+                "artifact_path": artifact_path,
+            }
+            self._append(run_id, record)
 
     def save_end(self, run_id: str, status: str) -> None:
-        self._append(run_id, {"kind": "end", "status": status, "time": int(time.time() * 1000)})
+        with self._locked():
+            self._append(run_id, {"kind": "end", "status": status, "time": int(time.time() * 1000)})
 
     def pending(self) -> list[Path]:
         return sorted(self.directory.glob("*.jsonl"), key=lambda p: p.stat().st_mtime)

@@ -222,25 +222,26 @@ class Stage:
     def log_table(self, frame: pd.DataFrame, name: str) -> None:
         """A table the MLflow UI shows as one (mlflow.log_table); saved as its JSON if the
         store is down."""
-        if not self.env.is_main:
-            return
-        with tempfile.TemporaryDirectory() as scratch:
-            path = Path(scratch) / name
-            path.write_text(frame.to_json(orient="split", index=False))
-            tracking.send_or_save_artifact(
-                self.run_id, path, None,
-                send=lambda: mlflow.log_table(frame, artifact_file=name, run_id=self.run_id),
-            )  # fmt: skip
+        self._log_written(
+            name,
+            lambda path: path.write_text(frame.to_json(orient="split", index=False)),
+            send=lambda: mlflow.log_table(frame, artifact_file=name, run_id=self.run_id),
+        )
 
     def _log_written(
-        self, name: str, write: Callable[[Path], object], artifact_path: str | None = None
+        self,
+        name: str,
+        write: Callable[[Path], object],
+        artifact_path: str | None = None,
+        send: Callable[[], None] | None = None,
     ) -> None:
+        """Write `name` to a scratch file with `write`, then send it (or save it for replay)."""
         if not self.env.is_main:
             return
         with tempfile.TemporaryDirectory() as scratch:
             path = Path(scratch) / name
             write(path)
-            tracking.send_or_save_artifact(self.run_id, path, artifact_path)
+            tracking.send_or_save_artifact(self.run_id, path, artifact_path, send)
 
     def write_json(self, name: str, payload: Mapping[str, Any]) -> Path:
         path = self.output(name)
