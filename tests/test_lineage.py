@@ -87,3 +87,11 @@ def test_raw_source_digest_follows_the_text_read() -> None:
     assert digests(["a", "b"]) == digests(["a", "b"])
     assert digests(["a", "b"]) != digests(["a", "c"])
     assert digests(["ab", ""]) != digests(["a", "b"])  # document boundaries count
+
+
+def test_an_upstream_run_missing_from_the_store_shows_as_a_gap(mlflow_store: str) -> None:
+    """E.g. the pretrain run lives in another store: the chain says so instead of failing."""
+    finetune = fake_run("finetune", pretrain="f" * 32)
+    text = lineage.lineage_text(finetune)
+    assert text.splitlines()[0] == f"pretrain  run {'f' * 32}  (not in this store)"
+    assert f"finetune  run {finetune}" in text

@@ -108,12 +108,9 @@ def upstream_tags(run_ids: Mapping[str, str]) -> dict[str, str]:
 @dataclass
 class Node:
     stage: str
-    run: Run
+    run_id: str
+    run: Run | None  # None: the run is not in this store (deleted, or another store)
     upstream: dict[str, str] = field(default_factory=dict)  # stage -> run id
-
-    @property
-    def run_id(self) -> str:
-        return self.run.info.run_id
 
 
 def resolve(reference: str, client: MlflowClient) -> tuple[str, dict[str, str]]:
@@ -138,22 +135,29 @@ def resolve(reference: str, client: MlflowClient) -> tuple[str, dict[str, str]]:
 
 
 def chain(run_id: str, client: MlflowClient) -> list[Node]:
-    """The run and every run upstream of it, upstream first (clean ... deploy)."""
+    """The run and every run upstream of it, upstream first (clean ... deploy). An upstream
+    run missing from the store is kept as a node without a run, so the gap shows."""
     nodes: dict[str, Node] = {}
-    pending = [run_id]
+    pending: list[tuple[str, str | None]] = [(run_id, None)]
     while pending:
-        current = pending.pop()
+        current, stage = pending.pop()
         if current in nodes:
             continue
-        run = client.get_run(current)
+        try:
+            run = client.get_run(current)
+        except MlflowException:
+            if stage is None:  # the run asked about: nothing to show
+                raise
+            nodes[current] = Node(stage, current, None)
+            continue
         tags = run.data.tags
         upstream = {
             key.removeprefix(TAG_UPSTREAM): value
             for key, value in tags.items()
             if key.startswith(TAG_UPSTREAM)
         }
-        nodes[current] = Node(tags.get(TAG_STAGE, "?"), run, upstream)
-        pending.extend(upstream.values())
+        nodes[current] = Node(tags.get(TAG_STAGE, "?"), current, run, upstream)
+        pending.extend((parent, parent_stage) for parent_stage, parent in upstream.items())
     return _upstream_first(nodes)
 
 
@@ -170,7 +174,7 @@ def _upstream_first(nodes: dict[str, Node]) -> list[Node]:
                 place(nodes[parent])
         ordered.append(node)
 
-    for node in sorted(nodes.values(), key=lambda n: n.run.info.start_time or 0):
+    for node in sorted(nodes.values(), key=lambda n: (n.run.info.start_time or 0) if n.run else 0):
         place(node)
     return ordered
 
@@ -184,6 +188,9 @@ def describe(nodes: list[Node]) -> str:
     """The chain as text: one block per run, with the runs and data it read."""
     lines: list[str] = []
     for node in nodes:
+        if node.run is None:
+            lines.append(f"{node.stage:<9} run {node.run_id}  (not in this store)")
+            continue
         info, tags = node.run.info, node.run.data.tags
         extras = [f"dvc exp {tags['lmpipe.dvc_exp']}"] if tags.get("lmpipe.dvc_exp") else []
         if tags.get("mlflow.source.git.commit"):
