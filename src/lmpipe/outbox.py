@@ -123,13 +123,18 @@ class Outbox:
         return True
 
 
+def log_metrics(client: MlflowClient, run_id: str, metrics: list[Metric]) -> None:
+    """Any number of metric values, in the batches of at most 1000 that log_batch takes."""
+    for start in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[start : start + 1000])
+
+
 def _send_record(
     client: MlflowClient, run_id: str, record: dict[str, Any], directory: Path
 ) -> None:
     if record["kind"] == "metrics":
         metrics = [Metric(k, v, ts, step) for k, v, ts, step in record["metrics"]]
-        for start in range(0, len(metrics), 1000):  # log_batch takes at most 1000 per call
-            client.log_batch(run_id, metrics=metrics[start : start + 1000])
+        log_metrics(client, run_id, metrics)
     elif record["kind"] == "artifact":
         client.log_artifact(run_id, str(directory / record["path"]), record["artifact_path"])
     elif record["kind"] == "end":

@@ -77,7 +77,7 @@ def send_or_save_metrics(run_id: str, metrics: Mapping[str, float], step: int | 
     batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
     outbox.send_or_save(
         f"{len(batch)} metric values",
-        lambda: MlflowClient().log_batch(run_id, metrics=batch),
+        lambda: outbox.log_metrics(MlflowClient(), run_id, batch),
         lambda: project_outbox().save_metrics(run_id, batch),
         project_outbox().directory,
     )
@@ -288,8 +288,7 @@ class MetricLogger:
     def _send(self, batch: list[Metric]) -> None:
         for attempt in range(1, self.retries + 1):
             try:
-                for start in range(0, len(batch), 1000):  # log_batch takes at most 1000
-                    self._client.log_batch(self.run_id, metrics=batch[start : start + 1000])
+                outbox.log_metrics(self._client, self.run_id, batch)
                 return
             except Exception:  # a busy or unreachable store: retry, then give up on it
                 if attempt == self.retries:
