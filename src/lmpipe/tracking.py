@@ -75,11 +75,12 @@ def replay_outbox() -> None:
 def send_or_save_metrics(run_id: str, metrics: Mapping[str, float], step: int | None) -> None:
     now = int(time.time() * 1000)
     batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+    saved = project_outbox()
     outbox.send_or_save(
         f"{len(batch)} metric values",
         lambda: outbox.log_metrics(MlflowClient(), run_id, batch),
-        lambda: project_outbox().save_metrics(run_id, batch),
-        project_outbox().directory,
+        lambda: saved.save_metrics(run_id, batch),
+        saved.directory,
     )
 
 
@@ -88,11 +89,12 @@ def send_or_save_artifact(
 ) -> None:
     """Log the file `path` as an artifact, or save it for replay. `send` replaces the plain
     upload (e.g. mlflow.log_table, which also tags the run), with the file as the fallback."""
+    saved = project_outbox()
     outbox.send_or_save(
         f"artifact {path.name}",
         send or (lambda: MlflowClient().log_artifact(run_id, str(path), artifact_path)),
-        lambda: project_outbox().save_artifact(run_id, path, artifact_path),
-        project_outbox().directory,
+        lambda: saved.save_artifact(run_id, path, artifact_path),
+        saved.directory,
     )
 
 
@@ -203,11 +205,12 @@ def stage_run(
         status = "FINISHED"
     finally:
         # mlflow.end_run leaves the active run even when the store fails to take the status.
+        saved = project_outbox()
         outbox.send_or_save(
             f"the run's end ({status})",
             lambda: mlflow.end_run(status),
-            lambda: project_outbox().save_end(run.info.run_id, status),
-            project_outbox().directory,
+            lambda: saved.save_end(run.info.run_id, status),
+            saved.directory,
         )
 
 
@@ -276,12 +279,13 @@ class MetricLogger:
         # 0.25 ms of CPU per value in MLflow's SQL store) yields the cores to training.
         with contextlib.suppress(OSError, AttributeError):
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        saved = project_outbox()
         while (batch := self._queue.get()) is not None:
             sent = outbox.send_or_save(
                 f"{len(batch)} metric values",
                 lambda batch=batch: self._send(batch),
-                lambda batch=batch: project_outbox().save_metrics(self.run_id, batch),
-                project_outbox().directory,
+                lambda batch=batch: saved.save_metrics(self.run_id, batch),
+                saved.directory,
             )
             self.saved_batches += not sent
 
