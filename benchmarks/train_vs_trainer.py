@@ -4,10 +4,13 @@ Same model (the `tiny` preset, identical initial weights), same batches in the s
 (the windows our seeded sampler yields, fed to Trainer through a sequential sampler), same
 batch size, sequence length, steps, AdamW settings, warmup + cosine-to-min schedule and
 clipping; fp32 on CPU; neither side logs to a tracker or writes checkpoints. Each side is
-timed from the call that trains to its return.
+timed from the call that trains to its return, in a fresh process of its own, so neither
+inherits the other's allocator state or warm caches; the initial weights and the batches
+are checked to be identical across the processes.
 
-Prints tokens/s for both, the ratio ours/Trainer (target >= 1.1) and the final training
-loss of both (target: within 2%).
+Prints tokens/s for both, the ratio ours/Trainer (target >= 1.1), the final training loss
+of both (target: within 2%), and the page faults per step and peak RSS of each. A third run, Trainer
+inside lmpipe's `retained_host_memory`, shows how much of the difference that setting is.
 
     python benchmarks/train_vs_trainer.py              # about 4 min on 2 cores
     python benchmarks/train_vs_trainer.py --steps 200  # closer losses, longer
@@ -16,9 +19,11 @@ loss of both (target: within 2%).
 from __future__ import annotations
 
 import argparse
-import copy
+import hashlib
 import json
 import logging
+import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -34,6 +39,7 @@ from synthetic_corpus import generate
 
 from lmpipe.config import HardwareConfig, ModelConfig, OptimConfig, TrainConfig
 from lmpipe.data.batches import window_batches
+from lmpipe.host_memory import retained_host_memory
 from lmpipe.model import build_model
 from lmpipe.tokenizer import train_tokenizer
 from lmpipe.tracking import MetricLogger
@@ -78,28 +84,14 @@ class LossRecorder(TrainerCallback):
             self.losses.append(logs["loss"])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--mb", type=int, default=10, help="synthetic corpus size")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
+def digest(tensors: list[torch.Tensor]) -> str:
+    sha = hashlib.sha256()
+    for tensor in tensors:
+        sha.update(tensor.detach().contiguous().numpy().tobytes())
+    return sha.hexdigest()[:16]
 
-    tokens, tokenizer = corpus_tokens(args.mb, 8192)
-    optim = OptimConfig(lr=2e-3, warmup_steps=10, min_lr_ratio=0.1, weight_decay=0.1)
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, log_every=1, optim=optim)
-    seed_everything(0)
-    model = build_model(ModelConfig(preset="tiny"), tokenizer)
-    initial = copy.deepcopy(model.state_dict())
 
-    order = window_batches(tokens, args.seq_len, args.batch_size, seed=0)
-    batches = [next(order) for _ in range(args.steps)]
-
-    # Trainer first, so that ours is not favoured by a warm allocator or page cache.
-    model.load_state_dict(initial)
-    recorder = LossRecorder()
+def run_trainer(model, batches, optim: OptimConfig, args, recorder: LossRecorder) -> None:
     with tempfile.TemporaryDirectory() as out:
         training_args = TrainingArguments(
             output_dir=out,
@@ -125,33 +117,94 @@ def main() -> None:
             model=model, args=training_args, train_dataset=Windows(batches),
             callbacks=[recorder],
         )  # fmt: skip
-        start = time.perf_counter()
-        trainer.train()
-        trainer_seconds = time.perf_counter() - start
+        with retained_host_memory(args.side == "trainer-retained"):
+            trainer.train()
 
-    model.load_state_dict(initial)
-    logger = MetricLogger(None)
+
+def run_side(args: argparse.Namespace) -> dict:
+    """Train one side in this process; its measurements as a dict."""
+    tokens, tokenizer = corpus_tokens(args.mb, 8192)
+    optim = OptimConfig(lr=2e-3, warmup_steps=10, min_lr_ratio=0.1, weight_decay=0.1)
+    seed_everything(0)
+    model = build_model(ModelConfig(preset="tiny"), tokenizer)
+    initial = digest(list(model.state_dict().values()))
+    order = window_batches(tokens, args.seq_len, args.batch_size, seed=0)
+    batches = [next(order) for _ in range(args.steps)]
+    data = digest([b["input_ids"] for b in batches])
+
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     start = time.perf_counter()
-    ours_batches = window_batches(tokens, args.seq_len, args.batch_size, seed=0)  # same order
-    result = train(model, ours_batches, cfg, HardwareConfig(), torch.device("cpu"), logger)
-    ours_seconds = time.perf_counter() - start
+    if args.side == "ours":
+        cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, log_every=1, optim=optim)
+        logger = MetricLogger(None)
+        # The same windows in the same order: a fresh sampler with the same seed.
+        ours_batches = window_batches(tokens, args.seq_len, args.batch_size, seed=0)
+        train(model, ours_batches, cfg, HardwareConfig(), torch.device("cpu"), logger)
+        losses = [row["train_loss"] for row in logger.state_dict()["train"]]
+    else:
+        recorder = LossRecorder()
+        run_trainer(model, batches, optim, args, recorder)
+        losses = recorder.losses
+    seconds = time.perf_counter() - start
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    return {
+        "seconds": seconds,
+        "tokens_per_second": args.steps * args.batch_size * args.seq_len / seconds,
+        # The mean of the last 10 steps (same batches on both sides): less noisy than one.
+        "final_loss": float(np.mean(losses[-10:])),
+        "faults_per_step": faults / args.steps,
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "initial_weights": initial,
+        "batches": data,
+    }
 
-    tokens_total = args.steps * args.batch_size * args.seq_len
-    ours_tps, trainer_tps = tokens_total / ours_seconds, tokens_total / trainer_seconds
-    # Final loss: the mean of the last 10 steps on both sides (same batches), less noisy
-    # than a single step.
-    ours_losses = [row["train_loss"] for row in logger.state_dict()["train"]]
-    ours_final, trainer_final = np.mean(ours_losses[-10:]), np.mean(recorder.losses[-10:])
-    print(f"model: tiny, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
-          f"{args.steps} steps x {args.batch_size} x {args.seq_len} tokens; "
-          f"torch threads {torch.get_num_threads()}")  # fmt: skip
-    print(f"transformers Trainer: {trainer_seconds:7.1f} s  {trainer_tps:8.0f} tokens/s  "
-          f"final loss {trainer_final:.4f}")  # fmt: skip
-    print(f"lmpipe train():       {ours_seconds:7.1f} s  {ours_tps:8.0f} tokens/s  "
-          f"final loss {ours_final:.4f}  (last step {result.train_loss:.4f})")  # fmt: skip
-    print(f"tokens/s ratio ours/Trainer: {ours_tps / trainer_tps:.3f}  (target >= 1.1)")
-    print(f"final loss difference: {abs(ours_final - trainer_final) / trainer_final:.2%}  "
-          "(target <= 2%)")  # fmt: skip
+
+def measure(side: str, args: argparse.Namespace) -> dict:
+    command = [sys.executable, __file__, "--side", side, "--steps", str(args.steps),
+               "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
+               "--mb", str(args.mb)]  # fmt: skip
+    done = subprocess.run(command, check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--mb", type=int, default=10, help="synthetic corpus size")
+    parser.add_argument("--side", choices=["ours", "trainer", "trainer-retained"],
+                        help="internal: train one side in this process, print JSON")  # fmt: skip
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    if args.side:
+        print(json.dumps(run_side(args)))
+        return
+
+    # Trainer first, so that any drift of the machine during the run does not favour it.
+    sides = {side: measure(side, args) for side in ("trainer", "ours", "trainer-retained")}
+    if len({(s["initial_weights"], s["batches"]) for s in sides.values()}) != 1:
+        raise SystemExit(f"the sides did not start from the same weights and batches: {sides}")
+    trainer, ours, retained = sides["trainer"], sides["ours"], sides["trainer-retained"]
+    print(f"model: tiny, {ours['parameters'] / 1e6:.2f}M parameters; {args.steps} steps x "
+          f"{args.batch_size} x {args.seq_len} tokens; torch threads {torch.get_num_threads()}; "
+          "one fresh process per side")  # fmt: skip
+    for name, side in (("transformers Trainer", trainer), ("lmpipe train()", ours),
+                       ("Trainer, retained memory", retained)):  # fmt: skip
+        print(f"{name:26s} {side['seconds']:7.1f} s  {side['tokens_per_second']:8.0f} tokens/s  "
+              f"final loss {side['final_loss']:.4f}  "
+              f"page faults/step {side['faults_per_step']:7.0f}  "
+              f"peak RSS {side['peak_rss_gb']:.2f} GB")  # fmt: skip
+    ratio = ours["tokens_per_second"] / trainer["tokens_per_second"]
+    print(f"tokens/s ratio ours/Trainer: {ratio:.3f}  (target >= 1.1)")
+    difference = abs(ours["final_loss"] - trainer["final_loss"]) / trainer["final_loss"]
+    print(f"final loss difference: {difference:.2%}  (target <= 2%)")
+    print(
+        "of which host memory retention: Trainer with it runs at "
+        f"{retained['tokens_per_second'] / trainer['tokens_per_second']:.3f}x Trainer; "
+        f"ours/that: {ours['tokens_per_second'] / retained['tokens_per_second']:.3f}"
+    )
 
 
 if __name__ == "__main__":

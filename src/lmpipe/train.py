@@ -30,6 +30,7 @@ from lmpipe.checkpoint import BEST, LAST, Checkpoints
 from lmpipe.config import HardwareConfig, OptimConfig, TrainConfig
 from lmpipe.data.batches import ShuffledBatches
 from lmpipe.distributed import DistEnv
+from lmpipe.host_memory import retained_host_memory
 from lmpipe.lm_metrics import IGNORE_INDEX, perplexity
 from lmpipe.tracking import MetricLogger
 
@@ -220,7 +221,26 @@ def train(
     `model.save_model`, which gathers). With `checkpoints`, an unfinished checkpoint of
     the same config is resumed and `last`/`best` are kept up to date.
     """
-    env = env or DistEnv()
+    with retained_host_memory(device.type == "cpu" and hardware.retain_host_memory):
+        return _train(
+            model, batches, cfg, hardware, device, metrics, evaluate, checkpoints, run_id,
+            env or DistEnv(), desc,
+        )  # fmt: skip
+
+
+def _train(
+    model: PreTrainedModel,
+    batches: ShuffledBatches,
+    cfg: TrainConfig,
+    hardware: HardwareConfig,
+    device: torch.device,
+    metrics: MetricLogger,
+    evaluate: EvalFn | None,
+    checkpoints: Checkpoints | None,
+    run_id: str,
+    env: DistEnv,
+    desc: str,
+) -> TrainResult:
     model.to(device)
     if hardware.gradient_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
