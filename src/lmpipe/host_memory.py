@@ -63,9 +63,10 @@ def retained_host_memory(enabled: bool = True) -> Iterator[bool]:
     settles on by itself and the retained memory is handed back to the system.
     """
     libc = _glibc() if enabled else None
-    if enabled and libc is None:
-        log.info("host memory: not glibc, freed CPU memory is not retained between steps")
     active = libc is not None and _mallopt(libc, (M_TRIM_THRESHOLD, NEVER_TRIM), (M_MMAP_MAX, 0))
+    if enabled and not active:
+        log.info("host memory: the C library takes no glibc mallopt settings, so freed CPU "
+                 "memory is not retained between steps")  # fmt: skip
     try:
         yield active
     finally:

@@ -5,7 +5,8 @@ to `min_lr_ratio * lr`, gradient accumulation with the loss weighted by tokens a
 micro-batches and processes, clipping, bf16 autocast on CUDA, optional torch.compile and
 gradient checkpointing, DDP or FSDP2 when started as several processes, periodic
 evaluation, best and last checkpoints, early stopping, and exact resume: a run killed at
-any moment and restarted continues from its last checkpoint to the same weights.
+any moment and restarted continues from its last checkpoint to the same weights. On CPU,
+freed memory stays in the process while training (lmpipe.host_memory).
 """
 
 from __future__ import annotations
