@@ -91,7 +91,20 @@ def digest(tensors: list[torch.Tensor]) -> str:
     return sha.hexdigest()[:16]
 
 
-def run_trainer(model, batches, optim: OptimConfig, args, recorder: LossRecorder) -> None:
+class Timer:
+    """Wall time and page faults of the block."""
+
+    def __enter__(self) -> Timer:
+        self.faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds = time.perf_counter() - self.start
+        self.faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - self.faults
+
+
+def run_trainer(model, batches, optim: OptimConfig, args, recorder: LossRecorder) -> Timer:
     with tempfile.TemporaryDirectory() as out:
         training_args = TrainingArguments(
             output_dir=out,
@@ -117,8 +130,9 @@ def run_trainer(model, batches, optim: OptimConfig, args, recorder: LossRecorder
             model=model, args=training_args, train_dataset=Windows(batches),
             callbacks=[recorder],
         )  # fmt: skip
-        with retained_host_memory(args.side == "trainer-retained"):
+        with retained_host_memory(args.side == "trainer-retained"), Timer() as timer:
             trainer.train()
+    return timer
 
 
 def run_side(args: argparse.Namespace) -> dict:
@@ -132,27 +146,24 @@ def run_side(args: argparse.Namespace) -> dict:
     batches = [next(order) for _ in range(args.steps)]
     data = digest([b["input_ids"] for b in batches])
 
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    start = time.perf_counter()
     if args.side == "ours":
         cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, log_every=1, optim=optim)
         logger = MetricLogger(None)
         # The same windows in the same order: a fresh sampler with the same seed.
         ours_batches = window_batches(tokens, args.seq_len, args.batch_size, seed=0)
-        train(model, ours_batches, cfg, HardwareConfig(), torch.device("cpu"), logger)
+        with Timer() as timer:
+            train(model, ours_batches, cfg, HardwareConfig(), torch.device("cpu"), logger)
         losses = [row["train_loss"] for row in logger.state_dict()["train"]]
     else:
         recorder = LossRecorder()
-        run_trainer(model, batches, optim, args, recorder)
+        timer = run_trainer(model, batches, optim, args, recorder)
         losses = recorder.losses
-    seconds = time.perf_counter() - start
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
     return {
-        "seconds": seconds,
-        "tokens_per_second": args.steps * args.batch_size * args.seq_len / seconds,
+        "seconds": timer.seconds,
+        "tokens_per_second": args.steps * args.batch_size * args.seq_len / timer.seconds,
         # The mean of the last 10 steps (same batches on both sides): less noisy than one.
         "final_loss": float(np.mean(losses[-10:])),
-        "faults_per_step": faults / args.steps,
+        "faults_per_step": timer.faults / args.steps,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "parameters": sum(p.numel() for p in model.parameters()),
         "initial_weights": initial,
@@ -164,7 +175,9 @@ def measure(side: str, args: argparse.Namespace) -> dict:
     command = [sys.executable, __file__, "--side", side, "--steps", str(args.steps),
                "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
                "--mb", str(args.mb)]  # fmt: skip
-    done = subprocess.run(command, check=True, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"the {side} run failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
