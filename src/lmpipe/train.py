@@ -222,162 +222,150 @@ def train(
     `model.save_model`, which gathers). With `checkpoints`, an unfinished checkpoint of
     the same config is resumed and `last`/`best` are kept up to date.
     """
+    env = env or DistEnv()
     with retained_host_memory(device.type == "cpu" and hardware.retain_host_memory):
-        return _train(
-            model, batches, cfg, hardware, device, metrics, evaluate, checkpoints, run_id,
-            env or DistEnv(), desc,
+        model.to(device)
+        if hardware.gradient_checkpointing:
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        model.train()
+        wrapped = distributed.wrap_model(model, env, hardware.strategy)
+        optimizer = build_optimizer(wrapped, cfg.optim)
+        scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+            optimizer,
+            num_warmup_steps=cfg.optim.warmup_steps,
+            num_training_steps=max(cfg.steps, 1),
+            min_lr_rate=cfg.optim.min_lr_ratio,
+        )
+        progress = _Progress()
+        resumed_from = None
+        # Rank 0 decides (it also repairs an interrupted write); every rank follows.
+        resume = checkpoints is not None and distributed.broadcast_object(
+            checkpoints.resumable() is not None if env.is_main else None
+        )
+        if resume:
+            trainer = checkpoints.load(LAST, wrapped, optimizer)
+            scheduler.load_state_dict(trainer["scheduler"])
+            batches.position = trainer["position"]
+            progress = _Progress(**trainer["progress"])
+            metrics.load_state_dict(trainer["metrics"])
+            resumed_from = progress.step
+            log.info("%s: resuming at step %d of %d", desc, progress.step, cfg.steps)
+        # The compiled module shares parameters with `wrapped`, which is what gets saved.
+        forward = torch.compile(wrapped) if hardware.compile else wrapped
+        dense_flops, attention_flops = flop_terms(model)
+        peak = peak_flops(hardware, device)
+        if peak is None and env.is_main:
+            log.info("%s: no peak FLOP/s known for this device (hardware.peak_flops): no MFU", desc)
+
+        def save(name: str, state_extra: dict | None = None) -> None:
+            if checkpoints is None:
+                return
+            metrics.flush()
+            trainer = None
+            if name == LAST:
+                trainer = {
+                    "scheduler": scheduler.state_dict(),
+                    "position": batches.position,
+                    "progress": vars(progress).copy(),
+                    "metrics": metrics.state_dict(),
+                }
+            state = {"step": progress.step, "run_id": run_id, **(state_extra or {})}
+            checkpoints.save(name, wrapped, state, optimizer if name == LAST else None, trainer)
+
+        best_weights: dict[str, torch.Tensor] | None = None  # in memory when no checkpoints
+        interval_tokens, interval_flops, interval_start = 0, 0.0, time.perf_counter()
+        run_start = time.perf_counter() - progress.seconds
+        stopped_early = False
+        bar = tqdm(
+            total=cfg.steps, initial=progress.step, desc=desc, unit="step", mininterval=1,
+            disable=not env.is_main,
         )  # fmt: skip
-
-
-def _train(
-    model: PreTrainedModel,
-    batches: ShuffledBatches,
-    cfg: TrainConfig,
-    hardware: HardwareConfig,
-    device: torch.device,
-    metrics: MetricLogger,
-    evaluate: EvalFn | None,
-    checkpoints: Checkpoints | None,
-    run_id: str,
-    env: DistEnv,
-    desc: str,
-) -> TrainResult:
-    model.to(device)
-    if hardware.gradient_checkpointing:
-        model.activation_checkpointing_enable({"use_reentrant": False})
-    model.train()
-    wrapped = distributed.wrap_model(model, env, hardware.strategy)
-    optimizer = build_optimizer(wrapped, cfg.optim)
-    scheduler = get_cosine_with_min_lr_schedule_with_warmup(
-        optimizer,
-        num_warmup_steps=cfg.optim.warmup_steps,
-        num_training_steps=max(cfg.steps, 1),
-        min_lr_rate=cfg.optim.min_lr_ratio,
-    )
-    progress = _Progress()
-    resumed_from = None
-    # Rank 0 decides (it also repairs an interrupted write); every rank follows.
-    resume = checkpoints is not None and distributed.broadcast_object(
-        checkpoints.resumable() is not None if env.is_main else None
-    )
-    if resume:
-        trainer = checkpoints.load(LAST, wrapped, optimizer)
-        scheduler.load_state_dict(trainer["scheduler"])
-        batches.position = trainer["position"]
-        progress = _Progress(**trainer["progress"])
-        metrics.load_state_dict(trainer["metrics"])
-        resumed_from = progress.step
-        log.info("%s: resuming at step %d of %d", desc, progress.step, cfg.steps)
-    # The compiled module shares parameters with `wrapped`, which is what gets saved.
-    forward = torch.compile(wrapped) if hardware.compile else wrapped
-    dense_flops, attention_flops = flop_terms(model)
-    peak = peak_flops(hardware, device)
-    if peak is None and env.is_main:
-        log.info("%s: no peak FLOP/s known for this device (hardware.peak_flops): no MFU", desc)
-
-    def save(name: str, state_extra: dict | None = None) -> None:
-        if checkpoints is None:
-            return
-        metrics.flush()
-        trainer = None
-        if name == LAST:
-            trainer = {
-                "scheduler": scheduler.state_dict(),
-                "position": batches.position,
-                "progress": vars(progress).copy(),
-                "metrics": metrics.state_dict(),
-            }
-        state = {"step": progress.step, "run_id": run_id, **(state_extra or {})}
-        checkpoints.save(name, wrapped, state, optimizer if name == LAST else None, trainer)
-
-    best_weights: dict[str, torch.Tensor] | None = None  # in memory when no checkpoints
-    interval_tokens, interval_flops, interval_start = 0, 0.0, time.perf_counter()
-    run_start = time.perf_counter() - progress.seconds
-    stopped_early = False
-    bar = tqdm(
-        total=cfg.steps, initial=progress.step, desc=desc, unit="step", mininterval=1,
-        disable=not env.is_main,
-    )  # fmt: skip
-    while progress.step < cfg.steps:
-        step = progress.step + 1
-        micro_batches = [next(batches) for _ in range(cfg.grad_accum)]
-        loss_value, grad_norm, global_tokens, global_flops = _optimizer_step(
-            forward, optimizer, micro_batches, cfg.optim.grad_clip, hardware, device, env,
-            (dense_flops, attention_flops),
-        )  # fmt: skip
-        scheduler.step()
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"{desc}: loss is {loss_value} at step {step}; lower the lr")
-        progress.step, progress.train_loss = step, loss_value
-        progress.tokens += int(global_tokens)
-        interval_tokens += int(global_tokens)
-        interval_flops += global_flops
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            elapsed = max(time.perf_counter() - interval_start, 1e-9)
-            values = {
-                "train_loss": loss_value,
-                "lr": scheduler.get_last_lr()[0],
-                "grad_norm": grad_norm,
-                "tokens_per_second": interval_tokens / elapsed,
-                "peak_memory_gb": peak_memory_gb(device),
-            }
-            if peak:
-                values["mfu"] = interval_flops / elapsed / (peak * env.world_size)
-            metrics.log(values, step)
-            bar.set_postfix(loss=f"{loss_value:.3f}")
-            interval_tokens, interval_flops, interval_start = 0, 0.0, time.perf_counter()
-        bar.update(1)
-        if evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
-            progress.val_loss, extra = _split_eval(evaluate(forward))
-            metrics.log(
-                {
-                    "val_loss": progress.val_loss,
-                    "val_perplexity": perplexity(progress.val_loss),
-                    **{f"val_{name}": value for name, value in extra.items()},
-                },
-                step,
-                "val",
-            )
-            log.info("%s step %d: train loss %.4f, val loss %.4f", desc, step, loss_value,
-                     progress.val_loss)  # fmt: skip
-            if progress.record_eval(step, cfg.early_stopping_min_delta):
-                if checkpoints is not None:
-                    save(BEST, {"val_loss": progress.val_loss})
-                elif cfg.final_weights == BEST:
-                    best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            patience = cfg.early_stopping_patience
-            if patience is not None and progress.evals_without_gain >= patience:
-                log.info("%s: no val gain in %d evaluations, stopping at step %d (best %d)",
-                         desc, patience, step, progress.best_step)  # fmt: skip
-                stopped_early = True
-        progress.seconds = time.perf_counter() - run_start
-        if stopped_early:
-            break
-        if step % cfg.checkpoint_every == 0 and step < cfg.steps:
-            save(LAST)
-    bar.close()
-    if cfg.steps == 0 and evaluate is not None:  # nothing trained: still report where it stands
-        progress.val_loss, _ = _split_eval(evaluate(forward))
-    save(LAST)
-    if checkpoints is not None:
-        checkpoints.mark_finished()
-    if cfg.final_weights == BEST and progress.best_step not in (None, progress.step):
-        log.info("%s: final weights are the best checkpoint (step %d)", desc, progress.best_step)
+        while progress.step < cfg.steps:
+            step = progress.step + 1
+            micro_batches = [next(batches) for _ in range(cfg.grad_accum)]
+            loss_value, grad_norm, global_tokens, global_flops = _optimizer_step(
+                forward, optimizer, micro_batches, cfg.optim.grad_clip, hardware, device, env,
+                (dense_flops, attention_flops),
+            )  # fmt: skip
+            scheduler.step()
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(
+                    f"{desc}: loss is {loss_value} at step {step}; lower the lr"
+                )
+            progress.step, progress.train_loss = step, loss_value
+            progress.tokens += int(global_tokens)
+            interval_tokens += int(global_tokens)
+            interval_flops += global_flops
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                elapsed = max(time.perf_counter() - interval_start, 1e-9)
+                values = {
+                    "train_loss": loss_value,
+                    "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": grad_norm,
+                    "tokens_per_second": interval_tokens / elapsed,
+                    "peak_memory_gb": peak_memory_gb(device),
+                }
+                if peak:
+                    values["mfu"] = interval_flops / elapsed / (peak * env.world_size)
+                metrics.log(values, step)
+                bar.set_postfix(loss=f"{loss_value:.3f}")
+                interval_tokens, interval_flops, interval_start = 0, 0.0, time.perf_counter()
+            bar.update(1)
+            if evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
+                progress.val_loss, extra = _split_eval(evaluate(forward))
+                metrics.log(
+                    {
+                        "val_loss": progress.val_loss,
+                        "val_perplexity": perplexity(progress.val_loss),
+                        **{f"val_{name}": value for name, value in extra.items()},
+                    },
+                    step,
+                    "val",
+                )
+                log.info("%s step %d: train loss %.4f, val loss %.4f", desc, step, loss_value,
+                         progress.val_loss)  # fmt: skip
+                if progress.record_eval(step, cfg.early_stopping_min_delta):
+                    if checkpoints is not None:
+                        save(BEST, {"val_loss": progress.val_loss})
+                    elif cfg.final_weights == BEST:
+                        best_weights = {
+                            k: v.detach().clone() for k, v in model.state_dict().items()
+                        }
+                patience = cfg.early_stopping_patience
+                if patience is not None and progress.evals_without_gain >= patience:
+                    log.info("%s: no val gain in %d evaluations, stopping at step %d (best %d)",
+                             desc, patience, step, progress.best_step)  # fmt: skip
+                    stopped_early = True
+            progress.seconds = time.perf_counter() - run_start
+            if stopped_early:
+                break
+            if step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                save(LAST)
+        bar.close()
+        if cfg.steps == 0 and evaluate is not None:  # nothing trained: still report where it stands
+            progress.val_loss, _ = _split_eval(evaluate(forward))
+        save(LAST)
         if checkpoints is not None:
-            checkpoints.load(BEST, wrapped)
-        elif best_weights is not None:
-            model.load_state_dict(best_weights)
-    return TrainResult(
-        steps=progress.step,
-        train_loss=progress.train_loss,
-        val_loss=progress.val_loss,
-        best_val_loss=progress.best_val_loss,
-        best_step=progress.best_step,
-        tokens=progress.tokens,
-        seconds=progress.seconds,
-        stopped_early=stopped_early,
-        resumed_from=resumed_from,
-    )
+            checkpoints.mark_finished()
+        if cfg.final_weights == BEST and progress.best_step not in (None, progress.step):
+            log.info(
+                "%s: final weights are the best checkpoint (step %d)", desc, progress.best_step
+            )
+            if checkpoints is not None:
+                checkpoints.load(BEST, wrapped)
+            elif best_weights is not None:
+                model.load_state_dict(best_weights)
+        return TrainResult(
+            steps=progress.step,
+            train_loss=progress.train_loss,
+            val_loss=progress.val_loss,
+            best_val_loss=progress.best_val_loss,
+            best_step=progress.best_step,
+            tokens=progress.tokens,
+            seconds=progress.seconds,
+            stopped_early=stopped_early,
+            resumed_from=resumed_from,
+        )
 
 
 def _optimizer_step(
