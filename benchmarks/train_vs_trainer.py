@@ -9,8 +9,9 @@ inherits the other's allocator state or warm caches; the initial weights and the
 are checked to be identical across the processes.
 
 Prints tokens/s for both, the ratio ours/Trainer (target >= 1.1), the final training loss
-of both (target: within 2%), and the page faults per step and peak RSS of each. A third run, Trainer
-inside lmpipe's `retained_host_memory`, shows how much of the difference that setting is.
+of both (target: within 2%), and the page faults per step and peak RSS of each. A third
+run, Trainer inside lmpipe's `retained_host_memory`, shows how much of the difference
+that setting is.
 
     python benchmarks/train_vs_trainer.py              # about 6 min on 2 cores (3 runs)
     python benchmarks/train_vs_trainer.py --steps 200  # closer losses, longer
