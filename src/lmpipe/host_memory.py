@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import logging
 from collections.abc import Iterator
 
@@ -38,11 +37,8 @@ ADAPTED_TRIM_THRESHOLD = 2 * ADAPTED_MMAP_THRESHOLD
 
 
 def _glibc() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
     try:
-        libc = ctypes.CDLL(name)
+        libc = ctypes.CDLL(None)  # the symbols already loaded in this process, libc's among them
         libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
         libc.malloc_trim.argtypes = [ctypes.c_size_t]
     except (OSError, AttributeError):  # not glibc (musl, macOS): no mallopt/malloc_trim
