@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import multiprocessing
 from pathlib import Path
 
 import mlflow
@@ -162,3 +163,42 @@ def test_stage_run_records_dvc_deps_as_inputs_with_dvc_md5(mlflow_store: str, cf
     digest, tags = inputs["stages/tokenize.py"]
     assert digest == hashlib.md5(source.read_bytes()).hexdigest()  # DVC 3's md5 of a file
     assert tags["mlflow.data.context"] == "code"
+
+
+def _log_the_same_inputs(experiment_id: str, rounds: int, barrier, results) -> None:
+    """A sweep job: one run per round, all jobs logging the same new datasets at once."""
+    client = MlflowClient()
+    for round_ in range(rounds):
+        run_id = client.create_run(experiment_id).info.run_id
+        inputs = [
+            lineage.Input(f"data/{round_}/{i}", f"md5-{i}", "code", f"file:///data/{i}")
+            for i in range(12)
+        ]
+        barrier.wait()
+        try:
+            tracking.log_inputs(run_id, inputs)
+            results.put((run_id, None))
+        except Exception as err:
+            results.put((run_id, str(err)[:200]))
+
+
+def test_parallel_jobs_logging_the_same_new_inputs_all_succeed(mlflow_store: str) -> None:
+    # MLflow's store checks which datasets exist, then inserts: without the retry in
+    # tracking.log_inputs about half of these jobs failed on the datasets' unique key.
+    experiment_id = tracking.ensure_experiment("race")
+    context = multiprocessing.get_context("fork")
+    jobs, rounds = 4, 4
+    barrier, results = context.Barrier(jobs), context.Queue()
+    processes = [
+        context.Process(target=_log_the_same_inputs, args=(experiment_id, rounds, barrier, results))
+        for _ in range(jobs)
+    ]
+    for process in processes:
+        process.start()
+    outcomes = [results.get(timeout=120) for _ in range(jobs * rounds)]
+    for process in processes:
+        process.join(timeout=60)
+    assert [error for _, error in outcomes if error] == []
+    client = MlflowClient()
+    for run_id, _ in outcomes:
+        assert len(client.get_run(run_id).inputs.dataset_inputs) == 12

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import queue
+import random
 import subprocess
 import threading
 import time
@@ -215,10 +216,27 @@ def stage_run(
         )
 
 
-def log_inputs(run_id: str, inputs: list[lineage.Input]) -> None:
-    """Record what a run read as MLflow dataset inputs (see lmpipe.lineage)."""
-    if inputs:
-        MlflowClient().log_inputs(run_id, datasets=lineage.dataset_inputs(inputs))
+def log_inputs(run_id: str, inputs: list[lineage.Input], attempts: int = 5) -> None:
+    """Record what a run read as MLflow dataset inputs (see lmpipe.lineage).
+
+    MLflow's SQL store looks up which datasets exist and inserts the rest, so parallel jobs
+    (a joblib sweep) that log the same new dataset race, and the later insert breaks the
+    store's unique key. Logging inputs is idempotent: a retry finds the rows the other job
+    wrote and links this run to them.
+    """
+    if not inputs:
+        return
+    datasets = lineage.dataset_inputs(inputs)
+    client = MlflowClient()
+    for attempt in range(1, attempts + 1):
+        try:
+            client.log_inputs(run_id, datasets=datasets)
+            return
+        except MlflowException as err:
+            if attempt == attempts:
+                raise
+            log.debug("logging inputs of run %s again (%s)", run_id, str(err).splitlines()[0])
+            time.sleep(random.uniform(0.0, 0.05 * attempt))  # desynchronise the racing jobs
 
 
 class MetricLogger:
