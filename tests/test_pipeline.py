@@ -287,11 +287,12 @@ def test_stage_cli_override_and_multirun(pipeline: Path) -> None:
     assert (pipeline / "outputs" / "finetune" / "run.json").read_text().count(single) == 1
 
 
-def test_four_parallel_joblib_jobs_lose_no_run_and_no_metric(
+def test_four_parallel_joblib_jobs_lose_no_run_metric_or_input(
     pipeline: Path, tmp_path: Path
 ) -> None:
     """4 processes writing to one SQLite store at once, a store that does not exist yet (its
-    creation races unless the sweep creates it first): every run and every metric lands."""
+    creation races unless the sweep creates it first): every run, metric and dataset input
+    lands, and the jobs share one dataset row per input (their first logging races)."""
     from tests.conftest import tool_env
 
     store = tmp_path / "fresh" / "mlflow.db"
@@ -305,6 +306,7 @@ def test_four_parallel_joblib_jobs_lose_no_run_and_no_metric(
     ((_, children),) = sweep_runs(store.parent)
     assert len(children) == 4
     steps = yaml.safe_load((pipeline / "params.yaml").read_text())["finetune"]["steps"]
+    input_counts = []
     with sqlite3.connect(store) as db:
         for child in children:
             (status,) = db.execute(
@@ -321,6 +323,11 @@ def test_four_parallel_joblib_jobs_lose_no_run_and_no_metric(
                 (child,),
             )
             assert summary.fetchone()[0] == 2
+            inputs_query = ("SELECT COUNT(*) FROM inputs WHERE destination_id = ? "
+                            "AND source_type = 'DATASET'")  # fmt: skip
+            input_counts.append(db.execute(inputs_query, (child,)).fetchone()[0])
+        (datasets,) = db.execute("SELECT COUNT(*) FROM datasets").fetchone()
+        assert datasets > 0 and input_counts == [datasets] * 4
         lrs = sorted(db.execute(
             f"SELECT value FROM params WHERE key = 'finetune.optim.lr' AND run_uuid IN "
             f"({','.join('?' * len(children))})", children).fetchall())  # fmt: skip
