@@ -228,15 +228,25 @@ def log_inputs(run_id: str, inputs: list[lineage.Input], attempts: int = 5) -> N
         return
     datasets = lineage.dataset_inputs(inputs)
     client = MlflowClient()
+    retried(
+        lambda: client.log_inputs(run_id, datasets=datasets),
+        attempts,
+        # random pauses desynchronise the racing jobs
+        pause=lambda attempt: random.uniform(0.0, 0.05 * attempt),
+    )
+
+
+def retried(call: Callable[[], Any], attempts: int, pause: Callable[[int], float]) -> Any:
+    """`call()`, tried up to `attempts` times, sleeping `pause(attempt)` after a failure."""
     for attempt in range(1, attempts + 1):
         try:
-            client.log_inputs(run_id, datasets=datasets)
-            return
-        except MlflowException as err:
+            return call()
+        except Exception as err:
             if attempt == attempts:
                 raise
-            log.debug("logging inputs of run %s again (%s)", run_id, str(err).splitlines()[0])
-            time.sleep(random.uniform(0.0, 0.05 * attempt))  # desynchronise the racing jobs
+            log.debug("attempt %d of %d failed, trying again: %r", attempt, attempts, err)
+            time.sleep(pause(attempt))
+    raise ValueError(f"attempts must be at least 1, not {attempts}")
 
 
 class MetricLogger:
@@ -309,14 +319,12 @@ class MetricLogger:
             self.saved_batches += not sent
 
     def _send(self, batch: list[Metric]) -> None:
-        for attempt in range(1, self.retries + 1):
-            try:
-                outbox.log_metrics(self._client, self.run_id, batch)
-                return
-            except Exception:  # a busy or unreachable store: retry, then give up on it
-                if attempt == self.retries:
-                    raise
-                time.sleep(0.5 * attempt)
+        # A busy or unreachable store: retry, then give up on it (the outbox keeps the batch).
+        retried(
+            lambda: outbox.log_metrics(self._client, self.run_id, batch),
+            self.retries,
+            pause=lambda attempt: 0.5 * attempt,
+        )
 
     def close(self) -> None:
         self.flush()
