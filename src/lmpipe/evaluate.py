@@ -3,6 +3,7 @@ confusion matrix and per-class report, per-example losses (LM loss itself: lmpip
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lmpipe.lm_metrics import IGNORE_INDEX
+from lmpipe.lm_metrics import eval_mode, token_losses
 
 
 @torch.no_grad()
@@ -68,25 +69,20 @@ def predict_classes(
     max_batches: int | None = None,
 ) -> ClassPredictions:
     """A sequence classifier's predictions (and loss) over labelled batches."""
-    was_training = model.training
-    model.eval()
     actual, predicted, confidence, total = [], [], [], 0.0
-    for index, batch in enumerate(batches):
-        if max_batches is not None and index >= max_batches:
-            break
-        logits = model(
-            input_ids=batch["input_ids"].to(device),
-            attention_mask=batch["attention_mask"].to(device),
-            use_cache=False,
-        ).logits.float()
-        labels = batch["labels"].to(device)
-        total += float(F.cross_entropy(logits, labels, reduction="sum"))
-        probs = logits.softmax(-1)
-        best = probs.max(-1)
-        actual.append(labels.cpu().numpy())
-        predicted.append(best.indices.cpu().numpy())
-        confidence.append(best.values.cpu().numpy())
-    model.train(was_training)
+    with eval_mode(model):
+        for batch in itertools.islice(batches, max_batches):
+            logits = model(
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=batch["attention_mask"].to(device),
+                use_cache=False,
+            ).logits.float()
+            labels = batch["labels"].to(device)
+            total += float(F.cross_entropy(logits, labels, reduction="sum"))
+            best = logits.softmax(-1).max(-1)
+            actual.append(labels.cpu().numpy())
+            predicted.append(best.indices.cpu().numpy())
+            confidence.append(best.values.cpu().numpy())
     if not actual:
         raise ValueError("no labelled examples to classify")
     actual_ids = np.concatenate(actual)
@@ -143,22 +139,10 @@ def example_losses(
 ) -> tuple[list[float], list[int]]:
     """Per example (row): summed next-token cross-entropy over its labelled positions, and
     how many there are. Their ratio of sums is `mean_loss`."""
-    was_training = model.training
-    model.eval()
     sums, counts = [], []
-    for batch in batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch.get("attention_mask"),
-            position_ids=batch.get("position_ids"),  # packed rows
-            use_cache=False,  # with a KV cache, transformers ignores packed positions
-        ).logits.float()
-        targets = batch["labels"][:, 1:]
-        losses = F.cross_entropy(
-            logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
-        )
-        sums += losses.sum(1).tolist()
-        counts += (targets != IGNORE_INDEX).sum(1).tolist()
-    model.train(was_training)
+    with eval_mode(model):
+        for batch in batches:
+            losses, labelled = token_losses(model, batch, device)
+            sums += losses.sum(1).tolist()
+            counts += labelled.sum(1).tolist()
     return sums, counts

@@ -7,8 +7,10 @@ and the evaluate stage's scoring code (lmpipe.evaluate) must not have that reach
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -20,6 +22,39 @@ from transformers import PreTrainedModel
 IGNORE_INDEX = -100
 
 
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """The model in eval mode (no dropout) for the block, then back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def token_losses(
+    model: PreTrainedModel, batch: dict[str, torch.Tensor], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy (nats, fp32) at each position of a batch, 0 where the label
+    is ignored, and the mask of labelled positions; both [rows, length - 1]."""
+    batch = {k: v.to(device) for k, v in batch.items()}
+    logits = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch.get("attention_mask"),
+        position_ids=batch.get("position_ids"),  # packed rows
+        use_cache=False,  # with a KV cache, transformers ignores packed positions
+    ).logits
+    targets = batch["labels"][:, 1:]
+    losses = F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(),
+        targets.flatten(),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    )
+    return losses.view_as(targets), targets != IGNORE_INDEX
+
+
 @torch.no_grad()
 def mean_loss(
     model: PreTrainedModel,
@@ -28,29 +63,12 @@ def mean_loss(
     max_batches: int | None = None,
 ) -> tuple[float, int]:
     """Token-weighted mean next-token cross-entropy (nats) over labelled positions."""
-    was_training = model.training
-    model.eval()
     total, count = 0.0, 0
-    for index, batch in enumerate(batches):
-        if max_batches is not None and index >= max_batches:
-            break
-        batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch.get("attention_mask"),
-            position_ids=batch.get("position_ids"),  # packed rows
-            use_cache=False,  # with a KV cache, transformers ignores packed positions
-        ).logits
-        targets = batch["labels"][:, 1:]
-        loss = F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.size(-1)).float(),
-            targets.reshape(-1),
-            ignore_index=IGNORE_INDEX,
-            reduction="sum",
-        )
-        total += loss.item()
-        count += int((targets != IGNORE_INDEX).sum())
-    model.train(was_training)
+    with eval_mode(model):
+        for batch in itertools.islice(batches, max_batches):
+            losses, labelled = token_losses(model, batch, device)
+            total += losses.sum().item()
+            count += int(labelled.sum())
     if count == 0:
         raise ValueError("no labelled tokens to evaluate")
     return total / count, count
