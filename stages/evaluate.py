@@ -23,7 +23,7 @@ from lmpipe.plots import confusion_matrix_figure, loss_comparison_figure
 from lmpipe.quantize import quantize_int8
 from lmpipe.stage import Stage, prepare_cli
 from lmpipe.tokenizer import load_tokenizer
-from lmpipe.train import seed_everything, select_device
+from lmpipe.train import autocast, enable_tf32, seed_everything, select_device
 
 PREDICTIONS = "predictions.csv"
 
@@ -34,75 +34,82 @@ def main(cfg: DictConfig) -> None:
         c, e, f = stage.cfg, stage.cfg.evaluate, stage.cfg.finetune
         seed_everything(c.seed)
         device = select_device(c.hardware)
-        finetuned_dir = stage.input("finetune", "model")
-        tokenizer = load_tokenizer(finetuned_dir)
-        pretrained = load_model(stage.input("pretrain", "model")).to(device)
+        # The int8 variants stay on the CPU (fbgemm): each model is scored where it lives.
+        enable_tf32(device, c.hardware.precision)
+        with autocast(device, c.hardware.precision):
+            finetuned_dir = stage.input("finetune", "model")
+            tokenizer = load_tokenizer(finetuned_dir)
+            pretrained = load_model(stage.input("pretrain", "model")).to(device)
 
-        # Held-out corpus text: how well the pretrained LM models language.
-        val_tokens = load_tokens(stage.input("tokenize", "tokens"), "val")
-        seq_len = c.pretrain.seq_len
+            # Held-out corpus text: how well the pretrained LM models language.
+            val_tokens = load_tokens(stage.input("tokenize", "tokens"), "val")
+            seq_len = c.pretrain.seq_len
 
-        def corpus_loss(model) -> tuple[float, int]:
-            windows = sequential_windows(val_tokens, e.batch_size, seq_len, e.max_tokens)
-            return mean_loss(model, windows, device)
+            def corpus_loss(model) -> tuple[float, int]:
+                windows = sequential_windows(val_tokens, e.batch_size, seq_len, e.max_tokens)
+                return mean_loss(model, windows, device)
 
-        val_loss, val_count = corpus_loss(pretrained)
-        corpus = {
-            "pretrained_val_loss": val_loss,
-            "pretrained_val_perplexity": perplexity(val_loss),
-            "val_tokens": val_count,
-            "unigram_entropy": unigram_entropy(
-                val_tokens[: min(len(val_tokens), e.max_tokens) // seq_len * seq_len],
-                len(tokenizer),
-            ),
-        }
+            val_loss, val_count = corpus_loss(pretrained)
+            corpus = {
+                "pretrained_val_loss": val_loss,
+                "pretrained_val_perplexity": perplexity(val_loss),
+                "val_tokens": val_count,
+                "unigram_entropy": unigram_entropy(
+                    val_tokens[: min(len(val_tokens), e.max_tokens) // seq_len * seq_len],
+                    len(tokenizer),
+                ),
+            }
 
-        predictions_path = stage.output(PREDICTIONS)
-        plots = stage.output("plots")
-        plots.mkdir()
-        if f.task == "classify":
-            finetuned = load_classifier(finetuned_dir).to(device)
-            models = {"finetuned": finetuned, "int8": quantize_int8(load_classifier(finetuned_dir))}
-            splits = tasks.classify_splits(f)
-            frame = tasks.predict_classify(models, tokenizer, splits["test"], f.max_len,
-                                           e.batch_size, device)  # fmt: skip
-            frame.to_csv(predictions_path, index=False)
-            saved = pd.read_csv(predictions_path)  # the metrics come from the saved file
-            labels = [finetuned.config.id2label[i] for i in range(finetuned.config.num_labels)]
-            metrics = tasks.score_classify(
-                saved, list(models), labels, classify.majority_label(splits["train"])
-            )
-            figure = confusion_matrix_figure(
-                confusion_matrix(saved["actual"], saved["finetuned_predicted"], labels),
-                labels,
-                f"WordNet category, test set: accuracy {metrics['finetuned_accuracy']:.3f}, "
-                f"macro-F1 {metrics['finetuned_macro_f1']:.3f}",
-            )
-            figure.savefig(plots / "confusion_matrix.png", dpi=110)
-            stage.log_figure(figure, "confusion_matrix.png")
-        else:
-            finetuned = load_model(finetuned_dir).to(device)
-            # What fine-tuning did to language modelling of the held-out corpus (forgetting).
-            tuned_loss, _ = corpus_loss(finetuned)
-            corpus |= {"finetuned_val_loss": tuned_loss, "finetuned_val_perplexity":
-                       perplexity(tuned_loss)}  # fmt: skip
-            models = {"pretrained": pretrained, "finetuned": finetuned,
-                      "int8": quantize_int8(load_model(finetuned_dir))}  # fmt: skip
-            generation = {"max_new_tokens": e.max_new_tokens, "do_sample": e.do_sample,
-                          "temperature": e.temperature, "top_p": e.top_p}  # fmt: skip
-            test = tasks.sft_splits(f)["test"]
-            frame = tasks.predict_sft(models, tokenizer, test, f.max_len, e.batch_size, device,
-                                      generation, e.num_generations)  # fmt: skip
-            frame.to_csv(predictions_path, index=False)
-            saved = pd.read_csv(predictions_path, keep_default_na=False)
-            metrics = tasks.score_sft(saved, list(models))
-            per_example = {m: saved[f"{m}_loss"] / saved["target_tokens"] for m in models}
-            figure = loss_comparison_figure(per_example, "Held-out response loss per example")
-            figure.savefig(plots / "sft_test_loss.png", dpi=110)
-            stage.log_figure(figure, "sft_test_loss.png")
-            shown = saved.head(e.num_generations)
-            stage.log_table(shown[["prompt", "reference", *(f"{m}_reply" for m in models)]],
-                            "generations.json")  # fmt: skip
+            predictions_path = stage.output(PREDICTIONS)
+            plots = stage.output("plots")
+            plots.mkdir()
+            if f.task == "classify":
+                finetuned = load_classifier(finetuned_dir).to(device)
+                models = {
+                    "finetuned": finetuned,
+                    "int8": quantize_int8(load_classifier(finetuned_dir)),
+                }
+                splits = tasks.classify_splits(f)
+                frame = tasks.predict_classify(
+                    models, tokenizer, splits["test"], f.max_len, e.batch_size
+                )
+                frame.to_csv(predictions_path, index=False)
+                saved = pd.read_csv(predictions_path)  # the metrics come from the saved file
+                labels = [finetuned.config.id2label[i] for i in range(finetuned.config.num_labels)]
+                metrics = tasks.score_classify(
+                    saved, list(models), labels, classify.majority_label(splits["train"])
+                )
+                figure = confusion_matrix_figure(
+                    confusion_matrix(saved["actual"], saved["finetuned_predicted"], labels),
+                    labels,
+                    f"WordNet category, test set: accuracy {metrics['finetuned_accuracy']:.3f}, "
+                    f"macro-F1 {metrics['finetuned_macro_f1']:.3f}",
+                )
+                figure.savefig(plots / "confusion_matrix.png", dpi=110)
+                stage.log_figure(figure, "confusion_matrix.png")
+            else:
+                finetuned = load_model(finetuned_dir).to(device)
+                # What fine-tuning did to language modelling of the held-out corpus (forgetting).
+                tuned_loss, _ = corpus_loss(finetuned)
+                corpus |= {"finetuned_val_loss": tuned_loss, "finetuned_val_perplexity":
+                           perplexity(tuned_loss)}  # fmt: skip
+                models = {"pretrained": pretrained, "finetuned": finetuned,
+                          "int8": quantize_int8(load_model(finetuned_dir))}  # fmt: skip
+                generation = {"max_new_tokens": e.max_new_tokens, "do_sample": e.do_sample,
+                              "temperature": e.temperature, "top_p": e.top_p}  # fmt: skip
+                test = tasks.sft_splits(f)["test"]
+                frame = tasks.predict_sft(models, tokenizer, test, f.max_len, e.batch_size,
+                                          generation, e.num_generations)  # fmt: skip
+                frame.to_csv(predictions_path, index=False)
+                saved = pd.read_csv(predictions_path, keep_default_na=False)
+                metrics = tasks.score_sft(saved, list(models))
+                per_example = {m: saved[f"{m}_loss"] / saved["target_tokens"] for m in models}
+                figure = loss_comparison_figure(per_example, "Held-out response loss per example")
+                figure.savefig(plots / "sft_test_loss.png", dpi=110)
+                stage.log_figure(figure, "sft_test_loss.png")
+                shown = saved.head(e.num_generations)
+                stage.log_table(shown[["prompt", "reference", *(f"{m}_reply" for m in models)]],
+                                "generations.json")  # fmt: skip
         metrics = {**corpus, **metrics}
         # What int8 quantization costs: int8 minus fp32 for each headline metric.
         for key in [k for k in metrics if k.startswith("finetuned_") and "." not in k]:

@@ -41,7 +41,7 @@ class CrashingLogger(NullLogger):
 
 
 def run(tokenizer, checkpoints: Checkpoints | None, logger=None, cfg: TrainConfig = CFG):
-    model = fresh_model(tokenizer)
+    model = fresh_model(tokenizer, attention_dropout=0.1)  # resume must restore the RNG
     logger = logger or NullLogger()
 
     @torch.no_grad()

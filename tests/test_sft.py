@@ -96,3 +96,22 @@ def test_packed_rows_score_exactly_like_padded_examples(tiny_model, tiny_tokeniz
     joined = {k: v for k, v in collate_packed(rows, 0).items() if k != "position_ids"}
     leaked, _ = example_losses(tiny_model, [joined], cpu)
     assert sum(leaked) != pytest.approx(sum(padded), rel=1e-3)
+
+
+def test_the_training_loss_keeps_packed_examples_apart(tiny_model, tiny_tokenizer) -> None:
+    """The loss the training loop minimises, on packed rows, is the loss of the same examples
+    padded one per row (with a KV cache transformers would ignore the restarting positions
+    and let packed examples attend to each other)."""
+    from lmpipe.train import _loss
+
+    examples = encode_all(tiny_tokenizer, load_chatterbot("english")[:12], max_len=64)
+    torch.manual_seed(0)
+    with torch.no_grad():  # large weights: a fresh model's output barely depends on context
+        for param in tiny_model.parameters():
+            if param.ndim == 2:
+                param.normal_(0.0, 0.5)
+    one = torch.tensor(1.0)  # target count 1: the loss is the sum over targets
+    with torch.no_grad():
+        padded = sum(float(_loss(tiny_model, b, one)) for b in ordered_batches(examples, 4, 0))
+        packed = float(_loss(tiny_model, collate_packed(pack(examples, 64), 0), one))
+    assert packed == pytest.approx(padded, rel=1e-5)

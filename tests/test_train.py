@@ -28,14 +28,20 @@ from lmpipe.train import (
 CPU = torch.device("cpu")
 
 
-def fresh_model(tokenizer):
+def fresh_model(tokenizer, attention_dropout: float = 0.0):
+    """A 2-layer decoder; with `attention_dropout`, training draws from the RNG every step
+    (so a resume that does not restore the RNG state ends elsewhere)."""
     from lmpipe.config import ModelConfig
     from lmpipe.model import build_model
 
     seed_everything(0)
     cfg = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=2,
                       intermediate_size=64, max_seq_len=64)  # fmt: skip
-    return build_model(cfg, tokenizer)
+    model = build_model(cfg, tokenizer)
+    model.config.attention_dropout = attention_dropout
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = attention_dropout
+    return model
 
 
 class NullLogger(MetricLogger):

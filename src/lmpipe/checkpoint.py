@@ -31,7 +31,8 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_state_dict,
-    set_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
 )
 from transformers import PreTrainedModel
 
@@ -57,7 +58,13 @@ def fingerprint(payload: Mapping[str, Any]) -> str:
 
 
 def rng_state() -> dict[str, Any]:
-    """python, numpy, torch and CUDA generators, in types `torch.load(weights_only=True)` reads."""
+    """python, numpy, torch and this process's CUDA generator, in types
+    `torch.load(weights_only=True)` reads.
+
+    Only the current CUDA device's state: each process trains on one GPU, and a run resumed
+    where fewer GPUs are visible (a requeued job, another CUDA_VISIBLE_DEVICES) must still
+    restore it.
+    """
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state: dict[str, Any] = {
         "python": random.getstate(),
@@ -65,7 +72,7 @@ def rng_state() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -74,8 +81,11 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, list | tuple):  # written before lmpipe saved one device's state
+        cuda = cuda[torch.cuda.current_device()] if torch.cuda.is_available() else None
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda)
 
 
 # --- checkpoints ---------------------------------------------------------------------------
@@ -149,21 +159,41 @@ class Checkpoints:
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer | None = None,
     ) -> dict[str, Any]:
-        """Restore weights (and optimizer, this rank's RNG); returns the trainer payload."""
+        """Restore weights (and optimizer, this rank's RNG); returns the trainer payload.
+
+        Collective with several processes: rank 0 alone reads the files and broadcasts
+        them, so host memory holds one full copy per machine, not one per process.
+        """
         path = self.directory / name
-        weights = load_file(str(path / WEIGHTS_FILE))
-        _check_only_tied_missing(distributed.unwrap(model), weights, path)
+        weights: dict[str, torch.Tensor] = {}
         trainer: dict[str, Any] = {}
-        if (path / TRAINER_FILE).is_file():
-            # weights_only: tensors and plain containers only, nothing arbitrary unpickled.
-            trainer = torch.load(path / TRAINER_FILE, weights_only=True, map_location="cpu")
-        set_state_dict(
-            model,
-            [optimizer] if optimizer is not None else [],
-            model_state_dict=weights,
-            optim_state_dict=trainer.pop("optimizer", {}) if optimizer is not None else {},
-            options=StateDictOptions(full_state_dict=True, strict=False),
+        problem = None
+        if self.env.is_main:
+            try:
+                weights = load_file(str(path / WEIGHTS_FILE))
+                _check_only_tied_missing(distributed.unwrap(model), weights, path)
+                if (path / TRAINER_FILE).is_file():
+                    # weights_only: tensors and plain containers, nothing arbitrary unpickled.
+                    trainer = torch.load(path / TRAINER_FILE, weights_only=True, map_location="cpu")
+            except Exception as error:
+                if not self.env.enabled:
+                    raise
+                problem = f"{type(error).__name__}: {error}"
+        # Every rank learns of rank 0's failure instead of waiting in a broadcast for ever.
+        problem = distributed.broadcast_object(problem)
+        if problem:
+            raise RuntimeError(f"loading checkpoint {path} failed on rank 0: {problem}")
+        optim_state = trainer.pop("optimizer", {})
+        options = StateDictOptions(
+            full_state_dict=True, strict=False, broadcast_from_rank0=self.env.enabled
         )
+        # Model and optimizer apart: set_state_dict skips the model on a rank whose (empty)
+        # model state says "optimizer only", and the ranks' broadcasts would then not pair up.
+        set_model_state_dict(model, weights, options=options)
+        if optimizer is not None:
+            set_optimizer_state_dict(model, optimizer, optim_state, options=options)
+        del weights, optim_state
+        trainer = distributed.broadcast_object(trainer)  # scheduler, position, RNG: small
         rng_states = trainer.pop("rng", None)
         if rng_states:
             set_rng_state(rng_states[min(self.env.rank, len(rng_states) - 1)])

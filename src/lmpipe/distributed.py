@@ -39,12 +39,18 @@ class DistEnv:
 
 
 def _export_slurm_env() -> None:
-    """Inside a SLURM job of several tasks, set torchrun's variables from SLURM's."""
+    """Inside a SLURM job of several tasks, set torchrun's variables from SLURM's.
+
+    A rendezvous address or port already in the environment (set by the user's job script
+    or the cluster) is kept: submitit's export would refuse to run over them.
+    """
     if "RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
         return
     from submitit.helpers import TorchDistributedEnvironment
 
-    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    slurm = TorchDistributedEnvironment()  # reads MASTER_PORT itself when it is set
+    slurm.master_addr = os.environ.get("MASTER_ADDR", slurm.master_addr)
+    slurm.export(set_cuda_visible_devices=False, overwrite=True)
 
 
 def process_env() -> DistEnv:
@@ -57,14 +63,33 @@ def process_env() -> DistEnv:
     )
 
 
+# Process-group backends per training device. On CUDA, NCCL serves only CUDA tensors; gloo
+# beside it serves the CPU tensors that object collectives and state-dict helpers use, so
+# no collective ever lands on a device type without a backend.
+BACKENDS = {"cuda": "cpu:gloo,cuda:nccl", "cpu": "gloo"}
+
+
+def cuda_device_index(local_rank: int, visible: int) -> int:
+    """The GPU ordinal of this process: its local rank, or 0 where the cluster binds one GPU
+    per task (each process then sees only its own GPU)."""
+    if visible == 1:
+        return 0
+    if not 0 <= local_rank < visible:
+        raise RuntimeError(
+            f"local rank {local_rank} has no GPU of its own: {visible} visible "
+            "(CUDA_VISIBLE_DEVICES); start one process per GPU, or bind one GPU per task"
+        )
+    return local_rank
+
+
 def init(device_type: str) -> DistEnv:
-    """Join the process group (NCCL on CUDA, gloo on CPU) when there are several processes."""
+    """Join the process group when there are several processes (BACKENDS)."""
     env = process_env()
     if not env.enabled or dist.is_initialized():
         return env
     if device_type == "cuda":
-        torch.cuda.set_device(env.local_rank)
-    backend = "nccl" if device_type == "cuda" else "gloo"
+        torch.cuda.set_device(cuda_device_index(env.local_rank, torch.cuda.device_count()))
+    backend = BACKENDS[device_type]
     dist.init_process_group(backend, timeout=timedelta(minutes=30))
     log.info("process %d of %d joined the %s group", env.rank, env.world_size, backend)
     return env
@@ -75,16 +100,26 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def wrap_model(model: torch.nn.Module, env: DistEnv, strategy: str) -> torch.nn.Module:
-    """DDP, or FSDP2 (`fully_shard` per decoder layer, then the root) for big models."""
+def wrap_model(
+    model: torch.nn.Module,
+    env: DistEnv,
+    strategy: str,
+    compute_dtype: torch.dtype | None = None,
+) -> torch.nn.Module:
+    """DDP, or FSDP2 (`fully_shard` per decoder layer, then the root) for big models.
+
+    FSDP2 with a `compute_dtype` (bf16) all-gathers the parameters in it and reduces
+    gradients in fp32; the sharded master weights stay fp32.
+    """
     if not env.enabled:
         return model
     if strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
         for layer in _decoder_layers(model):
-            fully_shard(layer)
-        return fully_shard(model)
+            fully_shard(layer, mp_policy=policy)
+        return fully_shard(model, mp_policy=policy)
     from torch.nn.parallel import DistributedDataParallel
 
     device = next(model.parameters()).device

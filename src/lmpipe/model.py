@@ -39,6 +39,11 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return ids
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where a model's weights are (an int8 variant keeps float embeddings on the CPU)."""
+    return next(model.parameters()).device
+
+
 def llama_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:
     if cfg.hidden_size % cfg.num_heads or cfg.num_heads % cfg.num_kv_heads:
         raise ValueError(

@@ -31,7 +31,7 @@ from lmpipe.evaluate import (
     predict_classes,
 )
 from lmpipe.lm_metrics import mean_loss, perplexity
-from lmpipe.model import load_classifier, load_model
+from lmpipe.model import load_classifier, load_model, model_device
 
 
 def sft_splits(f: FinetuneConfig) -> dict[str, list[sft.Conversation]]:
@@ -156,12 +156,12 @@ def predict_sft(
     test: Sequence[sft.Conversation],
     max_len: int,
     batch_size: int,
-    device: torch.device,
     generation: Mapping[str, Any],
     num_generations: int,
 ) -> pd.DataFrame:
     """Per held-out conversation: each model's summed response loss and, for the first
-    `num_generations`, its reply to the opening prompt."""
+    `num_generations`, its reply to the opening prompt. Each model runs on the device it
+    is on (an int8 variant on the CPU beside an fp32 model on a GPU)."""
     pairs = [(c, sft.encode_conversation(tokenizer, c.messages, max_len)) for c in test]
     pairs = [(c, e) for c, e in pairs if e is not None]
     if not pairs:
@@ -176,6 +176,7 @@ def predict_sft(
     )
     prompts = frame["prompt"].tolist()[:num_generations]
     for label, model in models.items():
+        device = model_device(model)
         sums, counts = example_losses(
             model, sft.ordered_batches(examples, batch_size, tokenizer.pad_token_id), device
         )
@@ -203,9 +204,9 @@ def predict_classify(
     test: Sequence[classify.LabelledText],
     max_len: int,
     batch_size: int,
-    device: torch.device,
 ) -> pd.DataFrame:
-    """Per held-out text: the true category and each model's prediction and confidence."""
+    """Per held-out text: the true category and each model's prediction and confidence,
+    each model run on the device it is on."""
     first = next(iter(models.values()))
     labels = [first.config.id2label[i] for i in range(first.config.num_labels)]
     examples = classify.encode_texts(tokenizer, test, labels, max_len)
@@ -217,7 +218,7 @@ def predict_classify(
     for label, model in models.items():
         result = predict_classes(
             model, classify.ordered_batches(examples, batch_size, first.config.pad_token_id),
-            device,
+            model_device(model),
         )  # fmt: skip
         frame[f"{label}_predicted"] = [labels[i] for i in result.predicted]
         frame[f"{label}_confidence"] = result.confidence

@@ -19,6 +19,7 @@ import resource
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -41,8 +42,26 @@ log = logging.getLogger(__name__)
 # (e.g. a classifier's accuracy).
 EvalFn = Callable[[torch.nn.Module], float | Mapping[str, float]]
 
-# Dense bf16 peak FLOP/s per device, for MFU when hardware.peak_flops is not set.
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
+# Dense (no sparsity) bf16 tensor-core peak FLOP/s from NVIDIA's datasheets, by the exact
+# name torch.cuda.get_device_name reports: for MFU when hardware.peak_flops is not set. Names
+# are matched whole, never by substring: "H100 PCIe" is not an H100 SXM, "L40" is not an L4.
+PEAK_BF16_FLOPS = {
+    "NVIDIA B200": 2250e12,
+    "NVIDIA H200": 989e12,  # SXM
+    "NVIDIA H200 NVL": 835e12,
+    "NVIDIA H100 80GB HBM3": 989e12,  # SXM
+    "NVIDIA H100 NVL": 835e12,
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA GH200 480GB": 989e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-SXM4-40GB": 312e12,
+    "NVIDIA A100 80GB PCIe": 312e12,
+    "NVIDIA A100-PCIE-40GB": 312e12,
+    "NVIDIA L40S": 362e12,
+    "NVIDIA L40": 181e12,
+    "NVIDIA L4": 121e12,
+    "NVIDIA A10": 125e12,
+}
 
 
 def seed_everything(seed: int) -> None:
@@ -70,14 +89,30 @@ def setup_hardware(hardware: HardwareConfig) -> tuple[torch.device, DistEnv]:
     device = select_device(hardware)
     env = distributed.init(device.type)
     if device.type == "cuda":
-        device = torch.device("cuda", env.local_rank)
+        device = torch.device("cuda", torch.cuda.current_device())
+    enable_tf32(device, hardware.precision)
     return device, env
 
 
+def compute_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """bf16 where it is asked for and pays (CUDA); None: plain fp32."""
+    return torch.bfloat16 if precision == "bf16" and device.type == "cuda" else None
+
+
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if precision == "bf16" and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """bf16 autocast on CUDA (training, periodic evaluation and the evaluate stage alike:
+    SDPA only takes its flash kernel on half-precision inputs)."""
+    dtype = compute_dtype(device, precision)
+    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
+def enable_tf32(device: torch.device, precision: str) -> None:
+    """With reduced precision asked for on CUDA, let the fp32 matmuls and convolutions that
+    remain outside autocast use TF32 tensor cores. precision=fp32 keeps full fp32."""
+    if compute_dtype(device, precision) is not None:
+        # The legacy setters, consistently: torch refuses a mix of these and fp32_precision.
+        torch.set_float32_matmul_precision("high")
+        torch.backends.cudnn.allow_tf32 = True
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
@@ -125,22 +160,41 @@ def flops_per_token(model: PreTrainedModel, seq_len: int) -> float:
 
 
 def peak_flops(hardware: HardwareConfig, device: torch.device) -> float | None:
-    """Peak FLOP/s of one device: the configured value, else a known GPU's bf16 figure."""
+    """Peak FLOP/s of one device: the configured value, else a known GPU's dense bf16
+    figure (exact name), else None: no MFU."""
     if hardware.peak_flops:
         return float(hardware.peak_flops)
     if device.type == "cuda" and hardware.precision == "bf16":
-        name = torch.cuda.get_device_name(device)
-        for key, value in PEAK_BF16_FLOPS.items():
-            if key in name:
-                return value
+        return PEAK_BF16_FLOPS.get(torch.cuda.get_device_name(device))
     return None
 
 
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+_PROC_STATUS, _PROC_CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak for `peak_memory_gb`, so each training in one process (a sweep's
+    jobs under the basic launcher, a benchmark's runs) reports its own."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError):  # Linux: "5" resets the peak RSS (VmHWM)
+        _PROC_CLEAR_REFS.write_text("5")
+
+
 def peak_memory_gb(device: torch.device) -> float:
-    """Peak allocated CUDA memory, or the process's peak RSS on CPU."""
+    """Peak allocated CUDA memory, or the process's peak RSS on CPU, since the last
+    `reset_peak_memory`."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+    with contextlib.suppress(OSError, StopIteration):
+        line = next(ln for ln in _PROC_STATUS.read_text().splitlines() if ln.startswith("VmHWM"))
+        return int(line.split()[1]) / 2**20  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # no /proc: since start
 
 
 # --- the loop ------------------------------------------------------------------------------
@@ -224,11 +278,14 @@ def train(
     """
     env = env or DistEnv()
     with retained_host_memory(device.type == "cpu" and hardware.retain_host_memory):
+        reset_peak_memory(device)
         model.to(device)
         if hardware.gradient_checkpointing:
             model.activation_checkpointing_enable({"use_reentrant": False})
         model.train()
-        wrapped = distributed.wrap_model(model, env, hardware.strategy)
+        wrapped = distributed.wrap_model(
+            model, env, hardware.strategy, compute_dtype(device, hardware.precision)
+        )
         optimizer = build_optimizer(wrapped, cfg.optim)
         scheduler = get_cosine_with_min_lr_schedule_with_warmup(
             optimizer,
@@ -255,7 +312,9 @@ def train(
         dense_flops, attention_flops = flop_terms(model)
         peak = peak_flops(hardware, device)
         if peak is None and env.is_main:
-            log.info("%s: no peak FLOP/s known for this device (hardware.peak_flops): no MFU", desc)
+            log.info("%s: MFU not reported: no dense %s peak FLOP/s known for %r; "
+                     "set hardware.peak_flops", desc, hardware.precision,
+                     device_name(device))  # fmt: skip
 
         def save(name: str, state_extra: dict | None = None) -> None:
             if checkpoints is None:
@@ -312,7 +371,7 @@ def train(
                 interval_tokens, interval_flops, interval_start = 0, 0.0, time.perf_counter()
             bar.update(1)
             if evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
-                progress.val_loss, extra = _split_eval(evaluate(forward))
+                progress.val_loss, extra = _evaluate(evaluate, forward, device, hardware)
                 metrics.log(
                     {
                         "val_loss": progress.val_loss,
@@ -343,7 +402,7 @@ def train(
                 save(LAST)
         bar.close()
         if cfg.steps == 0 and evaluate is not None:  # nothing trained: still report where it stands
-            progress.val_loss, _ = _split_eval(evaluate(forward))
+            progress.val_loss, _ = _evaluate(evaluate, forward, device, hardware)
         save(LAST)
         if checkpoints is not None:
             checkpoints.mark_finished()
@@ -385,9 +444,11 @@ def _optimizer_step(
     """
     # Every labelled token of the global batch weighs the same, however the micro-batches
     # and processes split them: loss = sum over tokens / global token count.
+    # Collectives on the training device: NCCL serves CUDA tensors only.
     label_count = distributed.all_reduce_sum(
-        torch.tensor(sum(_target_count(b) for b in micro_batches), dtype=torch.float64)
-    ).to(device=device, dtype=torch.float32)
+        torch.tensor(sum(_target_count(b) for b in micro_batches), dtype=torch.float64,
+                     device=device)
+    ).float()  # fmt: skip
     dense_flops, attention_flops = flop_terms
     step_loss = torch.zeros((), device=device)
     input_tokens, flops = 0, 0.0
@@ -408,16 +469,26 @@ def _optimizer_step(
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    totals = distributed.all_reduce_sum(torch.tensor([input_tokens, flops], dtype=torch.float64))
+    totals = distributed.all_reduce_sum(
+        torch.tensor([input_tokens, flops], dtype=torch.float64, device=device)
+    )
     loss_value = float(distributed.all_reduce_sum(step_loss))
     return loss_value, float(grad_norm), float(totals[0]), float(totals[1])
 
 
-def _split_eval(result: float | Mapping[str, float]) -> tuple[float, dict[str, float]]:
+def _evaluate(
+    evaluate: EvalFn, forward: torch.nn.Module, device: torch.device, hardware: HardwareConfig
+) -> tuple[float, dict[str, float]]:
+    """Validate in the training precision. Every rank then holds rank 0's values: "best",
+    early stopping and the collective saves they trigger are decided once, so ranks whose
+    losses differ in the last bit never split at a collective."""
+    with autocast(device, hardware.precision):
+        result = evaluate(forward)
     if isinstance(result, Mapping):
-        extra = {k: float(v) for k, v in result.items() if k != "loss"}
-        return float(result["loss"]), extra
-    return float(result), {}
+        loss, extra = float(result["loss"]), {k: float(v) for k, v in result.items() if k != "loss"}
+    else:
+        loss, extra = float(result), {}
+    return distributed.broadcast_object((loss, extra))
 
 
 def _is_classification(batch: dict[str, torch.Tensor]) -> bool:
