@@ -18,8 +18,10 @@ from lmpipe.quantize import quantize_int8, state_size_bytes
 
 
 @pytest.mark.parametrize(
-    ("mode", "threshold", "passed"), [("min", 5.0, True), ("min", 3.0, False), ("max", 5.0, False)]
-)
+    ("mode", "threshold", "passed"),
+    [("min", 5.0, True), ("min", 3.0, False), ("min", 4.0, True),
+     ("max", 5.0, False), ("max", 3.0, True), ("max", 4.0, True)],
+)  # fmt: skip
 def test_gate(mode: str, threshold: float, passed: bool) -> None:
     result = check_gate({"loss": 4.0}, GateConfig(metric="loss", mode=mode, threshold=threshold))
     assert result.passed is passed and result.value == 4.0
@@ -34,10 +36,17 @@ def test_gate_on_unknown_metric_names_it() -> None:
     ("mode", "value", "champion", "tolerance", "passed"),
     [
         ("min", 4.0, 4.5, 0.0, True),  # better than the champion
+        ("min", 4.5, 4.5, 0.0, True),  # as good
         ("min", 4.6, 4.5, 0.0, False),  # worse
         ("min", 4.6, 4.5, 0.2, True),  # worse, but within the tolerance
-        ("max", 0.6, 0.7, 0.0, False),
+        ("min", 4.8, 4.5, 0.2, False),  # worse, beyond the tolerance
+        ("max", 0.8, 0.7, 0.0, True),  # the classifier's mode: better
+        ("max", 0.7, 0.7, 0.0, True),  # as good
+        ("max", 0.6, 0.7, 0.0, False),  # worse
+        ("max", 0.65, 0.7, 0.1, True),  # worse, but within the tolerance
+        ("max", 0.5, 0.7, 0.1, False),  # worse, beyond the tolerance
         ("min", 4.6, 4.5, None, True),  # no champion check
+        ("max", 0.6, 0.7, None, True),
     ],
 )
 def test_gate_must_not_be_worse_than_the_champion(
@@ -112,11 +121,22 @@ def test_classifier_deploys_and_answers_labels(
     save_model(tiny_model, tiny_tokenizer, base)
     model_dir = tmp_path / "classifier"
     save_model(load_classifier(base, ["noun.animal", "noun.food"]), tiny_tokenizer, model_dir)
-    cfg = deploy_config("test-classify", quantized_variant=False)
-    with mlflow.start_run():
-        result = deploy(model_dir, "classify", {"f1": 0.7}, cfg, {}, ["a dog", "a pie"])
+    cfg = deploy_config("test-classify", quantized_variant=False, champion_tolerance=0.05)
+
+    def run(f1: float):
+        with mlflow.start_run():
+            mlflow.log_metrics({"f1": f1})  # the version's run has its metrics
+            return deploy(model_dir, "classify", {"f1": f1}, cfg, {}, ["a dog", "a pie"])
+
+    result = run(0.7)
     assert result.alias == "champion" and result.smoke_output["label"] in ("noun.animal",
                                                                           "noun.food")  # fmt: skip
+    # The classifier's gate is "max": higher is better, the tolerance counts downwards.
+    worse, within, better = run(0.6), run(0.67), run(0.8)
+    assert [worse.alias, within.alias, better.alias] == ["challenger", "champion", "champion"]
+    assert worse.gate["not_worse_than_champion"] is False
+    assert within.gate["champion_value"] == 0.7 and better.gate["champion_value"] == 0.67
+    assert registry.aliased("test-classify").metrics["f1"] == 0.8
     served = mlflow.pyfunc.load_model("models:/test-classify@champion")
     out = served.predict(pd.DataFrame({"text": ["a small dog", "an apple pie"]}))
     assert list(out.columns) == ["label", "confidence"] and len(out) == 2

@@ -331,6 +331,16 @@ def test_four_parallel_joblib_jobs_lose_no_run_metric_or_input(
         lrs = sorted(db.execute(
             f"SELECT value FROM params WHERE key = 'finetune.optim.lr' AND run_uuid IN "
             f"({','.join('?' * len(children))})", children).fetchall())  # fmt: skip
+        spans = db.execute(
+            f"SELECT start_time, end_time FROM runs WHERE run_uuid IN "
+            f"({','.join('?' * len(children))})", children).fetchall()  # fmt: skip
+    # The jobs ran in parallel: each run overlaps another, and together they took more
+    # run time than the wall time from the first start to the last end.
+    for index, (start, end) in enumerate(spans):
+        others = spans[:index] + spans[index + 1 :]
+        assert any(s < end and start < e for s, e in others), spans
+    wall = max(e for _, e in spans) - min(s for s, _ in spans)
+    assert sum(e - s for s, e in spans) > 1.5 * wall, spans
     assert [v for (v,) in lrs] == ["0.001", "0.002", "0.003", "0.004"]
 
 

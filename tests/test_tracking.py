@@ -82,6 +82,37 @@ def test_metric_logger_batches_to_mlflow_and_csv(mlflow_store: str, tmp_path: Pa
     assert (tmp_path / "curves" / "val.csv").read_text().splitlines() == ["step,val_loss", "20,0.5"]
 
 
+@pytest.mark.parametrize(("sent", "checkpoint"), [(8, 5), (3, 5)])
+def test_a_resumed_run_holds_every_step_once(
+    sent: int, checkpoint: int, mlflow_store: str, tmp_path: Path
+) -> None:
+    """Killed with steps 1-`sent` in MLflow and rows 1-`checkpoint` in the checkpoint. Ahead
+    (8, 5): the resumed run repeats steps 6-8 bit for bit and must not send them again.
+    Behind (3, 5), as when sending lags: rows 4-5 reach MLflow from the checkpoint."""
+    with mlflow.start_run() as run:
+        first = tracking.MetricLogger(run.info.run_id, flush_every=1)
+        for step in range(1, max(sent, checkpoint) + 1):
+            if step <= sent:
+                first.log({"train_loss": 1.0 / step}, step)
+            else:  # logged, but not yet sent when the process was killed
+                first._rows["train"].append({"step": step, "train_loss": 1.0 / step})
+            if step == checkpoint:
+                checkpoint_rows = first.state_dict()
+        first.close()
+        resumed = tracking.MetricLogger(run.info.run_id, csv_dir=tmp_path, flush_every=1)
+        resumed.load_state_dict(checkpoint_rows)
+        for step in range(checkpoint + 1, 11):
+            resumed.log({"train_loss": 1.0 / step}, step)
+            if step == 9:
+                resumed.log({"val_loss": 0.5}, step, "val")  # a key new since the kill
+        resumed.close()
+    client = MlflowClient()
+    history = client.get_metric_history(run.info.run_id, "train_loss")
+    assert sorted(m.step for m in history) == list(range(1, 11))
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == [9]
+    assert len((tmp_path / "train.csv").read_text().splitlines()) == 1 + 10
+
+
 class DownClient:
     """A store that refuses every write, counting the attempts."""
 

@@ -3,6 +3,7 @@ processes, the submitit launcher, and a packaged GGUF model as the base."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -39,14 +40,29 @@ def runs(project: Path, stage: str) -> list[tuple[str, str]]:
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Smoke data cleaned and tokenized; pretrain long enough to be killed mid-way."""
     project = copy_project(tmp_path_factory.mktemp("train") / "project")
-    run(["lmpipe", "params", "experiment=smoke", "pretrain.steps=400",
-         "pretrain.checkpoint_every=50", "pretrain.eval_every=100"], project)  # fmt: skip
+    # Steps slow enough (about 15/s) that MLflow's metric sender keeps up with training,
+    # so a kill can land after steps past the last checkpoint reached the store.
+    run(["lmpipe", "params", "experiment=smoke", "pretrain.steps=400", "pretrain.log_every=1",
+         "pretrain.checkpoint_every=50", "pretrain.eval_every=100", "pretrain.batch_size=32",
+         "model.hidden_size=128", "model.intermediate_size=256"], project)  # fmt: skip
     run(["git", "commit", "-qam", "params"], project)
     run(["dvc", "repro", "tokenize"], project, timeout=600)
     return project
 
 
-def test_sigkill_mid_training_then_dvc_repro_resumes_to_identical_weights(project: Path):
+def stored_steps(project: Path, run_id: str) -> list[int]:
+    """The train_loss steps the run holds in MLflow, repeats included."""
+    with sqlite3.connect(project / "mlflow.db") as db:
+        rows = db.execute(
+            "SELECT step FROM metrics WHERE run_uuid = ? AND key = 'train_loss' AND step >= 1 "
+            "ORDER BY step", (run_id,)
+        ).fetchall()  # fmt: skip
+    return [step for (step,) in rows]
+
+
+def kill_pretrain_when(project: Path, ready) -> dict:
+    """`dvc repro pretrain`, SIGKILLed (the whole process group) once `ready(state)` holds for
+    the last checkpoint's state.json; returns that state."""
     process = subprocess.Popen(
         ["dvc", "repro", "pretrain"], cwd=project, env=tool_env(project),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
@@ -54,22 +70,39 @@ def test_sigkill_mid_training_then_dvc_repro_resumes_to_identical_weights(projec
     state_file = project / PRETRAIN / "checkpoints" / "last" / "state.json"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and process.poll() is None:
-        if state_file.is_file() and json.loads(state_file.read_text())["step"] >= 100:
-            break
+        with contextlib.suppress(OSError, ValueError, sqlite3.Error):
+            if ready(json.loads(state_file.read_text())):
+                break
         time.sleep(0.02)
+    assert process.poll() is None, "pretrain ended before the moment to kill it came"
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    killed_at = json.loads(state_file.read_text())
+    return json.loads(state_file.read_text())
+
+
+def test_sigkill_mid_training_then_dvc_repro_resumes_to_identical_weights(project: Path):
+    """Killed twice: right after a checkpoint, then mid-interval once MLflow holds steps
+    past the checkpoint. The resumed run ends bit-identical and logs every step once."""
+    killed_at = kill_pretrain_when(project, lambda state: state["step"] >= 100)
     assert 100 <= killed_at["step"] < 400 and not killed_at.get("finished")
     assert not (project / PRETRAIN / "model").exists()  # killed before the end
     assert runs(project, "pretrain") == [(killed_at["run_id"], "RUNNING")]
+    run_id = killed_at["run_id"]
+
+    def mid_interval(state: dict) -> bool:
+        return state["step"] >= 200 and max(stored_steps(project, run_id)) > state["step"] + 5
+
+    killed_again = kill_pretrain_when(project, mid_interval)
+    assert killed_again["run_id"] == run_id and not killed_again.get("finished")
+    assert max(stored_steps(project, run_id)) > killed_again["step"]  # steps to be repeated
 
     run(["dvc", "repro", "pretrain"], project, timeout=600)
     record = json.loads((project / PRETRAIN / "run.json").read_text())
     assert record["run_id"] == killed_at["run_id"]  # the same MLflow run, continued
     assert runs(project, "pretrain") == [(killed_at["run_id"], "FINISHED")]
     metrics = json.loads((project / PRETRAIN / "metrics.json").read_text())
-    assert metrics["resumed_from_step"] >= 100 and metrics["steps"] == 400
+    assert metrics["resumed_from_step"] >= 200 and metrics["steps"] == 400
+    assert stored_steps(project, run_id) == list(range(1, 401))  # each step once
     curve = (project / PRETRAIN / "curves" / "train.csv").read_text().splitlines()
     assert len(curve) == 1 + 400  # the whole history, not just the resumed part
     resumed = weights(project)

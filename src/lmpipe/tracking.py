@@ -277,21 +277,60 @@ class MetricLogger:
         self._sender: threading.Thread | None = None
         self._client = MlflowClient() if run_id is not None else None
         self.saved_batches = 0  # batches that went to the outbox instead of the store
+        self._stored_up_to: dict[str, int] = {}  # a resumed run: last step the store has
 
     def log(self, metrics: Mapping[str, float], step: int, series: str = "train") -> None:
-        now = int(time.time() * 1000)
-        self._pending.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
+        self._queue_unstored(metrics, step)
         row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
         self._rows.setdefault(series, []).append(row)
         if len(self._pending) >= self.flush_every:
             self.flush()
+
+    def _queue_unstored(self, metrics: Mapping[str, Any], step: int) -> None:
+        now = int(time.time() * 1000)
+        self._pending.extend(
+            Metric(k, float(v), now, step)
+            for k, v in metrics.items()
+            if k != "step" and step > self._stored_up_to.get(k, -1)
+        )
 
     def state_dict(self) -> dict[str, list[dict[str, Any]]]:
         """The rows logged so far: a resumed run's CSVs then hold the whole history."""
         return {series: list(rows) for series, rows in self._rows.items()}
 
     def load_state_dict(self, rows: Mapping[str, list[dict[str, Any]]]) -> None:
+        """Continue from a checkpoint's rows, so that the run holds every step once.
+
+        Sending lags behind training, so an interrupted run's store may lack some rows
+        of its checkpoint (they are sent now), or hold steps past it, which the resumed run
+        repeats bit for bit (they are not sent again). The CSVs are rebuilt from the rows.
+        """
         self._rows = {series: list(r) for series, r in rows.items()}
+        stored = self._steps_in_store()
+        if stored is None:
+            return
+        self._stored_up_to = stored
+        for series_rows in self._rows.values():
+            for row in series_rows:
+                self._queue_unstored(row, row["step"])
+        self.flush()
+
+    def _steps_in_store(self) -> dict[str, int] | None:
+        """Per metric key, the last step the run already holds; None if the store can't be
+        asked (then nothing is re-sent, and a repeated step may appear twice in MLflow)."""
+        if self._client is None:
+            return None
+        try:
+            keys = self._client.get_run(self.run_id).data.metrics
+            return {
+                key: max(m.step for m in history)
+                for key in keys
+                if (history := self._client.get_metric_history(self.run_id, key))
+            }
+        except (MlflowException, OSError) as error:  # OSError: requests' connection errors
+            log.warning("metrics: could not read run %s's history (%s): resumed steps may be "
+                        "logged twice", self.run_id, error)  # fmt: skip
+            return None
 
     def flush(self) -> None:
         if not self._pending or self.run_id is None:
