@@ -1,9 +1,11 @@
-"""Training throughput and MFU of a model preset on one CUDA GPU (bf16 autocast, compile).
+"""Training throughput and MFU of a model preset on one CUDA GPU: bf16 against eager fp32.
 
 Runs the shared training loop on random tokens (throughput does not depend on the text)
-for `--steps` steps after `--warmup` steps that include compilation, and prints tokens/s
-and MFU against the GPU's dense bf16 peak (lmpipe.train.PEAK_BF16_FLOPS, or --peak-flops).
-The baseline in the same run is the same loop without torch.compile.
+for `--steps` steps after `--warmup` steps that include compilation, in three set-ups:
+eager fp32 (the baseline: full fp32, no TF32), eager bf16 autocast (TF32 for what stays
+fp32), and bf16 with torch.compile. Prints tokens/s, MFU against the GPU's dense bf16 peak
+(lmpipe.train.PEAK_BF16_FLOPS, or --peak-flops; an unknown GPU gets no MFU) and peak memory
+for each, and the speed-ups over eager fp32 measured in the same run.
 
     python benchmarks/gpu_throughput.py --preset llama-125m --batch-size 16 --seq-len 1024
 """
@@ -23,29 +25,44 @@ from lmpipe.data.batches import window_batches
 from lmpipe.model import build_model
 from lmpipe.tokenizer import train_tokenizer
 from lmpipe.tracking import MetricLogger
-from lmpipe.train import flops_per_token, peak_flops, seed_everything, train
+from lmpipe.train import (
+    device_name,
+    enable_tf32,
+    flops_per_token,
+    peak_flops,
+    seed_everything,
+    train,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def measure(args, tokenizer, tokens: np.ndarray, compile_model: bool) -> tuple[float, float]:
-    """tokens/s over the steps after warm-up, and the model's FLOPs per token."""
+SETUPS = [("fp32", False), ("bf16", False), ("bf16", True)]  # fp32 first: before TF32 is on
+
+
+def measure(args, tokenizer, tokens: np.ndarray, precision: str, compile_model: bool) -> dict:
+    """tokens/s (median over the steps after warm-up), peak memory, FLOPs per token."""
     cfg_model = OmegaConf.to_object(
         OmegaConf.merge(OmegaConf.structured(ModelConfig),
                         OmegaConf.load(ROOT / "conf" / "model" / f"{args.preset}.yaml"))
     )  # fmt: skip
     seed_everything(0)
     model = build_model(cfg_model, tokenizer)
-    hardware = HardwareConfig(device="cuda", precision="bf16", compile=compile_model)
+    device = torch.device("cuda")
+    hardware = HardwareConfig(device="cuda", precision=precision, compile=compile_model)
+    enable_tf32(device, precision)
     total = args.warmup + args.steps
     cfg = TrainConfig(steps=total, batch_size=args.batch_size, log_every=1,
                       optim=OptimConfig(lr=3e-4, warmup_steps=10))  # fmt: skip
     logger = MetricLogger(None)
     train(model, window_batches(tokens, args.seq_len, args.batch_size, 0), cfg, hardware,
-          torch.device("cuda"), logger)  # fmt: skip
+          device, logger)  # fmt: skip
     rows = logger.state_dict()["train"][args.warmup :]
-    tokens_per_second = float(np.median([row["tokens_per_second"] for row in rows]))
-    return tokens_per_second, flops_per_token(model, args.seq_len)
+    return {
+        "tokens_per_second": float(np.median([row["tokens_per_second"] for row in rows])),
+        "peak_memory_gb": max(row["peak_memory_gb"] for row in rows),
+        "flops_per_token": flops_per_token(model, args.seq_len),
+    }
 
 
 def main() -> None:
@@ -59,27 +76,31 @@ def main() -> None:
     parser.add_argument("--peak-flops", type=float, default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    torch.backends.cuda.matmul.allow_tf32 = True
 
     text = [f"token {i} of a small sample to give the tokenizer a vocabulary" for i in range(5000)]
     tokenizer = train_tokenizer(text, vocab_size=min(args.vocab_size, 4096))
     tokenizer.add_tokens([f"<extra_{i}>" for i in range(args.vocab_size - len(tokenizer))])
     tokens = np.random.default_rng(0).integers(0, len(tokenizer), 50_000_000, np.uint32)
-    peak = args.peak_flops or peak_flops(
-        HardwareConfig(device="cuda", precision="bf16"), torch.device("cuda")
-    )
+    device = torch.device("cuda")
+    peak = args.peak_flops or peak_flops(HardwareConfig(device="cuda", precision="bf16"), device)
     print(
-        f"{torch.cuda.get_device_name()}, {args.preset}, vocab {len(tokenizer)}, "
-        f"batch {args.batch_size} x {args.seq_len}, bf16; peak {peak and peak / 1e12} TFLOP/s"
+        f"{device_name(device)}, {args.preset}, vocab {len(tokenizer)}, "
+        f"batch {args.batch_size} x {args.seq_len}; dense bf16 peak "
+        f"{f'{peak / 1e12:.0f} TFLOP/s' if peak else 'unknown (no MFU; --peak-flops)'}"
     )
     results = {}
-    for compile_model in (False, True):
-        tps, fpt = measure(args, tokenizer, tokens, compile_model)
-        mfu = tps * fpt / peak if peak else float("nan")
-        results[compile_model] = tps
-        print(f"compile={compile_model!s:5}: {tps:10.0f} tokens/s  MFU {mfu:.1%}  "
-              f"({fpt / 1e9:.2f} GFLOP/token)")  # fmt: skip
-    print(f"compile speed-up: {results[True] / results[False]:.2f}x")
+    for precision, compile_model in SETUPS:
+        result = measure(args, tokenizer, tokens, precision, compile_model)
+        tps = result["tokens_per_second"]
+        mfu = f"{tps * result['flops_per_token'] / peak:.1%}" if peak else "n/a"
+        results[precision, compile_model] = tps
+        print(f"{precision} compile={compile_model!s:5}: {tps:10.0f} tokens/s  MFU {mfu:>6} "
+              f"(of the bf16 peak)  peak memory {result['peak_memory_gb']:.1f} GB  "
+              f"({result['flops_per_token'] / 1e9:.2f} GFLOP/token)")  # fmt: skip
+    baseline = results["fp32", False]
+    print(f"bf16 eager / fp32 eager:   {results['bf16', False] / baseline:.2f}x")
+    print(f"bf16 compile / fp32 eager: {results['bf16', True] / baseline:.2f}x")
+    print(f"compile / eager (bf16):    {results['bf16', True] / results['bf16', False]:.2f}x")
 
 
 if __name__ == "__main__":

@@ -81,13 +81,16 @@ def main() -> None:
     parser.add_argument("--checkpoints", type=Path, help="checkpoint every 2 steps, resume")
     parser.add_argument("--crash-at", type=int, help="die while logging this step")
     parser.add_argument("--dropout", type=float, default=0.0, help="attention dropout")
+    parser.add_argument("--device", default="cpu", help="cpu (gloo) | cuda (NCCL)")
+    parser.add_argument("--precision", default="fp32")
     parser.add_argument(
         "--skewed-eval", action="store_true",
         help="validate every step, each rank with its own val losses (they disagree on 'best')",
     )  # fmt: skip
     args = parser.parse_args()
 
-    hardware = HardwareConfig(strategy=args.strategy, num_threads=1)
+    hardware = HardwareConfig(device=args.device, precision=args.precision,
+                              strategy=args.strategy, num_threads=1)  # fmt: skip
     device, env = setup_hardware(hardware)
     seed_everything(0)
     config = LlamaConfig(

@@ -174,7 +174,11 @@ def test_tiktoken_engine_gives_the_same_ids_as_tokenizers(corpus: Path) -> None:
     assert tiktoken_equivalent(tokenizer) is not None
     texts = [row["text"] for rows in iter_corpus(corpus) for row in rows]
     texts += ["Ünïcödé, émojis 🙂, tabs\tand  double  spaces", "<|endoftext|> as text", ""]
-    fast = batch_encoder(tokenizer, "auto")(texts)
+    encode = batch_encoder(tokenizer, "auto")
+    # In batches: the awkward texts come in the last one, after the first-batch check.
+    fast = [
+        ids for start in range(0, len(texts), 100) for ids in encode(texts[start : start + 100])
+    ]
     reference = batch_encoder(tokenizer, "tokenizers")(texts)
     assert fast == reference
     assert tokenizer.decode(fast[0]) == texts[0]
