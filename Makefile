@@ -37,10 +37,13 @@ test: install
 test-fast: install
 	$(BIN)/pytest -m "not slow and not gpu and not distributed"
 
-## On a machine with a CUDA GPU: the gpu-marked tests and the throughput/MFU benchmark.
-test-gpu: install
-	$(BIN)/pytest -m gpu
-	$(BIN)/python benchmarks/gpu_throughput.py
+## On a machine with a CUDA GPU: the gpu-marked tests and the throughput/MFU benchmark
+## (GPU_PYTHON=python3: a Python that already has the dependencies, no venv).
+GPU_PYTHON ?=
+GPU_PY := $(or $(GPU_PYTHON),$(BIN)/python)
+test-gpu: $(if $(GPU_PYTHON),,install)
+	$(GPU_PY) -m pytest -m gpu
+	$(GPU_PY) benchmarks/gpu_throughput.py --steps 30 --warmup 10
 
 ## Recompose params.yaml from conf/ (dvc exp run does this by itself).
 params: install
