@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -103,18 +104,19 @@ def test_cuda_device_index_by_local_rank_or_one_bound_gpu() -> None:
         distributed.cuda_device_index(3, 2)
 
 
-def test_slurm_tasks_keep_a_rendezvous_address_already_set(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_slurm_tasks_keep_a_rendezvous_address_already_set() -> None:
     """submitit's export refused to run when MASTER_ADDR/MASTER_PORT were already set."""
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
-        monkeypatch.delenv(key, raising=False)
     slurm = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "7", "SLURM_NTASKS": "2",
              "SLURM_PROCID": "1", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "node1",
              "SLURM_JOB_NUM_NODES": "1", "SLURM_NODEID": "0", "MASTER_ADDR": "head",
              "MASTER_PORT": "12345"}  # fmt: skip
-    for key, value in slurm.items():
-        monkeypatch.setenv(key, value)
-    assert distributed.process_env() == DistEnv(rank=1, world_size=2, local_rank=1)
-    assert (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]) == ("head", "12345")
+    # patch.dict restores the whole environment: the export writes RANK, WORLD_SIZE, ...
+    with mock.patch.dict(os.environ, slurm):
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+            os.environ.pop(key, None)
+        assert distributed.process_env() == DistEnv(rank=1, world_size=2, local_rank=1)
+        assert (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]) == ("head", "12345")
+    assert "WORLD_SIZE" not in os.environ
 
 
 def test_fsdp_all_gathers_in_bf16_when_training_in_bf16(tmp_path: Path, tiny_tokenizer) -> None:
