@@ -42,7 +42,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     project = copy_project(tmp_path_factory.mktemp("train") / "project")
     # Steps slow enough (about 15/s) that MLflow's metric sender keeps up with training,
     # so a kill can land after steps past the last checkpoint reached the store.
-    run(["lmpipe", "params", "experiment=smoke", "pretrain.steps=400", "pretrain.log_every=1",
+    run(["lmpipe", "params", "experiment=smoke", "pretrain.steps=300", "pretrain.log_every=1",
          "pretrain.checkpoint_every=50", "pretrain.eval_every=100", "pretrain.batch_size=32",
          "model.hidden_size=128", "model.intermediate_size=256"], project)  # fmt: skip
     run(["git", "commit", "-qam", "params"], project)
@@ -84,7 +84,7 @@ def test_sigkill_mid_training_then_dvc_repro_resumes_to_identical_weights(projec
     """Killed twice: right after a checkpoint, then mid-interval once MLflow holds steps
     past the checkpoint. The resumed run ends bit-identical and logs every step once."""
     killed_at = kill_pretrain_when(project, lambda state: state["step"] >= 100)
-    assert 100 <= killed_at["step"] < 400 and not killed_at.get("finished")
+    assert 100 <= killed_at["step"] < 300 and not killed_at.get("finished")
     assert not (project / PRETRAIN / "model").exists()  # killed before the end
     assert runs(project, "pretrain") == [(killed_at["run_id"], "RUNNING")]
     run_id = killed_at["run_id"]
@@ -101,10 +101,10 @@ def test_sigkill_mid_training_then_dvc_repro_resumes_to_identical_weights(projec
     assert record["run_id"] == killed_at["run_id"]  # the same MLflow run, continued
     assert runs(project, "pretrain") == [(killed_at["run_id"], "FINISHED")]
     metrics = json.loads((project / PRETRAIN / "metrics.json").read_text())
-    assert metrics["resumed_from_step"] >= 200 and metrics["steps"] == 400
-    assert stored_steps(project, run_id) == list(range(1, 401))  # each step once
+    assert metrics["resumed_from_step"] >= 200 and metrics["steps"] == 300
+    assert stored_steps(project, run_id) == list(range(1, 301))  # each step once
     curve = (project / PRETRAIN / "curves" / "train.csv").read_text().splitlines()
-    assert len(curve) == 1 + 400  # the whole history, not just the resumed part
+    assert len(curve) == 1 + 300  # the whole history, not just the resumed part
     resumed = weights(project)
 
     run(["dvc", "repro", "--force", "pretrain"], project, timeout=600)  # uninterrupted
