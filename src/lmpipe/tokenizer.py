@@ -8,6 +8,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -174,24 +175,49 @@ def batch_encoder(tokenizer: PreTrainedTokenizerBase, engine: str = "auto") -> B
     encoding = tiktoken_equivalent(tokenizer) if engine == "auto" else None
     if encoding is None:
         return with_tokenizers
-    threads = os.cpu_count() or 1
-    checked = False
+    encode_tiktoken = tiktoken_batches(encoding)
+    use_tiktoken, checked = True, False
 
     def with_tiktoken(texts: list[str]) -> list[list[int]]:
-        nonlocal encoding, checked
-        if encoding is None:
+        nonlocal use_tiktoken, checked
+        if not use_tiktoken:
             return with_tokenizers(texts)
-        ids = encoding.encode_batch(texts, num_threads=threads, allowed_special="all")
+        ids = encode_tiktoken(texts)
         if not checked:
             checked = True
             # A sample of the first batch: the whole batch cost a tenth of the stage's time.
             if ids[:CHECKED_DOCS] != with_tokenizers(texts[:CHECKED_DOCS]):
                 log.warning("tiktoken and tokenizers disagree here: using tokenizers")
-                encoding = None
+                use_tiktoken = False
                 return with_tokenizers(texts)
         return ids
 
     return with_tiktoken
+
+
+def tiktoken_batches(encoding: tiktoken.Encoding, chunks_per_thread: int = 4) -> BatchEncoder:
+    """texts -> ids with tiktoken's encoder on every core, added tokens allowed.
+
+    One pool for all batches, and each thread given a few interleaved chunks of the batch:
+    tiktoken's own `encode_batch` starts a pool per call and hands it one document at a
+    time, which made it about a quarter slower here (50 MB, 2 cores: 2.7 s against 2.05 s).
+    """
+    threads = os.cpu_count() or 1
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="tiktoken")
+    chunks = threads * chunks_per_thread
+    allowed = encoding.special_tokens_set
+
+    def encode_chunk(texts: list[str]) -> list[list[int]]:
+        return [encoding.encode(t, allowed_special=allowed, disallowed_special=()) for t in texts]
+
+    def encode(texts: list[str]) -> list[list[int]]:
+        ids: list[list[int]] = [[] for _ in texts]
+        parts = pool.map(encode_chunk, [texts[i::chunks] for i in range(chunks)])
+        for start, part in enumerate(parts):
+            ids[start::chunks] = part
+        return ids
+
+    return encode
 
 
 def corpus_text_chars(corpus_dir: Path) -> int:
