@@ -211,6 +211,9 @@ def test_unknown_device_logs_one_line_naming_the_setting_and_reports_no_mfu(
     assert not any("mfu" in row for row, _, _ in logger.rows)
 
 
+@pytest.mark.skipif(
+    not Path("/proc/self/clear_refs").exists(), reason="the peak RSS resets through Linux's /proc"
+)
 def test_each_training_reports_its_own_peak_memory(tiny_tokenizer) -> None:
     """Two trainings in one process (a sweep under the basic launcher): the second, small
     one does not report the first one's peak."""
