@@ -33,8 +33,8 @@ TOKENS = (np.arange(4000, dtype=np.uint16) * 7) % 97
 def without_nccl(spec: str) -> str:
     """A backend spec with gloo standing in for NCCL on the devices NCCL serves (CUDA only):
     the same device coverage, on a machine without NCCL."""
-    parts = [p if ":" in p else f"cuda:{p}" if p == "nccl" else p for p in spec.split(",")]
-    return ",".join(p.replace(":nccl", ":gloo") for p in parts)
+    parts = ["cuda:nccl" if part == "nccl" else part for part in spec.split(",")]
+    return ",".join(parts).replace(":nccl", ":gloo")
 
 
 @contextlib.contextmanager
