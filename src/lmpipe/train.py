@@ -165,7 +165,7 @@ def peak_flops(hardware: HardwareConfig, device: torch.device) -> float | None:
     if hardware.peak_flops:
         return float(hardware.peak_flops)
     if device.type == "cuda" and hardware.precision == "bf16":
-        return PEAK_BF16_FLOPS.get(torch.cuda.get_device_name(device))
+        return PEAK_BF16_FLOPS.get(device_name(device))
     return None
 
 
