@@ -4,7 +4,7 @@ Runs the shared training loop on random tokens (throughput does not depend on th
 for `--steps` steps after `--warmup` steps that include compilation, in three set-ups:
 eager fp32 (the baseline: full fp32, no TF32), eager bf16 autocast (TF32 for what stays
 fp32), and bf16 with torch.compile. Prints tokens/s, MFU against the GPU's dense bf16 peak
-(lmpipe.train.PEAK_BF16_FLOPS, or --peak-flops; an unknown GPU gets no MFU) and peak memory
+(lmpipe.training.loop.PEAK_BF16_FLOPS, or --peak-flops; an unknown GPU gets no MFU) and peak memory
 for each, and the speed-ups over eager fp32 measured in the same run.
 
     python benchmarks/gpu_throughput.py --preset llama-125m --batch-size 16 --seq-len 1024
@@ -20,12 +20,11 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from lmpipe.config import HardwareConfig, ModelConfig, OptimConfig, TrainConfig
 from lmpipe.data.batches import window_batches
-from lmpipe.model import build_model
-from lmpipe.tokenizer import train_tokenizer
-from lmpipe.tracking import MetricLogger
-from lmpipe.train import (
+from lmpipe.data.tokenizer import train_tokenizer
+from lmpipe.runs.config import HardwareConfig, ModelConfig, OptimConfig, TrainConfig
+from lmpipe.runs.tracking import MetricLogger
+from lmpipe.training.loop import (
     device_name,
     enable_tf32,
     flops_per_token,
@@ -33,6 +32,7 @@ from lmpipe.train import (
     seed_everything,
     train,
 )
+from lmpipe.training.model import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

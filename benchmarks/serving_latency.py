@@ -20,9 +20,9 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
-from lmpipe import tracking
-from lmpipe.server import sequential_latency, serve
-from lmpipe.serving import INPUT_COLUMN
+from lmpipe.deploy.server import sequential_latency, serve
+from lmpipe.deploy.serving import INPUT_COLUMN
+from lmpipe.runs import tracking
 
 INPUTS = {"sft": "What is AI?", "classify": "a large wild animal of the cat family"}
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from lmpipe.config import DataConfig
 from lmpipe.data.sources import iter_documents
+from lmpipe.runs.config import DataConfig
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 1. raw tiktoken: `tiktoken.Encoding.encode_batch` (all cores) over the same texts,
    already in memory, with the tiktoken encoding our stage uses for this tokenizer: the
    engine's own batch API. Target: ours / raw tiktoken >= 0.85. Beside it, the same texts
-   through `lmpipe.tokenizer.tiktoken_batches`, the stage's way of driving that engine
+   through `lmpipe.data.tokenizer.tiktoken_batches`, the stage's way of driving that engine
    (one pool, a few chunks per thread): ours / that is the pipeline's own overhead
    (reading Parquet, routing to splits, packing, writing shards).
 2. raw `tokenizers`: `encode_batch_fast` and `encode_batch` (which also computes offsets)
@@ -39,13 +39,13 @@ from synthetic_corpus import generate
 
 from lmpipe.data.corpus import ShardWriter, iter_corpus
 from lmpipe.data.sources import Document
-from lmpipe.data.tokens import encode_corpus
-from lmpipe.tokenizer import (
+from lmpipe.data.tokenizer import (
     tiktoken_batches,
     tiktoken_equivalent,
     train_tokenizer,
     training_sample,
 )
+from lmpipe.data.tokens import encode_corpus
 
 
 def corpus_shards(mb: int, directory: Path) -> Path:

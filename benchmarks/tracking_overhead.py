@@ -28,12 +28,12 @@ import mlflow
 import numpy as np
 import torch
 
-from lmpipe.config import HardwareConfig, ModelConfig, OptimConfig, TrainConfig
 from lmpipe.data.batches import window_batches
-from lmpipe.model import build_model
-from lmpipe.tokenizer import train_tokenizer
-from lmpipe.tracking import MetricLogger
-from lmpipe.train import seed_everything, train
+from lmpipe.data.tokenizer import train_tokenizer
+from lmpipe.runs.config import HardwareConfig, ModelConfig, OptimConfig, TrainConfig
+from lmpipe.runs.tracking import MetricLogger
+from lmpipe.training.loop import seed_everything, train
+from lmpipe.training.model import build_model
 
 TEXT = [
     "The committee met on Tuesday to review the budget for the coming year.",

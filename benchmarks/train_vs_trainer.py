@@ -38,13 +38,13 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synthetic_corpus import generate
 
-from lmpipe.config import HardwareConfig, ModelConfig, OptimConfig, TrainConfig
 from lmpipe.data.batches import window_batches
-from lmpipe.host_memory import retained_host_memory
-from lmpipe.model import build_model
-from lmpipe.tokenizer import train_tokenizer
-from lmpipe.tracking import MetricLogger
-from lmpipe.train import seed_everything, train
+from lmpipe.data.tokenizer import train_tokenizer
+from lmpipe.runs.config import HardwareConfig, ModelConfig, OptimConfig, TrainConfig
+from lmpipe.runs.tracking import MetricLogger
+from lmpipe.training.host_memory import retained_host_memory
+from lmpipe.training.loop import seed_everything, train
+from lmpipe.training.model import build_model
 
 
 def corpus_tokens(mb: int, vocab_size: int) -> tuple[np.ndarray, object]:

@@ -3,10 +3,10 @@
 import hydra
 from omegaconf import DictConfig
 
-from lmpipe import lineage
 from lmpipe.data.corpus import clean_corpus
 from lmpipe.data.sources import source_uri
-from lmpipe.plots import length_histogram_figure
+from lmpipe.evaluation.plots import length_histogram_figure
+from lmpipe.runs import lineage
 from lmpipe.stage import Stage, prepare_cli
 
 

@@ -11,8 +11,8 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
-from lmpipe import lineage
-from lmpipe.deploy import deploy
+from lmpipe.deploy.release import deploy
+from lmpipe.runs import lineage
 from lmpipe.stage import Stage, prepare_cli
 
 

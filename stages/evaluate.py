@@ -12,18 +12,19 @@ import hydra
 import pandas as pd
 from omegaconf import DictConfig
 
-from lmpipe import registry, tasks
+from lmpipe import tasks
 from lmpipe.data import classify
 from lmpipe.data.batches import sequential_windows
+from lmpipe.data.tokenizer import load_tokenizer
 from lmpipe.data.tokens import load_tokens
-from lmpipe.evaluate import confusion_matrix
-from lmpipe.lm_metrics import mean_loss, perplexity, unigram_entropy
-from lmpipe.model import load_classifier, load_model
-from lmpipe.plots import confusion_matrix_figure, loss_comparison_figure
-from lmpipe.quantize import quantize_int8
+from lmpipe.deploy import registry
+from lmpipe.deploy.quantize import quantize_int8
+from lmpipe.evaluation.lm_metrics import mean_loss, perplexity, unigram_entropy
+from lmpipe.evaluation.plots import confusion_matrix_figure, loss_comparison_figure
+from lmpipe.evaluation.scoring import confusion_matrix
 from lmpipe.stage import Stage, prepare_cli
-from lmpipe.tokenizer import load_tokenizer
-from lmpipe.train import autocast, enable_tf32, seed_everything, select_device
+from lmpipe.training.loop import autocast, enable_tf32, seed_everything, select_device
+from lmpipe.training.model import load_classifier, load_model
 
 PREDICTIONS = "predictions.csv"
 

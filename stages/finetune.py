@@ -10,11 +10,11 @@ import hydra
 from omegaconf import DictConfig
 
 from lmpipe import tasks
-from lmpipe.lm_metrics import perplexity
-from lmpipe.model import save_model
+from lmpipe.data.tokenizer import load_tokenizer
+from lmpipe.evaluation.lm_metrics import perplexity
 from lmpipe.stage import Stage, prepare_cli
-from lmpipe.tokenizer import load_tokenizer
-from lmpipe.train import seed_everything, setup_hardware, train
+from lmpipe.training.loop import seed_everything, setup_hardware, train
+from lmpipe.training.model import save_model
 
 
 @hydra.main(version_base="1.3", config_path="..", config_name="params")

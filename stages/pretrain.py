@@ -7,14 +7,14 @@ when started again with the same config (`dvc repro` does that).
 import hydra
 from omegaconf import DictConfig
 
-from lmpipe.config import ConfigError
 from lmpipe.data.batches import sequential_windows, window_batches
+from lmpipe.data.tokenizer import load_tokenizer
 from lmpipe.data.tokens import load_tokens
-from lmpipe.lm_metrics import mean_loss, perplexity, unigram_entropy
-from lmpipe.model import build_model, count_parameters, save_model
+from lmpipe.evaluation.lm_metrics import mean_loss, perplexity, unigram_entropy
+from lmpipe.runs.config import ConfigError
 from lmpipe.stage import Stage, prepare_cli
-from lmpipe.tokenizer import load_tokenizer
-from lmpipe.train import seed_everything, setup_hardware, train
+from lmpipe.training.loop import seed_everything, setup_hardware, train
+from lmpipe.training.model import build_model, count_parameters, save_model
 
 
 @hydra.main(version_base="1.3", config_path="..", config_name="params")

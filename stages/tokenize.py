@@ -10,9 +10,9 @@ from dataclasses import asdict
 import hydra
 from omegaconf import DictConfig
 
+from lmpipe.data.tokenizer import base_tokenizer, train_tokenizer, training_sample
 from lmpipe.data.tokens import encode_corpus
 from lmpipe.stage import Stage, prepare_cli
-from lmpipe.tokenizer import base_tokenizer, train_tokenizer, training_sample
 
 
 @hydra.main(version_base="1.3", config_path="..", config_name="params")

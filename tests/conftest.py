@@ -32,7 +32,7 @@ def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     """A private SQLite store (and outbox), so tests never touch the project's mlflow.db."""
     import mlflow
 
-    from lmpipe import outbox, tracking
+    from lmpipe.runs import outbox, tracking
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -48,7 +48,7 @@ def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory: pytest.TempPathFactory):
-    from lmpipe.tokenizer import load_tokenizer, train_tokenizer
+    from lmpipe.data.tokenizer import load_tokenizer, train_tokenizer
 
     texts = [
         "The quick brown fox jumps over the lazy dog.",
@@ -63,9 +63,9 @@ def tiny_tokenizer(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture
 def tiny_model(tiny_tokenizer):
-    from lmpipe.config import ModelConfig
-    from lmpipe.model import build_model
-    from lmpipe.train import seed_everything
+    from lmpipe.runs.config import ModelConfig
+    from lmpipe.training.loop import seed_everything
+    from lmpipe.training.model import build_model
 
     seed_everything(0)
     cfg = ModelConfig(

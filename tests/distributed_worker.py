@@ -17,13 +17,13 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from lmpipe import checkpoint
-from lmpipe.checkpoint import Checkpoints
-from lmpipe.config import HardwareConfig, OptimConfig, TrainConfig
 from lmpipe.data.sft import IGNORE_INDEX, shuffled_batches
-from lmpipe.distributed import all_gather_object, full_model_state
-from lmpipe.tracking import MetricLogger
-from lmpipe.train import seed_everything, setup_hardware, train
+from lmpipe.runs.config import HardwareConfig, OptimConfig, TrainConfig
+from lmpipe.runs.tracking import MetricLogger
+from lmpipe.training import checkpoint
+from lmpipe.training.checkpoint import Checkpoints
+from lmpipe.training.distributed import all_gather_object, full_model_state
+from lmpipe.training.loop import seed_everything, setup_hardware, train
 
 
 def examples(count: int = 64) -> list[dict[str, list[int]]]:

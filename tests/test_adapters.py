@@ -9,12 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lmpipe import adapters
-from lmpipe.checkpoint import Checkpoints
-from lmpipe.config import HardwareConfig, LoraSettings, OptimConfig, TrainConfig
 from lmpipe.data.batches import window_batches
-from lmpipe.model import load_model, save_model
-from lmpipe.train import train
+from lmpipe.runs.config import HardwareConfig, LoraSettings, OptimConfig, TrainConfig
+from lmpipe.training import adapters
+from lmpipe.training.checkpoint import Checkpoints
+from lmpipe.training.loop import train
+from lmpipe.training.model import load_model, save_model
 from tests.test_train import NullLogger, fresh_model
 
 CPU = torch.device("cpu")

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from lmpipe.checkpoint import BEST, LAST, Checkpoints
-from lmpipe.config import HardwareConfig, OptimConfig, TrainConfig
 from lmpipe.data.batches import window_batches
-from lmpipe.train import train
+from lmpipe.runs.config import HardwareConfig, OptimConfig, TrainConfig
+from lmpipe.training.checkpoint import BEST, LAST, Checkpoints
+from lmpipe.training.loop import train
 from tests.test_train import CPU, NullLogger, fresh_model
 
 TOKENS = (np.arange(6000, dtype=np.uint16) * 7) % 97

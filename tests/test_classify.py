@@ -13,12 +13,12 @@ import pytest
 import torch
 from sklearn import metrics as sk
 
-from lmpipe.config import HardwareConfig, OptimConfig, TrainConfig
 from lmpipe.data import classify
-from lmpipe.evaluate import classification_report, confusion_matrix, predict_classes
-from lmpipe.model import load_classifier, save_model
+from lmpipe.evaluation.scoring import classification_report, confusion_matrix, predict_classes
+from lmpipe.runs.config import HardwareConfig, OptimConfig, TrainConfig
 from lmpipe.tasks import score_classify
-from lmpipe.train import seed_everything, train
+from lmpipe.training.loop import seed_everything, train
+from lmpipe.training.model import load_classifier, save_model
 from tests.test_train import NullLogger
 
 CPU = torch.device("cpu")
@@ -149,7 +149,7 @@ def test_classification_micro_batches_add_up_to_the_full_batch_gradient(
 ) -> None:
     """Each micro-batch's loss is its summed cross-entropy over the global example count, so
     two halves give the full batch's mean-loss gradient (a per-half mean would double it)."""
-    from lmpipe.train import _loss, _target_count
+    from lmpipe.training.loop import _loss, _target_count
 
     seed_everything(0)
     model = load_classifier(classifier_base, ["0", "1"])

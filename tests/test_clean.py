@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from lmpipe.config import CleanConfig, DataConfig, DedupConfig, QualityConfig
 from lmpipe.data.corpus import clean_corpus, iter_corpus
+from lmpipe.runs.config import CleanConfig, DataConfig, DedupConfig, QualityConfig
 from tests.conftest import PROSE, REPO, file_digests, tool_env
 
 

@@ -8,7 +8,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from lmpipe.config import (
+from lmpipe.runs.config import (
     ConfigError,
     compose_params,
     conf_digest,

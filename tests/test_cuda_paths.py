@@ -14,13 +14,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from lmpipe import distributed
-from lmpipe import train as train_module
-from lmpipe.checkpoint import Checkpoints, rng_state, set_rng_state
-from lmpipe.config import HardwareConfig, OptimConfig, TrainConfig
 from lmpipe.data.batches import window_batches
-from lmpipe.distributed import DistEnv
-from lmpipe.train import enable_tf32, peak_flops, peak_memory_gb, train
+from lmpipe.runs.config import HardwareConfig, OptimConfig, TrainConfig
+from lmpipe.training import distributed
+from lmpipe.training import loop as train_module
+from lmpipe.training.checkpoint import Checkpoints, rng_state, set_rng_state
+from lmpipe.training.distributed import DistEnv
+from lmpipe.training.loop import enable_tf32, peak_flops, peak_memory_gb, train
 from tests.test_checkpoint import Crash, CrashingLogger
 from tests.test_train import CPU, NullLogger, fresh_model
 
@@ -203,7 +203,7 @@ def test_unknown_device_logs_one_line_naming_the_setting_and_reports_no_mfu(
     tiny_model, caplog: pytest.LogCaptureFixture
 ) -> None:
     logger = NullLogger()
-    with caplog.at_level(logging.INFO, logger="lmpipe.train"):
+    with caplog.at_level(logging.INFO, logger="lmpipe.training.loop"):
         train(tiny_model, window_batches(TOKENS, 16, 2, 0), TrainConfig(steps=2, batch_size=2),
               HardwareConfig(), CPU, logger)  # fmt: skip
     lines = [r.getMessage() for r in caplog.records if "MFU" in r.getMessage()]

@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from lmpipe import registry
-from lmpipe.config import ConfigError, DeployConfig, GateConfig
-from lmpipe.deploy import check_gate, deploy
-from lmpipe.model import load_classifier, save_model
-from lmpipe.quantize import quantize_int8, state_size_bytes
+from lmpipe.deploy import registry
+from lmpipe.deploy.quantize import quantize_int8, state_size_bytes
+from lmpipe.deploy.release import check_gate, deploy
+from lmpipe.runs.config import ConfigError, DeployConfig, GateConfig
+from lmpipe.training.model import load_classifier, save_model
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lmpipe.config import BlocklistConfig, CleanConfig, DedupConfig, QualityConfig
 from lmpipe.data.dedup import ExactDeduplicator, NearDeduplicator, exact_key, minhash_signature
 from lmpipe.data.filters import (
     DocumentFilter,
@@ -18,6 +17,7 @@ from lmpipe.data.filters import (
     strip_control,
     strip_markup,
 )
+from lmpipe.runs.config import BlocklistConfig, CleanConfig, DedupConfig, QualityConfig
 from tests.conftest import PROSE
 
 

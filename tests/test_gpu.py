@@ -22,12 +22,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from lmpipe import checkpoint
-from lmpipe.checkpoint import LAST, Checkpoints
-from lmpipe.config import HardwareConfig, ModelConfig, OptimConfig, TrainConfig
 from lmpipe.data.batches import window_batches
-from lmpipe.model import build_model
-from lmpipe.train import PEAK_BF16_FLOPS, seed_everything, train
+from lmpipe.runs.config import HardwareConfig, ModelConfig, OptimConfig, TrainConfig
+from lmpipe.training import checkpoint
+from lmpipe.training.checkpoint import LAST, Checkpoints
+from lmpipe.training.loop import PEAK_BF16_FLOPS, seed_everything, train
+from lmpipe.training.model import build_model
 from tests.conftest import REPO, copy_project, run
 from tests.test_checkpoint import Crash, CrashingLogger
 from tests.test_distributed import assert_same_training, train_tiny

@@ -1,4 +1,4 @@
-"""Freed CPU memory kept in the process during training (lmpipe.host_memory)."""
+"""Freed CPU memory kept in the process during training (lmpipe.training.host_memory)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from lmpipe import host_memory
-from lmpipe import train as train_module
-from lmpipe.config import HardwareConfig, TrainConfig
 from lmpipe.data.batches import window_batches
-from lmpipe.tracking import MetricLogger
+from lmpipe.runs.config import HardwareConfig, TrainConfig
+from lmpipe.runs.tracking import MetricLogger
+from lmpipe.training import host_memory
+from lmpipe.training import loop as train_module
 
 # Above glibc's largest adaptive mmap threshold (32 MiB): without retention every
 # allocation of this size is a fresh mapping whose pages fault on first touch.
@@ -61,7 +61,7 @@ def test_retention_makes_repeated_allocations_fault_free_and_gives_memory_back()
 def test_without_glibc_training_goes_on_without_retention(monkeypatch, caplog) -> None:
     monkeypatch.setattr(host_memory, "_glibc", lambda: None)
     with (
-        caplog.at_level(logging.INFO, "lmpipe.host_memory"),
+        caplog.at_level(logging.INFO, "lmpipe.training.host_memory"),
         host_memory.retained_host_memory() as active,
     ):
         assert not active

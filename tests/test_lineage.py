@@ -6,10 +6,10 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from lmpipe import lineage
-from lmpipe.cli import main as lmpipe
 from lmpipe.data.corpus import CleanReport
 from lmpipe.data.sources import Document
+from lmpipe.runs import lineage
+from lmpipe.runs.cli import main as lmpipe
 
 
 def fake_run(stage: str, **upstream: str) -> str:

@@ -178,9 +178,9 @@ def test_finetune_param_change_leaves_upstream_cached(pipeline: Path) -> None:
 @pytest.mark.parametrize(
     ("source", "stages"),
     [
-        ("src/lmpipe/evaluate.py", {"finetune", "evaluate", "deploy"}),  # not pretrain
-        ("src/lmpipe/plots.py", {"evaluate"}),  # clean's figure only goes to MLflow
-        ("src/lmpipe/lineage.py", set()),  # bookkeeping changes no output
+        ("src/lmpipe/evaluation/scoring.py", {"finetune", "evaluate", "deploy"}),  # not pretrain
+        ("src/lmpipe/evaluation/plots.py", {"evaluate"}),  # clean's figure only goes to MLflow
+        ("src/lmpipe/runs/lineage.py", set()),  # bookkeeping changes no output
     ],
 )
 def test_a_code_change_reruns_only_the_stages_it_reaches(
@@ -394,7 +394,7 @@ def test_tracking_server_stopped_mid_run(pipeline: Path, tmp_path: Path) -> None
     import subprocess
     import time
 
-    from lmpipe.server import free_port, tracking_server
+    from lmpipe.deploy.server import free_port, tracking_server
     from tests.conftest import tool_env
 
     steps, port = 1000, free_port()
@@ -504,7 +504,7 @@ def test_mlflow_ui_lists_every_stage_and_a_sweeps_children(
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from lmpipe.server import tracking_server
+    from lmpipe.deploy.server import tracking_server
 
     if not sweep_runs(pipeline):  # run on its own, without the sweep tests before it
         run(["python", "-m", "stages.finetune", "-m", "finetune.optim.lr=0.001,0.004"], pipeline)

@@ -9,10 +9,10 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from lmpipe.config import DeployConfig, GateConfig
-from lmpipe.deploy import deploy
-from lmpipe.model import load_classifier, save_model
-from lmpipe.server import post, sequential_latency, serve
+from lmpipe.deploy.release import deploy
+from lmpipe.deploy.server import post, sequential_latency, serve
+from lmpipe.runs.config import DeployConfig, GateConfig
+from lmpipe.training.model import load_classifier, save_model
 
 log = logging.getLogger(__name__)
 pytestmark = pytest.mark.slow

@@ -78,7 +78,7 @@ def test_packing_fills_rows_with_whole_examples_and_restarts_positions(tiny_toke
 def test_packed_rows_score_exactly_like_padded_examples(tiny_model, tiny_tokenizer) -> None:
     """Attention never crosses an example boundary inside a packed row: the summed loss over
     packed rows equals the summed loss over the same examples padded one per row."""
-    from lmpipe.evaluate import example_losses
+    from lmpipe.evaluation.scoring import example_losses
 
     examples = encode_all(tiny_tokenizer, load_chatterbot("english")[:12], max_len=64)
     cpu = torch.device("cpu")
@@ -102,7 +102,7 @@ def test_the_training_loss_keeps_packed_examples_apart(tiny_model, tiny_tokenize
     """The loss the training loop minimises, on packed rows, is the loss of the same examples
     padded one per row (with a KV cache transformers would ignore the restarting positions
     and let packed examples attend to each other)."""
-    from lmpipe.train import _loss
+    from lmpipe.training.loop import _loss
 
     examples = encode_all(tiny_tokenizer, load_chatterbot("english")[:12], max_len=64)
     torch.manual_seed(0)

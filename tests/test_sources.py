@@ -13,7 +13,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lmpipe.config import DataConfig
 from lmpipe.data.sources import (
     SourceError,
     decode,
@@ -22,6 +21,7 @@ from lmpipe.data.sources import (
     looks_binary,
     parse_fortunes,
 )
+from lmpipe.runs.config import DataConfig
 
 
 def local(paths: list[Path], **kwargs) -> DataConfig:

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from lmpipe import tracking
-from lmpipe.config import ConfigError
+from lmpipe.runs import tracking
+from lmpipe.runs.config import ConfigError
 from lmpipe.stage import MissingInputError, Stage
 from tests.conftest import REPO
 
@@ -114,7 +114,7 @@ def test_artifacts_are_logged_under_their_final_names(mlflow_store: str, cfg) ->
 def test_a_store_down_mid_stage_saves_every_write_and_the_stage_still_succeeds(
     mlflow_store: str, cfg, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from lmpipe import outbox
+    from lmpipe.runs import outbox
 
     with Stage("clean", cfg) as stage:
         monkeypatch.setattr(outbox, "_unreachable", "the server went away")  # as after a failure

@@ -9,8 +9,14 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from lmpipe.config import CleanConfig, DataConfig
 from lmpipe.data.corpus import clean_corpus, is_validation, iter_corpus
+from lmpipe.data.tokenizer import (
+    EOS,
+    batch_encoder,
+    tiktoken_equivalent,
+    train_tokenizer,
+    training_sample,
+)
 from lmpipe.data.tokens import (
     TokenShardWriter,
     TokenSplit,
@@ -19,13 +25,7 @@ from lmpipe.data.tokens import (
     read_index,
     token_dtype,
 )
-from lmpipe.tokenizer import (
-    EOS,
-    batch_encoder,
-    tiktoken_equivalent,
-    train_tokenizer,
-    training_sample,
-)
+from lmpipe.runs.config import CleanConfig, DataConfig
 from tests.conftest import file_digests
 
 

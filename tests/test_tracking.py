@@ -13,8 +13,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from lmpipe import lineage, tracking
-from lmpipe.config import validate
+from lmpipe.runs import lineage, tracking
+from lmpipe.runs.config import validate
 from tests.conftest import REPO
 
 
@@ -131,7 +131,7 @@ def test_unreachable_store_warns_once_saves_for_replay_and_keeps_csvs(
         run_id = run.info.run_id
     logger = tracking.MetricLogger(run_id, csv_dir=tmp_path / "curves", flush_every=2)
     down = logger._client = DownClient()
-    with caplog.at_level(logging.WARNING, logger="lmpipe.outbox"):
+    with caplog.at_level(logging.WARNING, logger="lmpipe.runs.outbox"):
         for step in range(1, 11):
             logger.log({"train_loss": 10.0 / step, "lr": 0.1}, step)
         logger.close()

@@ -10,13 +10,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from lmpipe.config import HardwareConfig, OptimConfig, TrainConfig
 from lmpipe.data.batches import sequential_windows, window_batches
-from lmpipe.evaluate import generate_replies
-from lmpipe.lm_metrics import mean_loss, unigram_entropy
-from lmpipe.model import load_model, save_model
-from lmpipe.tracking import MetricLogger
-from lmpipe.train import (
+from lmpipe.evaluation.lm_metrics import mean_loss, unigram_entropy
+from lmpipe.evaluation.scoring import generate_replies
+from lmpipe.runs.config import HardwareConfig, OptimConfig, TrainConfig
+from lmpipe.runs.tracking import MetricLogger
+from lmpipe.training.loop import (
     build_optimizer,
     flops_per_token,
     peak_flops,
@@ -24,6 +23,7 @@ from lmpipe.train import (
     select_device,
     train,
 )
+from lmpipe.training.model import load_model, save_model
 
 CPU = torch.device("cpu")
 
@@ -31,8 +31,8 @@ CPU = torch.device("cpu")
 def fresh_model(tokenizer, attention_dropout: float = 0.0):
     """A 2-layer decoder; with `attention_dropout`, training draws from the RNG every step
     (so a resume that does not restore the RNG state ends elsewhere)."""
-    from lmpipe.config import ModelConfig
-    from lmpipe.model import build_model
+    from lmpipe.runs.config import ModelConfig
+    from lmpipe.training.model import build_model
 
     seed_everything(0)
     cfg = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=2,
@@ -197,7 +197,7 @@ def test_cuda_request_without_gpu_is_a_clear_error() -> None:
 
 
 def test_init_from_sources_resolve_or_fail_clearly(tmp_path: Path) -> None:
-    from lmpipe.model import resolve_source
+    from lmpipe.data.pretrained import resolve_source
 
     packaged = resolve_source("smollm2-135m")
     assert packaged.gguf_file.endswith(".gguf")
@@ -210,8 +210,8 @@ def test_init_from_sources_resolve_or_fail_clearly(tmp_path: Path) -> None:
 
 
 def test_init_from_with_a_foreign_tokenizer_is_refused(tmp_path: Path, tiny_model) -> None:
-    from lmpipe.config import ModelConfig
-    from lmpipe.model import build_model
+    from lmpipe.runs.config import ModelConfig
+    from lmpipe.training.model import build_model
 
     class BiggerVocabulary:  # all build_model asks before refusing
         def __len__(self) -> int:

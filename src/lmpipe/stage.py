@@ -33,9 +33,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from lmpipe import atomic, distributed, lineage, tracking
-from lmpipe.checkpoint import Checkpoints, fingerprint
-from lmpipe.config import find_project_root, stale_params_message, validate
+from lmpipe.runs import atomic, lineage, tracking
+from lmpipe.runs.config import find_project_root, stale_params_message, validate
+from lmpipe.training import distributed
+from lmpipe.training.checkpoint import Checkpoints, fingerprint
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -80,9 +81,9 @@ def prepare_cli(stage: str, argv: list[str] | None = None) -> None:
     # conf/hydra/ (launcher and sweeper configs) is not in params.yaml's search path.
     searchpath = f"hydra.searchpath=[file://{root / 'conf'}]"
     if any(arg in ("-m", "--multirun") for arg in argv[1:]):
-        # A user's sweep: one MLflow parent run, a child per job (lmpipe.sweep).
+        # A user's sweep: one MLflow parent run, a child per job (lmpipe.runs.sweep).
         argv.extend([
-            "+hydra.callbacks.lmpipe_sweep._target_=lmpipe.sweep.SweepCallback",
+            "+hydra.callbacks.lmpipe_sweep._target_=lmpipe.runs.sweep.SweepCallback",
             f"+hydra.callbacks.lmpipe_sweep.stage={stage}",
             searchpath,
         ])  # fmt: skip

@@ -20,18 +20,18 @@ import torch
 from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lmpipe import adapters
-from lmpipe.config import ConfigError, FinetuneConfig
 from lmpipe.data import classify, sft
 from lmpipe.data.batches import ShuffledBatches
-from lmpipe.evaluate import (
+from lmpipe.evaluation.lm_metrics import mean_loss, perplexity
+from lmpipe.evaluation.scoring import (
     classification_report,
     example_losses,
     generate_replies,
     predict_classes,
 )
-from lmpipe.lm_metrics import mean_loss, perplexity
-from lmpipe.model import load_classifier, load_model, model_device
+from lmpipe.runs.config import ConfigError, FinetuneConfig
+from lmpipe.training import adapters
+from lmpipe.training.model import load_classifier, load_model, model_device
 
 
 def sft_splits(f: FinetuneConfig) -> dict[str, list[sft.Conversation]]:

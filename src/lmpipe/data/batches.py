@@ -17,6 +17,9 @@ import torch
 
 Batch = dict[str, torch.Tensor]
 
+# The label of a position that is no prediction target (PyTorch's and transformers' default).
+IGNORE_INDEX = -100
+
 
 class ShuffledBatches:
     """Endless, resumable batches of `batch_size` items per process, reshuffled every epoch.

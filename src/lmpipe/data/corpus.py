@@ -28,10 +28,10 @@ import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from lmpipe.config import CleanConfig, DataConfig
 from lmpipe.data.dedup import ExactDeduplicator, NearDeduplicator, exact_key, minhash_signature
 from lmpipe.data.filters import QUALITY_RULES, REPAIRS, DocumentFilter
 from lmpipe.data.sources import SOURCE_PROBLEMS, Document, iter_documents
+from lmpipe.runs.config import CleanConfig, DataConfig
 
 log = logging.getLogger(__name__)
 

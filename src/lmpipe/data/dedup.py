@@ -15,7 +15,7 @@ import numpy as np
 import xxhash
 from datasketch import MinHash, MinHashLSH
 
-from lmpipe.config import DedupConfig
+from lmpipe.runs.config import DedupConfig
 
 _SPACE = re.compile(r"\s+")
 _WORD = re.compile(r"\w+")

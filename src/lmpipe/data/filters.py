@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lmpipe.config import BlocklistConfig, CleanConfig, QualityConfig
+from lmpipe.runs.config import BlocklistConfig, CleanConfig, QualityConfig
 
 # nroff bold/underline: "c\bc" and "_\bc" render as c. Applied repeatedly for stacked marks.
 _OVERSTRIKE = re.compile(r"[^\x08\n]\x08")

@@ -17,8 +17,7 @@ import torch
 import yaml
 from transformers import PreTrainedTokenizerBase
 
-from lmpipe.data.batches import ShuffledBatches, ordered_examples, shuffled_examples
-from lmpipe.lm_metrics import IGNORE_INDEX
+from lmpipe.data.batches import IGNORE_INDEX, ShuffledBatches, ordered_examples, shuffled_examples
 
 log = logging.getLogger(__name__)
 

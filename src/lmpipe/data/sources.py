@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from lmpipe.config import DataConfig
+from lmpipe.runs.config import DataConfig
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from lmpipe.data.corpus import is_validation, iter_corpus_batches
-from lmpipe.tokenizer import batch_encoder
+from lmpipe.data.tokenizer import batch_encoder
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,6 @@
 """Scoring for finetune's periodic eval and the evaluate stage: generations, class predictions,
-confusion matrix and per-class report, per-example losses (LM loss itself: lmpipe.lm_metrics)."""
+confusion matrix and per-class report, per-example losses
+(LM loss itself: lmpipe.evaluation.lm_metrics)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lmpipe.lm_metrics import eval_mode, token_losses
+from lmpipe.evaluation.lm_metrics import eval_mode, token_losses
 
 
 @torch.no_grad()

@@ -257,7 +257,7 @@ class HardwareConfig:
     strategy: str = "ddp"  # ddp | fsdp (fully_shard): used when there are several processes
     gradient_checkpointing: bool = False
     # CPU training: keep freed memory in the process instead of re-faulting the same
-    # activations from the kernel every step (lmpipe.host_memory).
+    # activations from the kernel every step (lmpipe.training.host_memory).
     retain_host_memory: bool = True
     # Peak FLOP/s of one device, for MFU; null: looked up for known GPUs, else no MFU.
     peak_flops: float | None = None

@@ -27,9 +27,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from lmpipe import lineage, outbox
-from lmpipe.config import find_project_root
-from lmpipe.lineage import TAG_STAGE
+from lmpipe.runs import lineage, outbox
+from lmpipe.runs.config import find_project_root
+from lmpipe.runs.lineage import TAG_STAGE
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ def read_run_file(stage_dir: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text())
 
 
-# Set by lmpipe.sweep.SweepCallback for the jobs of a multirun: their parent MLflow run.
+# Set by lmpipe.runs.sweep.SweepCallback for the jobs of a multirun: their parent MLflow run.
 SWEEP_PARENT_ENV = "LMPIPE_SWEEP_PARENT_RUN"
 
 
@@ -194,7 +194,7 @@ def stage_run(
         experiment_id=None if run_id else experiment_id,
         run_name=None if run_id else run_name or stage,
         tags=None if run_id else tags,
-        # A job of a Hydra sweep: the child of the sweep's run (lmpipe.sweep).
+        # A job of a Hydra sweep: the child of the sweep's run (lmpipe.runs.sweep).
         parent_run_id=None if run_id else os.environ.get(SWEEP_PARENT_ENV) or None,
     )
     status = "FAILED"
@@ -217,7 +217,7 @@ def stage_run(
 
 
 def log_inputs(run_id: str, inputs: list[lineage.Input], attempts: int = 5) -> None:
-    """Record what a run read as MLflow dataset inputs (see lmpipe.lineage).
+    """Record what a run read as MLflow dataset inputs (see lmpipe.runs.lineage).
 
     MLflow's SQL store looks up which datasets exist and inserts the rest, so parallel jobs
     (a joblib sweep) that log the same new dataset race, and the later insert breaks the
@@ -255,7 +255,7 @@ class MetricLogger:
     Each `series` ("train", "val") becomes `<csv_dir>/<series>.csv`, a DVC plot.
 
     Logging must never slow or kill training: one sender thread does the sends, a failing
-    batch is retried, and then it and every later batch go to the outbox (lmpipe.outbox),
+    batch is retried, and then it and every later batch go to the outbox (lmpipe.runs.outbox),
     with one warning, while the CSVs keep every value. Without a `run_id` (a non-main
     process of a distributed run) nothing is sent or written.
     """

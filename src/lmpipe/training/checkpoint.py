@@ -36,8 +36,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from transformers import PreTrainedModel
 
-from lmpipe import atomic, distributed
-from lmpipe.distributed import DistEnv
+from lmpipe.runs import atomic
+from lmpipe.training import distributed
+from lmpipe.training.distributed import DistEnv
 
 log = logging.getLogger(__name__)
 

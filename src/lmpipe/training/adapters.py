@@ -15,7 +15,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel
 
-from lmpipe.config import LoraSettings
+from lmpipe.runs.config import LoraSettings
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from hydra.experimental.callback import Callback
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from lmpipe import tracking
+from lmpipe.runs import tracking
 
 log = logging.getLogger(__name__)
 

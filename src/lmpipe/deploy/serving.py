@@ -28,9 +28,9 @@ class ServedModel(mlflow.pyfunc.PythonModel):
     """Loads the saved HF directory (model + tokenizer) logged as the `model` artifact."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        from lmpipe.model import load_classifier, load_model
-        from lmpipe.quantize import quantize_int8
-        from lmpipe.tokenizer import load_tokenizer
+        from lmpipe.data.tokenizer import load_tokenizer
+        from lmpipe.deploy.quantize import quantize_int8
+        from lmpipe.training.model import load_classifier, load_model
 
         config = context.model_config or {}
         self.task = config.get("task", "sft")
@@ -53,7 +53,7 @@ class ServedModel(mlflow.pyfunc.PythonModel):
             texts = [str(t) for t in model_input]
         if self.task == "classify":
             return self._classify(texts)
-        from lmpipe.evaluate import generate_replies
+        from lmpipe.evaluation.scoring import generate_replies
 
         settings = {**DEFAULT_PARAMS, **(params or {})}
         return generate_replies(

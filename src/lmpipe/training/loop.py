@@ -6,7 +6,7 @@ micro-batches and processes, clipping, bf16 autocast on CUDA, optional torch.com
 gradient checkpointing, DDP or FSDP2 when started as several processes, periodic
 evaluation, best and last checkpoints, early stopping, and exact resume: a run killed at
 any moment and restarted continues from its last checkpoint to the same weights. On CPU,
-freed memory stays in the process while training (lmpipe.host_memory).
+freed memory stays in the process while training (lmpipe.training.host_memory).
 """
 
 from __future__ import annotations
@@ -27,14 +27,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import PreTrainedModel, get_cosine_with_min_lr_schedule_with_warmup
 
-from lmpipe import distributed
-from lmpipe.checkpoint import BEST, LAST, Checkpoints
-from lmpipe.config import HardwareConfig, OptimConfig, TrainConfig
-from lmpipe.data.batches import ShuffledBatches
-from lmpipe.distributed import DistEnv
-from lmpipe.host_memory import retained_host_memory
-from lmpipe.lm_metrics import IGNORE_INDEX, perplexity
-from lmpipe.tracking import MetricLogger
+from lmpipe.data.batches import IGNORE_INDEX, ShuffledBatches
+from lmpipe.evaluation.lm_metrics import perplexity
+from lmpipe.runs.config import HardwareConfig, OptimConfig, TrainConfig
+from lmpipe.runs.tracking import MetricLogger
+from lmpipe.training import distributed
+from lmpipe.training.checkpoint import BEST, LAST, Checkpoints
+from lmpipe.training.distributed import DistEnv
+from lmpipe.training.host_memory import retained_host_memory
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 token-weighted loss, perplexity, and the unigram baseline a trained model must beat.
 
 A module of its own because pretrain depends on it: DVC reruns pretrain when it changes,
-and the evaluate stage's scoring code (lmpipe.evaluate) must not have that reach.
+and the evaluate stage's scoring code (lmpipe.evaluation.scoring) must not have that reach.
 """
 
 from __future__ import annotations
@@ -17,9 +17,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-# Label of a position the loss skips (the PyTorch and transformers convention): prompt
-# tokens and padding.
-IGNORE_INDEX = -100
+from lmpipe.data.batches import IGNORE_INDEX
 
 
 @contextlib.contextmanager

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lmpipe.config import compose_params, find_project_root, stale_params_message
+from lmpipe.runs.config import compose_params, find_project_root, stale_params_message
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "replay":
-        from lmpipe import tracking
+        from lmpipe.runs import tracking
 
         tracking.configure()
         saved = tracking.project_outbox()
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"replayed {delivered} of {runs} saved runs to {tracking.tracking_uri()}")
         return 0 if delivered == runs else 1
     if args.command == "lineage":
-        from lmpipe import lineage, tracking
+        from lmpipe.runs import lineage, tracking
 
         tracking.configure()
         try:

@@ -21,9 +21,9 @@ import pandas as pd
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
-from lmpipe import registry
-from lmpipe.config import ConfigError, DeployConfig, GateConfig
-from lmpipe.serving import DEFAULT_PARAMS, INPUT_COLUMN
+from lmpipe.deploy import registry
+from lmpipe.deploy.serving import DEFAULT_PARAMS, INPUT_COLUMN
+from lmpipe.runs.config import ConfigError, DeployConfig, GateConfig
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def log_and_register(
         name=artifact,
         python_model=str(Path(__file__).with_name("serving.py")),
         artifacts={"model": str(model_dir)},
-        code_paths=[str(Path(__file__).parent)],
+        code_paths=[str(Path(__file__).parents[1])],
         model_config={"task": task, **({"quantize": quantize} if quantize else {})},
         signature=signature,
         input_example=example,
@@ -213,7 +213,7 @@ def deploy_quantized(
     tags: Mapping[str, str],
 ) -> dict[str, Any]:
     """Register the int8 variant beside the fp32 model, with its size, latency and quality."""
-    from lmpipe.quantize import state_size_bytes
+    from lmpipe.deploy.quantize import state_size_bytes
 
     name = f"{cfg.registered_model_name}-int8"
     model_version = log_and_register(model_dir, task, name, cfg, "model_int8", "int8")

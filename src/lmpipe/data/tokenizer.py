@@ -19,6 +19,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from lmpipe.data.corpus import is_validation, iter_corpus_batches
+from lmpipe.data.pretrained import resolve_source
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +81,6 @@ def base_tokenizer(spec: str) -> PreTrainedTokenizerBase:
     SFT needs a chat template that marks assistant tokens ({% generation %}); a ChatML
     model whose template lacks the markers gets ours, which renders the same turns.
     """
-    from lmpipe.model import resolve_source  # model imports transformers' model classes
-
     source = resolve_source(spec)
     tokenizer = AutoTokenizer.from_pretrained(source.path, **source.kwargs())
     template = tokenizer.chat_template or ""
