@@ -24,6 +24,7 @@ from lmpipe.data.batches import window_batches
 from lmpipe.data.tokenizer import train_tokenizer
 from lmpipe.runs.config import HardwareConfig, ModelConfig, OptimConfig, TrainConfig
 from lmpipe.runs.tracking import MetricLogger
+from lmpipe.tasks.causal_lm import CausalLM
 from lmpipe.training.loop import (
     device_name,
     enable_tf32,
@@ -33,6 +34,8 @@ from lmpipe.training.loop import (
     train,
 )
 from lmpipe.training.model import build_model
+
+CAUSAL_LM = CausalLM()
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,7 +59,7 @@ def measure(args, tokenizer, tokens: np.ndarray, precision: str, compile_model: 
                       optim=OptimConfig(lr=3e-4, warmup_steps=10))  # fmt: skip
     logger = MetricLogger(None)
     train(model, window_batches(tokens, args.seq_len, args.batch_size, 0), cfg, hardware,
-          device, logger)  # fmt: skip
+          device, logger, objective=CAUSAL_LM)  # fmt: skip
     rows = logger.state_dict()["train"][args.warmup :]
     return {
         "tokens_per_second": float(np.median([row["tokens_per_second"] for row in rows])),

@@ -32,8 +32,11 @@ from lmpipe.data.batches import window_batches
 from lmpipe.data.tokenizer import train_tokenizer
 from lmpipe.runs.config import HardwareConfig, ModelConfig, OptimConfig, TrainConfig
 from lmpipe.runs.tracking import MetricLogger
+from lmpipe.tasks.causal_lm import CausalLM
 from lmpipe.training.loop import seed_everything, train
 from lmpipe.training.model import build_model
+
+CAUSAL_LM = CausalLM()
 
 TEXT = [
     "The committee met on Tuesday to review the budget for the coming year.",
@@ -52,7 +55,7 @@ def one_run(
         batches = window_batches(tokens, model_cfg.max_seq_len, cfg.batch_size, seed=0)
         start = time.perf_counter()
         train(model, batches, cfg, HardwareConfig(), torch.device("cpu"), logger,
-              evaluate=lambda m: 1.0)  # fmt: skip
+              evaluate=lambda m: 1.0, objective=CAUSAL_LM)  # fmt: skip
         logger.close()  # waits for the last sends: part of the cost
         return time.perf_counter() - start
 

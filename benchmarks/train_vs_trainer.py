@@ -42,9 +42,12 @@ from lmpipe.data.batches import window_batches
 from lmpipe.data.tokenizer import train_tokenizer
 from lmpipe.runs.config import HardwareConfig, ModelConfig, OptimConfig, TrainConfig
 from lmpipe.runs.tracking import MetricLogger
+from lmpipe.tasks.causal_lm import CausalLM
 from lmpipe.training.host_memory import retained_host_memory
 from lmpipe.training.loop import seed_everything, train
 from lmpipe.training.model import build_model
+
+CAUSAL_LM = CausalLM()
 
 
 def corpus_tokens(mb: int, vocab_size: int) -> tuple[np.ndarray, object]:
@@ -153,7 +156,15 @@ def run_side(args: argparse.Namespace) -> dict:
         # The same windows in the same order: a fresh sampler with the same seed.
         ours_batches = window_batches(tokens, args.seq_len, args.batch_size, seed=0)
         with Timer() as timer:
-            train(model, ours_batches, cfg, HardwareConfig(), torch.device("cpu"), logger)
+            train(
+                model,
+                ours_batches,
+                cfg,
+                HardwareConfig(),
+                torch.device("cpu"),
+                logger,
+                objective=CAUSAL_LM,
+            )
         losses = [row["train_loss"] for row in logger.state_dict()["train"]]
     else:
         recorder = LossRecorder()

@@ -4,7 +4,8 @@ Writes the held-out predictions (predictions.csv) first and computes metrics.jso
 that file. sft: the response loss of the pretrained, fine-tuned and int8 models, their
 generations, and both models' perplexity on the held-out corpus. classify: accuracy,
 macro-F1 and per-class scores of the classifier and its int8 variant beside the
-majority-class baseline, a confusion matrix, and the pretrained model's corpus perplexity.
+majority class and TF-IDF + logistic regression (fitted on the same training split), a
+confusion matrix, and the pretrained model's corpus loss (masked-LM loss for an encoder).
 champion.json holds the difference to the registry's current champion.
 """
 
@@ -13,18 +14,15 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from lmpipe import tasks
-from lmpipe.data import classify
-from lmpipe.data.batches import sequential_windows
 from lmpipe.data.tokenizer import load_tokenizer
 from lmpipe.data.tokens import load_tokens
 from lmpipe.deploy import registry
 from lmpipe.deploy.quantize import quantize_int8
-from lmpipe.evaluation.lm_metrics import mean_loss, perplexity, unigram_entropy
+from lmpipe.evaluation.lm_metrics import perplexity, unigram_entropy
 from lmpipe.evaluation.plots import confusion_matrix_figure, loss_comparison_figure
 from lmpipe.evaluation.scoring import confusion_matrix
 from lmpipe.stage import Stage, prepare_cli
 from lmpipe.training.loop import autocast, enable_tf32, seed_everything, select_device
-from lmpipe.training.model import load_classifier, load_model
 
 PREDICTIONS = "predictions.csv"
 
@@ -37,18 +35,20 @@ def main(cfg: DictConfig) -> None:
         device = select_device(c.hardware)
         # The int8 variants stay on the CPU (fbgemm): each model is scored where it lives.
         enable_tf32(device, c.hardware.precision)
+        pretraining = tasks.pretraining(c.model.family, c.pretrain, c.seed)
+        task = tasks.finetuning(f.task)
         with autocast(device, c.hardware.precision):
             finetuned_dir = stage.input("finetune", "model")
             tokenizer = load_tokenizer(finetuned_dir)
-            pretrained = load_model(stage.input("pretrain", "model")).to(device)
+            pretrained = pretraining.load(stage.input("pretrain", "model")).to(device)
 
-            # Held-out corpus text: how well the pretrained LM models language.
+            # Held-out corpus text: how well the pretrained model models language.
             val_tokens = load_tokens(stage.input("tokenize", "tokens"), "val")
             seq_len = c.pretrain.seq_len
 
             def corpus_loss(model) -> tuple[float, int]:
-                windows = sequential_windows(val_tokens, e.batch_size, seq_len, e.max_tokens)
-                return mean_loss(model, windows, device)
+                return pretraining.corpus_loss(model, tokenizer, val_tokens, e.batch_size,
+                                               seq_len, e.max_tokens, device)  # fmt: skip
 
             val_loss, val_count = corpus_loss(pretrained)
             corpus = {
@@ -64,46 +64,32 @@ def main(cfg: DictConfig) -> None:
             predictions_path = stage.output(PREDICTIONS)
             plots = stage.output("plots")
             plots.mkdir()
-            if f.task == "classify":
-                finetuned = load_classifier(finetuned_dir).to(device)
-                models = {
-                    "finetuned": finetuned,
-                    "int8": quantize_int8(load_classifier(finetuned_dir)),
-                }
-                splits = tasks.classify_splits(f)
-                frame = tasks.predict_classify(
-                    models, tokenizer, splits["test"], f.max_len, e.batch_size
-                )
-                frame.to_csv(predictions_path, index=False)
-                saved = pd.read_csv(predictions_path)  # the metrics come from the saved file
-                labels = [finetuned.config.id2label[i] for i in range(finetuned.config.num_labels)]
-                metrics = tasks.score_classify(
-                    saved, list(models), labels, classify.majority_label(splits["train"])
-                )
-                figure = confusion_matrix_figure(
-                    confusion_matrix(saved["actual"], saved["finetuned_predicted"], labels),
-                    labels,
-                    f"WordNet category, test set: accuracy {metrics['finetuned_accuracy']:.3f}, "
-                    f"macro-F1 {metrics['finetuned_macro_f1']:.3f}",
-                )
-                figure.savefig(plots / "confusion_matrix.png", dpi=110)
-                stage.log_figure(figure, "confusion_matrix.png")
-            else:
-                finetuned = load_model(finetuned_dir).to(device)
+            finetuned = task.load(finetuned_dir).to(device)
+            models = {"finetuned": finetuned, "int8": quantize_int8(task.load(finetuned_dir))}
+            if f.task == "sft":
                 # What fine-tuning did to language modelling of the held-out corpus (forgetting).
                 tuned_loss, _ = corpus_loss(finetuned)
                 corpus |= {"finetuned_val_loss": tuned_loss, "finetuned_val_perplexity":
                            perplexity(tuned_loss)}  # fmt: skip
-                models = {"pretrained": pretrained, "finetuned": finetuned,
-                          "int8": quantize_int8(load_model(finetuned_dir))}  # fmt: skip
-                generation = {"max_new_tokens": e.max_new_tokens, "do_sample": e.do_sample,
-                              "temperature": e.temperature, "top_p": e.top_p}  # fmt: skip
-                test = tasks.sft_splits(f)["test"]
-                frame = tasks.predict_sft(models, tokenizer, test, f.max_len, e.batch_size,
-                                          generation, e.num_generations)  # fmt: skip
-                frame.to_csv(predictions_path, index=False)
-                saved = pd.read_csv(predictions_path, keep_default_na=False)
-                metrics = tasks.score_sft(saved, list(models))
+                models = {"pretrained": pretrained, **models}  # the model before tuning
+            splits = task.splits(f)
+            frame = task.predict(models, tokenizer, splits, f, e)
+            frame.to_csv(predictions_path, index=False)
+            # The metrics come from the saved file.
+            saved = pd.read_csv(predictions_path, keep_default_na=False)
+            metrics = task.score(saved, list(models), splits)
+            if f.task == "classify":
+                labels = [finetuned.config.id2label[i] for i in range(finetuned.config.num_labels)]
+                figure = confusion_matrix_figure(
+                    confusion_matrix(saved["actual"], saved["finetuned_predicted"], labels),
+                    labels,
+                    f"WordNet category, test set: accuracy {metrics['finetuned_accuracy']:.3f}, "
+                    f"macro-F1 {metrics['finetuned_macro_f1']:.3f} (TF-IDF + LR "
+                    f"{metrics['tfidf_macro_f1']:.3f})",
+                )
+                figure.savefig(plots / "confusion_matrix.png", dpi=110)
+                stage.log_figure(figure, "confusion_matrix.png")
+            else:
                 per_example = {m: saved[f"{m}_loss"] / saved["target_tokens"] for m in models}
                 figure = loss_comparison_figure(per_example, "Held-out response loss per example")
                 figure.savefig(plots / "sft_test_loss.png", dpi=110)

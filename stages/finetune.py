@@ -6,6 +6,8 @@ lower layers. Early stopping on the validation loss; the best weights become the
 Resumable like pretrain. Returns the best validation loss, the objective of a Hydra sweep.
 """
 
+import logging
+
 import hydra
 from omegaconf import DictConfig
 
@@ -15,6 +17,8 @@ from lmpipe.evaluation.lm_metrics import perplexity
 from lmpipe.stage import Stage, prepare_cli
 from lmpipe.training.loop import seed_everything, setup_hardware, train
 from lmpipe.training.model import save_model
+
+log = logging.getLogger(__name__)
 
 
 @hydra.main(version_base="1.3", config_path="..", config_name="params")
@@ -26,7 +30,13 @@ def main(cfg: DictConfig) -> float:
         seed_everything(c.seed)
         base = stage.input("pretrain", "model")
         tokenizer = load_tokenizer(base)
-        setup = tasks.build(f, base, tokenizer, c.seed, device, env.rank, env.world_size)
+        setup = tasks.prepare_finetuning(f, base, tokenizer, c.seed, device, env.rank,
+                                         env.world_size)  # fmt: skip
+        if f.epochs is not None:
+            steps = tasks.steps_for_epochs(f, setup.batches.num_items, env.world_size)
+            log.info("finetune: %s epochs of %d examples = %d steps", f.epochs,
+                     setup.batches.num_items, steps)  # fmt: skip
+            f.steps = steps
         metrics = stage.metric_logger()
         result = train(
             setup.model,
@@ -40,6 +50,7 @@ def main(cfg: DictConfig) -> float:
             run_id=stage.run_id,
             env=env,
             desc=f"finetune ({f.task})",
+            objective=setup.objective,
         )
         metrics.close()
         save_model(setup.final_model(), tokenizer, stage.output("model"), env)

@@ -1,16 +1,18 @@
-"""pretrain: token shards + tokenizer -> causal LM checkpoint (outputs/pretrain/model).
+"""pretrain: token shards + tokenizer -> pretrained model (outputs/pretrain/model).
 
-Resumable: a run killed mid-training continues from outputs/pretrain/checkpoints/last
-when started again with the same config (`dvc repro` does that).
+The objective follows the model family: a decoder learns next-token prediction, an
+encoder masked-LM (lmpipe.tasks). Resumable: a run killed mid-training continues from
+outputs/pretrain/checkpoints/last when started again with the same config (`dvc repro`
+does that).
 """
 
 import hydra
 from omegaconf import DictConfig
 
-from lmpipe.data.batches import sequential_windows, window_batches
+from lmpipe import tasks
 from lmpipe.data.tokenizer import load_tokenizer
 from lmpipe.data.tokens import load_tokens
-from lmpipe.evaluation.lm_metrics import mean_loss, perplexity, unigram_entropy
+from lmpipe.evaluation.lm_metrics import perplexity
 from lmpipe.runs.config import ConfigError
 from lmpipe.stage import Stage, prepare_cli
 from lmpipe.training.loop import seed_everything, setup_hardware, train
@@ -32,38 +34,32 @@ def main(cfg: DictConfig) -> float:
         tokens = stage.input("tokenize", "tokens")
         train_tokens, val_tokens = load_tokens(tokens, "train"), load_tokens(tokens, "val")
         model = build_model(c.model, tokenizer)
-        # The periodic validation set: the first eval_batches windows of the val split.
-        val_span = p.eval_batches * p.batch_size * p.seq_len
-
-        def val_loss(m) -> float:
-            return mean_loss(
-                m, sequential_windows(val_tokens, p.batch_size, p.seq_len, val_span), device
-            )[0]
-
+        task = tasks.pretraining(c.model.family, p, c.seed)
+        setup = task.setup(p, model, tokenizer, train_tokens, val_tokens, c.seed, device,
+                           env.rank, env.world_size)  # fmt: skip
         metrics = stage.metric_logger()
         result = train(
             model,
-            window_batches(train_tokens, p.seq_len, p.batch_size, c.seed, env.rank, env.world_size),
+            setup.batches,
             p,
             c.hardware,
             device,
             metrics,
-            val_loss,
+            setup.evaluate,
             checkpoints=stage.checkpoints,
             run_id=stage.run_id,
             env=env,
-            desc="pretrain",
+            desc=f"pretrain ({task.name})",
+            objective=task,
         )
         metrics.close()
         save_model(model, tokenizer, stage.output("model"), env)
-        baseline = unigram_entropy(
-            val_tokens[: (val_span // p.seq_len) * p.seq_len], len(tokenizer)
-        )
+        baseline = task.baseline(p, tokenizer, train_tokens, val_tokens)
         summary = {
             **result.summary(),
             "val_perplexity": perplexity(result.val_loss),
-            "unigram_entropy": baseline,
-            "val_loss_vs_unigram": result.val_loss / baseline,
+            **baseline,
+            "val_loss_vs_unigram": result.val_loss / next(iter(baseline.values())),
             "parameters": count_parameters(model),
         }
         stage.write_json("metrics.json", summary)

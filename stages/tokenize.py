@@ -1,7 +1,8 @@
 """tokenize: cleaned corpus -> BPE tokenizer (outputs/tokenize/tokenizer) + token shards.
 
 With `model.init_from` (continued pretraining or finetuning an existing model) the base
-model's own tokenizer is used instead of training one.
+model's own tokenizer is used instead of training one. For an encoder (`model.family`)
+the tokenizer gets [CLS]/[SEP]/[MASK] and each document is framed as [CLS] doc [SEP].
 """
 
 import time
@@ -25,7 +26,8 @@ def main(cfg: DictConfig) -> None:
             tokenizer = base_tokenizer(stage.cfg.model.init_from)
         else:
             sample = training_sample(corpus, settings.val_fraction, settings.train_sample_chars)
-            tokenizer = train_tokenizer(sample, settings.vocab_size, settings.min_frequency)
+            tokenizer = train_tokenizer(sample, settings.vocab_size, settings.min_frequency,
+                                        encoder=stage.cfg.model.family == "encoder")  # fmt: skip
         train_seconds = time.perf_counter() - start
         tokenizer.save_pretrained(stage.output("tokenizer"))
         stats = encode_corpus(

@@ -20,10 +20,13 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from lmpipe.data.sft import IGNORE_INDEX, shuffled_batches
 from lmpipe.runs.config import HardwareConfig, OptimConfig, TrainConfig
 from lmpipe.runs.tracking import MetricLogger
+from lmpipe.tasks.causal_lm import CausalLM
 from lmpipe.training import checkpoint
 from lmpipe.training.checkpoint import Checkpoints
 from lmpipe.training.distributed import all_gather_object, full_model_state
 from lmpipe.training.loop import seed_everything, setup_hardware, train
+
+CAUSAL_LM = CausalLM()
 
 
 def examples(count: int = 64) -> list[dict[str, list[int]]]:
@@ -114,7 +117,7 @@ def main() -> None:
         forbid_checkpoint_reads()
     evaluate = skewed_eval(env.rank) if args.skewed_eval else None
     result = train(model, batches, cfg, hardware, device, metrics, evaluate, checkpoints,
-                   env=env)  # fmt: skip
+                   env=env, objective=CAUSAL_LM)  # fmt: skip
     best_steps = all_gather_object(result.best_step)
     state = full_model_state(model)
     if env.is_main:

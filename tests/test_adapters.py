@@ -11,11 +11,14 @@ from safetensors.torch import load_file
 
 from lmpipe.data.batches import window_batches
 from lmpipe.runs.config import HardwareConfig, LoraSettings, OptimConfig, TrainConfig
+from lmpipe.tasks.causal_lm import CausalLM
 from lmpipe.training import adapters
 from lmpipe.training.checkpoint import Checkpoints
 from lmpipe.training.loop import train
 from lmpipe.training.model import load_model, save_model
 from tests.test_train import NullLogger, fresh_model
+
+CAUSAL_LM = CausalLM()
 
 CPU = torch.device("cpu")
 TOKENS = np.tile(np.arange(10, 40, dtype=np.uint16), 100)
@@ -34,7 +37,15 @@ def test_lora_trains_only_adapters_and_merges_into_plain_weights(
     peft_model = adapters.add_lora(model, LoraSettings(enabled=True, r=4, alpha=8, dropout=0.0))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
-    train(model, window_batches(TOKENS, 16, 4, 0), CFG, HardwareConfig(), CPU, NullLogger())
+    train(
+        model,
+        window_batches(TOKENS, 16, 4, 0),
+        CFG,
+        HardwareConfig(),
+        CPU,
+        NullLogger(),
+        objective=CAUSAL_LM,
+    )
     probe = torch.tensor([list(range(10, 26))])
     with torch.no_grad():
         adapted = peft_model(input_ids=probe).logits
@@ -66,7 +77,15 @@ def test_lora_run_resumes_from_its_checkpoint(tmp_path: Path, tiny_tokenizer) ->
         return model
 
     straight = lora_model()
-    train(straight, window_batches(TOKENS, 16, 4, 0), cfg, HardwareConfig(), CPU, NullLogger())
+    train(
+        straight,
+        window_batches(TOKENS, 16, 4, 0),
+        cfg,
+        HardwareConfig(),
+        CPU,
+        NullLogger(),
+        objective=CAUSAL_LM,
+    )
 
     checkpoints = Checkpoints(tmp_path / "checkpoints", "fingerprint")
     dying = window_batches(TOKENS, 16, 4, 0)
@@ -80,10 +99,10 @@ def test_lora_run_resumes_from_its_checkpoint(tmp_path: Path, tiny_tokenizer) ->
     dying.make_batch = killed_at_step_4
     with pytest.raises(KeyboardInterrupt):
         train(lora_model(), dying, cfg, HardwareConfig(), CPU, NullLogger(),
-              checkpoints=checkpoints)  # fmt: skip
+              checkpoints=checkpoints, objective=CAUSAL_LM)  # fmt: skip
     resumed = lora_model()
     result = train(resumed, window_batches(TOKENS, 16, 4, 0), cfg, HardwareConfig(), CPU,
-                   NullLogger(), checkpoints=checkpoints)  # fmt: skip
+                   NullLogger(), checkpoints=checkpoints, objective=CAUSAL_LM)  # fmt: skip
     assert result.resumed_from == 3
     expected, actual = snapshot(straight), snapshot(resumed)
     assert any("lora_B" in key for key in actual)
@@ -95,7 +114,15 @@ def test_frozen_layers_do_not_move(tiny_tokenizer) -> None:
     model = fresh_model(tiny_tokenizer)
     adapters.freeze_layers(model, 1, embeddings=True)
     before = snapshot(model)
-    train(model, window_batches(TOKENS, 16, 4, 0), CFG, HardwareConfig(), CPU, NullLogger())
+    train(
+        model,
+        window_batches(TOKENS, 16, 4, 0),
+        CFG,
+        HardwareConfig(),
+        CPU,
+        NullLogger(),
+        objective=CAUSAL_LM,
+    )
     after = snapshot(model)
     frozen = [k for k in before if k.startswith(("model.layers.0.", "model.embed_tokens"))]
     moving = [k for k in before if k.startswith("model.layers.1.") and k.endswith("proj.weight")]

@@ -12,9 +12,12 @@ import torch
 
 from lmpipe.data.batches import window_batches
 from lmpipe.runs.config import HardwareConfig, OptimConfig, TrainConfig
+from lmpipe.tasks.causal_lm import CausalLM
 from lmpipe.training.checkpoint import BEST, LAST, Checkpoints
 from lmpipe.training.loop import train
 from tests.test_train import CPU, NullLogger, fresh_model
+
+CAUSAL_LM = CausalLM()
 
 TOKENS = (np.arange(6000, dtype=np.uint16) * 7) % 97
 CFG = TrainConfig(
@@ -51,7 +54,7 @@ def run(tokenizer, checkpoints: Checkpoints | None, logger=None, cfg: TrainConfi
 
     result = train(
         model, window_batches(TOKENS, 16, cfg.batch_size, seed=3), cfg, HardwareConfig(), CPU,
-        logger, evaluate, checkpoints=checkpoints, run_id="run-1",
+        logger, evaluate, checkpoints=checkpoints, run_id="run-1", objective=CAUSAL_LM
     )  # fmt: skip
     return model, result, logger
 
@@ -99,7 +102,7 @@ def test_early_stopping_keeps_the_best_weights(tmp_path: Path, tiny_tokenizer):
     model = fresh_model(tiny_tokenizer)
     result = train(
         model, window_batches(TOKENS, 16, 4, seed=3), cfg, HardwareConfig(), CPU, NullLogger(),
-        lambda m: next(losses), checkpoints=checkpoints,
+        lambda m: next(losses), checkpoints=checkpoints, objective=CAUSAL_LM
     )  # fmt: skip
     assert result.stopped_early and result.steps == 10  # evals at 2..10: 3 without gain after 4
     assert result.best_step == 4 and result.best_val_loss == 2.0
@@ -120,7 +123,7 @@ def test_best_weights_without_checkpoints_are_kept_in_memory(tiny_tokenizer):
         return next(losses)
 
     result = train(model, window_batches(TOKENS, 16, 4, 3), cfg, HardwareConfig(), CPU,
-                   NullLogger(), evaluate)  # fmt: skip
+                   NullLogger(), evaluate, objective=CAUSAL_LM)  # fmt: skip
     assert result.best_step == 2
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, snapshot["first"][name])

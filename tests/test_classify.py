@@ -16,10 +16,12 @@ from sklearn import metrics as sk
 from lmpipe.data import classify
 from lmpipe.evaluation.scoring import classification_report, confusion_matrix, predict_classes
 from lmpipe.runs.config import HardwareConfig, OptimConfig, TrainConfig
-from lmpipe.tasks import score_classify
+from lmpipe.tasks.classify import Classify
 from lmpipe.training.loop import seed_everything, train
 from lmpipe.training.model import load_classifier, save_model
 from tests.test_train import NullLogger
+
+CLASSIFY = Classify()
 
 CPU = torch.device("cpu")
 CATEGORIES = ["noun.animal", "noun.food", "noun.plant"]
@@ -86,16 +88,26 @@ def test_classification_report_matches_scikit_learn(seed: int) -> None:
     ).all()
 
 
-def test_scores_come_from_the_predictions_table_with_a_majority_baseline() -> None:
+def test_scores_come_from_the_predictions_table_with_both_baselines() -> None:
     names = ["x", "y", "z"]
     actual, predicted = random_labels(90, names, 5)
-    frame = pd.DataFrame({"actual": actual, "finetuned_predicted": predicted})
-    metrics = score_classify(frame, ["finetuned"], names, majority="y")
+    _, tfidf = random_labels(90, names, 6)
+    frame = pd.DataFrame(
+        {"actual": actual, "finetuned_predicted": predicted, "tfidf_predicted": tfidf}
+    )
+    train = [classify.LabelledText(str(i), "t", label) for i, label in enumerate("xyyz")]
+    metrics = CLASSIFY.score(frame, ["finetuned"], {"train": train})
     assert metrics["finetuned_accuracy"] == pytest.approx(sk.accuracy_score(actual, predicted))
-    baseline = ["y"] * len(actual)
+    baseline = ["y"] * len(actual)  # the training split's majority
     assert metrics["baseline_accuracy"] == pytest.approx(sk.accuracy_score(actual, baseline))
     assert metrics["baseline_macro_f1"] == pytest.approx(
         sk.f1_score(actual, baseline, labels=names, average="macro", zero_division=0)
+    )
+    assert metrics["tfidf_macro_f1"] == pytest.approx(
+        sk.f1_score(actual, tfidf, labels=names, average="macro", zero_division=0)
+    )
+    assert metrics["finetuned_macro_f1_vs_tfidf"] == pytest.approx(
+        metrics["finetuned_macro_f1"] - metrics["tfidf_macro_f1"]
     )
     assert metrics["test_examples"] == 90
 
@@ -130,7 +142,7 @@ def test_classifier_trains_in_the_shared_loop_and_saves(
 
     logger = NullLogger()
     train(model, classify.shuffled_batches(examples, 8, pad, 0), cfg, HardwareConfig(), CPU,
-          logger, accuracy)  # fmt: skip
+          logger, accuracy, objective=CLASSIFY)  # fmt: skip
     val = [row for row, _, series in logger.rows if series == "val"][-1]
     assert val["val_accuracy"] == 1.0 and val["val_loss"] < 0.2
     save_model(model, tiny_tokenizer, tmp_path / "clf")
@@ -149,14 +161,12 @@ def test_classification_micro_batches_add_up_to_the_full_batch_gradient(
 ) -> None:
     """Each micro-batch's loss is its summed cross-entropy over the global example count, so
     two halves give the full batch's mean-loss gradient (a per-half mean would double it)."""
-    from lmpipe.training.loop import _loss, _target_count
-
     seed_everything(0)
     model = load_classifier(classifier_base, ["0", "1"])
     examples = keyword_examples(tiny_tokenizer, 6)
     pad = model.config.pad_token_id
     full = classify.collate(examples, pad)
-    count = torch.tensor(float(_target_count(full)))
+    count = torch.tensor(float(CLASSIFY.target_count(full)))
     assert count == 6
     torch.nn.functional.cross_entropy(
         model(input_ids=full["input_ids"], attention_mask=full["attention_mask"]).logits,
@@ -165,6 +175,6 @@ def test_classification_micro_batches_add_up_to_the_full_batch_gradient(
     expected = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     for half in (examples[:2], examples[2:]):
-        _loss(model, classify.collate(half, pad), count).backward()
+        (CLASSIFY.loss_sum(model, classify.collate(half, pad)) / count).backward()
     for name, param in model.named_parameters():
         torch.testing.assert_close(param.grad, expected[name], rtol=1e-4, atol=1e-6)

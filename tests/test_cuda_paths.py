@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from lmpipe.data.batches import window_batches
 from lmpipe.runs.config import HardwareConfig, OptimConfig, TrainConfig
+from lmpipe.tasks.causal_lm import CausalLM
 from lmpipe.training import distributed
 from lmpipe.training import loop as train_module
 from lmpipe.training.checkpoint import Checkpoints, rng_state, set_rng_state
@@ -23,6 +24,8 @@ from lmpipe.training.distributed import DistEnv
 from lmpipe.training.loop import enable_tf32, peak_flops, peak_memory_gb, train
 from tests.test_checkpoint import Crash, CrashingLogger
 from tests.test_train import CPU, NullLogger, fresh_model
+
+CAUSAL_LM = CausalLM()
 
 TOKENS = (np.arange(4000, dtype=np.uint16) * 7) % 97
 
@@ -70,7 +73,7 @@ def test_the_cuda_group_carries_every_collective_of_the_loop_and_its_checkpoints
     def run(logger: NullLogger):
         return train(fresh_model(tiny_tokenizer), window_batches(TOKENS, 16, 2, 0), cfg,
                      HardwareConfig(), CPU, logger, lambda m: 1.0,
-                     checkpoints=checkpoints)  # fmt: skip
+                     checkpoints=checkpoints, objective=CAUSAL_LM)  # fmt: skip
 
     with process_group(without_nccl(distributed.BACKENDS["cuda"]), tmp_path):
         with pytest.raises(Crash):
@@ -205,7 +208,7 @@ def test_unknown_device_logs_one_line_naming_the_setting_and_reports_no_mfu(
     logger = NullLogger()
     with caplog.at_level(logging.INFO, logger="lmpipe.training.loop"):
         train(tiny_model, window_batches(TOKENS, 16, 2, 0), TrainConfig(steps=2, batch_size=2),
-              HardwareConfig(), CPU, logger)  # fmt: skip
+              HardwareConfig(), CPU, logger, objective=CAUSAL_LM)  # fmt: skip
     lines = [r.getMessage() for r in caplog.records if "MFU" in r.getMessage()]
     assert len(lines) == 1 and "hardware.peak_flops" in lines[0]
     assert not any("mfu" in row for row, _, _ in logger.rows)
@@ -228,7 +231,7 @@ def test_each_training_reports_its_own_peak_memory(tiny_tokenizer) -> None:
         logger = NullLogger()
         cfg = TrainConfig(steps=2, batch_size=2, log_every=1, eval_every=1)
         train(fresh_model(tiny_tokenizer), window_batches(TOKENS, 16, 2, 0), cfg,
-              HardwareConfig(), CPU, logger, evaluate)  # fmt: skip
+              HardwareConfig(), CPU, logger, evaluate, objective=CAUSAL_LM)  # fmt: skip
         peaks.append(max(row["peak_memory_gb"] for row, _, s in logger.rows if s == "train"))
     assert peaks[1] < peaks[0] - ballast_gb / 2
     assert 0 < peaks[1] == pytest.approx(peak_memory_gb(CPU), abs=0.5)
@@ -256,7 +259,7 @@ def test_periodic_evaluation_runs_in_the_training_precision(
 
     cfg = TrainConfig(steps=2, batch_size=2, eval_every=1)
     train(tiny_model, window_batches(TOKENS, 16, 2, 0), cfg, HardwareConfig(precision="bf16"),
-          CPU, NullLogger(), evaluate)  # fmt: skip
+          CPU, NullLogger(), evaluate, objective=CAUSAL_LM)  # fmt: skip
     assert seen == [["bf16"], ["bf16"]]
 
 

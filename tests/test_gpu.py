@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 
 from lmpipe.data.batches import window_batches
 from lmpipe.runs.config import HardwareConfig, ModelConfig, OptimConfig, TrainConfig
+from lmpipe.tasks.causal_lm import CausalLM
 from lmpipe.training import checkpoint
 from lmpipe.training.checkpoint import LAST, Checkpoints
 from lmpipe.training.loop import PEAK_BF16_FLOPS, seed_everything, train
@@ -32,6 +33,8 @@ from tests.conftest import REPO, copy_project, run
 from tests.test_checkpoint import Crash, CrashingLogger
 from tests.test_distributed import assert_same_training, train_tiny
 from tests.test_train import NullLogger
+
+CAUSAL_LM = CausalLM()
 
 pytestmark = [
     pytest.mark.gpu,
@@ -63,7 +66,7 @@ def test_125m_bf16_compiled_trains_and_reports_mfu(tiny_tokenizer, tmp_path: Pat
                       optim=OptimConfig(lr=1e-3, warmup_steps=5))  # fmt: skip
     logger = NullLogger()
     train(model, window_batches(tokens, 1024, 8, 0), cfg, hardware, CUDA, logger,
-          checkpoints=Checkpoints(tmp_path, "gpu"))  # fmt: skip
+          checkpoints=Checkpoints(tmp_path, "gpu"), objective=CAUSAL_LM)  # fmt: skip
     rows = train_rows(logger)
     assert np.isfinite(rows[-1]["train_loss"]) and rows[-1]["train_loss"] < rows[0]["train_loss"]
     assert rows[-1]["peak_memory_gb"] > 0.5
@@ -86,7 +89,8 @@ def test_each_training_reports_its_own_peak_memory(tiny_tokenizer) -> None:
         logger = NullLogger()
         cfg = TrainConfig(steps=2, batch_size=batch_size, log_every=1)
         train(model, window_batches(tokens, 256, batch_size, 0), cfg,
-              HardwareConfig(device="cuda", precision="bf16"), CUDA, logger)  # fmt: skip
+              HardwareConfig(device="cuda", precision="bf16"), CUDA, logger,
+              objective=CAUSAL_LM)  # fmt: skip
         peaks.append(max(row["peak_memory_gb"] for row in train_rows(logger)))
         del model
     assert peaks[1] < peaks[0] / 2, peaks
@@ -104,7 +108,7 @@ def resume_run(tokenizer, tmp_path: Path, hardware: HardwareConfig, dropout: flo
         for layer in model.model.layers:
             layer.self_attn.attention_dropout = dropout
         train(model, window_batches(tokens, 256, 4, 0), cfg, hardware, CUDA, logger,
-              checkpoints=checkpoints)  # fmt: skip
+              checkpoints=checkpoints, objective=CAUSAL_LM)  # fmt: skip
         return model
 
     straight = run_once(None, NullLogger())

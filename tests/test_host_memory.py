@@ -13,8 +13,11 @@ import torch
 from lmpipe.data.batches import window_batches
 from lmpipe.runs.config import HardwareConfig, TrainConfig
 from lmpipe.runs.tracking import MetricLogger
+from lmpipe.tasks.causal_lm import CausalLM
 from lmpipe.training import host_memory
 from lmpipe.training import loop as train_module
+
+CAUSAL_LM = CausalLM()
 
 # Above glibc's largest adaptive mmap threshold (32 MiB): without retention every
 # allocation of this size is a fresh mapping whose pages fault on first touch.
@@ -87,7 +90,7 @@ def test_cpu_training_runs_inside_retention_unless_turned_off(
     hardware = HardwareConfig(retain_host_memory=retain)
     result = train_module.train(
         tiny_model, window_batches(tokens, 16, 2, 0), cfg, hardware, torch.device("cpu"),
-        MetricLogger(None),
+        MetricLogger(None), objective=CAUSAL_LM
     )  # fmt: skip
     assert result.steps == 2
     assert states == [retain]

@@ -102,7 +102,7 @@ def test_the_training_loss_keeps_packed_examples_apart(tiny_model, tiny_tokenize
     """The loss the training loop minimises, on packed rows, is the loss of the same examples
     padded one per row (with a KV cache transformers would ignore the restarting positions
     and let packed examples attend to each other)."""
-    from lmpipe.training.loop import _loss
+    from lmpipe.tasks.sft import SFT
 
     examples = encode_all(tiny_tokenizer, load_chatterbot("english")[:12], max_len=64)
     torch.manual_seed(0)
@@ -110,8 +110,8 @@ def test_the_training_loss_keeps_packed_examples_apart(tiny_model, tiny_tokenize
         for param in tiny_model.parameters():
             if param.ndim == 2:
                 param.normal_(0.0, 0.5)
-    one = torch.tensor(1.0)  # target count 1: the loss is the sum over targets
+    task = SFT()
     with torch.no_grad():
-        padded = sum(float(_loss(tiny_model, b, one)) for b in ordered_batches(examples, 4, 0))
-        packed = float(_loss(tiny_model, collate_packed(pack(examples, 64), 0), one))
+        padded = sum(float(task.loss_sum(tiny_model, b)) for b in ordered_batches(examples, 4, 0))
+        packed = float(task.loss_sum(tiny_model, collate_packed(pack(examples, 64), 0)))
     assert packed == pytest.approx(padded, rel=1e-5)

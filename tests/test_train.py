@@ -15,6 +15,7 @@ from lmpipe.evaluation.lm_metrics import mean_loss, unigram_entropy
 from lmpipe.evaluation.scoring import generate_replies
 from lmpipe.runs.config import HardwareConfig, OptimConfig, TrainConfig
 from lmpipe.runs.tracking import MetricLogger
+from lmpipe.tasks.causal_lm import CausalLM
 from lmpipe.training.loop import (
     build_optimizer,
     flops_per_token,
@@ -24,6 +25,8 @@ from lmpipe.training.loop import (
     train,
 )
 from lmpipe.training.model import load_model, save_model
+
+CAUSAL_LM = CausalLM()
 
 CPU = torch.device("cpu")
 
@@ -80,7 +83,7 @@ def test_training_learns_a_repeating_sequence(tiny_model) -> None:
     before = val_loss(tiny_model)
     result = train(
         tiny_model, window_batches(pattern, 32, 8, seed=0), cfg, HardwareConfig(), device,
-        logger, val_loss,
+        logger, val_loss, objective=CAUSAL_LM
     )  # fmt: skip
     assert result.val_loss < before / 3
     assert [step for _, step, series in logger.rows if series == "val"] == [30, 60]
@@ -93,7 +96,15 @@ def test_step_metrics_include_throughput_mfu_and_memory(tiny_model) -> None:
     logger = NullLogger()
     cfg = TrainConfig(steps=4, batch_size=2, log_every=2)
     hardware = HardwareConfig(peak_flops=1e12)
-    train(tiny_model, window_batches(tokens, 16, 2, 0), cfg, hardware, CPU, logger)
+    train(
+        tiny_model,
+        window_batches(tokens, 16, 2, 0),
+        cfg,
+        hardware,
+        CPU,
+        logger,
+        objective=CAUSAL_LM,
+    )
     rows = [(row, step) for row, step, series in logger.rows if series == "train"]
     assert [step for _, step in rows] == [2, 4]
     for row, _ in rows:
@@ -119,7 +130,13 @@ def test_diverging_training_stops_with_a_clear_error(tiny_model) -> None:
     cfg = TrainConfig(steps=3, batch_size=2, optim=OptimConfig(lr=float("inf"), warmup_steps=0))
     with pytest.raises(FloatingPointError, match="lower the lr"):
         train(
-            tiny_model, window_batches(tokens, 16, 2, 0), cfg, HardwareConfig(), CPU, NullLogger()
+            tiny_model,
+            window_batches(tokens, 16, 2, 0),
+            cfg,
+            HardwareConfig(),
+            CPU,
+            NullLogger(),
+            objective=CAUSAL_LM,
         )
 
 
@@ -130,7 +147,15 @@ def test_gradient_checkpointing_trains_the_same_weights(tiny_tokenizer) -> None:
     for checkpointing in (False, True):
         model = fresh_model(tiny_tokenizer)
         hardware = HardwareConfig(gradient_checkpointing=checkpointing)
-        train(model, window_batches(tokens, 16, 2, 0), cfg, hardware, CPU, NullLogger())
+        train(
+            model,
+            window_batches(tokens, 16, 2, 0),
+            cfg,
+            hardware,
+            CPU,
+            NullLogger(),
+            objective=CAUSAL_LM,
+        )
         assert model.is_activation_checkpointing == checkpointing
         weights.append(model.state_dict())
     for name, tensor in weights[0].items():

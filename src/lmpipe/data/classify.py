@@ -19,6 +19,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from lmpipe.data.batches import ShuffledBatches, ordered_examples, shuffled_examples
+from lmpipe.data.tokenizer import frames_with_cls
 
 log = logging.getLogger(__name__)
 
@@ -110,17 +111,29 @@ def encode_texts(
     labels: Sequence[str],
     max_len: int,
 ) -> list[dict[str, list[int] | int]]:
-    """Token ids (cut to max_len) and the class id of each text."""
+    """Token ids (cut to max_len) and the class id of each text with any tokens. An encoder's
+    tokenizer frames the text as [CLS] text [SEP] (its head reads [CLS]); a decoder's
+    classifier reads the last token, so its texts get no special tokens."""
     index = {name: i for i, name in enumerate(labels)}
     unknown = sorted({item.label for item in items} - set(index))
     if unknown:
         raise ValueError(f"labels {unknown} are not among the model's classes {list(labels)}")
     encoded = tokenizer([item.text for item in items], add_special_tokens=False)["input_ids"]
+    if frames_with_cls(tokenizer):
+        encoded = [
+            [tokenizer.cls_token_id, *ids[: max_len - 2], tokenizer.sep_token_id] if ids else []
+            for ids in encoded
+        ]
     return [
         {"input_ids": list(ids)[:max_len], "label": index[item.label]}
         for ids, item in zip(encoded, items, strict=True)
         if ids
     ]
+
+
+def has_tokens(tokenizer: PreTrainedTokenizerBase, text: str) -> bool:
+    """Whether `text` gives any tokens of its own (texts without are not classified)."""
+    return bool(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def collate(examples: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:

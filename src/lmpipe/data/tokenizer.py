@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import tiktoken
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
@@ -28,6 +28,10 @@ PAD = "<|pad|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 SPECIAL_TOKENS = [EOS, PAD, IM_START, IM_END]
+# An encoder's tokenizer adds BERT's three (after the shared ones, so ids 0-3 never move):
+# each text is framed as <|cls|> text <|sep|>, and masked-LM targets become <|mask|>.
+CLS, SEP, MASK = "<|cls|>", "<|sep|>", "<|mask|>"
+ENCODER_TOKENS = [CLS, SEP, MASK]
 
 # ChatML. The {% generation %} block marks assistant tokens, so
 # apply_chat_template(..., return_assistant_tokens_mask=True) yields the SFT loss mask.
@@ -44,12 +48,18 @@ CHAT_TEMPLATE = (
 
 
 def train_tokenizer(
-    texts: Iterable[str] | Iterable[list[str]], vocab_size: int, min_frequency: int = 2
+    texts: Iterable[str] | Iterable[list[str]],
+    vocab_size: int,
+    min_frequency: int = 2,
+    encoder: bool = False,
 ) -> PreTrainedTokenizerFast:
-    """Train byte-level BPE and wrap it as a transformers fast tokenizer with a chat template."""
-    if vocab_size < 256 + len(SPECIAL_TOKENS):
+    """Train byte-level BPE and wrap it as a transformers fast tokenizer with a chat template
+    (and, for an `encoder`, [CLS]/[SEP]/[MASK] tokens and the [CLS] text [SEP] framing)."""
+    specials = SPECIAL_TOKENS + (ENCODER_TOKENS if encoder else [])
+    if vocab_size < 256 + len(specials):
         raise ValueError(
-            f"tokenize.vocab_size={vocab_size}: must be at least 260 for byte-level BPE"
+            f"tokenize.vocab_size={vocab_size}: must be at least {256 + len(specials)} for "
+            "byte-level BPE"
         )
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -57,18 +67,47 @@ def train_tokenizer(
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     bpe.train_from_iterator(texts, trainer=trainer)
+    if not encoder:
+        return PreTrainedTokenizerFast(
+            tokenizer_object=bpe,
+            eos_token=EOS,
+            pad_token=PAD,
+            additional_special_tokens=[IM_START, IM_END],
+            chat_template=CHAT_TEMPLATE,
+        )
+    bpe.post_processor = processors.TemplateProcessing(
+        single=f"{CLS} $A {SEP}",
+        pair=f"{CLS} $A {SEP} $B:1 {SEP}:1",
+        special_tokens=[(CLS, bpe.token_to_id(CLS)), (SEP, bpe.token_to_id(SEP))],
+    )
     return PreTrainedTokenizerFast(
         tokenizer_object=bpe,
         eos_token=EOS,
         pad_token=PAD,
+        cls_token=CLS,
+        sep_token=SEP,
+        mask_token=MASK,
         additional_special_tokens=[IM_START, IM_END],
         chat_template=CHAT_TEMPLATE,
     )
+
+
+def frames_with_cls(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """An encoder's tokenizer: it has both a [CLS] and a [SEP] token."""
+    return tokenizer.cls_token_id is not None and tokenizer.sep_token_id is not None
+
+
+def document_frame(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
+    """The ids around each document in the token stream: [CLS] doc [SEP] for an encoder
+    (the framing its fine-tuning inputs get), doc EOS for a decoder."""
+    if frames_with_cls(tokenizer):
+        return [tokenizer.cls_token_id], [tokenizer.sep_token_id]
+    return [], [tokenizer.eos_token_id]
 
 
 def load_tokenizer(path: Path | str) -> PreTrainedTokenizerBase:

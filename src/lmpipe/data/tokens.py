@@ -33,7 +33,7 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from lmpipe.data.corpus import is_validation, iter_corpus_batches
-from lmpipe.data.tokenizer import batch_encoder
+from lmpipe.data.tokenizer import batch_encoder, document_frame
 
 log = logging.getLogger(__name__)
 
@@ -204,12 +204,14 @@ def encode_corpus(
     batch_docs: int = 1024,
     engine: str = "auto",
 ) -> TokenStats:
-    """Encode every document (batched, on all cores; see `batch_encoder`), append EOS,
+    """Encode every document (batched, on all cores; see `batch_encoder`), frame it (EOS
+    after it; an encoder's [CLS] before and [SEP] after),
     route it to its split by id hash and pack the streams into block shards."""
     out_dir.mkdir(parents=True, exist_ok=True)
     vocab_size = len(tokenizer)
     dtype = token_dtype(vocab_size)
     eos = np.asarray([tokenizer.eos_token_id], dtype=dtype)
+    before, after = (np.asarray(ids, dtype=dtype) for ids in document_frame(tokenizer))
     encode = batch_encoder(tokenizer, engine)
     writers = {s: TokenShardWriter(out_dir, s, dtype, block_size, shard_tokens) for s in SPLITS}
     chars = 0
@@ -221,13 +223,15 @@ def encode_corpus(
         chars += int(pc.sum(pc.utf8_length(text_column)).as_py() or 0)
         encoded = encode(text_column.to_pylist())
         parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+        documents = dict.fromkeys(SPLITS, 0)
         for doc_id, ids in zip(batch.column("id").to_pylist(), encoded, strict=True):
             split = "val" if is_validation(doc_id, val_fraction) else "train"
-            parts[split] += (np.asarray(ids, dtype=dtype), eos)
+            parts[split] += (before, np.asarray(ids, dtype=dtype), after)
+            documents[split] += 1
         for split, arrays in parts.items():
             if arrays:
                 stream = np.concatenate(arrays)
-                writers[split].write(stream, len(arrays) // 2)
+                writers[split].write(stream, documents[split])
                 progress.update(stream.size)
     progress.close()
     seconds = time.perf_counter() - start

@@ -45,6 +45,8 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     preset: str = "tiny"
+    # decoder: Llama-style, pretrained as a causal LM; encoder: BERT, pretrained by masked LM.
+    family: str = "decoder"
     hidden_size: int = 256
     num_layers: int = 4
     num_heads: int = 4
@@ -154,8 +156,19 @@ class TrainConfig:
 
 
 @dataclass
+class MaskingConfig:
+    """Masked-LM targets (encoders): BERT's recipe by default."""
+
+    probability: float = 0.15  # share of non-special tokens that become targets
+    mask_share: float = 0.8  # of the targets: replaced by the mask token
+    random_share: float = 0.1  # ... by a random token; the rest stay as they are
+    whole_word: bool = False  # mask every token of a chosen word together
+
+
+@dataclass
 class PretrainConfig(TrainConfig):
     seq_len: int = 256
+    mlm: MaskingConfig = field(default_factory=MaskingConfig)
 
 
 @dataclass
@@ -179,6 +192,9 @@ class FinetuneConfig(TrainConfig):
     val_fraction: float = 0.05
     test_fraction: float = 0.1
     max_len: int = 192
+    # Passes over the training examples; when set it decides the step count (steps is then
+    # ignored): steps = epochs * (examples // global batch) // grad_accum.
+    epochs: float | None = None
     # sft: pack whole examples into rows of max_len tokens instead of one padded example per row.
     packing: bool = False
     # classify: WordNet lexicographer categories to tell apart (empty: all 45), and a cap
@@ -289,6 +305,7 @@ class LmpipeConfig:
 # Values a key may take where the type alone does not say it.
 _CHOICES: dict[str, tuple[Any, ...]] = {
     "data.kind": ("embedded", "local", "hf"),
+    "model.family": ("decoder", "encoder"),
     "data.text_unit": ("file", "paragraph", "line"),
     "tokenize.engine": ("auto", "tokenizers"),
     "clean.normalize": (None, "NFC", "NFKC", "NFD", "NFKD"),
@@ -335,6 +352,10 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     # pretrain.steps=0 with model.init_from: the base model passes through unchanged.
     "pretrain.steps": (lambda v: v >= 0, ">= 0"),
     "finetune.steps": (lambda v: v >= 1, ">= 1"),
+    "finetune.epochs": (lambda v: v > 0, "> 0"),
+    "pretrain.mlm.probability": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "pretrain.mlm.mask_share": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "pretrain.mlm.random_share": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "finetune.freeze_layers": (lambda v: v >= 0, ">= 0"),
     "finetune.max_per_class": (lambda v: v >= 3, ">= 3"),
     "finetune.lora.r": (lambda v: v >= 1, ">= 1"),
@@ -388,6 +409,12 @@ def validate(cfg: DictConfig | dict) -> DictConfig:
         raise ConfigError(
             f"invalid value for 'finetune.dataset': {dataset!r} is not a {task} dataset "
             f"(allowed for finetune.task={task}: {TASK_DATASETS[task]})"
+        )
+    mlm = merged.pretrain.mlm
+    if mlm.mask_share + mlm.random_share > 1:
+        raise ConfigError(
+            f"invalid values for 'pretrain.mlm.mask_share' ({mlm.mask_share}) and "
+            f"'pretrain.mlm.random_share' ({mlm.random_share}): their sum must be <= 1"
         )
     return merged
 

@@ -50,9 +50,13 @@ def merge_lora(peft_model: PeftModel) -> PreTrainedModel:
 
 
 def decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
-    layers = getattr(model.base_model, "layers", None)
+    """The transformer blocks, bottom first: a decoder's `layers`, BERT's `encoder.layer`."""
+    base = model.base_model
+    layers = getattr(base, "layers", None)
+    if layers is None and hasattr(base, "encoder"):
+        layers = getattr(base.encoder, "layer", None)
     if not isinstance(layers, torch.nn.ModuleList):
-        raise ValueError(f"{type(model).__name__}: no decoder layer list to freeze")
+        raise ValueError(f"{type(model).__name__}: no layer list to freeze")
     return layers
 
 

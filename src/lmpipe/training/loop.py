@@ -20,14 +20,13 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import PreTrainedModel, get_cosine_with_min_lr_schedule_with_warmup
 
-from lmpipe.data.batches import IGNORE_INDEX, ShuffledBatches
 from lmpipe.evaluation.lm_metrics import perplexity
 from lmpipe.runs.config import HardwareConfig, OptimConfig, TrainConfig
 from lmpipe.runs.tracking import MetricLogger
@@ -37,6 +36,24 @@ from lmpipe.training.distributed import DistEnv
 from lmpipe.training.host_memory import retained_host_memory
 
 log = logging.getLogger(__name__)
+
+
+class Batches(Protocol):
+    """Endless micro-batches whose data position (a checkpoint saves it) is one integer."""
+
+    position: int
+
+    def __next__(self) -> dict[str, torch.Tensor]: ...
+
+
+class Objective(Protocol):
+    """What the loop asks of a task (lmpipe.tasks): the summed loss of a micro-batch and its
+    number of prediction targets. The loop knows nothing else about tasks."""
+
+    def target_count(self, batch: dict[str, torch.Tensor]) -> int: ...
+
+    def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
+
 
 # Validation: the val loss, or a mapping with "loss" and further values logged as val_<name>
 # (e.g. a classifier's accuracy).
@@ -259,7 +276,7 @@ class _Progress:
 
 def train(
     model: PreTrainedModel,
-    batches: ShuffledBatches,
+    batches: Batches,
     cfg: TrainConfig,
     hardware: HardwareConfig,
     device: torch.device,
@@ -269,8 +286,11 @@ def train(
     run_id: str = "",
     env: DistEnv | None = None,
     desc: str = "train",
+    *,
+    objective: Objective,
 ) -> TrainResult:
-    """Run `cfg.steps` optimizer steps of `cfg.grad_accum` micro-batches each.
+    """Run `cfg.steps` optimizer steps of `cfg.grad_accum` micro-batches each, minimising
+    `objective`'s loss.
 
     `model` is trained in place (under FSDP it stays sharded: save it with
     `model.save_model`, which gathers). With `checkpoints`, an unfinished checkpoint of
@@ -343,8 +363,8 @@ def train(
             step = progress.step + 1
             micro_batches = [next(batches) for _ in range(cfg.grad_accum)]
             loss_value, grad_norm, global_tokens, global_flops = _optimizer_step(
-                forward, optimizer, micro_batches, cfg.optim.grad_clip, hardware, device, env,
-                (dense_flops, attention_flops),
+                forward, objective, optimizer, micro_batches, cfg.optim.grad_clip, hardware,
+                device, env, (dense_flops, attention_flops),
             )  # fmt: skip
             scheduler.step()
             if not math.isfinite(loss_value):
@@ -429,6 +449,7 @@ def train(
 
 def _optimizer_step(
     forward: torch.nn.Module,
+    objective: Objective,
     optimizer: torch.optim.Optimizer,
     micro_batches: list[dict[str, torch.Tensor]],
     grad_clip: float,
@@ -446,7 +467,7 @@ def _optimizer_step(
     # and processes split them: loss = sum over tokens / global token count.
     # Collectives on the training device: NCCL serves CUDA tensors only.
     label_count = distributed.all_reduce_sum(
-        torch.tensor(sum(_target_count(b) for b in micro_batches), dtype=torch.float64,
+        torch.tensor(sum(objective.target_count(b) for b in micro_batches), dtype=torch.float64,
                      device=device)
     ).float()  # fmt: skip
     dense_flops, attention_flops = flop_terms
@@ -458,7 +479,7 @@ def _optimizer_step(
             distributed.gradient_sync(forward, index == len(micro_batches) - 1),
             autocast(device, hardware.precision),
         ):
-            loss = _loss(forward, batch, label_count)
+            loss = objective.loss_sum(forward, batch) / label_count
             # DDP and FSDP average gradients over processes; the loss is already global.
             (loss * env.world_size).backward()
         step_loss += loss.detach()
@@ -489,34 +510,6 @@ def _evaluate(
     else:
         loss, extra = float(result), {}
     return distributed.broadcast_object((loss, extra))
-
-
-def _is_classification(batch: dict[str, torch.Tensor]) -> bool:
-    """One label per row (sequence classification) rather than one per token."""
-    return batch["labels"].ndim == 1
-
-
-def _target_count(batch: dict[str, torch.Tensor]) -> int:
-    """Prediction targets in a batch: rows for a classifier; for a causal LM the labelled
-    positions that are next-token targets (the model shifts labels by one)."""
-    if _is_classification(batch):
-        return batch["labels"].numel()
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-
-
-def _loss(
-    forward: torch.nn.Module, batch: dict[str, torch.Tensor], target_count: torch.Tensor
-) -> torch.Tensor:
-    """Summed cross-entropy over the batch's targets / the global target count."""
-    if _is_classification(batch):
-        # The classifier heads' own loss is a per-batch mean; sum it so that accumulation
-        # and processes weigh every example the same.
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        logits = forward(**inputs, use_cache=False).logits.float()
-        return F.cross_entropy(logits, batch["labels"], reduction="sum") / target_count
-    # No KV cache in training: it costs memory, and with one transformers ignores the
-    # restarting position_ids that keep packed examples apart.
-    return forward(**batch, num_items_in_batch=target_count, use_cache=False).loss
 
 
 def _input_tokens(batch: dict[str, torch.Tensor]) -> int:

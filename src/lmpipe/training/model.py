@@ -1,7 +1,8 @@
-"""Decoder models from transformers configs: presets, loading, saving.
+"""Models from transformers configs: presets, loading, saving.
 
-Every saved model is a plain HF directory (config + safetensors + tokenizer + generation
-config) that `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer` load.
+Decoders are Llama-style (`AutoModelForCausalLM`), encoders BERT (`AutoModelForMaskedLM`).
+Every saved model is a plain HF directory (config + safetensors + tokenizer, and a
+generation config for decoders) that the Auto classes and `AutoTokenizer` load.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from pathlib import Path
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    AutoModelForMaskedLM,
     AutoModelForSequenceClassification,
+    BertConfig,
     GenerationConfig,
     LlamaConfig,
     PreTrainedModel,
@@ -64,11 +67,34 @@ def llama_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> LlamaC
     )
 
 
-def load_base(spec: str) -> PreTrainedModel:
+def bert_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> BertConfig:
+    """An encoder preset: BERT (post-norm, GELU, learned absolute positions), as in
+    transformers' BertConfig; dropout as BERT's."""
+    if cfg.hidden_size % cfg.num_heads:
+        raise ValueError(
+            f"model: hidden_size={cfg.hidden_size} must divide by num_heads={cfg.num_heads}"
+        )
+    return BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        max_position_embeddings=cfg.max_seq_len,
+        tie_word_embeddings=cfg.tie_embeddings,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+# model.family -> the Auto class of its pretraining head.
+AUTO_CLASSES = {"decoder": AutoModelForCausalLM, "encoder": AutoModelForMaskedLM}
+
+
+def load_base(spec: str, family: str = "decoder") -> PreTrainedModel:
     """Pretrained weights named by `model.init_from` (GGUF is dequantized to float32)."""
     source = resolve_source(spec)
     log.info("model: loading %s %s", source.path, source.gguf_file or "")
-    model = AutoModelForCausalLM.from_pretrained(
+    model = AUTO_CLASSES[family].from_pretrained(
         source.path,
         attn_implementation="sdpa",
         dtype=torch.float32,
@@ -88,20 +114,25 @@ def load_base(spec: str) -> PreTrainedModel:
 def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
     """A fresh model from the preset, or the pretrained weights of `model.init_from`."""
     if cfg.init_from:
-        model = load_base(cfg.init_from)
+        model = load_base(cfg.init_from, cfg.family)
         if model.get_input_embeddings().num_embeddings < len(tokenizer):
             raise ValueError(
                 f"model.init_from={cfg.init_from} has {model.get_input_embeddings().num_embeddings}"
                 f" token embeddings but the tokenizer has {len(tokenizer)}: tokenize with the "
                 "base model's tokenizer (the tokenize stage does when model.init_from is set)"
             )
+    elif cfg.family == "encoder":
+        model = AutoModelForMaskedLM.from_config(
+            bert_config(cfg, tokenizer), attn_implementation="sdpa"
+        )
     else:
         model = AutoModelForCausalLM.from_config(
             llama_config(cfg, tokenizer), attn_implementation="sdpa"
         )
-    model.generation_config = GenerationConfig(
-        eos_token_id=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id
-    )
+    if cfg.family == "decoder":
+        model.generation_config = GenerationConfig(
+            eos_token_id=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id
+        )
     log.info("model: %s, %.2fM parameters", cfg.init_from or cfg.preset,
              count_parameters(model) / 1e6)  # fmt: skip
     return model
@@ -115,10 +146,11 @@ def load_model(path: str | Path) -> PreTrainedModel:
 
 
 def load_classifier(path: str | Path, labels: Sequence[str] | None = None) -> PreTrainedModel:
-    """A sequence classifier on a saved decoder (transformers' ...ForSequenceClassification).
+    """A sequence classifier on a saved decoder or encoder (transformers'
+    ...ForSequenceClassification: the last token's state on a decoder, [CLS] on BERT).
 
-    With `labels`, a fresh classification head for them is put on the decoder (a pretrained
-    LM); without, the classifier saved by finetune is loaded with its own labels.
+    With `labels`, a fresh classification head for them is put on the pretrained model;
+    without, the classifier saved by finetune is loaded with its own labels.
     """
     classes = (
         {

@@ -1,0 +1,85 @@
+"""Training objectives, one module each, behind one interface (tasks/base.py).
+
+pretraining, chosen by `model.family`:
+  causal_lm  decoders: next-token prediction on the token stream
+  masked_lm  encoders: BERT's masked-LM objective
+fine-tuning, chosen by `finetune.task`:
+  sft        chat pairs (chatterbot), a causal LM with the loss on assistant turns only
+  classify   WordNet glosses -> lexicographer category (...ForSequenceClassification)
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from lmpipe.runs.config import ConfigError, FinetuneConfig, PretrainConfig
+from lmpipe.tasks.base import FinetuningTask, Objective, PretrainingTask, TrainingSetup
+from lmpipe.tasks.causal_lm import CausalLM
+from lmpipe.tasks.classify import Classify
+from lmpipe.tasks.masked_lm import MaskedLM
+from lmpipe.tasks.sft import SFT
+from lmpipe.training import adapters
+
+__all__ = [
+    "FinetuningTask",
+    "Objective",
+    "PretrainingTask",
+    "TrainingSetup",
+    "finetuning",
+    "prepare_finetuning",
+    "pretraining",
+]  # fmt: skip
+
+FINETUNING: dict[str, type[FinetuningTask]] = {task.name: task for task in (SFT, Classify)}
+
+
+def pretraining(family: str, p: PretrainConfig, seed: int) -> PretrainingTask:
+    """The pretraining objective of a model family."""
+    if family == MaskedLM.family:
+        return MaskedLM(p.mlm, seed)
+    if family == CausalLM.family:
+        return CausalLM()
+    raise ConfigError(f"invalid value for 'model.family': {family!r}")
+
+
+def finetuning(name: str) -> FinetuningTask:
+    try:
+        return FINETUNING[name]()
+    except KeyError:
+        raise ConfigError(f"invalid value for 'finetune.task': {name!r} "
+                          f"(allowed: {sorted(FINETUNING)})") from None  # fmt: skip
+
+
+def prepare_finetuning(
+    f: FinetuneConfig,
+    base: Path,
+    tokenizer: PreTrainedTokenizerBase,
+    seed: int,
+    device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
+) -> TrainingSetup:
+    """The task's model and data, with LoRA or frozen layers as configured."""
+    task = finetuning(f.task)
+    setup = task.setup(f, base, tokenizer, seed, device, rank, world_size)
+    if f.max_len > setup.model.config.max_position_embeddings:
+        raise ConfigError(
+            f"finetune.max_len={f.max_len} exceeds the base model's "
+            f"max_position_embeddings={setup.model.config.max_position_embeddings}"
+        )
+    if f.lora.enabled:
+        head = task.head_modules(setup.model)
+        setup.peft_model = adapters.add_lora(setup.model, f.lora, trainable_modules=head)
+    adapters.freeze_layers(setup.model, f.freeze_layers, f.freeze_embeddings)
+    return setup
+
+
+def steps_for_epochs(f: FinetuneConfig, num_items: int, world_size: int) -> int:
+    """Optimizer steps for `f.epochs` passes over `num_items` training items."""
+    assert f.epochs is not None
+    per_epoch = num_items // (f.batch_size * world_size)
+    return max(1, math.floor(f.epochs * per_epoch / f.grad_accum))

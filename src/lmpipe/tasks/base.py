@@ -1,0 +1,161 @@
+"""The one interface every training objective implements.
+
+The training loop sees a task only as an `Objective`: the summed loss of a micro-batch and
+how many prediction targets it holds. The loop divides every micro-batch's sum by the
+target count of the whole global batch (all micro-batches, all processes), so every target
+weighs the same however accumulation and processes split the batch. Beyond that a task
+gives its data and batches (`TrainingSetup`), and, for fine-tuning, its held-out
+predictions and their scores. A new objective is a new module here, never a loop branch.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+import torch
+from peft import PeftModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from lmpipe.data.batches import Batch
+from lmpipe.runs.config import EvaluateConfig, FinetuneConfig, PretrainConfig
+from lmpipe.training import adapters
+
+EvalFn = Callable[[torch.nn.Module], float | Mapping[str, float]]
+
+
+class Objective(ABC):
+    """What the training loop asks of a task (lmpipe.training.loop.Objective)."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def target_count(self, batch: Batch) -> int:
+        """Prediction targets in `batch` (labelled tokens, masked tokens, rows, ...)."""
+
+    @abstractmethod
+    def loss_sum(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        """The loss summed over the batch's targets (fp32)."""
+
+
+@dataclass
+class TrainingSetup:
+    """A model ready to train (adapters in place), its batches, objective and validation."""
+
+    model: PreTrainedModel
+    batches: Any  # ShuffledBatches, or a wrapper with the same `position`
+    objective: Objective
+    evaluate: EvalFn
+    counts: dict[str, int] = field(default_factory=dict)
+    peft_model: PeftModel | None = None
+
+    def final_model(self) -> PreTrainedModel:
+        """What gets saved: LoRA merged into the weights, so it loads without peft."""
+        return adapters.merge_lora(self.peft_model) if self.peft_model else self.model
+
+
+class PretrainingTask(Objective):
+    """An objective that learns from the token stream (pretrain), chosen by model family."""
+
+    family: ClassVar[str]  # model.family: decoder | encoder
+
+    @staticmethod
+    def val_span(p: PretrainConfig) -> int:
+        """Tokens of the periodic validation set: the first eval_batches windows of val."""
+        return p.eval_batches * p.batch_size * p.seq_len
+
+    @abstractmethod
+    def setup(
+        self,
+        p: PretrainConfig,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        train_tokens: np.ndarray,
+        val_tokens: np.ndarray,
+        seed: int,
+        device: torch.device,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> TrainingSetup:
+        """Training batches and periodic validation for `model`."""
+
+    @abstractmethod
+    def baseline(
+        self, p: PretrainConfig, tokenizer: PreTrainedTokenizerBase, train_tokens: np.ndarray,
+        val_tokens: np.ndarray,
+    ) -> dict[str, float]:  # fmt: skip
+        """The unigram baseline on the periodic validation set: its first value is the loss
+        the model's val loss is compared with."""
+
+    @abstractmethod
+    def load(self, path: Path) -> PreTrainedModel:
+        """The model saved by pretrain."""
+
+    @abstractmethod
+    def corpus_loss(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        tokens: np.ndarray,
+        batch_size: int,
+        seq_len: int,
+        max_tokens: int,
+        device: torch.device,
+    ) -> tuple[float, int]:
+        """Mean loss per target on the first `max_tokens` of `tokens`, and the target count."""
+
+
+class FinetuningTask(Objective):
+    """A fine-tuning objective on a labelled dataset with fixed train/val/test splits.
+
+    Each task's evaluation first writes its predictions (one row per held-out example); the
+    metrics are computed from that table alone, so they can be recomputed and audited.
+    """
+
+    def head_modules(self, model: PreTrainedModel) -> list[str]:
+        """Modules new to the task (a classification head): trained in full under LoRA."""
+        return []
+
+    @abstractmethod
+    def splits(self, f: FinetuneConfig) -> dict[str, list]:
+        """train / val / test: the same split for finetune and evaluate."""
+
+    @abstractmethod
+    def setup(
+        self,
+        f: FinetuneConfig,
+        base: Path,
+        tokenizer: PreTrainedTokenizerBase,
+        seed: int,
+        device: torch.device,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> TrainingSetup:
+        """Load the model to tune from `base` and prepare its training data."""
+
+    @abstractmethod
+    def load(self, path: Path) -> PreTrainedModel:
+        """The tuned model saved by finetune."""
+
+    @abstractmethod
+    def predict(
+        self,
+        models: Mapping[str, PreTrainedModel],
+        tokenizer: PreTrainedTokenizerBase,
+        splits: Mapping[str, Sequence],
+        f: FinetuneConfig,
+        e: EvaluateConfig,
+    ) -> pd.DataFrame:
+        """One row per example of the test split, with each model's prediction (and the
+        baselines', fitted on the train split)."""
+
+    @abstractmethod
+    def score(
+        self, frame: pd.DataFrame, models: Sequence[str], splits: Mapping[str, list]
+    ) -> dict[str, float]:
+        """Metrics of each model (and of the baselines) from the predictions table."""

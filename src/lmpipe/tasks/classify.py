@@ -1,0 +1,137 @@
+"""Sequence classification (WordNet glosses -> lexicographer category) through transformers'
+...ForSequenceClassification: on a decoder the head reads the last token, on an encoder
+the first ([CLS]). Reported beside the majority class and TF-IDF + logistic regression,
+both fitted on the same training split."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from lmpipe.data import classify
+from lmpipe.data.batches import Batch
+from lmpipe.evaluation.baselines import tfidf_predictions
+from lmpipe.evaluation.scoring import classification_report, predict_classes
+from lmpipe.runs.config import EvaluateConfig, FinetuneConfig
+from lmpipe.tasks.base import FinetuningTask, TrainingSetup
+from lmpipe.training.model import load_classifier, model_device
+
+# Baselines scored beside the models, by their column prefix in the predictions table.
+MAJORITY, TFIDF = "baseline", "tfidf"
+
+
+class Classify(FinetuningTask):
+    name = "classify"
+
+    def target_count(self, batch: Batch) -> int:
+        return batch["labels"].numel()  # one label per row
+
+    def loss_sum(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        # The heads' own loss is a per-batch mean: summed here, so that accumulation and
+        # processes weigh every example the same.
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        logits = model(**inputs, use_cache=False).logits.float()
+        return F.cross_entropy(logits, batch["labels"], reduction="sum")
+
+    def head_modules(self, model: PreTrainedModel) -> list[str]:
+        """The new classification head: trained in full under LoRA."""
+        return [name for name in ("score", "classifier") if hasattr(model, name)]
+
+    def splits(self, f: FinetuneConfig) -> dict[str, list[classify.LabelledText]]:
+        items = classify.load_wordnet_glosses(list(f.categories), f.max_per_class)
+        return classify.stratified_split(items, f.val_fraction, f.test_fraction)
+
+    def setup(
+        self,
+        f: FinetuneConfig,
+        base: Path,
+        tokenizer: PreTrainedTokenizerBase,
+        seed: int,
+        device: torch.device,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> TrainingSetup:
+        splits = self.splits(f)
+        labels = classify.label_names(splits["train"])
+        model = load_classifier(base, labels)
+        train_examples = classify.encode_texts(tokenizer, splits["train"], labels, f.max_len)
+        val_examples = classify.encode_texts(tokenizer, splits["val"], labels, f.max_len)
+        pad = model.config.pad_token_id
+
+        def val_metrics(m: torch.nn.Module) -> dict[str, float]:
+            result = predict_classes(
+                m, classify.ordered_batches(val_examples, f.batch_size, pad), device,
+                f.eval_batches,
+            )  # fmt: skip
+            accuracy = float((result.actual == result.predicted).mean())
+            return {"loss": result.loss, "accuracy": accuracy}
+
+        batches = classify.shuffled_batches(train_examples, f.batch_size, pad, seed, rank,
+                                            world_size)  # fmt: skip
+        counts = {
+            "train_examples": len(train_examples),
+            "val_examples": len(val_examples),
+            "classes": len(labels),
+        }
+        return TrainingSetup(model, batches, self, val_metrics, counts)
+
+    def load(self, path: Path) -> PreTrainedModel:
+        return load_classifier(path)
+
+    def predict(
+        self,
+        models: Mapping[str, PreTrainedModel],
+        tokenizer: PreTrainedTokenizerBase,
+        splits: Mapping[str, Sequence[classify.LabelledText]],
+        f: FinetuneConfig,
+        e: EvaluateConfig,
+    ) -> pd.DataFrame:
+        """Per test text: the true category, each model's prediction and confidence (each
+        model run on the device it is on), and the TF-IDF baseline's prediction."""
+        first = next(iter(models.values()))
+        labels = [first.config.id2label[i] for i in range(first.config.num_labels)]
+        test = splits["test"]
+        examples = classify.encode_texts(tokenizer, test, labels, f.max_len)
+        kept = [t for t in test if classify.has_tokens(tokenizer, t.text)]
+        frame = pd.DataFrame(
+            {"id": [t.id for t in kept], "text": [t.text for t in kept],
+             "actual": [t.label for t in kept]}
+        )  # fmt: skip
+        for label, model in models.items():
+            result = predict_classes(
+                model, classify.ordered_batches(examples, e.batch_size, first.config.pad_token_id),
+                model_device(model),
+            )  # fmt: skip
+            frame[f"{label}_predicted"] = [labels[i] for i in result.predicted]
+            frame[f"{label}_confidence"] = result.confidence
+        train = splits["train"]
+        frame[f"{TFIDF}_predicted"] = tfidf_predictions(
+            [t.text for t in train], [t.label for t in train], frame["text"].tolist()
+        )
+        return frame
+
+    def score(
+        self, frame: pd.DataFrame, models: Sequence[str], splits: Mapping[str, list]
+    ) -> dict[str, float]:
+        """Accuracy, macro-F1 and per-class scores of each model, of always answering the
+        training split's majority class, and of TF-IDF + logistic regression."""
+        labels = classify.label_names(splits["train"])
+        majority = classify.majority_label(splits["train"])
+        actual = frame["actual"].tolist()
+        columns = {label: frame[f"{label}_predicted"].tolist() for label in models}
+        columns[MAJORITY] = [majority] * len(frame)
+        columns[TFIDF] = frame[f"{TFIDF}_predicted"].tolist()
+        metrics: dict[str, float] = {"test_examples": len(frame)}
+        for label, predicted in columns.items():
+            report = classification_report(actual, predicted, labels)
+            metrics |= {f"{label}_{key}": value for key, value in report.items()}
+        for label in models:
+            metrics[f"{label}_macro_f1_vs_{TFIDF}"] = (
+                metrics[f"{label}_macro_f1"] - metrics[f"{TFIDF}_macro_f1"]
+            )
+        return metrics

@@ -1,0 +1,246 @@
+"""Masked language modelling (BERT's objective) for encoders.
+
+A share of the non-special tokens (15% by default) becomes a target; of those, 80% are
+replaced by the mask token, 10% by a random token and 10% left as they are (BERT's
+80/10/10), and with whole-word masking all the tokens of a chosen word go together. The
+masks of a batch are a pure function of (seed, batch index, rank): a resumed run draws
+exactly the masks the uninterrupted run drew, so it ends bit-identical.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForMaskedLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from lmpipe.data.batches import (
+    IGNORE_INDEX,
+    Batch,
+    ShuffledBatches,
+    sequential_windows,
+    window_batches,
+)
+from lmpipe.evaluation.lm_metrics import eval_mode
+from lmpipe.runs.config import MaskingConfig, PretrainConfig
+from lmpipe.tasks.base import PretrainingTask, TrainingSetup
+
+# Mask streams: training batches and the fixed validation batches never share a draw.
+TRAIN_STREAM, VAL_STREAM = 0, 1
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """Per token id: can it be masked, does it start a word; and the mask token's id."""
+
+    maskable: torch.Tensor  # bool [vocab]: not a special token
+    word_start: torch.Tensor  # bool [vocab]: begins a word, or is special
+    mask_id: int
+
+    @classmethod
+    def of(cls, tokenizer: PreTrainedTokenizerBase) -> Vocabulary:
+        if tokenizer.mask_token_id is None:
+            raise ValueError(
+                "masked-LM pretraining needs a tokenizer with a mask token: tokenize with an "
+                "encoder model (model.family=encoder adds <|cls|>, <|sep|> and <|mask|>)"
+            )
+        size = len(tokenizer)
+        maskable = torch.ones(size, dtype=torch.bool)
+        maskable[tokenizer.all_special_ids] = False
+        pieces = [p or "" for p in tokenizer.convert_ids_to_tokens(list(range(size)))]
+        if any(p.startswith("##") for p in pieces):  # WordPiece (BERT): "##" continues a word
+            word_start = torch.tensor([not p.startswith("##") for p in pieces])
+        else:  # byte-level BPE: a word starts with its space, "Ġ"
+            word_start = torch.tensor([p.startswith("Ġ") for p in pieces])
+        return cls(maskable, word_start | ~maskable, tokenizer.mask_token_id)
+
+
+def mask_generator(
+    seed: int, index: int, rank: int = 0, stream: int = TRAIN_STREAM
+) -> torch.Generator:
+    """The generator of one batch's masks, from (seed, batch index, rank, stream) alone."""
+    state = np.random.SeedSequence([seed, stream, rank, index]).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def mask_tokens(
+    input_ids: torch.Tensor,
+    vocabulary: Vocabulary,
+    masking: MaskingConfig,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs with masks applied, labels: the original token at targets, -100 elsewhere)."""
+    maskable = vocabulary.maskable[input_ids]
+    draws = torch.rand(input_ids.shape, generator=generator)
+    if masking.whole_word:
+        # Every token takes the draw of the token that starts its word (a row's first
+        # token starts one, whatever it is: the window may cut a word).
+        starts = vocabulary.word_start[input_ids].clone()
+        starts[:, 0] = True
+        word_of = torch.cumsum(starts, dim=1) - 1
+        first_token = torch.zeros_like(input_ids)
+        rows, cols = starts.nonzero(as_tuple=True)
+        first_token[rows, word_of[rows, cols]] = cols
+        draws = draws.gather(1, first_token.gather(1, word_of))
+    targets = (draws < masking.probability) & maskable
+    labels = torch.where(targets, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+    action = torch.rand(input_ids.shape, generator=generator)
+    to_mask = targets & (action < masking.mask_share)
+    to_random = targets & ~to_mask & (action < masking.mask_share + masking.random_share)
+    candidates = vocabulary.maskable.nonzero().squeeze(1)
+    random_ids = candidates[torch.randint(len(candidates), input_ids.shape, generator=generator)]
+    inputs = torch.where(to_mask, torch.full_like(input_ids, vocabulary.mask_id), input_ids)
+    return torch.where(to_random, random_ids, inputs), labels
+
+
+class MaskedBatches:
+    """Token-window batches with their masks applied: micro-batch `position` is masked by
+    the generator of (seed, position, rank). `position` is the window batches' own, so a
+    checkpoint's data position restores both the windows and the masks."""
+
+    def __init__(
+        self, windows: ShuffledBatches, vocabulary: Vocabulary, masking: MaskingConfig, seed: int
+    ) -> None:
+        self.windows, self.vocabulary, self.masking, self.seed = windows, vocabulary, masking, seed
+
+    @property
+    def position(self) -> int:
+        return self.windows.position
+
+    @position.setter
+    def position(self, value: int) -> None:
+        self.windows.position = value
+
+    def __iter__(self) -> MaskedBatches:
+        return self
+
+    def __next__(self) -> Batch:
+        generator = mask_generator(self.seed, self.windows.position, self.windows.rank)
+        ids = next(self.windows)["input_ids"]
+        inputs, labels = mask_tokens(ids, self.vocabulary, self.masking, generator)
+        return {"input_ids": inputs, "labels": labels}
+
+
+def masked_windows(
+    tokens: np.ndarray, vocabulary: Vocabulary, masking: MaskingConfig, seed: int,
+    batch_size: int, seq_len: int, max_tokens: int | None,
+) -> list[Batch]:  # fmt: skip
+    """The fixed evaluation batches: windows from the start, each masked by its index."""
+    batches = []
+    for index, batch in enumerate(sequential_windows(tokens, batch_size, seq_len, max_tokens)):
+        generator = mask_generator(seed, index, stream=VAL_STREAM)
+        inputs, labels = mask_tokens(batch["input_ids"], vocabulary, masking, generator)
+        batches.append({"input_ids": inputs, "labels": labels})
+    return batches
+
+
+def unigram_log_probs(tokens: np.ndarray, vocab_size: int) -> torch.Tensor:
+    """log p(token) from the training tokens' counts, add-one smoothed."""
+    counts = np.bincount(np.asarray(tokens), minlength=vocab_size)[:vocab_size] + 1.0
+    return torch.from_numpy(np.log(counts / counts.sum())).float()
+
+
+@torch.no_grad()
+def masked_scores(
+    model: torch.nn.Module,
+    batches: list[Batch],
+    device: torch.device,
+    unigram: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """Mean MLM loss, masked-token accuracy and (with `unigram`) the unigram baseline's loss,
+    all over the same masked positions."""
+    loss, hits, targets, unigram_loss = 0.0, 0, 0, 0.0
+    with eval_mode(model):
+        for batch in batches:
+            labels = batch["labels"].to(device)
+            logits = model(input_ids=batch["input_ids"].to(device)).logits.float()
+            chosen = labels != IGNORE_INDEX
+            loss += float(F.cross_entropy(logits[chosen], labels[chosen], reduction="sum"))
+            hits += int((logits[chosen].argmax(-1) == labels[chosen]).sum())
+            targets += int(chosen.sum())
+            if unigram is not None:
+                unigram_loss -= float(unigram[labels[chosen].cpu()].sum())
+    if targets == 0:
+        raise ValueError("no masked tokens to score: more or longer validation windows needed")
+    scores = {"loss": loss / targets, "accuracy": hits / targets, "targets": float(targets)}
+    if unigram is not None:
+        scores["unigram_loss"] = unigram_loss / targets
+    return scores
+
+
+class MaskedLM(PretrainingTask):
+    name = "masked_lm"
+    family: ClassVar[str] = "encoder"
+
+    def __init__(self, masking: MaskingConfig, seed: int) -> None:
+        self.masking, self.seed = masking, seed
+
+    def target_count(self, batch: Batch) -> int:
+        return int((batch["labels"] != IGNORE_INDEX).sum())
+
+    def loss_sum(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        logits = model(input_ids=batch["input_ids"]).logits.float()
+        return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(),
+                               ignore_index=IGNORE_INDEX, reduction="sum")  # fmt: skip
+
+    def setup(
+        self,
+        p: PretrainConfig,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        train_tokens: np.ndarray,
+        val_tokens: np.ndarray,
+        seed: int,
+        device: torch.device,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> TrainingSetup:
+        vocabulary = Vocabulary.of(tokenizer)
+        val = masked_windows(val_tokens, vocabulary, self.masking, seed, p.batch_size, p.seq_len,
+                             self.val_span(p))  # fmt: skip
+        unigram = unigram_log_probs(train_tokens, len(tokenizer))
+
+        def validate(m: torch.nn.Module) -> dict[str, float]:
+            scores = masked_scores(m, val, device, unigram)
+            del scores["targets"]
+            return scores
+
+        windows = window_batches(train_tokens, p.seq_len, p.batch_size, seed, rank, world_size)
+        return TrainingSetup(model, MaskedBatches(windows, vocabulary, self.masking, seed), self,
+                             validate)  # fmt: skip
+
+    def baseline(
+        self, p: PretrainConfig, tokenizer: PreTrainedTokenizerBase, train_tokens: np.ndarray,
+        val_tokens: np.ndarray,
+    ) -> dict[str, float]:  # fmt: skip
+        vocabulary = Vocabulary.of(tokenizer)
+        unigram = unigram_log_probs(train_tokens, len(tokenizer))
+        val = masked_windows(val_tokens, vocabulary, self.masking, self.seed, p.batch_size,
+                             p.seq_len, self.val_span(p))  # fmt: skip
+        labels = torch.cat([b["labels"].flatten() for b in val])
+        labels = labels[labels != IGNORE_INDEX]
+        return {"unigram_loss": float(-unigram[labels].mean())}
+
+    def load(self, path: Path) -> PreTrainedModel:
+        return AutoModelForMaskedLM.from_pretrained(
+            str(path), attn_implementation="sdpa", use_safetensors=True, trust_remote_code=False
+        )
+
+    def corpus_loss(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        tokens: np.ndarray,
+        batch_size: int,
+        seq_len: int,
+        max_tokens: int,
+        device: torch.device,
+    ) -> tuple[float, int]:
+        batches = masked_windows(tokens, Vocabulary.of(tokenizer), self.masking, self.seed,
+                                 batch_size, seq_len, max_tokens)  # fmt: skip
+        scores = masked_scores(model, batches, device)
+        return scores["loss"], int(scores["targets"])

@@ -1,0 +1,109 @@
+"""Supervised fine-tuning on chat pairs (chatterbot): a causal LM with the loss on the
+assistant's turns only (prompt tokens are labelled -100)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import pandas as pd
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from lmpipe.data import sft
+from lmpipe.evaluation.lm_metrics import mean_loss, perplexity
+from lmpipe.evaluation.scoring import example_losses, generate_replies
+from lmpipe.runs.config import EvaluateConfig, FinetuneConfig
+from lmpipe.tasks.base import FinetuningTask, TrainingSetup
+from lmpipe.tasks.causal_lm import NextTokenLoss
+from lmpipe.training.model import load_model, model_device
+
+
+class SFT(NextTokenLoss, FinetuningTask):
+    name = "sft"
+
+    def splits(self, f: FinetuneConfig) -> dict[str, list[sft.Conversation]]:
+        return sft.split_conversations(sft.load_chatterbot(f.language), f.val_fraction,
+                                       f.test_fraction)  # fmt: skip
+
+    def setup(
+        self,
+        f: FinetuneConfig,
+        base: Path,
+        tokenizer: PreTrainedTokenizerBase,
+        seed: int,
+        device: torch.device,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> TrainingSetup:
+        model = load_model(base)
+        splits = self.splits(f)
+        train_examples = sft.encode_all(tokenizer, splits["train"], f.max_len)
+        val_examples = sft.encode_all(tokenizer, splits["val"], f.max_len)
+        pad = tokenizer.pad_token_id
+
+        def val_loss(m: torch.nn.Module) -> float:
+            return mean_loss(m, sft.ordered_batches(val_examples, f.batch_size, pad), device,
+                             f.eval_batches)[0]  # fmt: skip
+
+        batches = sft.shuffled_batches(
+            train_examples, f.batch_size, pad, seed, rank, world_size,
+            packing_len=f.max_len if f.packing else None,
+        )  # fmt: skip
+        counts = {"train_examples": len(train_examples), "val_examples": len(val_examples)}
+        if f.packing:
+            counts["train_rows"] = batches.num_items
+        return TrainingSetup(model, batches, self, val_loss, counts)
+
+    def load(self, path: Path) -> PreTrainedModel:
+        return load_model(path)
+
+    def predict(
+        self,
+        models: Mapping[str, PreTrainedModel],
+        tokenizer: PreTrainedTokenizerBase,
+        splits: Mapping[str, Sequence[sft.Conversation]],
+        f: FinetuneConfig,
+        e: EvaluateConfig,
+    ) -> pd.DataFrame:
+        """Per test conversation: each model's summed response loss and, for the first
+        `e.num_generations`, its reply to the opening prompt. Each model runs on the device
+        it is on (an int8 variant on the CPU beside an fp32 model on a GPU)."""
+        test = splits["test"]
+        pairs = [(c, sft.encode_conversation(tokenizer, c.messages, f.max_len)) for c in test]
+        pairs = [(c, ex) for c, ex in pairs if ex is not None]
+        if not pairs:
+            raise ValueError("no held-out SFT examples with a response within finetune.max_len")
+        examples = [ex for _, ex in pairs]
+        frame = pd.DataFrame(
+            {
+                "id": [c.id for c, _ in pairs],
+                "prompt": [c.prompt for c, _ in pairs],
+                "reference": [c.messages[1]["content"] for c, _ in pairs],
+            }
+        )
+        prompts = frame["prompt"].tolist()[: e.num_generations]
+        generation = {"max_new_tokens": e.max_new_tokens, "do_sample": e.do_sample,
+                      "temperature": e.temperature, "top_p": e.top_p}  # fmt: skip
+        for label, model in models.items():
+            device = model_device(model)
+            sums, counts = example_losses(
+                model, sft.ordered_batches(examples, e.batch_size, tokenizer.pad_token_id), device
+            )
+            frame[f"{label}_loss"] = sums
+            frame["target_tokens"] = counts
+            replies = generate_replies(model, tokenizer, prompts, device=device, **generation)
+            frame[f"{label}_reply"] = replies + [""] * (len(frame) - len(replies))
+        return frame
+
+    def score(
+        self, frame: pd.DataFrame, models: Sequence[str], splits: Mapping[str, list]
+    ) -> dict[str, float]:
+        """Token-weighted held-out response loss (and perplexity) of each model."""
+        tokens = frame["target_tokens"].sum()
+        metrics: dict[str, float] = {"sft_test_examples": len(frame)}
+        for label in models:
+            loss = float(frame[f"{label}_loss"].sum() / tokens)
+            metrics[f"{label}_sft_test_loss"] = loss
+            metrics[f"{label}_sft_test_perplexity"] = perplexity(loss)
+        return metrics
