@@ -33,8 +33,9 @@ def main(cfg: DictConfig) -> float:
         tokenizer = load_tokenizer(stage.input("tokenize", "tokenizer"))
         tokens = stage.input("tokenize", "tokens")
         train_tokens, val_tokens = load_tokens(tokens, "train"), load_tokens(tokens, "val")
-        model = build_model(c.model, tokenizer)
         task = tasks.pretraining(c.model.family, p, c.seed)
+        tokenizer = task.prepare_tokenizer(tokenizer)
+        model = build_model(c.model, tokenizer)
         setup = task.setup(p, model, tokenizer, train_tokens, val_tokens, c.seed, device,
                            env.rank, env.world_size)  # fmt: skip
         metrics = stage.metric_logger()

@@ -178,3 +178,32 @@ def test_classification_micro_batches_add_up_to_the_full_batch_gradient(
         (CLASSIFY.loss_sum(model, classify.collate(half, pad)) / count).backward()
     for name, param in model.named_parameters():
         torch.testing.assert_close(param.grad, expected[name], rtol=1e-4, atol=1e-6)
+
+
+def test_the_tfidf_baseline_is_scikit_learns_own() -> None:
+    """tfidf_predictions equals scikit-learn's vectorizers + LogisticRegression called
+    directly on the same split, and learns the task (texts with class words)."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline, make_union
+
+    from lmpipe.evaluation.baselines import TFIDF_C, tfidf_predictions
+
+    words = {"x": "cat dog horse", "y": "bread cheese apple", "z": "oak pine fern"}
+    rng = np.random.default_rng(0)
+
+    def text(label: str) -> str:
+        return " ".join(rng.choice([*words[label].split(), "the", "a", "of"], size=6))
+
+    train_labels = [str(label) for label in rng.choice(list(words), size=60)]
+    train_texts = [text(label) for label in train_labels]
+    test_labels = [str(label) for label in rng.choice(list(words), size=30)]
+    test_texts = [text(label) for label in test_labels]
+    ours = tfidf_predictions(train_texts, train_labels, test_texts)
+    direct = make_pipeline(
+        make_union(TfidfVectorizer(sublinear_tf=True),
+                   TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True)),
+        LogisticRegression(C=TFIDF_C, max_iter=3000, random_state=0),
+    ).fit(train_texts, train_labels).predict(test_texts)  # fmt: skip
+    assert ours == list(direct)
+    assert sk.accuracy_score(test_labels, ours) > 0.9

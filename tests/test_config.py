@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from lmpipe.runs.config import (
     stale_params_message,
     validate,
 )
-from lmpipe.stage import prepare_cli
+from lmpipe.stage import CONFIG_BASE_ENV, prepare_cli, split_argv
 from tests.conftest import REPO
 
 
@@ -114,3 +115,48 @@ def test_prepare_cli_adds_hydra_dirs_unless_given(monkeypatch: pytest.MonkeyPatc
     assert sum(a.startswith("hydra.run.dir=") for a in argv) == 1
     assert any(a.startswith("hydra.sweep.dir=multirun/finetune/") for a in argv)
     assert "hydra.job.name=finetune" in argv
+
+
+@pytest.mark.parametrize(
+    ("args", "flags", "overrides"),
+    [
+        (["model=x", "--cfg", "job"], ["--cfg", "job"], ["model=x"]),
+        (["--cfg", "job", "model=x"], ["--cfg", "job"], ["model=x"]),
+        (["-m", "model=a,b", "--info", "config"], ["-m", "--info", "config"], ["model=a,b"]),
+        (["--info", "model=x"], ["--info"], ["model=x"]),
+        (["--cfg=job", "a=1", "--resolve", "b=2"], ["--cfg=job", "--resolve"], ["a=1", "b=2"]),
+    ],
+)
+def test_flags_go_before_the_overrides(args, flags, overrides) -> None:
+    assert split_argv(args) == (flags, overrides)
+
+
+def test_overrides_compose_from_conf_and_none_read_params(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv(CONFIG_BASE_ENV, "unset")  # restored after the test
+    argv = ["prog", "model=bert-tiny", "--cfg", "job"]
+    prepare_cli("pretrain", argv)
+    assert argv[1:3] == ["--cfg", "job"]
+    assert argv[argv.index("--config-path") + 1] == str(REPO / "conf")
+    assert argv[argv.index("--config-name") + 1] == "config"
+    assert os.environ[CONFIG_BASE_ENV].startswith("conf/")
+    argv = ["prog", "hydra.run.dir=x", "--cfg", "job"]  # Hydra's own settings only
+    prepare_cli("pretrain", argv)
+    assert "--config-path" not in argv and os.environ[CONFIG_BASE_ENV] == "params.yaml"
+
+
+def test_a_direct_run_resolves_its_config_as_dvc_exp_run_would(tmp_path: Path) -> None:
+    """`python -m stages.pretrain <overrides> --cfg job` prints what `dvc exp run -S` with the
+    same overrides composes into params.yaml: group switches included."""
+    import subprocess
+    import sys
+
+    overrides = ["model=bert-tiny", "finetune=classify", "pretrain.steps=7",
+                 "data=local", "data.paths=[/data/*.txt]"]  # fmt: skip
+    printed = subprocess.run(
+        [sys.executable, "-m", "stages.pretrain", *overrides, "--cfg", "job", "--resolve"],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    composed = compose_params(REPO, overrides, output=tmp_path / "params.yaml")
+    assert yaml.safe_load(printed) == yaml.safe_load(composed.read_text())
+    assert yaml.safe_load(printed)["model"]["family"] == "encoder"

@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from lmpipe.deploy import registry
 from lmpipe.deploy.quantize import quantize_int8, state_size_bytes
-from lmpipe.deploy.release import check_gate, deploy
+from lmpipe.deploy.release import check_gate, deploy, gate_reason
 from lmpipe.runs.config import ConfigError, DeployConfig, GateConfig
 from lmpipe.training.model import load_classifier, save_model
 
@@ -30,6 +30,34 @@ def test_gate(mode: str, threshold: float, passed: bool) -> None:
 def test_gate_on_unknown_metric_names_it() -> None:
     with pytest.raises(ConfigError, match=r"deploy\.gates: metric 'acc'"):
         check_gate({"loss": 1.0}, GateConfig(metric="acc"))
+
+
+@pytest.mark.parametrize(
+    ("mode", "value", "baseline", "margin", "passed"),
+    [
+        ("max", 0.85, 0.80, 0.0, True),  # beats TF-IDF
+        ("max", 0.80, 0.80, 0.0, True),  # ties it: no margin asked for
+        ("max", 0.82, 0.80, 0.05, False),  # beats it, but not by the margin
+        ("max", 0.55, 0.80, 0.0, False),  # the demo decoder against TF-IDF
+        ("min", 3.0, 3.5, 0.2, True),  # a loss: lower by the margin
+        ("min", 3.4, 3.5, 0.2, False),
+    ],
+)
+def test_gate_can_require_beating_a_baseline_by_a_margin(
+    mode: str, value: float, baseline: float, margin: float, passed: bool
+) -> None:
+    gate = GateConfig("score", mode, 100.0 if mode == "min" else 0.0, "tfidf_score", margin)
+    result = check_gate({"score": value, "tfidf_score": baseline}, gate)
+    assert result.passed_threshold and result.passed is passed
+    assert result.beat_baseline is passed and result.baseline_value == baseline
+    if not passed:
+        assert "does not beat tfidf_score" in gate_reason(result)
+
+
+def test_gate_on_unknown_baseline_names_it() -> None:
+    gate = GateConfig("f1", "max", 0.0, baseline="tfidf_f1")
+    with pytest.raises(ConfigError, match=r"baseline 'tfidf_f1' is not an evaluate metric"):
+        check_gate({"f1": 0.9}, gate)
 
 
 @pytest.mark.parametrize(

@@ -53,10 +53,15 @@ def sweep_runs(project: Path) -> list[tuple[str, list[str]]]:
         ]  # fmt: skip
 
 
+# The pipeline's overrides. A direct stage run with overrides composes conf/ with them (as
+# `dvc exp run -S` does), so it repeats them to stay on the smoke config.
+SMOKE = ["experiment=smoke"]
+
+
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     project = copy_project(tmp_path_factory.mktemp("e2e") / "project")
-    run(["lmpipe", "params", "experiment=smoke"], project)
+    run(["lmpipe", "params", *SMOKE], project)
     run(["git", "commit", "-qam", "smoke params"], project)
     run(["dvc", "repro"], project, timeout=900)
     return project
@@ -253,12 +258,13 @@ def test_stage_cli_override_and_multirun(pipeline: Path) -> None:
     baseline_model = (
         pipeline / "outputs" / "finetune" / "model" / "model.safetensors"
     ).read_bytes()
-    run(["python", "-m", "stages.finetune", "finetune.optim.lr=0.0031"], pipeline)
+    run(["python", "-m", "stages.finetune", *SMOKE, "finetune.optim.lr=0.0031"], pipeline)
     single = [r for s, _, r in stage_runs(pipeline) if s == "finetune"][-1]
     assert param(pipeline, single, "finetune.optim.lr") == "0.0031"
 
     before = len(stage_runs(pipeline))
-    run(["python", "-m", "stages.finetune", "-m", "finetune.optim.lr=0.001,0.004"], pipeline)
+    run(["python", "-m", "stages.finetune", "-m", *SMOKE, "finetune.optim.lr=0.001,0.004"],
+            pipeline)  # fmt: skip
     jobs = stage_runs(pipeline)[before:]
     assert [(s, status) for s, status, _ in jobs] == [("finetune", "FINISHED")] * 2
     assert sorted(param(pipeline, r, "finetune.optim.lr") for _, _, r in jobs) == ["0.001", "0.004"]
@@ -299,7 +305,7 @@ def test_four_parallel_joblib_jobs_lose_no_run_metric_or_input(
     store.parent.mkdir()
     env = {**tool_env(pipeline), "MLFLOW_TRACKING_URI": f"sqlite:///{store}"}
     result = run(["python", "-m", "stages.finetune", "-m", "hydra/launcher=joblib",
-                  "hydra.launcher.n_jobs=4", "finetune.optim.lr=0.001,0.002,0.003,0.004"],
+                  "hydra.launcher.n_jobs=4", *SMOKE, "finetune.optim.lr=0.001,0.002,0.003,0.004"],
                  pipeline, env=env)  # fmt: skip
     output = result.stdout + result.stderr
     assert "database is locked" not in output and "Traceback" not in output
@@ -376,7 +382,7 @@ def test_a_failing_stage_ends_failed_and_writes_nothing(pipeline: Path) -> None:
     deploy_json = pipeline / "outputs" / "deploy" / "deploy.json"
     before = deploy_json.read_text()
     result = run(
-        ["python", "-m", "stages.deploy", "deploy.gates.sft.metric=accuracy"],
+        ["python", "-m", "stages.deploy", *SMOKE, "deploy.gates.sft.metric=accuracy"],
         pipeline,
         check=False,
     )
@@ -401,7 +407,7 @@ def test_tracking_server_stopped_mid_run(pipeline: Path, tmp_path: Path) -> None
     backend = f"sqlite:///{tmp_path / 'server.db'}"
     env = {**tool_env(pipeline), "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}",
            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1"}  # fmt: skip
-    command = ["python", "-m", "stages.finetune", f"finetune.steps={steps}",
+    command = ["python", "-m", "stages.finetune", *SMOKE, f"finetune.steps={steps}",
                "finetune.eval_every=1000", "finetune.checkpoint_every=1000",
                "finetune.early_stopping_patience=null"]  # fmt: skip
 
@@ -507,7 +513,8 @@ def test_mlflow_ui_lists_every_stage_and_a_sweeps_children(
     from lmpipe.deploy.server import tracking_server
 
     if not sweep_runs(pipeline):  # run on its own, without the sweep tests before it
-        run(["python", "-m", "stages.finetune", "-m", "finetune.optim.lr=0.001,0.004"], pipeline)
+        run(["python", "-m", "stages.finetune", "-m", *SMOKE, "finetune.optim.lr=0.001,0.004"],
+            pipeline)  # fmt: skip
     parent, children = sweep_runs(pipeline)[0]
     with sqlite3.connect(pipeline / "mlflow.db") as db:
         (experiment_id,) = db.execute(

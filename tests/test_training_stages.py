@@ -21,6 +21,10 @@ from tests.conftest import BIN, copy_project, run, tool_env
 pytestmark = pytest.mark.slow
 
 PRETRAIN = "outputs/pretrain"
+# The project's overrides, repeated by direct stage runs: with overrides a stage composes
+# conf/ with them, as `dvc exp run -S` does.
+PARAMS = ["experiment=smoke", "pretrain.steps=300", "pretrain.log_every=1",
+          "pretrain.checkpoint_every=50", "pretrain.eval_every=100"]  # fmt: skip
 
 
 def weights(project: Path, stage: str = "pretrain") -> dict[str, torch.Tensor]:
@@ -40,8 +44,7 @@ def runs(project: Path, stage: str) -> list[tuple[str, str]]:
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Smoke data cleaned and tokenized; pretrain long enough to be killed mid-way."""
     project = copy_project(tmp_path_factory.mktemp("train") / "project")
-    run(["lmpipe", "params", "experiment=smoke", "pretrain.steps=300", "pretrain.log_every=1",
-         "pretrain.checkpoint_every=50", "pretrain.eval_every=100"], project)  # fmt: skip
+    run(["lmpipe", "params", *PARAMS], project)
     run(["git", "commit", "-qam", "params"], project)
     run(["dvc", "repro", "tokenize"], project, timeout=600)
     return project
@@ -123,7 +126,7 @@ def test_sigkill_mid_training_then_dvc_repro_resumes_to_identical_weights(projec
 
 
 def test_torchrun_two_processes_match_one_with_the_doubled_batch(project: Path):
-    common = ["pretrain.steps=6", "pretrain.eval_every=3"]
+    common = [*PARAMS, "pretrain.steps=6", "pretrain.eval_every=3"]
     torchrun = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m"]
     before = len(runs(project, "pretrain"))
     run([*torchrun, "stages.pretrain", "pretrain.batch_size=2", *common], project, timeout=600)
@@ -144,7 +147,7 @@ def test_torchrun_two_processes_match_one_with_the_doubled_batch(project: Path):
 def test_submitit_local_launcher_runs_the_stage_as_a_job(project: Path):
     before = len(runs(project, "pretrain"))
     result = run(
-        ["python", "-m", "stages.pretrain", "hardware.launcher=submitit_local",
+        ["python", "-m", "stages.pretrain", *PARAMS, "hardware.launcher=submitit_local",
          "pretrain.steps=4"], project, timeout=600,
     )  # fmt: skip
     assert "Submitit 'local' sweep output dir" in result.stdout + result.stderr
@@ -156,16 +159,11 @@ def test_submitit_local_launcher_runs_the_stage_as_a_job(project: Path):
 
 
 def test_slurm_launcher_config_reads_hardware_slurm(project: Path):
-    params = project / "params.yaml"
-    saved = params.read_text()
-    try:
-        run(["lmpipe", "params", "experiment=smoke", "hardware=slurm"], project)
-        result = run(
-            ["python", "-m", "stages.pretrain", "--cfg", "all", "--resolve",
-             "hardware.slurm.partition=gpu-long"], project,
-        )  # fmt: skip
-    finally:
-        params.write_text(saved)
+    """A group switch on the command line picks the launcher, with --cfg after the overrides."""
+    result = run(
+        ["python", "-m", "stages.pretrain", "experiment=smoke", "hardware=slurm",
+         "hardware.slurm.partition=gpu-long", "--cfg", "all", "--resolve"], project,
+    )  # fmt: skip
     launcher = result.stdout.split("\n  launcher:\n", 1)[1].split("\n  sweeper:", 1)[0]
     assert "SlurmLauncher" in launcher
     assert "partition: gpu-long" in launcher and "tasks_per_node: 8" in launcher

@@ -34,7 +34,15 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from lmpipe.runs import atomic, lineage, tracking
-from lmpipe.runs.config import find_project_root, stale_params_message, validate
+from lmpipe.runs.config import (
+    CONF_DIR,
+    CONF_NAME,
+    PARAMS_FILE,
+    find_project_root,
+    register_resolvers,
+    stale_params_message,
+    validate,
+)
 from lmpipe.training import distributed
 from lmpipe.training.checkpoint import Checkpoints, fingerprint
 
@@ -53,8 +61,49 @@ class MissingInputError(FileNotFoundError):
     """An upstream stage's output is not there."""
 
 
+# Hydra's flags that take a value (argparse): kept in front of the overrides, with it.
+_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp",
+                     "--config-name", "-cn", "--config-dir", "-cd",
+                     "--experimental-rerun", "--shell-completion", "-sc"}  # fmt: skip
+_INFO_TOPICS = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
+# How this process's config was based (for the stage's log): params.yaml or conf/.
+CONFIG_BASE_ENV = "LMPIPE_CONFIG_BASE"
+
+
+def split_argv(args: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(Hydra's flags with their values, the overrides), each in its order. argparse takes
+    the overrides as one positional list, so a flag after them (`model=x --cfg job`) fails
+    unless the flags are moved in front."""
+    flags, overrides = [], []
+    index = 0
+    while index < len(args):
+        arg = args[index]
+        index += 1
+        if not arg.startswith("-"):
+            overrides.append(arg)
+            continue
+        flags.append(arg)
+        takes_value = arg in _FLAGS_WITH_VALUE or (
+            arg in ("--info", "-i") and index < len(args) and args[index] in _INFO_TOPICS
+        )
+        if takes_value and index < len(args):
+            flags.append(args[index])
+            index += 1
+    return flags, overrides
+
+
+def config_overrides(overrides: Sequence[str]) -> list[str]:
+    """The overrides that change lmpipe's config (not Hydra's own settings)."""
+    return [o for o in overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))]
+
+
 def prepare_cli(stage: str, argv: list[str] | None = None) -> None:
-    """Run before Hydra parses the command line: check params.yaml, set Hydra's directories.
+    """Run before Hydra parses the command line: choose the config's base, put the flags
+    before the overrides, set Hydra's directories.
+
+    With no config overrides (how DVC runs a stage) the config is params.yaml. With some,
+    it is composed from conf/ with them, as `dvc exp run -S` composes params.yaml, so group
+    switches work (`model=bert-tiny`, `-m model=tiny,bert-tiny`, `data=local ...`).
 
     Hydra's own settings cannot live in params.yaml (DVC composes it without the `hydra:`
     node), so their defaults are added to the command line unless the user gave them.
@@ -65,9 +114,16 @@ def prepare_cli(stage: str, argv: list[str] | None = None) -> None:
     """
     argv = sys.argv if argv is None else argv
     root = find_project_root()
-    message = stale_params_message(root)
-    if message:  # logging is not configured yet: Python's last-resort handler prints to stderr
-        log.warning(message)
+    flags, overrides = split_argv(argv[1:])
+    if config_overrides(overrides):
+        register_resolvers()  # ${lmpipe_conf_digest:} in conf/config.yaml
+        flags += ["--config-path", str(root / CONF_DIR), "--config-name", CONF_NAME]
+        os.environ[CONFIG_BASE_ENV] = f"{CONF_DIR}/ (as `dvc exp run -S` composes it)"
+    else:
+        message = stale_params_message(root)
+        if message:  # logging is not configured yet: the last-resort handler prints it
+            log.warning(message)
+        os.environ[CONFIG_BASE_ENV] = PARAMS_FILE
     run_dir = f"logs/{stage}/${{now:%Y-%m-%d_%H-%M-%S}}"
     if os.environ.get("RANK", "0") != "0":  # each torchrun process logs to its own directory
         run_dir += f"/rank{os.environ['RANK']}"
@@ -76,34 +132,55 @@ def prepare_cli(stage: str, argv: list[str] | None = None) -> None:
         "hydra.sweep.dir": f"multirun/{stage}/${{now:%Y-%m-%d_%H-%M-%S}}",
         "hydra.job.name": stage,
     }
-    given = {arg.split("=", 1)[0].lstrip("+") for arg in argv[1:] if "=" in arg}
-    argv.extend(f"{key}={value}" for key, value in defaults.items() if key not in given)
+    given = {arg.split("=", 1)[0].lstrip("+") for arg in overrides if "=" in arg}
+    overrides.extend(f"{key}={value}" for key, value in defaults.items() if key not in given)
     # conf/hydra/ (launcher and sweeper configs) is not in params.yaml's search path.
-    searchpath = f"hydra.searchpath=[file://{root / 'conf'}]"
-    if any(arg in ("-m", "--multirun") for arg in argv[1:]):
+    searchpath = f"hydra.searchpath=[file://{root / CONF_DIR}]"
+    multirun = any(arg in ("-m", "--multirun") for arg in flags)
+    if multirun:
         # A user's sweep: one MLflow parent run, a child per job (lmpipe.runs.sweep).
-        argv.extend([
+        overrides.extend([
             "+hydra.callbacks.lmpipe_sweep._target_=lmpipe.runs.sweep.SweepCallback",
             f"+hydra.callbacks.lmpipe_sweep.stage={stage}",
             searchpath,
         ])  # fmt: skip
-    launcher = _cli_value(argv, "hardware.launcher") or _params_value(root, "hardware.launcher")
+    launcher = _cli_value(overrides, "hardware.launcher")
+    if launcher is None:
+        launcher = (
+            _composed_value(root, overrides, "hardware.launcher")
+            if config_overrides(overrides)
+            else _params_value(root, "hardware.launcher")
+        )
     if launcher and launcher != "none":
         # --cfg/--info show the composed config (launcher included) instead of running.
         inspecting = {"--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help"}
-        if not any(arg in ("-m", "--multirun", *inspecting) for arg in argv[1:]):
-            argv.insert(1, "--multirun")  # argparse: flags before the overrides
-            argv.append(f"+hydra.job.env_set.{SINGLE_JOB_ENV}=1")
-        argv.extend([*([searchpath] if searchpath not in argv else []),
-                     f"hydra/launcher=lmpipe_{launcher}"])  # fmt: skip
+        if not any(arg.split("=", 1)[0] in ("-m", "--multirun", *inspecting) for arg in flags):
+            flags.insert(0, "--multirun")
+            overrides.append(f"+hydra.job.env_set.{SINGLE_JOB_ENV}=1")
+        overrides.extend([*([searchpath] if searchpath not in overrides else []),
+                          f"hydra/launcher=lmpipe_{launcher}"])  # fmt: skip
+    argv[1:] = [*flags, *overrides]
 
 
-def _cli_value(argv: Sequence[str], key: str) -> str | None:
-    for arg in argv[1:]:
+def _cli_value(overrides: Sequence[str], key: str) -> str | None:
+    for arg in overrides:
         name, _, value = arg.partition("=")
         if name.lstrip("+") == key:
             return value
     return None
+
+
+def _composed_value(root: Path, overrides: Sequence[str], key: str) -> Any:
+    """`key` in conf/ composed with the config overrides (a group switch such as
+    hardware=slurm sets it); None where they are a sweep (a,b), which composes per job."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    try:
+        with initialize_config_dir(str(root / CONF_DIR), version_base="1.3"):
+            return OmegaConf.select(compose(CONF_NAME, list(config_overrides(overrides))), key)
+    except (HydraException, ValueError):
+        return None
 
 
 def _params_value(root: Path, key: str) -> Any:
@@ -255,6 +332,10 @@ class Stage:
         if not self.env.is_main:
             return self
         log.info("stage %s: outputs in %s", self.name, self.out_dir)
+        overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+        log.info("stage %s: config from %s%s", self.name,
+                 os.environ.get(CONFIG_BASE_ENV, PARAMS_FILE),
+                 f" with {' '.join(overrides)}" if overrides else "")  # fmt: skip
         atomic.recover(self.out_dir)
         resume_run = None
         state = self.checkpoints.resumable() if self.checkpoints else None

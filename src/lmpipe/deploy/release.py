@@ -38,10 +38,18 @@ class GateResult:
     champion_version: str | None = None
     champion_value: float | None = None
     not_worse_than_champion: bool | None = None  # None: no champion (or no check)
+    baseline: str | None = None
+    baseline_value: float | None = None
+    margin: float = 0.0
+    beat_baseline: bool | None = None  # None: no baseline asked for
 
     @property
     def passed(self) -> bool:
-        return self.passed_threshold and self.not_worse_than_champion is not False
+        return (
+            self.passed_threshold
+            and self.beat_baseline is not False
+            and self.not_worse_than_champion is not False
+        )
 
 
 def better_or_equal(value: float, reference: float, mode: str, tolerance: float = 0.0) -> bool:
@@ -54,7 +62,8 @@ def check_gate(
     champion: registry.RegisteredVersion | None = None,
     tolerance: float | None = 0.0,
 ) -> GateResult:
-    """Threshold on `gate.metric`, then (with a champion and a tolerance) not worse than it."""
+    """Threshold on `gate.metric`, beating `gate.baseline` by `gate.margin` (if set), then
+    (with a champion and a tolerance) not worse than the champion."""
     if gate.metric not in metrics:
         raise ConfigError(
             f"deploy.gates: metric '{gate.metric}' is not an evaluate metric "
@@ -65,6 +74,10 @@ def check_gate(
         gate.metric, value, gate.mode, gate.threshold,
         better_or_equal(value, gate.threshold, gate.mode),
     )  # fmt: skip
+    if gate.baseline is not None:
+        result.baseline, result.margin = gate.baseline, gate.margin
+        result.baseline_value = baseline_value(metrics, gate)
+        result.beat_baseline = beats_baseline(value, result.baseline_value, gate)
     if champion is not None and tolerance is not None and gate.metric in champion.metrics:
         result.champion_version = champion.version
         result.champion_value = champion.metrics[gate.metric]
@@ -72,6 +85,22 @@ def check_gate(
             value, result.champion_value, gate.mode, tolerance
         )
     return result
+
+
+def baseline_value(metrics: Mapping[str, float], gate: GateConfig) -> float:
+    if gate.baseline not in metrics:
+        raise ConfigError(
+            f"deploy.gates: baseline '{gate.baseline}' is not an evaluate metric "
+            f"(available: {', '.join(sorted(metrics))})"
+        )
+    return float(metrics[gate.baseline])
+
+
+def beats_baseline(value: float, baseline: float, gate: GateConfig) -> bool:
+    """Better than the baseline by at least the margin, in the gate's direction."""
+    if gate.mode == "max":
+        return value >= baseline + gate.margin
+    return value <= baseline - gate.margin
 
 
 def requirements() -> list[str]:
@@ -195,6 +224,11 @@ def deploy(
 def gate_reason(gate: GateResult) -> str:
     if not gate.passed_threshold:
         return f"{gate.metric}={gate.value:.4f}, {gate.mode} threshold {gate.threshold:.4f}"
+    if gate.beat_baseline is False:
+        return (
+            f"{gate.metric}={gate.value:.4f} does not beat {gate.baseline}="
+            f"{gate.baseline_value:.4f} by the margin {gate.margin:.4f}"
+        )
     return (
         f"{gate.metric}={gate.value:.4f} is worse than champion version "
         f"{gate.champion_version}'s {gate.champion_value:.4f}"
@@ -221,7 +255,13 @@ def deploy_quantized(
     gate = cfg.gates[task]
     own_metric = "int8_" + gate.metric.removeprefix("finetuned_")
     own_value = metrics.get(own_metric)
-    passed = own_value is None or better_or_equal(float(own_value), gate.threshold, gate.mode)
+    passed = own_value is None or (
+        better_or_equal(float(own_value), gate.threshold, gate.mode)
+        and (
+            gate.baseline is None
+            or beats_baseline(float(own_value), baseline_value(metrics, gate), gate)
+        )
+    )
     variant_alias = alias if passed else registry.CHALLENGER
     client = MlflowClient()
     source = f"{cfg.registered_model_name}/{source_version}"
@@ -231,9 +271,9 @@ def deploy_quantized(
     if variant_alias == registry.CHAMPION:
         registry.drop_alias(name, registry.CHALLENGER)
     elif not passed:
-        log.warning("int8 variant %s/%s: %s=%.4f fails the %s threshold %.4f: registered as the "
-                    "challenger", name, model_version, own_metric, float(own_value), gate.mode,
-                    gate.threshold)  # fmt: skip
+        log.warning("int8 variant %s/%s: %s=%.4f fails the %s threshold %.4f or the baseline "
+                    "%s: registered as the challenger", name, model_version, own_metric,
+                    float(own_value), gate.mode, gate.threshold, gate.baseline)  # fmt: skip
     quantized = mlflow.pyfunc.load_model(f"models:/{name}/{model_version}")
 
     inputs = pd.DataFrame({INPUT_COLUMN[task]: requests[: cfg.latency_requests]})

@@ -7,19 +7,24 @@ from collections.abc import Sequence
 
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.pipeline import Pipeline, make_pipeline, make_union
 
-# Word unigrams + bigrams with sublinear term frequency, and an L2-regularised logistic
-# regression: the standard text-classification baseline. C was chosen on the classify
-# task's validation split (C in 1, 3, 10, 30; test split never looked at).
-TFIDF_C = 10.0
+# TF-IDF of word unigrams and of character 2-5-grams within words (sublinear term
+# frequency), then an L2-regularised logistic regression: the strong classical text
+# classifier. Chosen on the classify task's validation split, never its test split
+# (macro-F1: words alone 0.77-0.80 over C in 1..30, word bigrams added 0.73-0.77, characters
+# alone 0.83, words + characters 0.84 at C=10 and C=30).
+TFIDF_C = 30.0
 
 
 def tfidf_logistic_regression(seed: int = 0) -> Pipeline:
     """An unfitted TF-IDF + logistic-regression text classifier (scikit-learn)."""
     return make_pipeline(
-        TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1),
-        LogisticRegression(C=TFIDF_C, max_iter=2000, random_state=seed),
+        make_union(
+            TfidfVectorizer(sublinear_tf=True),
+            TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True),
+        ),
+        LogisticRegression(C=TFIDF_C, max_iter=3000, random_state=seed),
     )
 
 

@@ -223,6 +223,10 @@ class GateConfig:
     metric: str = "finetuned_sft_test_loss"
     mode: str = "min"  # min | max
     threshold: float = 6.0
+    # Another evaluate metric the model must beat by `margin`, e.g. the TF-IDF baseline's
+    # tfidf_macro_f1 for a classifier; null: no such check.
+    baseline: str | None = None
+    margin: float = 0.0
 
 
 @dataclass

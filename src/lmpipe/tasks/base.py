@@ -64,6 +64,11 @@ class PretrainingTask(Objective):
 
     family: ClassVar[str]  # model.family: decoder | encoder
 
+    def prepare_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+        """The tokenizer with the special tokens the objective needs (before the model is
+        built, so that its embeddings cover them)."""
+        return tokenizer
+
     @staticmethod
     def val_span(p: PretrainConfig) -> int:
         """Tokens of the periodic validation set: the first eval_batches windows of val."""

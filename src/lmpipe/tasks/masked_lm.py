@@ -9,6 +9,7 @@ exactly the masks the uninterrupted run drew, so it ends bit-identical.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -25,9 +26,12 @@ from lmpipe.data.batches import (
     sequential_windows,
     window_batches,
 )
+from lmpipe.data.tokenizer import CLS, MASK, SEP
 from lmpipe.evaluation.lm_metrics import eval_mode
 from lmpipe.runs.config import MaskingConfig, PretrainConfig
 from lmpipe.tasks.base import PretrainingTask, TrainingSetup
+
+log = logging.getLogger(__name__)
 
 # Mask streams: training batches and the fixed validation batches never share a draw.
 TRAIN_STREAM, VAL_STREAM = 0, 1
@@ -178,6 +182,24 @@ class MaskedLM(PretrainingTask):
 
     def __init__(self, masking: MaskingConfig, seed: int) -> None:
         self.masking, self.seed = masking, seed
+
+    def prepare_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+        """A decoder's tokenizer (tokenize ran for another model family, e.g. in a sweep over
+        models) gets [CLS]/[SEP]/[MASK] appended, so the encoder can still be pretrained."""
+        missing = {
+            name: token
+            for name, token in (("cls_token", CLS), ("sep_token", SEP), ("mask_token", MASK))
+            if getattr(tokenizer, f"{name}_id") is None
+        }
+        if missing and tokenizer.cls_token_id is None:
+            log.warning(
+                "masked LM: the tokenizer has no %s: added for this model; tokenize with "
+                "model.family=encoder to frame documents as [CLS] doc [SEP]",
+                "/".join(missing.values()),
+            )
+        if missing:
+            tokenizer.add_special_tokens(missing)
+        return tokenizer
 
     def target_count(self, batch: Batch) -> int:
         return int((batch["labels"] != IGNORE_INDEX).sum())
