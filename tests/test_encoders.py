@@ -59,10 +59,14 @@ def test_masked_lm_pretraining_killed_and_resumed_ends_bit_identical(
 ) -> None:
     straight = weights(encoder_project)
     killed = kill_pretrain_when(
-        encoder_project, lambda state: state["step"] >= 100 and not state.get("finished")
+        encoder_project,
+        lambda state: state["step"] >= 100 and not state.get("finished"),
+        force=True,
     )
     assert 100 <= killed["step"] < 300
-    run(["dvc", "repro", "pretrain"], encoder_project, timeout=600)
+    # --force: DVC would otherwise restore the first run's outputs from its run-cache;
+    # --single-item: rerunning clean and tokenize would make the checkpoint another input's.
+    run(["dvc", "repro", "--force", "--single-item", "pretrain"], encoder_project, timeout=600)
     metrics = json.loads((encoder_project / PRETRAIN / "metrics.json").read_text())
     assert metrics["resumed_from_step"] >= 100
     assert runs(encoder_project, "pretrain")[-1] == (killed["run_id"], "FINISHED")

@@ -60,11 +60,14 @@ def stored_steps(project: Path, run_id: str) -> list[int]:
     return [step for (step,) in rows]
 
 
-def kill_pretrain_when(project: Path, ready) -> dict:
-    """`dvc repro pretrain`, SIGKILLed (the whole process group) once `ready(state)` holds for
-    the last checkpoint's state.json; returns that state."""
+def kill_pretrain_when(project: Path, ready, force: bool = False) -> dict:
+    """`dvc repro pretrain` (with `force`: `--force --single-item`, pretrain alone rerun),
+    SIGKILLed (the whole process group) once `ready(state)` holds for the last checkpoint's
+    state.json; returns that state."""
     process = subprocess.Popen(
-        ["dvc", "repro", "pretrain"], cwd=project, env=tool_env(project),
+        ["dvc", "repro", *(["--force", "--single-item"] if force else []), "pretrain"],
+        cwd=project,
+        env=tool_env(project),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     state_file = project / PRETRAIN / "checkpoints" / "last" / "state.json"

@@ -142,9 +142,12 @@ def masked_windows(
     return batches
 
 
-def unigram_log_probs(tokens: np.ndarray, vocab_size: int) -> torch.Tensor:
-    """log p(token) from the training tokens' counts, add-one smoothed."""
-    counts = np.bincount(np.asarray(tokens), minlength=vocab_size)[:vocab_size] + 1.0
+def unigram_log_probs(tokens: np.ndarray, vocab_size: int, chunk: int = 1 << 24) -> torch.Tensor:
+    """log p(token) from the training tokens' counts, add-one smoothed (counted a chunk at a
+    time: the stream may be memory-mapped shards larger than memory)."""
+    counts = np.ones(vocab_size, dtype=np.float64)
+    for start in range(0, len(tokens), chunk):
+        counts += np.bincount(np.asarray(tokens[start : start + chunk]), minlength=vocab_size)
     return torch.from_numpy(np.log(counts / counts.sum())).float()
 
 
