@@ -207,3 +207,18 @@ def test_the_tfidf_baseline_is_scikit_learns_own() -> None:
     ).fit(train_texts, train_labels).predict(test_texts)  # fmt: skip
     assert ours == list(direct)
     assert sk.accuracy_score(test_labels, ours) > 0.9
+
+
+@pytest.mark.parametrize(
+    ("epochs", "batch_size", "grad_accum", "world_size", "steps"),
+    [(3, 16, 1, 1, 381), (3, 16, 2, 1, 190), (3, 16, 1, 2, 189), (0.5, 16, 1, 1, 63),
+     (1, 4096, 1, 1, 1)],
+)  # fmt: skip
+def test_epochs_decide_the_steps(epochs, batch_size, grad_accum, world_size, steps) -> None:
+    """finetune.epochs: full global batches per pass (a partial last batch is skipped, as
+    the data order skips it), times the passes, over the micro-batches per step."""
+    from lmpipe.runs.config import FinetuneConfig
+    from lmpipe.tasks import steps_for_epochs
+
+    f = FinetuneConfig(epochs=epochs, batch_size=batch_size, grad_accum=grad_accum)
+    assert steps_for_epochs(f, 2040, world_size) == steps

@@ -16,6 +16,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel
 
 from lmpipe.runs.config import LoraSettings
+from lmpipe.training.distributed import transformer_layers
 
 log = logging.getLogger(__name__)
 
@@ -49,23 +50,12 @@ def merge_lora(peft_model: PeftModel) -> PreTrainedModel:
     return peft_model.merge_and_unload()
 
 
-def decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
-    """The transformer blocks, bottom first: a decoder's `layers`, BERT's `encoder.layer`."""
-    base = model.base_model
-    layers = getattr(base, "layers", None)
-    if layers is None and hasattr(base, "encoder"):
-        layers = getattr(base.encoder, "layer", None)
-    if not isinstance(layers, torch.nn.ModuleList):
-        raise ValueError(f"{type(model).__name__}: no layer list to freeze")
-    return layers
-
-
 def freeze_layers(model: PreTrainedModel, num_layers: int, embeddings: bool = False) -> None:
     """Stop gradients to the first `num_layers` decoder layers (and the token embeddings).
 
     With tied embeddings, freezing them also freezes the output projection.
     """
-    layers = decoder_layers(model)
+    layers = transformer_layers(model)
     if num_layers > len(layers):
         raise ValueError(
             f"finetune.freeze_layers={num_layers}, but the model has {len(layers)} layers"

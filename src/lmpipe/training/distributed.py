@@ -117,7 +117,7 @@ def wrap_model(
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
-        for layer in _decoder_layers(model):
+        for layer in transformer_layers(model):
             fully_shard(layer, mp_policy=policy)
         return fully_shard(model, mp_policy=policy)
     from torch.nn.parallel import DistributedDataParallel
@@ -128,13 +128,16 @@ def wrap_model(
     )
 
 
-def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated blocks of a transformers decoder (LlamaDecoderLayer and friends)."""
-    base = getattr(model, "model", model)
+def transformer_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The repeated blocks of a transformers model, bottom first: a decoder's `layers`
+    (LlamaDecoderLayer and friends), BERT's `encoder.layer`."""
+    base = getattr(model, "base_model", model)
     layers = getattr(base, "layers", None)
-    if layers is None:
-        raise ValueError(f"strategy=fsdp: no decoder layers found on {type(model).__name__}")
-    return list(layers)
+    if layers is None and hasattr(base, "encoder"):
+        layers = getattr(base.encoder, "layer", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise ValueError(f"{type(model).__name__}: no list of transformer layers found")
+    return layers
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

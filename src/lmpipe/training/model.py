@@ -121,6 +121,8 @@ def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrai
                 f" token embeddings but the tokenizer has {len(tokenizer)}: tokenize with the "
                 "base model's tokenizer (the tokenize stage does when model.init_from is set)"
             )
+        if model.config.pad_token_id is None:  # a classifier on it finds rows' ends by padding
+            model.config.pad_token_id = tokenizer.pad_token_id
     elif cfg.family == "encoder":
         model = AutoModelForMaskedLM.from_config(
             bert_config(cfg, tokenizer), attn_implementation="sdpa"
