@@ -16,7 +16,7 @@ from lmpipe.runs.config import (
     stale_params_message,
     validate,
 )
-from lmpipe.stage import CONFIG_BASE_ENV, prepare_cli, split_argv
+from lmpipe.stage import CONFIG_BASE_ENV, is_sweep, prepare_cli, split_argv
 from tests.conftest import REPO
 
 
@@ -160,3 +160,14 @@ def test_a_direct_run_resolves_its_config_as_dvc_exp_run_would(tmp_path: Path) -
     composed = compose_params(REPO, overrides, output=tmp_path / "params.yaml")
     assert yaml.safe_load(printed) == yaml.safe_load(composed.read_text())
     assert yaml.safe_load(printed)["model"]["family"] == "encoder"
+
+
+def test_sweep_jobs_are_named_by_their_swept_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv(CONFIG_BASE_ENV, "unset")
+    argv = ["prog", "-m", "experiment=smoke", "data.paths=[a,b]", "finetune.optim.lr=1e-3,4e-3"]
+    prepare_cli("finetune", argv)
+    assert "hydra.job.config.override_dirname.exclude_keys=[data.paths,experiment]" in argv
+    assert [is_sweep(v) for v in ("1e-3,4e-3", "[a,b]", "range(1,4)", "'a,b'", "x")] == [
+        True, False, True, False, False,
+    ]  # fmt: skip

@@ -92,6 +92,29 @@ def split_argv(args: Sequence[str]) -> tuple[list[str], list[str]]:
     return flags, overrides
 
 
+_SWEEP_FUNCTIONS = ("range(", "choice(", "interval(", "glob(", "tag(", "sort(", "shuffle(")
+
+
+def is_sweep(value: str) -> bool:
+    """Whether an override's value sweeps (Hydra's `a,b`, range(), choice(), ...): a comma
+    outside brackets and quotes, or a sweep function."""
+    if value.startswith(_SWEEP_FUNCTIONS):
+        return True
+    depth, quote = 0, ""
+    for char in value:
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in "[{(":
+            depth += 1
+        elif char in "]})":
+            depth -= 1
+        elif char == "," and depth == 0:
+            return True
+    return False
+
+
 def config_overrides(overrides: Sequence[str]) -> list[str]:
     """The overrides that change lmpipe's config (not Hydra's own settings)."""
     return [o for o in overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))]
@@ -138,7 +161,12 @@ def prepare_cli(stage: str, argv: list[str] | None = None) -> None:
     searchpath = f"hydra.searchpath=[file://{root / CONF_DIR}]"
     multirun = any(arg in ("-m", "--multirun") for arg in flags)
     if multirun:
-        # A user's sweep: one MLflow parent run, a child per job (lmpipe.runs.sweep).
+        # A user's sweep: one MLflow parent run, a child per job (lmpipe.runs.sweep), each
+        # child named by its swept values only (not by the overrides every job shares).
+        fixed = sorted({o.split("=", 1)[0].lstrip("+~") for o in config_overrides(overrides)
+                        if "=" in o and not is_sweep(o.split("=", 1)[1])})  # fmt: skip
+        if fixed and "hydra.job.config.override_dirname.exclude_keys" not in given:
+            overrides.append(f"hydra.job.config.override_dirname.exclude_keys=[{','.join(fixed)}]")
         overrides.extend([
             "+hydra.callbacks.lmpipe_sweep._target_=lmpipe.runs.sweep.SweepCallback",
             f"+hydra.callbacks.lmpipe_sweep.stage={stage}",
