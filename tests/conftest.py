@@ -22,18 +22,6 @@ PROSE = (
 )
 
 
-# The modules that build a pipeline, longest first. pytest-xdist (--dist loadfile) hands
-# whole modules to its workers in collection order; starting both workers on the longest
-# ones lets them finish together instead of one waiting out the last long module.
-LONGEST_FIRST = ("test_pipeline.py", "test_training_stages.py", "test_encoders.py",
-                 "test_serving.py", "test_distributed.py")  # fmt: skip
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable within a module
-
-
 def file_digests(directory: Path) -> dict[str, str]:
     """sha256 of every file in a directory: equal dicts mean byte-identical outputs."""
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
