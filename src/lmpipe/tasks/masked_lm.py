@@ -185,6 +185,8 @@ class MaskedLM(PretrainingTask):
 
     def __init__(self, masking: MaskingConfig, seed: int) -> None:
         self.masking, self.seed = masking, seed
+        self._validation_key: tuple | None = None
+        self._validation: tuple[list[Batch], torch.Tensor] = ([], torch.empty(0))
 
     def prepare_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
         """A decoder's tokenizer (tokenize ran for another model family, e.g. in a sweep over
@@ -225,9 +227,7 @@ class MaskedLM(PretrainingTask):
         world_size: int = 1,
     ) -> TrainingSetup:
         vocabulary = Vocabulary.of(tokenizer)
-        val = masked_windows(val_tokens, vocabulary, self.masking, seed, p.batch_size, p.seq_len,
-                             self.val_span(p))  # fmt: skip
-        unigram = unigram_log_probs(train_tokens, len(tokenizer))
+        val, unigram = self._validation_set(p, tokenizer, train_tokens, val_tokens)
 
         def validate(m: torch.nn.Module) -> dict[str, float]:
             scores = masked_scores(m, val, device, unigram)
@@ -242,13 +242,25 @@ class MaskedLM(PretrainingTask):
         self, p: PretrainConfig, tokenizer: PreTrainedTokenizerBase, train_tokens: np.ndarray,
         val_tokens: np.ndarray,
     ) -> dict[str, float]:  # fmt: skip
-        vocabulary = Vocabulary.of(tokenizer)
-        unigram = unigram_log_probs(train_tokens, len(tokenizer))
-        val = masked_windows(val_tokens, vocabulary, self.masking, self.seed, p.batch_size,
-                             p.seq_len, self.val_span(p))  # fmt: skip
+        val, unigram = self._validation_set(p, tokenizer, train_tokens, val_tokens)
         labels = torch.cat([b["labels"].flatten() for b in val])
         labels = labels[labels != IGNORE_INDEX]
         return {"unigram_loss": float(-unigram[labels].mean())}
+
+    def _validation_set(
+        self, p: PretrainConfig, tokenizer: PreTrainedTokenizerBase, train_tokens: np.ndarray,
+        val_tokens: np.ndarray,
+    ) -> tuple[list[Batch], torch.Tensor]:  # fmt: skip
+        """The masked validation batches and the training unigram log-probs, made once per
+        token streams: counting the training stream reads all of it, and setup and baseline
+        both need them."""
+        key = (id(train_tokens), id(val_tokens), p.batch_size, p.seq_len, self.val_span(p))
+        if self._validation_key != key:
+            val = masked_windows(val_tokens, Vocabulary.of(tokenizer), self.masking, self.seed,
+                                 p.batch_size, p.seq_len, self.val_span(p))  # fmt: skip
+            self._validation = (val, unigram_log_probs(train_tokens, len(tokenizer)))
+            self._validation_key = key
+        return self._validation
 
     def load(self, path: Path) -> PreTrainedModel:
         return AutoModelForMaskedLM.from_pretrained(
