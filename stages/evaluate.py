@@ -19,8 +19,6 @@ from lmpipe.data.tokens import load_tokens
 from lmpipe.deploy import registry
 from lmpipe.deploy.quantize import quantize_int8
 from lmpipe.evaluation.lm_metrics import perplexity, unigram_entropy
-from lmpipe.evaluation.plots import confusion_matrix_figure, loss_comparison_figure
-from lmpipe.evaluation.scoring import confusion_matrix
 from lmpipe.stage import Stage, prepare_cli
 from lmpipe.training.loop import autocast, enable_tf32, seed_everything, select_device
 
@@ -66,7 +64,7 @@ def main(cfg: DictConfig) -> None:
             plots.mkdir()
             finetuned = task.load(finetuned_dir).to(device)
             models = {"finetuned": finetuned, "int8": quantize_int8(task.load(finetuned_dir))}
-            if f.task == "sft":
+            if task.before_tuning_is_comparable:
                 # What fine-tuning did to language modelling of the held-out corpus (forgetting).
                 tuned_loss, _ = corpus_loss(finetuned)
                 corpus |= {"finetuned_val_loss": tuned_loss, "finetuned_val_perplexity":
@@ -78,25 +76,12 @@ def main(cfg: DictConfig) -> None:
             # The metrics come from the saved file.
             saved = pd.read_csv(predictions_path, keep_default_na=False)
             metrics = task.score(saved, list(models), splits)
-            if f.task == "classify":
-                labels = [finetuned.config.id2label[i] for i in range(finetuned.config.num_labels)]
-                figure = confusion_matrix_figure(
-                    confusion_matrix(saved["actual"], saved["finetuned_predicted"], labels),
-                    labels,
-                    f"WordNet category, test set: accuracy {metrics['finetuned_accuracy']:.3f}, "
-                    f"macro-F1 {metrics['finetuned_macro_f1']:.3f} (TF-IDF + LR "
-                    f"{metrics['tfidf_macro_f1']:.3f})",
-                )
-                figure.savefig(plots / "confusion_matrix.png", dpi=110)
-                stage.log_figure(figure, "confusion_matrix.png")
-            else:
-                per_example = {m: saved[f"{m}_loss"] / saved["target_tokens"] for m in models}
-                figure = loss_comparison_figure(per_example, "Held-out response loss per example")
-                figure.savefig(plots / "sft_test_loss.png", dpi=110)
-                stage.log_figure(figure, "sft_test_loss.png")
-                shown = saved.head(e.num_generations)
-                stage.log_table(shown[["prompt", "reference", *(f"{m}_reply" for m in models)]],
-                                "generations.json")  # fmt: skip
+            report = task.report(saved, metrics, list(models), e)
+            for name, figure in report.figures.items():
+                figure.savefig(plots / name, dpi=110)
+                stage.log_figure(figure, name)
+            for name, table in report.tables.items():
+                stage.log_table(table, name)
         metrics = {**corpus, **metrics}
         # What int8 quantization costs: int8 minus fp32 for each headline metric.
         for key in [k for k in metrics if k.startswith("finetuned_") and "." not in k]:

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pandas as pd
 import torch
+from matplotlib.figure import Figure
 from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -115,12 +116,25 @@ class PretrainingTask(Objective):
         """Mean loss per target on the first `max_tokens` of `tokens`, and the target count."""
 
 
+@dataclass
+class Report:
+    """What evaluate shows of a task beside its metrics: figures (PNG file name -> figure,
+    also in MLflow) and MLflow tables (name -> rows)."""
+
+    figures: dict[str, Figure] = field(default_factory=dict)
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+
+
 class FinetuningTask(Objective):
     """A fine-tuning objective on a labelled dataset with fixed train/val/test splits.
 
     Each task's evaluation first writes its predictions (one row per held-out example); the
     metrics are computed from that table alone, so they can be recomputed and audited.
     """
+
+    # Whether the pretrained model itself can be scored on the task (a causal LM on replies:
+    # yes; a classifier needs the head that tuning trains): evaluate then scores it too.
+    before_tuning_is_comparable: ClassVar[bool] = False
 
     def head_modules(self, model: PreTrainedModel) -> list[str]:
         """Modules new to the task (a classification head): trained in full under LoRA."""
@@ -164,3 +178,13 @@ class FinetuningTask(Objective):
         self, frame: pd.DataFrame, models: Sequence[str], splits: Mapping[str, list]
     ) -> dict[str, float]:
         """Metrics of each model (and of the baselines) from the predictions table."""
+
+    @abstractmethod
+    def report(
+        self,
+        frame: pd.DataFrame,
+        metrics: Mapping[str, float],
+        models: Sequence[str],
+        e: EvaluateConfig,
+    ) -> Report:
+        """Figures and tables of the saved predictions."""

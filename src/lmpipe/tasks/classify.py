@@ -16,9 +16,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from lmpipe.data import classify
 from lmpipe.data.batches import Batch
 from lmpipe.evaluation.baselines import tfidf_predictions
-from lmpipe.evaluation.scoring import classification_report, predict_classes
+from lmpipe.evaluation.plots import confusion_matrix_figure
+from lmpipe.evaluation.scoring import classification_report, confusion_matrix, predict_classes
 from lmpipe.runs.config import EvaluateConfig, FinetuneConfig
-from lmpipe.tasks.base import FinetuningTask, TrainingSetup
+from lmpipe.tasks.base import FinetuningTask, Report, TrainingSetup
 from lmpipe.training.model import load_classifier, model_device
 
 # Baselines scored beside the models, by their column prefix in the predictions table.
@@ -135,3 +136,21 @@ class Classify(FinetuningTask):
                 metrics[f"{label}_macro_f1"] - metrics[f"{TFIDF}_macro_f1"]
             )
         return metrics
+
+    def report(
+        self,
+        frame: pd.DataFrame,
+        metrics: Mapping[str, float],
+        models: Sequence[str],
+        e: EvaluateConfig,
+    ) -> Report:
+        """The tuned classifier's confusion matrix, titled with its scores and TF-IDF's."""
+        labels = sorted(set(frame["actual"]) | set(frame["finetuned_predicted"]))
+        figure = confusion_matrix_figure(
+            confusion_matrix(frame["actual"], frame["finetuned_predicted"], labels),
+            labels,
+            f"WordNet category, test set: accuracy {metrics['finetuned_accuracy']:.3f}, "
+            f"macro-F1 {metrics['finetuned_macro_f1']:.3f} (TF-IDF + LR "
+            f"{metrics[f'{TFIDF}_macro_f1']:.3f})",
+        )
+        return Report({"confusion_matrix.png": figure})

@@ -12,15 +12,17 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lmpipe.data import sft
 from lmpipe.evaluation.lm_metrics import mean_loss, perplexity
+from lmpipe.evaluation.plots import loss_comparison_figure
 from lmpipe.evaluation.scoring import example_losses, generate_replies
 from lmpipe.runs.config import EvaluateConfig, FinetuneConfig
-from lmpipe.tasks.base import FinetuningTask, TrainingSetup
+from lmpipe.tasks.base import FinetuningTask, Report, TrainingSetup
 from lmpipe.tasks.causal_lm import NextTokenLoss
 from lmpipe.training.model import load_model, model_device
 
 
 class SFT(NextTokenLoss, FinetuningTask):
     name = "sft"
+    before_tuning_is_comparable = True
 
     def splits(self, f: FinetuneConfig) -> dict[str, list[sft.Conversation]]:
         return sft.split_conversations(sft.load_chatterbot(f.language), f.val_fraction,
@@ -107,3 +109,17 @@ class SFT(NextTokenLoss, FinetuningTask):
             metrics[f"{label}_sft_test_loss"] = loss
             metrics[f"{label}_sft_test_perplexity"] = perplexity(loss)
         return metrics
+
+    def report(
+        self,
+        frame: pd.DataFrame,
+        metrics: Mapping[str, float],
+        models: Sequence[str],
+        e: EvaluateConfig,
+    ) -> Report:
+        """Each model's per-example response loss, and the first replies side by side."""
+        per_example = {m: frame[f"{m}_loss"] / frame["target_tokens"] for m in models}
+        figure = loss_comparison_figure(per_example, "Held-out response loss per example")
+        shown = frame.head(e.num_generations)
+        replies = shown[["prompt", "reference", *(f"{m}_reply" for m in models)]]
+        return Report({"sft_test_loss.png": figure}, {"generations.json": replies})
