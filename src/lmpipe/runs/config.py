@@ -100,6 +100,20 @@ class DedupConfig:
 
 
 @dataclass
+class DataSlurmConfig:
+    """SLURM job arrays for the data stages' tasks (clean.executor=slurm)."""
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    cpus_per_task: int = 1
+    mem_per_cpu_gb: int = 2
+    time: str = "04:00:00"
+    max_array_size: int = 1001
+    sbatch_args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class CleanConfig:
     normalize: str | None = "NFC"
     strip_control: bool = True
@@ -108,8 +122,12 @@ class CleanConfig:
     quality: QualityConfig = field(default_factory=QualityConfig)
     blocklist: BlocklistConfig = field(default_factory=BlocklistConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
-    workers: int | None = None  # processes for repair/filter/MinHash; null: one per core
-    batch_docs: int = 256
+    # Tasks the inputs are split into (whole files, in order): tracked, as the corpus's part
+    # files follow it. The executor and its workers are not: they never change the output.
+    shards: int = 8
+    executor: str = "local"  # local | slurm (datatrove's executors)
+    workers: int | None = None  # tasks run at once; null: one per core (local), no cap (slurm)
+    slurm: DataSlurmConfig = field(default_factory=DataSlurmConfig)
     dropped_sample_size: int = 5
     shard_docs: int = 50_000
 
@@ -320,6 +338,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "hardware.launcher": ("none", "slurm", "submitit_local"),
     "hardware.strategy": ("ddp", "fsdp"),
     "pretrain.final_weights": ("last", "best"),
+    "clean.executor": ("local", "slurm"),
     "finetune.final_weights": ("last", "best"),
 }
 
@@ -334,7 +353,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "clean.dedup.num_perm": (lambda v: v >= 16, ">= 16"),
     "clean.dedup.ngram": (lambda v: v >= 1, ">= 1"),
     "clean.workers": (lambda v: v >= 1, ">= 1"),
-    "clean.batch_docs": (lambda v: v >= 1, ">= 1"),
+    "clean.shards": (lambda v: v >= 1, ">= 1"),
     "clean.shard_docs": (lambda v: v >= 1, ">= 1"),
     "tokenize.val_fraction": (lambda v: 0 < v < 1, "in (0, 1)"),
     "tokenize.block_size": (lambda v: v >= 2, ">= 2"),
