@@ -39,6 +39,7 @@ def main(cfg: DictConfig) -> None:
             settings.shard_tokens,
             settings.batch_docs,
             settings.engine,
+            stage.cfg.clean,  # the data stages' executor and workers
         )
         summary = {**asdict(stats), "tokenizer_train_seconds": train_seconds}
         stage.write_json("stats.json", summary)

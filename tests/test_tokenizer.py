@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
+from lmpipe.data import tokens
 from lmpipe.data.corpus import clean_corpus, is_validation, iter_corpus
 from lmpipe.data.tokenizer import (
     EOS,
@@ -141,6 +142,21 @@ def test_encode_corpus_packs_documents_with_eos_deterministically(
     assert decoded == texts[0]
     assert first.val_docs > 0 and first.chars_per_token > 1.0
     assert first.dropped_tail_tokens < 2 * 64
+
+
+def test_encode_corpus_on_a_pool_of_workers_equals_encoding_in_process(
+    tmp_path: Path, tiny_tokenizer, corpus: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One task per part file; the streams are joined in part order whatever ran them."""
+    assert len(list(corpus.glob("part-*.parquet"))) > 2
+    inline = encode_corpus(tiny_tokenizer, corpus, tmp_path / "a", 0.2, 64, 4096)
+    monkeypatch.setattr(tokens, "INLINE_BYTES", 0)
+    pooled = encode_corpus(
+        tiny_tokenizer, corpus, tmp_path / "b", 0.2, 64, 4096, settings=CleanConfig(workers=2)
+    )
+    assert file_digests(tmp_path / "a") == file_digests(tmp_path / "b")
+    assert (inline.train_docs, inline.val_docs) == (pooled.train_docs, pooled.val_docs)
+    assert not list(tmp_path.glob(".work-*"))  # the tasks' streams are removed
 
 
 def test_token_split_slices_across_shard_boundaries(tmp_path: Path, tiny_tokenizer, corpus) -> None:

@@ -36,7 +36,7 @@ from datatrove.pipeline.base import PipelineStep
 from omegaconf import DictConfig, OmegaConf
 
 from lmpipe.data import dedup
-from lmpipe.data.engine import check_settings, run_step
+from lmpipe.data.engine import INLINE_BYTES, check_settings, run_step
 from lmpipe.data.filters import QUALITY_RULES, REPAIRS, DocumentFilter
 from lmpipe.data.sources import SOURCE_PROBLEMS, Document, InputUnit, input_units, unit_documents
 from lmpipe.runs.config import CleanConfig, DataConfig
@@ -498,8 +498,12 @@ def clean_corpus(
     work = WorkDir(out_dir.parent / f".work-{work_fingerprint(data, cfg, units)}")
     work.make()
     runs = assign_units(units, tasks)
-    run_step("clean/judge", [JudgeStep(data, cfg, work, runs)], tasks, cfg, work.logs("judge"))
-    run_step("clean/dedup", [DedupStep(cfg, work, tasks)], tasks, cfg, work.logs("dedup"))
+    # the embedded packages are a few MB; local files are weighed by their size
+    inline = data.kind == "embedded" or sum(u.weight for u in units) < INLINE_BYTES
+    judge = JudgeStep(data, cfg, work, runs)
+    run_step("clean/judge", [judge], tasks, cfg, work.logs("judge"), inline=inline)
+    dedup_step = DedupStep(cfg, work, tasks)
+    run_step("clean/dedup", [dedup_step], tasks, cfg, work.logs("dedup"), inline=inline)
     clusters = decide_drops(work, tasks)
     report = CleanReport()
     for task in range(tasks):
@@ -507,7 +511,8 @@ def clean_corpus(
     first_parts = _first_parts(work, tasks, cfg.shard_docs)
     # the write step's completions belong to this output directory only
     write_logs = work.logs(f"write-{out_dir.name}")
-    run_step("clean/write", [WriteStep(cfg, work, out_dir, first_parts)], tasks, cfg, write_logs)
+    write = WriteStep(cfg, work, out_dir, first_parts)
+    run_step("clean/write", [write], tasks, cfg, write_logs, inline=inline)
     for task in range(tasks):
         report.merge(CleanReport.load(work.write_report(task)), cfg.dropped_sample_size)
     report.near_duplicate_clusters = clusters

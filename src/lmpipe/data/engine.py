@@ -30,6 +30,9 @@ EXECUTORS = ("local", "slurm")
 # Lines of a failed task's log quoted in the error.
 ERROR_LINES = 12
 POLL_SECONDS = 2.0
+# Less input than this runs in the stage's own process (with the local executor): starting
+# a pool of workers would cost more than the work.
+INLINE_BYTES = 32_000_000
 
 
 class EngineError(RuntimeError):
@@ -58,14 +61,17 @@ def run_step(
     tasks: int,
     settings: CleanConfig,
     logging_dir: Path,
+    inline: bool = False,
 ) -> None:
     """Run `steps` as tasks 0..tasks-1 on the configured executor and wait for all of them.
-    Raises EngineError naming every failed task, with the end of its log."""
+    `inline`: little work, so the local executor runs the tasks in this process, one after
+    another (the same tasks, so the same output). Raises EngineError naming every failed
+    task, with the end of its log."""
     check_settings(settings)
     logging_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     if settings.executor == "local":
-        _run_local(steps, tasks, settings, logging_dir)
+        _run_local(steps, tasks, 1 if inline else settings.workers, logging_dir)
     else:
         _run_slurm(name, steps, tasks, settings, logging_dir)
     incomplete = incomplete_tasks(logging_dir, tasks)
@@ -115,9 +121,9 @@ def _error_tail(logging_dir: Path, rank: int) -> list[str]:
 
 
 def _run_local(
-    steps: Sequence[PipelineStep], tasks: int, settings: CleanConfig, logging_dir: Path
+    steps: Sequence[PipelineStep], tasks: int, workers: int | None, logging_dir: Path
 ) -> None:
-    workers = max(1, min(settings.workers or os.cpu_count() or 1, tasks))
+    workers = max(1, min(workers or os.cpu_count() or 1, tasks))
     executor = LocalPipelineExecutor(
         pipeline=list(steps),
         tasks=tasks,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -29,15 +30,22 @@ from typing import Any, BinaryIO
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from datatrove.pipeline.base import PipelineStep
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from lmpipe.data.corpus import is_validation, iter_corpus_batches
+from lmpipe.data.corpus import is_validation
+from lmpipe.data.engine import INLINE_BYTES, run_step
 from lmpipe.data.tokenizer import batch_encoder, document_frame
+from lmpipe.runs.config import CleanConfig
 
 log = logging.getLogger(__name__)
 
 INDEX_FILE = "index.json"
+# Tokens copied at a time when the tasks' streams are joined into block shards.
+MERGE_TOKENS = 1 << 24
+
 FORMAT = "lmpipe.tokens/1"
 SPLITS = ("train", "val")
 
@@ -194,6 +202,58 @@ def _prefetch(batches: Iterator[pa.RecordBatch], depth: int = 4) -> Iterator[pa.
         yield item
 
 
+class EncodeStep(PipelineStep):
+    """Encode one corpus part file: each split's framed token stream (not yet cut into
+    blocks) to `<split>-NNNNN.bin`, with its document and character counts."""
+
+    name = "encode"
+    type = "lmpipe.tokenize"
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        parts: list[Path],
+        work: Path,
+        val_fraction: float,
+        batch_docs: int,
+        engine: str,
+    ) -> None:
+        super().__init__()
+        self.tokenizer, self.parts, self.work = tokenizer, parts, work
+        self.val_fraction, self.batch_docs, self.engine = val_fraction, batch_docs, engine
+
+    def run(self, data: Any = None, rank: int = 0, world_size: int = 1) -> None:
+        tokenizer = self.tokenizer
+        dtype = token_dtype(len(tokenizer))
+        before, after = (np.asarray(ids, dtype=dtype) for ids in document_frame(tokenizer))
+        encode = batch_encoder(tokenizer, self.engine)
+        counts = {"chars": 0, **{f"{s}_documents": 0 for s in SPLITS}}
+        streams = {s: (self.work / f"{s}-{rank:05d}.bin").open("wb") for s in SPLITS}
+        progress = tqdm(desc=f"tokenize {rank}", unit="tok", unit_scale=True, mininterval=5)
+        batches = pq.ParquetFile(self.parts[rank]).iter_batches(
+            batch_size=self.batch_docs, columns=["id", "text"]
+        )
+        for batch in _prefetch(batches):
+            text_column = batch.column("text")
+            counts["chars"] += int(pc.sum(pc.utf8_length(text_column)).as_py() or 0)
+            encoded = encode(text_column.to_pylist())
+            parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+            for doc_id, ids in zip(batch.column("id").to_pylist(), encoded, strict=True):
+                split = "val" if is_validation(doc_id, self.val_fraction) else "train"
+                parts[split] += (before, np.asarray(ids, dtype=dtype), after)
+                counts[f"{split}_documents"] += 1
+            for split, arrays in parts.items():
+                if arrays:
+                    stream = np.concatenate(arrays)
+                    streams[split].write(stream.tobytes())
+                    progress.update(stream.size)
+        progress.close()
+        for handle in streams.values():
+            handle.close()
+        (self.work / f"counts-{rank:05d}.json").write_text(json.dumps(counts))
+        self.stat_update("tokens", value=progress.n)
+
+
 def encode_corpus(
     tokenizer: PreTrainedTokenizerBase,
     corpus_dir: Path,
@@ -203,38 +263,41 @@ def encode_corpus(
     shard_tokens: int,
     batch_docs: int = 1024,
     engine: str = "auto",
+    settings: CleanConfig | None = None,
 ) -> TokenStats:
-    """Encode every document (batched, on all cores; see `batch_encoder`), frame it (EOS
-    after it; an encoder's [CLS] before and [SEP] after),
-    route it to its split by id hash and pack the streams into block shards."""
+    """Encode every document (batched; see `batch_encoder`), frame it (EOS after it; an
+    encoder's [CLS] before and [SEP] after), route it to its split by id hash and pack the
+    streams into block shards. The corpus's part files are encoded as datatrove tasks on
+    the data stages' executor (`settings`: clean.executor, clean.workers); their streams
+    are then joined in part order, so the shards are the same for any executor."""
+    settings = settings or CleanConfig()
+    parts = sorted(corpus_dir.glob("part-*.parquet"))
+    if not parts:
+        raise FileNotFoundError(f"{corpus_dir}: no part-*.parquet shards")
     out_dir.mkdir(parents=True, exist_ok=True)
+    work = out_dir.parent / f".work-{out_dir.name}"
+    work.mkdir(parents=True, exist_ok=True)
     vocab_size = len(tokenizer)
     dtype = token_dtype(vocab_size)
     eos = np.asarray([tokenizer.eos_token_id], dtype=dtype)
-    before, after = (np.asarray(ids, dtype=dtype) for ids in document_frame(tokenizer))
-    encode = batch_encoder(tokenizer, engine)
+    start = time.perf_counter()
+    step = EncodeStep(tokenizer, parts, work, val_fraction, batch_docs, engine)
+    inline = sum(p.stat().st_size for p in parts) < INLINE_BYTES
+    run_step("tokenize/encode", [step], len(parts), settings, work / "logs", inline=inline)
     writers = {s: TokenShardWriter(out_dir, s, dtype, block_size, shard_tokens) for s in SPLITS}
     chars = 0
-    start = time.perf_counter()
-    progress = tqdm(desc="tokenize", unit="tok", unit_scale=True, mininterval=2)
-    batches = iter_corpus_batches(corpus_dir, batch_docs, columns=["id", "text"])
-    for batch in _prefetch(batches):
-        text_column = batch.column("text")
-        chars += int(pc.sum(pc.utf8_length(text_column)).as_py() or 0)
-        encoded = encode(text_column.to_pylist())
-        parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
-        documents = dict.fromkeys(SPLITS, 0)
-        for doc_id, ids in zip(batch.column("id").to_pylist(), encoded, strict=True):
-            split = "val" if is_validation(doc_id, val_fraction) else "train"
-            parts[split] += (before, np.asarray(ids, dtype=dtype), after)
-            documents[split] += 1
-        for split, arrays in parts.items():
-            if arrays:
-                stream = np.concatenate(arrays)
-                writers[split].write(stream, documents[split])
-                progress.update(stream.size)
-    progress.close()
+    for rank in range(len(parts)):
+        counts = json.loads((work / f"counts-{rank:05d}.json").read_text())
+        chars += counts["chars"]
+        for split in SPLITS:
+            path = work / f"{split}-{rank:05d}.bin"
+            if path.stat().st_size:  # an empty file cannot be mapped
+                stream = np.memmap(path, dtype=dtype, mode="r")
+                for offset in range(0, len(stream), MERGE_TOKENS):
+                    writers[split].write(np.asarray(stream[offset : offset + MERGE_TOKENS]), 0)
+            writers[split].documents += counts[f"{split}_documents"]
     seconds = time.perf_counter() - start
+    shutil.rmtree(work, ignore_errors=True)
     splits = {s: w.close() for s, w in writers.items()}
     for split, info in splits.items():
         if info["blocks"] == 0:
