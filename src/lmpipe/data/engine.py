@@ -47,6 +47,13 @@ class _SlurmWithoutStatsJob(SlurmPipelineExecutor):
     def launch_merge_stats(self) -> None:
         return None
 
+    def get_sbatch_args(self, max_array: int = 1) -> dict:
+        # no partition: the cluster's default one (datatrove would write a bare --partition)
+        args = super().get_sbatch_args(max_array)
+        if not args.get("partition"):
+            args.pop("partition", None)
+        return args
+
 
 def check_settings(settings: CleanConfig) -> None:
     if settings.executor not in EXECUTORS:
@@ -158,7 +165,7 @@ def _run_slurm(
         cpus_per_task=slurm.cpus_per_task,
         mem_per_cpu_gb=slurm.mem_per_cpu_gb,
         workers=settings.workers or -1,
-        job_name=f"lmpipe-{name}",
+        job_name=f"lmpipe-{name.replace('/', '-')}",
         qos=slurm.qos,
         logging_dir=str(logging_dir),
         slurm_logs_folder=str(logging_dir / "slurm_logs"),

@@ -273,7 +273,8 @@ class SlurmConfig:
     account: str | None = None
     qos: str | None = None
     nodes: int = 1
-    gpus_per_node: int = 8  # one task (process) per GPU
+    tasks_per_node: int = 8  # training processes per node: one per GPU, or CPU processes
+    gpus_per_node: int = 8  # 0 on a CPU partition
     cpus_per_task: int = 8
     mem_gb: int | None = None
     timeout_min: int = 1440
