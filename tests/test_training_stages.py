@@ -108,7 +108,9 @@ def test_sigkill_mid_training_then_dvc_repro_resumes_to_identical_weights(projec
     killed_again = kill_pretrain_when(project, mid_interval)
     assert killed_again["run_id"] == run_id and not killed_again.get("finished")
 
-    run(["dvc", "repro", "pretrain"], project, timeout=600)
+    # --force reruns clean and tokenize too: they reproduce the same files, so the
+    # checkpoint (keyed by its inputs' content, not by the upstream runs) still resumes
+    run(["dvc", "repro", "--force", "pretrain"], project, timeout=600)
     record = json.loads((project / PRETRAIN / "run.json").read_text())
     assert record["run_id"] == killed_at["run_id"]  # the same MLflow run, continued
     assert runs(project, "pretrain") == [(killed_at["run_id"], "FINISHED")]
@@ -126,6 +128,14 @@ def test_sigkill_mid_training_then_dvc_repro_resumes_to_identical_weights(projec
     assert resumed.keys() == straight.keys()
     for name, tensor in straight.items():
         assert torch.equal(resumed[name], tensor), name
+
+    # a checkpoint another config replaces will never resume: its run ends KILLED
+    abandoned = kill_pretrain_when(project, lambda state: state["step"] >= 50, force=True)
+    assert dict(runs(project, "pretrain"))[abandoned["run_id"]] == "RUNNING"
+    run(["python", "-m", "stages.pretrain", *PARAMS, "pretrain.steps=4"], project)
+    statuses = dict(runs(project, "pretrain"))
+    assert statuses[abandoned["run_id"]] == "KILLED"
+    assert list(statuses.values()).count("RUNNING") == 0
 
 
 def test_torchrun_two_processes_match_one_with_the_doubled_batch(project: Path):

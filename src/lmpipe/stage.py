@@ -259,12 +259,11 @@ class Stage:
         self.out_dir = outputs / name
         self.upstream = {up: self.inputs_root / up for up in upstream}
         self.checkpoints: Checkpoints | None = None
+        self.dvc_inputs: list[lineage.Input] | None = None
         if resume_keys:
             identity = {key: _plain(OmegaConf.select(self.cfg, key)) for key in resume_keys}
-            identity["upstream_runs"] = {
-                up: (tracking.read_run_file(path) or {}).get("run_id")
-                for up, path in self.upstream.items()
-            }
+            # only the main process reads and writes checkpoint states
+            identity["inputs"] = self._input_digests() if self.env.is_main else None
             identity["processes"] = self.env.world_size
             self.checkpoints = Checkpoints(
                 self.out_dir / "checkpoints", fingerprint(identity), self.env
@@ -273,6 +272,22 @@ class Stage:
         self._scratch: Path | None = None
         self._run_ctx: Any = None
         self.run_id: str = ""
+
+    def _input_digests(self) -> dict[str, Any]:
+        """What a checkpoint's inputs are, by content: the md5s DVC gives the stage's data
+        deps (recorded as the run's lineage too), so rerunning upstream stages that
+        reproduce the same files keeps the checkpoint. Outside a DVC stage, the upstream
+        runs stand in for their outputs."""
+        self.dvc_inputs = lineage.dvc_deps(self.name, find_project_root())
+        data = {i.name: i.digest for i in self.dvc_inputs if i.context != lineage.CODE}
+        if data:
+            return data
+        return {
+            "upstream_runs": {
+                up: (tracking.read_run_file(path) or {}).get("run_id")
+                for up, path in self.upstream.items()
+            }
+        }
 
     # -- paths -----------------------------------------------------------------------------
 
@@ -367,6 +382,9 @@ class Stage:
         atomic.recover(self.out_dir)
         resume_run = None
         state = self.checkpoints.resumable() if self.checkpoints else None
+        abandoned = self.checkpoints.discarded if self.checkpoints else None
+        if abandoned and abandoned.get("run_id"):
+            tracking.end_abandoned_run(abandoned["run_id"])
         if state is not None:
             resume_run = state.get("run_id") or None
             if resume_run and not tracking.run_exists(resume_run):
@@ -378,7 +396,12 @@ class Stage:
         if self.sweep_job:  # named by its swept values, e.g. "finetune finetune.optim.lr=0.001"
             run_name = f"{self.name} {HydraConfig.get().job.override_dirname}".strip()
         self._run_ctx = tracking.stage_run(
-            self.name, self.cfg, self.upstream, run_id=resume_run, run_name=run_name
+            self.name,
+            self.cfg,
+            self.upstream,
+            run_id=resume_run,
+            run_name=run_name,
+            inputs=self.dvc_inputs,
         )
         run = self._run_ctx.__enter__()
         self.run_id = run.info.run_id

@@ -77,13 +77,14 @@ def run_step(
     check_settings(settings)
     logging_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    error: Exception | None = None
     if settings.executor == "local":
-        _run_local(steps, tasks, 1 if inline else settings.workers, logging_dir)
+        error = _run_local(steps, tasks, 1 if inline else settings.workers, logging_dir)
     else:
         _run_slurm(name, steps, tasks, settings, logging_dir)
     incomplete = incomplete_tasks(logging_dir, tasks)
     if incomplete:
-        raise EngineError(failure_message(name, incomplete, logging_dir))
+        raise EngineError(failure_message(name, incomplete, logging_dir)) from error
     log.info("%s: %d tasks done in %.1f s", name, tasks, time.perf_counter() - start)
 
 
@@ -129,7 +130,8 @@ def _error_tail(logging_dir: Path, rank: int) -> list[str]:
 
 def _run_local(
     steps: Sequence[PipelineStep], tasks: int, workers: int | None, logging_dir: Path
-) -> None:
+) -> Exception | None:
+    """Run the tasks; the first task error, if any (the caller reports every failed task)."""
     workers = max(1, min(workers or os.cpu_count() or 1, tasks))
     executor = LocalPipelineExecutor(
         pipeline=list(steps),
@@ -142,7 +144,8 @@ def _run_local(
     try:
         executor.run()
     except Exception as exc:  # the pool re-raises a task's error: report every failed task
-        log.debug("local executor stopped: %r", exc)
+        return exc
+    return None
 
 
 def _run_slurm(

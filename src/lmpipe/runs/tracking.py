@@ -162,6 +162,19 @@ def read_run_file(stage_dir: Path) -> dict[str, Any] | None:
 SWEEP_PARENT_ENV = "LMPIPE_SWEEP_PARENT_RUN"
 
 
+def end_abandoned_run(run_id: str) -> None:
+    """Mark KILLED a run whose checkpoint will never be resumed (it was discarded or
+    replaced), where it still shows RUNNING because its process was killed."""
+    client = MlflowClient()
+    try:
+        status = client.get_run(run_id).info.status
+    except mlflow.exceptions.MlflowException:
+        return  # deleted, or in another store
+    if status == "RUNNING":
+        client.set_terminated(run_id, "KILLED")
+        log.info("MLflow run %s, whose checkpoint is discarded, ended as KILLED", run_id)
+
+
 @contextlib.contextmanager
 def stage_run(
     stage: str,
@@ -169,8 +182,10 @@ def stage_run(
     upstream: Mapping[str, Path],
     run_id: str | None = None,
     run_name: str | None = None,
+    inputs: list[lineage.Input] | None = None,
 ) -> Iterator[mlflow.ActiveRun]:
     """One MLflow run for one stage execution; ends FAILED if the body raises.
+    `inputs`: the stage's DVC deps with their md5s, where the caller has them already.
 
     `upstream` maps upstream stage names to their output directories: their run.json gives
     the run ids tagged here, so the chain corpus -> model can be walked in the UI.
@@ -202,7 +217,9 @@ def stage_run(
         if run_id is None:
             mlflow.log_params(flatten_config(cfg))
             mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/params.yaml")
-            log_inputs(run.info.run_id, lineage.dvc_deps(stage, find_project_root()))
+            if inputs is None:
+                inputs = lineage.dvc_deps(stage, find_project_root())
+            log_inputs(run.info.run_id, inputs)
         yield run
         status = "FINISHED"
     finally:

@@ -99,6 +99,9 @@ class Checkpoints:
         self.directory = Path(directory)
         self.fingerprint = fingerprint
         self.env = env or DistEnv()
+        # state.json of an unfinished `last` that `resumable` found of another config or
+        # input: it will be replaced, so its MLflow run can be ended
+        self.discarded: dict[str, Any] | None = None
 
     def state(self, name: str = LAST) -> dict[str, Any] | None:
         path = self.directory / name / STATE_FILE
@@ -112,6 +115,7 @@ class Checkpoints:
         if state is None or state.get("finished"):
             return None
         if state.get("fingerprint") != self.fingerprint:
+            self.discarded = state
             log.warning(
                 "%s holds a checkpoint of another config or input (step %s): starting afresh",
                 self.directory / LAST,
