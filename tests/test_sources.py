@@ -17,9 +17,12 @@ from lmpipe.data.sources import (
     SourceError,
     decode,
     fortune_files,
+    input_units,
     iter_documents,
+    local_documents,
     looks_binary,
     parse_fortunes,
+    unit_documents,
 )
 from lmpipe.runs.config import DataConfig
 
@@ -236,3 +239,38 @@ def test_wrong_text_field_is_a_config_error_naming_it(tmp_path: Path) -> None:
     pq.write_table(pa.table({"body": ["x"]}), tmp_path / "b.parquet")
     with pytest.raises(SourceError, match="no column 'text'"):
         list(iter_documents(local([tmp_path / "b.parquet"])))
+
+
+@pytest.mark.parametrize("split_bytes", [7, 50, 64, 333])
+def test_byte_ranges_of_a_large_file_read_the_same_documents(
+    tmp_path: Path, split_bytes: int
+) -> None:
+    """A file cut into ranges: every line read once, by the range it starts in, with the
+    file's own line numbers, whatever the cut (in a line, at a line start, in a long line)."""
+    lines = [json.dumps({"text": f"record {i} " + "word " * (i % 7)}) for i in range(40)]
+    lines[5] = json.dumps({"text": "x" * 300})  # longer than max_bytes: too_long
+    lines[9] = "{broken"
+    lines[12] = ""
+    jsonl = tmp_path / "data.jsonl"
+    jsonl.write_text("\n".join(lines) + "\n")
+    text = tmp_path / "data.txt"
+    text.write_text("\n".join(f"line {i} " + "y" * (i * 13 % 97) for i in range(60)) + "\n")
+    for path, unit in ((jsonl, "file"), (text, "line")):
+        cfg = local([path], text_unit=unit)
+        whole = list(local_documents(path, "text", unit, max_bytes=200))
+        units = input_units(cfg, split_bytes=split_bytes)
+        assert len(units) > 1 and sum(u.weight for u in units) == path.stat().st_size
+        pieces = [d for u in units for d in unit_documents(u, cfg, max_bytes=200)]
+        assert pieces == whole
+    problems = {d.problem for d in local_documents(jsonl, "text", max_bytes=200)}
+    assert {"too_long", "bad_record"} <= problems
+
+
+def test_files_that_cannot_be_cut_stay_whole(tmp_path: Path) -> None:
+    (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress(b'{"text": "hello there"}\n' * 50))
+    (tmp_path / "b.txt").write_text("one document per file " * 20)
+    units = input_units(local([tmp_path]), split_bytes=10)
+    assert [(Path(u.name).name, u.start, u.end) for u in units] == [
+        ("a.jsonl.gz", 0, None),
+        ("b.txt", 0, None),
+    ]

@@ -130,7 +130,9 @@ def test_sigkill_mid_training_then_dvc_repro_resumes_to_identical_weights(projec
         assert torch.equal(resumed[name], tensor), name
 
     # a checkpoint another config replaces will never resume: its run ends KILLED
-    abandoned = kill_pretrain_when(project, lambda state: state["step"] >= 50, force=True)
+    abandoned = kill_pretrain_when(
+        project, lambda state: state["step"] >= 50 and not state.get("finished"), force=True
+    )
     assert dict(runs(project, "pretrain"))[abandoned["run_id"]] == "RUNNING"
     run(["python", "-m", "stages.pretrain", *PARAMS, "pretrain.steps=4"], project)
     statuses = dict(runs(project, "pretrain"))

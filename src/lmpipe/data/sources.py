@@ -195,22 +195,46 @@ def _format(path: Path) -> tuple[str, bool]:
     return "txt", gzipped
 
 
-def _bounded_lines(handle: BinaryIO, max_bytes: int | None) -> Iterator[tuple[int, bytes | None]]:
+def _bounded_lines(
+    handle: BinaryIO, max_bytes: int | None, first_line: int = 1, stop: int | None = None
+) -> Iterator[tuple[int, bytes | None]]:
     """(line number, bytes) per line; None for a line over max_bytes, which is skipped
-    without being held in memory (a 50 MB line costs one buffer, not 50 MB)."""
+    without being held in memory (a 50 MB line costs one buffer, not 50 MB). With `stop`,
+    the lines that start before that byte offset (the handle starts on a line start)."""
     limit = -1 if max_bytes is None else max_bytes + 1
-    lineno = 0
-    while True:
+    lineno = first_line - 1
+    position = handle.tell() if stop is not None else 0
+    while stop is None or position < stop:
         line = handle.readline(limit)
         if not line:
             return
         lineno += 1
+        position += len(line)
         if max_bytes is not None and len(line) > max_bytes and not line.endswith(b"\n"):
-            while (rest := handle.readline(1 << 20)) and not rest.endswith(b"\n"):
-                pass
+            while rest := handle.readline(1 << 20):
+                position += len(rest)
+                if rest.endswith(b"\n"):
+                    break
             yield lineno, None
         else:
             yield lineno, line
+
+
+def _seek_line_start(handle: BinaryIO, start: int) -> int:
+    """Move to the first line that starts at or after byte `start` (a line that began
+    earlier belongs to the range before); returns its line number."""
+    handle.seek(start - 1)
+    if handle.read(1) != b"\n":
+        while (rest := handle.readline(1 << 20)) and not rest.endswith(b"\n"):
+            pass
+    line_start = handle.tell()
+    handle.seek(0)
+    newlines, remaining = 0, line_start
+    while remaining > 0 and (chunk := handle.read(min(1 << 20, remaining))):
+        newlines += chunk.count(b"\n")
+        remaining -= len(chunk)
+    handle.seek(line_start)
+    return newlines + 1
 
 
 def _too_long(doc_id: str, max_bytes: int | None) -> Document:
@@ -218,7 +242,12 @@ def _too_long(doc_id: str, max_bytes: int | None) -> Document:
 
 
 def _text_documents(
-    handle: BinaryIO, name: str, unit: str, max_bytes: int | None
+    handle: BinaryIO,
+    name: str,
+    unit: str,
+    max_bytes: int | None,
+    first_line: int = 1,
+    stop: int | None = None,
 ) -> Iterator[Document]:
     if unit == "file":
         raw = handle.read(-1 if max_bytes is None else max_bytes + 1)
@@ -229,7 +258,7 @@ def _text_documents(
         yield Document(f"local:{name}", "local", text, repaired)
         return
     if unit == "line":
-        for lineno, line in _bounded_lines(handle, max_bytes):
+        for lineno, line in _bounded_lines(handle, max_bytes, first_line, stop):
             if line is None:
                 yield _too_long(f"local:{name}:{lineno}", max_bytes)
             elif line.strip():
@@ -257,11 +286,16 @@ def _text_documents(
 
 
 def _jsonl_documents(
-    handle: BinaryIO, name: str, text_field: str, max_bytes: int | None
+    handle: BinaryIO,
+    name: str,
+    text_field: str,
+    max_bytes: int | None,
+    first_line: int = 1,
+    stop: int | None = None,
 ) -> Iterator[Document]:
     records = missing = 0
     keys_seen: set[str] = set()
-    for lineno, line in _bounded_lines(handle, max_bytes):
+    for lineno, line in _bounded_lines(handle, max_bytes, first_line, stop):
         doc_id = f"local:{name}:{lineno}"
         if line is None:
             yield _too_long(doc_id, max_bytes)
@@ -312,11 +346,24 @@ def _parquet_documents(path: Path, text_field: str, max_bytes: int | None) -> It
                 yield Document(doc_id, "local", text)
 
 
+def splittable(path: Path, unit: str) -> bool:
+    """Whether a file can be read in byte ranges: one document per line, not compressed."""
+    kind, gzipped = _format(path)
+    return not gzipped and (kind == "jsonl" or (kind == "txt" and unit == "line"))
+
+
 def local_documents(
-    path: Path, text_field: str, unit: str = "file", max_bytes: int | None = None
+    path: Path,
+    text_field: str,
+    unit: str = "file",
+    max_bytes: int | None = None,
+    start: int = 0,
+    end: int | None = None,
 ) -> Iterator[Document]:
-    """Documents of one local file. Problems with the file itself (binary, unreadable,
-    corrupt) become a single problem document and a warning, never an exception."""
+    """Documents of one local file, or of the lines that start in its byte range
+    [start, end) (see `splittable`; ids keep the file's line numbers). Problems with the
+    file itself (binary, unreadable, corrupt) become a single problem document, reported by
+    the range that starts the file, and a warning, never an exception."""
     name = str(path)
     kind, gzipped = _format(path)
     try:
@@ -327,18 +374,21 @@ def local_documents(
         with opener(path, "rb") as handle:
             head = handle.peek(SNIFF_BYTES)[:SNIFF_BYTES] if hasattr(handle, "peek") else b""
             if looks_binary(head):
-                log.warning("%s: looks binary; skipped", path)
-                yield Document(f"local:{name}", "local", "binary content", problem="binary")
+                if start == 0:
+                    log.warning("%s: looks binary; skipped", path)
+                    yield Document(f"local:{name}", "local", "binary content", problem="binary")
                 return
+            first_line = _seek_line_start(handle, start) if start else 1
             if kind == "jsonl":
-                yield from _jsonl_documents(handle, name, text_field, max_bytes)
+                yield from _jsonl_documents(handle, name, text_field, max_bytes, first_line, end)
             else:
-                yield from _text_documents(handle, name, unit, max_bytes)
+                yield from _text_documents(handle, name, unit, max_bytes, first_line, end)
     except SourceError:
         raise
     except (OSError, EOFError, ValueError, zlib.error) as exc:  # permissions, I/O, corruption
-        log.warning("%s: cannot be read (%s); skipped", path, exc)
-        yield Document(f"local:{name}", "local", f"cannot be read: {exc}", problem="unreadable")
+        if start == 0:
+            log.warning("%s: cannot be read (%s); skipped", path, exc)
+            yield Document(f"local:{name}", "local", f"cannot be read: {exc}", problem="unreadable")
 
 
 # --- Hugging Face datasets ------------------------------------------------------------------
@@ -385,12 +435,20 @@ class InputUnit:
     kind: str  # embedded | local | hf
     name: str  # package, file path or dataset name ("" for all local files as one unit)
     weight: int  # bytes where known, else 1: tasks get runs of about equal weight
+    start: int = 0  # a byte range of a large file read line by line (`splittable`)
+    end: int | None = None
 
 
-def input_units(cfg: DataConfig) -> list[InputUnit]:
+# Files read line by line are cut into ranges of about this size, so one large file is
+# still spread over tasks. Part of what fixes the corpus's layout: changing it changes it.
+SPLIT_BYTES = 32_000_000
+
+
+def input_units(cfg: DataConfig, split_bytes: int = SPLIT_BYTES) -> list[InputUnit]:
     """The configured input as units, in corpus order. Configuration errors (no path, a path
     that does not exist, an unknown package or kind) are raised here, before any work.
-    With `max_docs`, the local files form one unit, as the cap counts across them."""
+    With `max_docs`, the local files form one unit, as the cap counts across them; else a
+    large file read line by line is cut into ranges of `split_bytes`."""
     if cfg.kind == "embedded":
         if not cfg.embedded:
             raise SourceError("data.embedded: no embedded source listed")
@@ -405,7 +463,16 @@ def input_units(cfg: DataConfig) -> list[InputUnit]:
         files = expand_paths(cfg.paths)
         if cfg.max_docs is not None:
             return [InputUnit("local", "", sum(_size(f) for f in files))]
-        return [InputUnit("local", str(f), _size(f)) for f in files]
+        units = []
+        for path in files:
+            size = _size(path)
+            if size <= split_bytes or not splittable(path, cfg.text_unit):
+                units.append(InputUnit("local", str(path), size))
+                continue
+            for start in range(0, size, split_bytes):
+                end = min(size, start + split_bytes)
+                units.append(InputUnit("local", str(path), end - start, start, end))
+        return units
     if cfg.kind == "hf":
         if not cfg.name:
             raise SourceError("data.name: no dataset name given")
@@ -427,10 +494,15 @@ def unit_documents(
     stream: Iterator[Document]
     if unit.kind == "embedded":
         stream = embedded_documents(unit.name, cfg.skip_offensive)
+    elif unit.kind == "local" and unit.name:
+        path = Path(unit.name)
+        stream = local_documents(
+            path, cfg.text_field, cfg.text_unit, max_bytes, unit.start, unit.end
+        )
     elif unit.kind == "local":
-        files = [Path(unit.name)] if unit.name else expand_paths(cfg.paths)
         stream = itertools.chain.from_iterable(
-            local_documents(p, cfg.text_field, cfg.text_unit, max_bytes) for p in files
+            local_documents(p, cfg.text_field, cfg.text_unit, max_bytes)
+            for p in expand_paths(cfg.paths)
         )
     else:
         stream = hf_documents(cfg)
