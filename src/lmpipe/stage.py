@@ -43,12 +43,13 @@ from lmpipe.runs.config import (
     stale_params_message,
     validate,
 )
-from lmpipe.training import distributed
-from lmpipe.training.checkpoint import Checkpoints, fingerprint
+from lmpipe.runs.processes import process_env
 
 if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.figure import Figure
+
+    from lmpipe.training.checkpoint import Checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +250,7 @@ class Stage:
     ) -> None:
         self.name = name
         self.cfg = validate(cfg)
-        self.env = distributed.process_env()
+        self.env = process_env()
         outputs = Path(self.cfg.outputs_dir)
         self.inputs_root = outputs
         # A job of a user's sweep (a launcher's single job is an ordinary run).
@@ -265,6 +266,9 @@ class Stage:
             # only the main process reads and writes checkpoint states
             identity["inputs"] = self._input_digests() if self.env.is_main else None
             identity["processes"] = self.env.world_size
+            # imported here: torch is for training stages only (clean and tokenize start faster)
+            from lmpipe.training.checkpoint import Checkpoints, fingerprint
+
             self.checkpoints = Checkpoints(
                 self.out_dir / "checkpoints", fingerprint(identity), self.env
             )
@@ -416,7 +420,8 @@ class Stage:
         try:
             return self._finish(exc_type, exc, tb)
         finally:
-            distributed.shutdown()
+            if "lmpipe.training.distributed" in sys.modules:  # a process group may be up
+                sys.modules["lmpipe.training.distributed"].shutdown()
 
     def _finish(
         self,

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import dill
 from datatrove.executor import LocalPipelineExecutor, SlurmPipelineExecutor
 from datatrove.pipeline.base import PipelineStep
 
@@ -131,7 +132,12 @@ def _error_tail(logging_dir: Path, rank: int) -> list[str]:
 def _run_local(
     steps: Sequence[PipelineStep], tasks: int, workers: int | None, logging_dir: Path
 ) -> Exception | None:
-    """Run the tasks; the first task error, if any (the caller reports every failed task)."""
+    """Run the tasks; the first task error, if any (the caller reports every failed task).
+
+    One worker: the tasks run here, one after another. Several: datatrove's pool runs in a
+    process of its own (`python -m lmpipe.data.engine`), forked into workers from there, so
+    a worker holds the data libraries only, not what the stage process has loaded (MLflow,
+    Hydra): it starts sooner and costs less memory per core."""
     workers = max(1, min(workers or os.cpu_count() or 1, tasks))
     executor = LocalPipelineExecutor(
         pipeline=list(steps),
@@ -139,12 +145,21 @@ def _run_local(
         workers=workers,
         logging_dir=str(logging_dir),
         skip_completed=True,
-        start_method="forkserver",  # the stage process has threads (MLflow, tqdm) to not fork
+        start_method="fork",  # from the small engine process, which has no threads yet
     )
-    try:
-        executor.run()
-    except Exception as exc:  # the pool re-raises a task's error: report every failed task
-        return exc
+    if workers == 1:
+        for rank in executor.get_incomplete_ranks():
+            try:
+                executor._run_for_rank(rank)
+            except Exception as exc:  # the task's log has it; the caller names the task
+                return exc
+        return None
+    pickled = logging_dir / "executor.pik"
+    with pickled.open("wb") as handle:
+        dill.dump(executor, handle)
+    pool = subprocess.run([sys.executable, "-m", "lmpipe.data.engine", str(pickled)], check=False)
+    if pool.returncode != 0:
+        return RuntimeError(f"the local executor exited with status {pool.returncode}")
     return None
 
 
@@ -197,3 +212,14 @@ def wait_for_job(job: str) -> None:
         if not queued.stdout.strip():
             return
         time.sleep(POLL_SECONDS)
+
+
+def main() -> None:
+    """`python -m lmpipe.data.engine <executor.pik>`: run a pickled local executor's pool."""
+    with open(sys.argv[1], "rb") as handle:
+        executor = dill.load(handle)
+    executor.run()
+
+
+if __name__ == "__main__":
+    main()

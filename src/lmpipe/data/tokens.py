@@ -290,11 +290,10 @@ def encode_corpus(
         counts = json.loads((work / f"counts-{rank:05d}.json").read_text())
         chars += counts["chars"]
         for split in SPLITS:
-            path = work / f"{split}-{rank:05d}.bin"
-            if path.stat().st_size:  # an empty file cannot be mapped
-                stream = np.memmap(path, dtype=dtype, mode="r")
-                for offset in range(0, len(stream), MERGE_TOKENS):
-                    writers[split].write(np.asarray(stream[offset : offset + MERGE_TOKENS]), 0)
+            # read in chunks, not mapped: mapped pages would count in the stage's memory
+            with (work / f"{split}-{rank:05d}.bin").open("rb") as stream:
+                while (chunk := np.fromfile(stream, dtype=dtype, count=MERGE_TOKENS)).size:
+                    writers[split].write(chunk, 0)
             writers[split].documents += counts[f"{split}_documents"]
     seconds = time.perf_counter() - start
     shutil.rmtree(work, ignore_errors=True)
