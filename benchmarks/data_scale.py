@@ -42,8 +42,9 @@ BASELINE = "9b7397e"  # clean and tokenize on lmpipe's own process pool
 @dataclass
 class Measure:
     seconds: float
-    peak_rss_gb: float
+    peak_rss_gb: float  # the sum of the processes' RSS: pages they share count once each
     cpu_seconds: float
+    peak_pss_gb: float  # the sum of their PSS: a shared page split among its sharers
 
     @property
     def utilisation(self) -> float:
@@ -57,28 +58,34 @@ def run_measured(cmd: list[str], env: dict[str, str], log_path: Path, cwd: Path)
     with log_path.open("w") as log:
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
         root = psutil.Process(proc.pid)
-        peak = 0
+        peak = peak_pss = 0
         cpu: dict[tuple[int, float], float] = {}  # (pid, start time) -> last CPU seconds seen
+        samples = 0
         while proc.poll() is None:
             try:
                 tree = [root, *root.children(recursive=True)]
             except psutil.NoSuchProcess:
                 break
-            rss = 0
+            rss = pss = 0
+            full = samples % 5 == 0  # PSS reads smaps: every 0.5 s
             for p in tree:
                 try:
                     with p.oneshot():
                         rss += p.memory_info().rss
+                        if full:
+                            pss += p.memory_full_info().pss
                         times = p.cpu_times()
                         cpu[(p.pid, p.create_time())] = times.user + times.system
-                except psutil.NoSuchProcess:
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
                     continue
             peak = max(peak, rss)
+            peak_pss = max(peak_pss, pss)
+            samples += 1
             time.sleep(0.1)
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}); see {log_path}")
-    return Measure(seconds, peak / 1e9, sum(cpu.values()))
+    return Measure(seconds, peak / 1e9, sum(cpu.values()), peak_pss / 1e9)
 
 
 def run_size(mb: int, work: Path, code: Path, label: str) -> dict[str, Measure]:
@@ -103,7 +110,8 @@ def run_size(mb: int, work: Path, code: Path, label: str) -> dict[str, Measure]:
         m = results[stage]
         print(
             f"{label:>8} {stage:>9} {mb:>6} MB  {m.seconds:8.1f} s  {mb / m.seconds:6.2f} MB/s  "
-            f"peak RSS {m.peak_rss_gb:5.2f} GB  CPU {100 * m.utilisation:5.1f}% of "
+            f"peak RSS {m.peak_rss_gb:5.2f} GB (PSS {m.peak_pss_gb:4.2f})  "
+            f"CPU {100 * m.utilisation:5.1f}% of "
             f"{os.cpu_count()} cores  ({m.cpu_seconds:.0f} CPU s)",
             flush=True,
         )
@@ -177,7 +185,7 @@ def main() -> None:
     clean = measured["lmpipe"][large]["clean"]
     verdict = "met" if clean.peak_rss_gb <= RSS_LIMIT_GB else "MISSED"
     print(f"clean peak RSS at {large} MB: {clean.peak_rss_gb:.2f} GB (target <= {RSS_LIMIT_GB} GB:"
-          f" {verdict})")  # fmt: skip
+          f" {verdict}); peak PSS {clean.peak_pss_gb:.2f} GB")  # fmt: skip
     if not args.keep:
         subprocess.run(["rm", "-rf", str(work)], check=False)
 
