@@ -6,10 +6,11 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
 
-from lmpipe.data import tokens
 from lmpipe.data.corpus import clean_corpus, is_validation, iter_corpus
 from lmpipe.data.tokenizer import (
     EOS,
@@ -144,18 +145,20 @@ def test_encode_corpus_packs_documents_with_eos_deterministically(
     assert first.dropped_tail_tokens < 2 * 64
 
 
-def test_encode_corpus_on_a_pool_of_workers_equals_encoding_in_process(
-    tmp_path: Path, tiny_tokenizer, corpus: Path, monkeypatch: pytest.MonkeyPatch
+def test_encode_corpus_joins_the_part_tasks_in_order(
+    tmp_path: Path, tiny_tokenizer, corpus: Path
 ) -> None:
-    """One task per part file; the streams are joined in part order whatever ran them."""
-    assert len(list(corpus.glob("part-*.parquet"))) > 2
-    inline = encode_corpus(tiny_tokenizer, corpus, tmp_path / "a", 0.2, 64, 4096)
-    monkeypatch.setattr(tokens, "INLINE_BYTES", 0)
-    pooled = encode_corpus(
-        tiny_tokenizer, corpus, tmp_path / "b", 0.2, 64, 4096, settings=CleanConfig(workers=2)
-    )
+    """One task per part file; the streams joined in part order give the same shards as the
+    same documents in a single part."""
+    parts = sorted(corpus.glob("part-*.parquet"))
+    assert len(parts) > 2
+    single = tmp_path / "single"
+    single.mkdir()
+    pq.write_table(pa.concat_tables(pq.read_table(p) for p in parts), single / "part-00000.parquet")
+    many = encode_corpus(tiny_tokenizer, corpus, tmp_path / "a", 0.2, 64, 4096)
+    one = encode_corpus(tiny_tokenizer, single, tmp_path / "b", 0.2, 64, 4096)
     assert file_digests(tmp_path / "a") == file_digests(tmp_path / "b")
-    assert (inline.train_docs, inline.val_docs) == (pooled.train_docs, pooled.val_docs)
+    assert (many.train_docs, many.val_docs) == (one.train_docs, one.val_docs)
     assert not list(tmp_path.glob(".work-*"))  # the tasks' streams are removed
 
 

@@ -27,7 +27,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import pyarrow as pa
@@ -52,6 +52,8 @@ LENGTH_BINS = 32
 PREVIEW_CHARS = 1000
 # A row group closes at this many characters even if it has few documents.
 BATCH_CHARS = 8_000_000
+# Documents whose dedup records are written to the partitions at once.
+RECORD_BATCH = 4096
 # Bump when what a task writes changes, so a resumed run never mixes the two.
 WORK_FORMAT = 1
 
@@ -302,6 +304,7 @@ def judge_units(
     # UTF-8 needs at most 4 bytes per character: larger inputs cannot pass max_chars.
     max_bytes = 4 * cfg.quality.max_chars if cfg.quality.max_chars is not None else None
     row = 0
+    pending: list[np.ndarray] = []  # records not yet written to their partitions
     try:
         for unit in units:
             digest = hashlib.md5(usedforsecurity=False)
@@ -326,12 +329,14 @@ def judge_units(
                 if near or exact:
                     signature = dedup.minhash_signature(result.text, cfg.dedup) if near else None
                     key = dedup.exact_key(result.text) if exact else b""
-                    for record in dedup.dedup_records(signature, key, row, task, shape):
-                        records[int(record["band"]) % partitions].write(record.tobytes())
+                    pending.append(dedup.dedup_records(signature, key, row, task, shape))
                     if signature is not None:
                         signatures.write(signature.tobytes())
+                    if len(pending) >= RECORD_BATCH:
+                        _write_records(pending, records)
                 row += 1
             report.unit_digests.append((_unit_source(unit), digest.hexdigest()))
+        _write_records(pending, records)
     finally:
         candidates.flush()
         signatures.close()
@@ -345,6 +350,17 @@ def judge_units(
         pq.write_table(SCHEMA.empty_table(), work.candidates(task))
     report.save(work.judge_report(task))
     return report
+
+
+def _write_records(pending: list[np.ndarray], partitions: list[BinaryIO]) -> None:
+    """Append the pending records to their partitions' files (by band hash) and clear them."""
+    if not pending:
+        return
+    batch = np.concatenate(pending)
+    pending.clear()
+    which = batch["band"] % np.uint64(len(partitions))
+    for index, handle in enumerate(partitions):
+        handle.write(batch[which == index].tobytes())
 
 
 def _unit_source(unit: InputUnit) -> str:

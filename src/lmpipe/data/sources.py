@@ -220,21 +220,29 @@ def _bounded_lines(
             yield lineno, line
 
 
-def _seek_line_start(handle: BinaryIO, start: int) -> int:
-    """Move to the first line that starts at or after byte `start` (a line that began
-    earlier belongs to the range before); returns its line number."""
-    handle.seek(start - 1)
-    if handle.read(1) != b"\n":
-        while (rest := handle.readline(1 << 20)) and not rest.endswith(b"\n"):
-            pass
-    line_start = handle.tell()
-    handle.seek(0)
-    newlines, remaining = 0, line_start
-    while remaining > 0 and (chunk := handle.read(min(1 << 20, remaining))):
-        newlines += chunk.count(b"\n")
-        remaining -= len(chunk)
-    handle.seek(line_start)
-    return newlines + 1
+def line_ranges(path: Path, split_bytes: int) -> list[tuple[int, int, int]]:
+    """(start, end, first line number) of ranges of about `split_bytes` that each begin on a
+    line start, found in one pass over the file, so a range's reader seeks straight to it."""
+    size = path.stat().st_size
+    cuts = [(0, 1)]  # (offset of a line start, its line number)
+    target, newlines, offset = split_bytes, 0, 0
+    with path.open("rb") as handle:
+        while target < size and (chunk := handle.read(1 << 20)):
+            begin = 0
+            while target < size and target - 1 - offset < len(chunk):
+                # the newline at or after byte target - 1 ends the line the cut falls in
+                at = chunk.find(b"\n", max(begin, target - 1 - offset))
+                if at < 0:
+                    break
+                newlines += chunk.count(b"\n", begin, at + 1)
+                begin = at + 1
+                if offset + begin < size:
+                    cuts.append((offset + begin, newlines + 1))
+                target = offset + begin + split_bytes
+            newlines += chunk.count(b"\n", begin)
+            offset += len(chunk)
+    ends = [start for start, _ in cuts[1:]] + [size]
+    return [(start, end, line) for (start, line), end in zip(cuts, ends, strict=True)]
 
 
 def _too_long(doc_id: str, max_bytes: int | None) -> Document:
@@ -359,11 +367,13 @@ def local_documents(
     max_bytes: int | None = None,
     start: int = 0,
     end: int | None = None,
+    first_line: int = 1,
 ) -> Iterator[Document]:
-    """Documents of one local file, or of the lines that start in its byte range
-    [start, end) (see `splittable`; ids keep the file's line numbers). Problems with the
-    file itself (binary, unreadable, corrupt) become a single problem document, reported by
-    the range that starts the file, and a warning, never an exception."""
+    """Documents of one local file, or of its byte range [start, end) that begins on line
+    `first_line` (see `splittable`, `line_ranges`; ids keep the file's line numbers).
+    Problems with the file itself (binary, unreadable, corrupt) become a single problem
+    document, reported by the range that starts the file, and a warning, never an
+    exception."""
     name = str(path)
     kind, gzipped = _format(path)
     try:
@@ -378,7 +388,7 @@ def local_documents(
                     log.warning("%s: looks binary; skipped", path)
                     yield Document(f"local:{name}", "local", "binary content", problem="binary")
                 return
-            first_line = _seek_line_start(handle, start) if start else 1
+            handle.seek(start)
             if kind == "jsonl":
                 yield from _jsonl_documents(handle, name, text_field, max_bytes, first_line, end)
             else:
@@ -435,13 +445,15 @@ class InputUnit:
     kind: str  # embedded | local | hf
     name: str  # package, file path or dataset name ("" for all local files as one unit)
     weight: int  # bytes where known, else 1: tasks get runs of about equal weight
-    start: int = 0  # a byte range of a large file read line by line (`splittable`)
+    start: int = 0  # a byte range of a large file read line by line (`line_ranges`)
     end: int | None = None
+    first_line: int = 1
 
 
 # Files read line by line are cut into ranges of about this size, so one large file is
-# still spread over tasks. Part of what fixes the corpus's layout: changing it changes it.
-SPLIT_BYTES = 32_000_000
+# spread over tasks, in pieces small enough to balance them. Part of what fixes the
+# corpus's layout: changing it changes the part files.
+SPLIT_BYTES = 8_000_000
 
 
 def input_units(cfg: DataConfig, split_bytes: int = SPLIT_BYTES) -> list[InputUnit]:
@@ -469,9 +481,8 @@ def input_units(cfg: DataConfig, split_bytes: int = SPLIT_BYTES) -> list[InputUn
             if size <= split_bytes or not splittable(path, cfg.text_unit):
                 units.append(InputUnit("local", str(path), size))
                 continue
-            for start in range(0, size, split_bytes):
-                end = min(size, start + split_bytes)
-                units.append(InputUnit("local", str(path), end - start, start, end))
+            for start, end, line in line_ranges(path, split_bytes):
+                units.append(InputUnit("local", str(path), end - start, start, end, line))
         return units
     if cfg.kind == "hf":
         if not cfg.name:
@@ -497,7 +508,7 @@ def unit_documents(
     elif unit.kind == "local" and unit.name:
         path = Path(unit.name)
         stream = local_documents(
-            path, cfg.text_field, cfg.text_unit, max_bytes, unit.start, unit.end
+            path, cfg.text_field, cfg.text_unit, max_bytes, unit.start, unit.end, unit.first_line
         )
     elif unit.kind == "local":
         stream = itertools.chain.from_iterable(

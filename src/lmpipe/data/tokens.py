@@ -36,7 +36,7 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from lmpipe.data.corpus import is_validation
-from lmpipe.data.engine import INLINE_BYTES, run_step
+from lmpipe.data.engine import run_step
 from lmpipe.data.tokenizer import batch_encoder, document_frame
 from lmpipe.runs.config import CleanConfig
 
@@ -268,8 +268,8 @@ def encode_corpus(
     """Encode every document (batched; see `batch_encoder`), frame it (EOS after it; an
     encoder's [CLS] before and [SEP] after), route it to its split by id hash and pack the
     streams into block shards. The corpus's part files are encoded as datatrove tasks on
-    the data stages' executor (`settings`: clean.executor, clean.workers); their streams
-    are then joined in part order, so the shards are the same for any executor."""
+    the data stages' executor (`settings`: clean.executor); their streams are then joined
+    in part order, so the shards are the same for any executor."""
     settings = settings or CleanConfig()
     parts = sorted(corpus_dir.glob("part-*.parquet"))
     if not parts:
@@ -282,8 +282,9 @@ def encode_corpus(
     eos = np.asarray([tokenizer.eos_token_id], dtype=dtype)
     start = time.perf_counter()
     step = EncodeStep(tokenizer, parts, work, val_fraction, batch_docs, engine)
-    inline = sum(p.stat().st_size for p in parts) < INLINE_BYTES
-    run_step("tokenize/encode", [step], len(parts), settings, work / "logs", inline=inline)
+    # On this machine one task at a time: the encoder already keeps every core busy, and
+    # parallel tasks would only add processes. On SLURM the tasks spread over nodes.
+    run_step("tokenize/encode", [step], len(parts), settings, work / "logs", inline=True)
     writers = {s: TokenShardWriter(out_dir, s, dtype, block_size, shard_tokens) for s in SPLITS}
     chars = 0
     for rank in range(len(parts)):
