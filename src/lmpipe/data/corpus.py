@@ -31,6 +31,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from datatrove.pipeline.base import PipelineStep
 from omegaconf import DictConfig, OmegaConf
@@ -181,12 +182,18 @@ class ShardWriter:
         if len(self._buffer) >= min(self.row_group_docs, room) or self._buffer_chars > BATCH_CHARS:
             self._write_row_group()
 
+    def add_table(self, table: pa.Table) -> None:
+        """Append rows already in Arrow form (no Python object per document)."""
+        self._write_row_group()
+        while table.num_rows:
+            room = self.shard_docs - self._rows_in_shard
+            take = min(room, self.row_group_docs, table.num_rows)
+            self._write_table(table.slice(0, take))
+            table = table.slice(take)
+
     def _write_row_group(self) -> None:
         if not self._buffer:
             return
-        if self._writer is None:
-            path = self.directory / f"{self.prefix}-{self.first + self.shards:05d}.parquet"
-            self._writer = pq.ParquetWriter(path, SCHEMA)
         table = pa.table(
             {
                 "id": [d.id for d in self._buffer],
@@ -195,9 +202,16 @@ class ShardWriter:
             },
             schema=SCHEMA,
         )
-        self._writer.write_table(table)
-        self._rows_in_shard += len(self._buffer)
         self._buffer, self._buffer_chars = [], 0
+        self._write_table(table)
+
+    def _write_table(self, table: pa.Table) -> None:
+        """One row group, in the current shard (the caller keeps it within shard_docs)."""
+        if self._writer is None:
+            path = self.directory / f"{self.prefix}-{self.first + self.shards:05d}.parquet"
+            self._writer = pq.ParquetWriter(path, SCHEMA)
+        self._writer.write_table(table, row_group_size=max(1, table.num_rows))
+        self._rows_in_shard += table.num_rows
         if self._rows_in_shard >= self.shard_docs:
             self._close_shard()
 
@@ -400,6 +414,8 @@ class DedupStep(PipelineStep):
             found_exact, found_pairs = dedup.confirmed_pairs(group, store, self.cfg.dedup.threshold)
             exact.append(found_exact)
             pairs.append(found_pairs)
+        if store is not None:
+            store.close()
         self.stat_update("records", value=len(records))
         np.save(self.work.exact(rank), np.unique(np.concatenate(exact)))
         np.save(self.work.pairs(rank), np.unique(np.concatenate(pairs)))
@@ -435,32 +451,52 @@ class WriteStep(PipelineStep):
         writer = ShardWriter(self.out_dir, self.cfg.shard_docs, first=self.first_parts[rank])
         report = CleanReport()
         row = 0
+        # Arrow batches filtered as a whole: no Python object per kept document
         for batch in pq.ParquetFile(self.work.candidates(rank)).iter_batches(batch_size=1024):
-            for doc in batch.to_pylist():
-                reason = dropped.get(row)
-                row += 1
-                if reason is not None:
-                    report.dropped[reason] += 1
-                    report.sample(reason, doc["id"], doc["text"], self.cfg.dropped_sample_size)
-                    continue
-                writer.add(Document(doc["id"], doc["source"], doc["text"]))
-                report.docs_out += 1
-                report.chars_out += len(doc["text"])
-                report.length_out[length_bin(len(doc["text"]))] += 1
-                report.per_source_out[doc["source"]] += 1
+            rows = np.arange(row, row + batch.num_rows)
+            row += batch.num_rows
+            drop = np.isin(rows, dropped.rows)
+            for index in np.flatnonzero(drop).tolist():
+                reason = dropped.reasons[int(rows[index])]
+                report.dropped[reason] += 1
+                doc_id, text = batch.column("id")[index].as_py(), batch.column("text")[index]
+                report.sample(reason, doc_id, text.as_py(), self.cfg.dropped_sample_size)
+            kept = pa.Table.from_batches([batch]).filter(pa.array(~drop))
+            lengths = pc.utf8_length(kept.column("text")).to_numpy(zero_copy_only=False)
+            report.docs_out += kept.num_rows
+            report.chars_out += int(lengths.sum())
+            report.length_out.update(_length_bins(lengths))
+            sources = pc.value_counts(kept.column("source")).to_pylist()
+            report.per_source_out.update({s["values"]: s["counts"] for s in sources})
+            writer.add_table(kept)
         writer.flush()
         report.save(self.work.write_report(rank))
         self.stat_update("kept", value=report.docs_out)
 
 
-def _task_drops(work: WorkDir, task: int) -> dict[int, str]:
-    """row -> reason for the task's dropped candidates (the duplicates only: few)."""
-    drops: dict[int, str] = {}
+@dataclass
+class TaskDrops:
+    rows: np.ndarray  # the task's dropped candidate rows, sorted
+    reasons: dict[int, str]
+
+
+def _task_drops(work: WorkDir, task: int) -> TaskDrops:
+    """The task's dropped candidates (the duplicates only: few) and why."""
+    reasons: dict[int, str] = {}
     with np.load(work.dropped) as decided:
         for key, reason in (("exact", dedup.DUPLICATE), ("near", dedup.NEAR_DUPLICATE)):
             tasks, rows = dedup.split_ordinals(decided[key])
-            drops.update(dict.fromkeys(rows[tasks == task].tolist(), reason))
-    return drops
+            reasons.update(dict.fromkeys(rows[tasks == task].tolist(), reason))
+    return TaskDrops(np.array(sorted(reasons), dtype=np.int64), reasons)
+
+
+def _length_bins(lengths: np.ndarray) -> Counter[int]:
+    """`length_bin` of many lengths at once."""
+    bins = np.zeros(len(lengths), dtype=np.int64)
+    positive = lengths > 0
+    bins[positive] = np.minimum(np.floor(np.log2(lengths[positive])), LENGTH_BINS - 1)
+    values, counts = np.unique(bins, return_counts=True)
+    return Counter(dict(zip(values.tolist(), counts.tolist(), strict=True)))
 
 
 # --- the pipeline --------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import itertools
+import os
 import re
 from pathlib import Path
 
@@ -121,18 +122,24 @@ def split_ordinals(ordinals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 class SignatureStore:
-    """The full signatures of every task's candidates, memory-mapped from disk."""
+    """The full signatures of every task's candidates, on disk: each lookup reads its row
+    (not memory-mapped, so the rows read do not stay resident in the process)."""
 
     def __init__(self, files: dict[int, Path], num_perm: int) -> None:
-        self._maps = {
-            task: np.memmap(path, dtype=np.uint32, mode="r").reshape(-1, num_perm)
-            for task, path in files.items()
-            if path.stat().st_size
-        }
+        self.row_bytes = num_perm * 4
+        self._files = {task: path.open("rb") for task, path in files.items()}
 
     def get(self, ordinals: np.ndarray) -> np.ndarray:
         tasks, rows = split_ordinals(ordinals)
-        return np.stack([self._maps[int(t)][int(r)] for t, r in zip(tasks, rows, strict=True)])
+        out = np.empty((len(ordinals), self.row_bytes // 4), dtype=np.uint32)
+        for i, (task, row) in enumerate(zip(tasks.tolist(), rows.tolist(), strict=True)):
+            raw = os.pread(self._files[task].fileno(), self.row_bytes, row * self.row_bytes)
+            out[i] = np.frombuffer(raw, dtype=np.uint32)
+        return out
+
+    def close(self) -> None:
+        for handle in self._files.values():
+            handle.close()
 
 
 def candidate_groups(records: np.ndarray) -> list[np.ndarray]:
@@ -239,4 +246,10 @@ def find_duplicates(texts: list[str], cfg: DedupConfig) -> tuple[list[str | None
 
 class _MemoryStore(SignatureStore):
     def __init__(self, signatures: np.ndarray) -> None:  # one task, rows in order
-        self._maps = {0: signatures}
+        self.signatures = signatures
+
+    def get(self, ordinals: np.ndarray) -> np.ndarray:
+        return self.signatures[split_ordinals(ordinals)[1]]
+
+    def close(self) -> None:
+        return None
