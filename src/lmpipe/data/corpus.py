@@ -323,7 +323,7 @@ def judge_units(
         for unit in units:
             digest = hashlib.md5(usedforsecurity=False)
             for doc in unit_documents(unit, data, max_bytes):
-                digest.update(f"{doc.id}\0{doc.text}\0".encode("utf-8", "surrogatepass"))
+                update_raw_digest(digest, doc)
                 report.docs_in += 1
                 report.per_source_in[doc.source] += 1
                 if doc.problem is not None:
@@ -364,6 +364,11 @@ def judge_units(
         pq.write_table(SCHEMA.empty_table(), work.candidates(task))
     report.save(work.judge_report(task))
     return report
+
+
+def update_raw_digest(digest: Any, doc: Document) -> None:
+    """Add a document as read (id and raw text, boundaries marked) to its unit's md5."""
+    digest.update(f"{doc.id}\0{doc.text}\0".encode("utf-8", "surrogatepass"))
 
 
 def _write_records(pending: list[np.ndarray], partitions: list[BinaryIO]) -> None:
