@@ -155,6 +155,12 @@ def test_encode_corpus_joins_the_part_tasks_in_order(
     single = tmp_path / "single"
     single.mkdir()
     pq.write_table(pa.concat_tables(pq.read_table(p) for p in parts), single / "part-00000.parquet")
+
+    # the BPE sample depends on the documents only, not on their files and row groups
+    def sample(directory: Path) -> list[str]:
+        return [t for batch in training_sample(directory, 0.2, 20_000) for t in batch]
+
+    assert sample(corpus) == sample(single)
     many = encode_corpus(tiny_tokenizer, corpus, tmp_path / "a", 0.2, 64, 4096)
     one = encode_corpus(tiny_tokenizer, single, tmp_path / "b", 0.2, 64, 4096)
     assert file_digests(tmp_path / "a") == file_digests(tmp_path / "b")

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import pyarrow.parquet as pq
+import pyarrow.compute as pc
 import tiktoken
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -265,13 +265,12 @@ def tiktoken_batches(encoding: tiktoken.Encoding, chunks_per_thread: int = 4) ->
 
 
 def corpus_text_chars(corpus_dir: Path) -> int:
-    """Approximate size of the corpus text from Parquet metadata, without reading it."""
+    """Characters of the corpus text, counted (a second or two per GB): the Parquet
+    metadata's sizes would make the BPE sample depend on how the documents are split into
+    files and row groups (clean.shards), not only on the documents."""
     total = 0
-    for shard in sorted(corpus_dir.glob("part-*.parquet")):
-        metadata = pq.ParquetFile(shard).metadata
-        column = metadata.schema.names.index("text")
-        for group in range(metadata.num_row_groups):
-            total += metadata.row_group(group).column(column).total_uncompressed_size
+    for batch in iter_corpus_batches(corpus_dir, 8192, columns=["text"]):
+        total += int(pc.sum(pc.utf8_length(batch.column("text"))).as_py() or 0)
     return total
 
 
