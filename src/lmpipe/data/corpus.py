@@ -507,19 +507,9 @@ def _length_bins(lengths: np.ndarray) -> Counter[int]:
 # --- the pipeline --------------------------------------------------------------------------
 
 
-def as_clean_config(cfg: CleanConfig | DictConfig) -> CleanConfig:
-    """A plain dataclass (cheap to send to task processes) from a config node."""
-    if isinstance(cfg, DictConfig):
-        obj: Any = OmegaConf.to_object(cfg)
-        return obj
-    return cfg
-
-
-def as_data_config(cfg: DataConfig | DictConfig) -> DataConfig:
-    if isinstance(cfg, DictConfig):
-        obj: Any = OmegaConf.to_object(cfg)
-        return obj
-    return cfg
+def as_dataclass(cfg: Any) -> Any:
+    """The config's plain dataclass (cheap to pickle for task processes), from a node."""
+    return OmegaConf.to_object(cfg) if isinstance(cfg, DictConfig) else cfg
 
 
 # Settings that change how the work runs, never what it produces.
@@ -547,7 +537,7 @@ def clean_corpus(
     """Read the configured sources, repair, filter and deduplicate, write shards to out_dir.
     Intermediate files live in `.work-<fingerprint>` beside out_dir until the end: a run
     interrupted after some tasks completed resumes there."""
-    cfg, data = as_clean_config(cfg), as_data_config(data)
+    cfg, data = as_dataclass(cfg), as_dataclass(data)
     check_settings(cfg)
     DocumentFilter(cfg)  # a bad blocklist fails before any task starts
     units = input_units(data)  # a missing path or unknown source too
