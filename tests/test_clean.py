@@ -15,6 +15,7 @@ import pytest
 
 from lmpipe.data import corpus
 from lmpipe.data.corpus import clean_corpus, iter_corpus
+from lmpipe.data.engine import EngineError
 from lmpipe.runs.config import CleanConfig, DataConfig, DedupConfig, QualityConfig
 from tests.conftest import PROSE, REPO, file_digests, tool_env
 
@@ -210,3 +211,21 @@ def test_clean_stage_killed_mid_run_keeps_the_last_complete_output(tmp_path: Pat
     assert again.returncode == 0, again.stderr[-3000:]
     assert not list((outputs / "clean").glob(".*"))
     assert json.loads((outputs / "clean" / "stats.json").read_text())["docs_in"] == 6000
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+def test_a_failing_task_fails_clean_naming_it_with_its_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pooled: bool
+) -> None:
+    """In this process or in the worker pool: the error names the task and quotes its log."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.jsonl").write_text(json.dumps({"text": PROSE}) + "\n")
+    (src / "b.jsonl").write_text(json.dumps({"body": "no text field here"}) + "\n")
+    if pooled:
+        monkeypatch.setattr(corpus, "INLINE_BYTES", 0)
+    settings = CleanConfig(shards=2, workers=2)
+    with pytest.raises(EngineError, match=r"clean/judge: 1 task\(s\) failed: 1") as failed:
+        clean_corpus(DataConfig(kind="local", paths=[str(src)]), settings, tmp_path / "o")
+    assert "no record has the field 'text'" in str(failed.value)
+    assert not (tmp_path / "o").exists()

@@ -95,22 +95,33 @@ def incomplete_tasks(logging_dir: Path, tasks: int) -> list[int]:
 
 
 def failure_message(name: str, incomplete: list[int], logging_dir: Path) -> str:
-    """Tasks that started and did not complete failed; the others never ran (a local pool
-    stops at the first failure)."""
-    failed = [r for r in incomplete if _started(logging_dir, r)] or incomplete
+    """Tasks whose logs show an error failed; the other incomplete ones were stopped or never
+    ran (a local pool stops at the first failure)."""
+    failed = [r for r in incomplete if _errored(logging_dir, r)] or incomplete
     lines = [f"{name}: {len(failed)} task(s) failed: {', '.join(map(str, failed))}"]
     if len(incomplete) > len(failed):
-        lines[0] += f" ({len(incomplete) - len(failed)} more did not run)"
+        lines[0] += f" ({len(incomplete) - len(failed)} more did not finish)"
     for rank in failed[:5]:
         lines.append(f"--- task {rank} ({_task_log(logging_dir, rank) or 'no log'}):")
         lines.extend(_error_tail(logging_dir, rank))
     return "\n".join(lines)
 
 
-def _started(logging_dir: Path, rank: int) -> bool:
-    return _task_log(logging_dir, rank) is not None or any(
-        (logging_dir / "slurm_logs").glob(f"*_{rank}.out")
+# What a task's log (datatrove's loguru format) or its SLURM output shows when it failed.
+_ERROR_MARKS = ("| ERROR", "Traceback (most recent call last)", "srun: error", "CANCELLED")
+
+
+def _errored(logging_dir: Path, rank: int) -> bool:
+    return any(
+        any(mark in path.read_text(errors="replace") for mark in _ERROR_MARKS)
+        for path in _task_logs(logging_dir, rank)
     )
+
+
+def _task_logs(logging_dir: Path, rank: int) -> list[Path]:
+    """The task's own log, then its SLURM output files."""
+    own = [p for p in (_task_log(logging_dir, rank),) if p is not None]
+    return own + sorted((logging_dir / "slurm_logs").glob(f"*_{rank}.out"))
 
 
 def _task_log(logging_dir: Path, rank: int) -> Path | None:
@@ -121,9 +132,7 @@ def _task_log(logging_dir: Path, rank: int) -> Path | None:
 def _error_tail(logging_dir: Path, rank: int) -> list[str]:
     """The end of the task's own log, else of its SLURM output (a task that died before
     datatrove could log: killed, out of memory, a broken environment on the node)."""
-    candidates = [p for p in (_task_log(logging_dir, rank),) if p is not None]
-    candidates += sorted((logging_dir / "slurm_logs").glob(f"*_{rank}.out"))
-    for path in candidates:
+    for path in _task_logs(logging_dir, rank):
         text = path.read_text(errors="replace").strip().splitlines()
         if text:
             return text[-ERROR_LINES:]
