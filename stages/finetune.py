@@ -2,7 +2,9 @@
 
 `finetune=sft` instruction-tunes on chat pairs; `finetune=classify` trains a sequence
 classifier on WordNet glosses. Either can use LoRA (merged before saving) or freeze the
-lower layers. Early stopping on the validation loss; the best weights become the model.
+lower layers. The training examples are first selected (`finetune.selection`: dedup,
+quality rules, IFD, diversity, budget); selection.parquet says why each was kept or
+dropped. Early stopping on the validation loss; the best weights become the model.
 Resumable like pretrain. Returns the best validation loss, the objective of a Hydra sweep.
 """
 
@@ -14,6 +16,9 @@ from omegaconf import DictConfig
 from lmpipe import tasks
 from lmpipe.data.tokenizer import load_tokenizer
 from lmpipe.evaluation.lm_metrics import perplexity
+from lmpipe.evaluation.plots import selection_figures
+from lmpipe.runs import lineage
+from lmpipe.selection.run import CACHE_DIR, select_for_task
 from lmpipe.stage import Stage, prepare_cli
 from lmpipe.training.loop import seed_everything, setup_hardware, train
 from lmpipe.training.model import save_model
@@ -30,8 +35,22 @@ def main(cfg: DictConfig) -> float:
         seed_everything(c.seed)
         base = stage.input("pretrain", "model")
         tokenizer = load_tokenizer(base)
+        chosen = select_for_task(
+            tasks.finetuning(f.task), f, base, tokenizer, device, c.seed,
+            stage.inputs_root / CACHE_DIR, env,
+        )  # fmt: skip
+        table_path = stage.output("selection.parquet")
+        chosen.table.to_parquet(table_path, index=False)
+        stage.log_metrics(chosen.counts())
+        for name, figure in selection_figures(chosen.table).items():
+            stage.log_figure(figure, name)
+        # What the model was tuned on, beside its DVC deps in the run's datasets.
+        stage.log_inputs([lineage.Input("outputs/finetune/selection.parquet", chosen.digest(),
+                                        "selection", table_path.resolve().as_uri())])  # fmt: skip
+        log.info("finetune: %d of %d training examples selected", len(chosen.selected_ids),
+                 len(chosen.table))  # fmt: skip
         setup = tasks.prepare_finetuning(f, base, tokenizer, c.seed, device, env.rank,
-                                         env.world_size)  # fmt: skip
+                                         env.world_size, chosen.selected_ids)  # fmt: skip
         if f.epochs is not None:
             steps = tasks.steps_for_epochs(f, setup.batches.num_items, env.world_size)
             log.info("finetune: %s epochs of %d examples = %d steps", f.epochs,

@@ -18,6 +18,7 @@ import yaml
 from transformers import PreTrainedTokenizerBase
 
 from lmpipe.data.batches import IGNORE_INDEX, ShuffledBatches, ordered_examples, shuffled_examples
+from lmpipe.selection.candidates import Candidate
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,43 @@ def encode_conversation(
     if all(label == IGNORE_INDEX for label in labels):
         return None
     return {"input_ids": ids, "labels": labels}
+
+
+def responses_alone(
+    tokenizer: PreTrainedTokenizerBase, messages: Messages, example: dict[str, list[int]]
+) -> dict[str, list[int]]:
+    """The assistant turns of `messages` without the user turns, labelled on the same
+    response tokens as `example` (the first as many as it labels, when max_len cut it)."""
+    alone = encode_conversation(
+        tokenizer, [m for m in messages if m["role"] == "assistant"], max_len=1 << 30
+    )
+    assert alone is not None, "an example with a labelled token has an assistant turn"
+    wanted = sum(label != IGNORE_INDEX for label in example["labels"])
+    ids, labels, seen = [], [], 0
+    for token, label in zip(alone["input_ids"], alone["labels"], strict=True):
+        if seen == wanted:
+            break
+        ids.append(token)
+        labels.append(label)
+        seen += label != IGNORE_INDEX
+    return {"input_ids": ids, "labels": labels}
+
+
+def selection_candidate(
+    tokenizer: PreTrainedTokenizerBase, conversation: Conversation, max_len: int
+) -> Candidate | None:
+    """The conversation as data selection judges it; None if it has no target in max_len."""
+    example = encode_conversation(tokenizer, conversation.messages, max_len)
+    if example is None:
+        return None
+    turns = tuple(m["content"] for m in conversation.messages)
+    exchanges = tuple(
+        (m["content"], reply["content"])
+        for m, reply in zip(conversation.messages, conversation.messages[1:], strict=False)
+        if m["role"] == "user" and reply["role"] == "assistant"
+    )
+    return Candidate(conversation.id, turns, exchanges, example,
+                     responses_alone(tokenizer, conversation.messages, example))  # fmt: skip
 
 
 def encode_all(

@@ -1,5 +1,6 @@
 """Cheap baselines a skeptic would try first, fitted on the same training split and scored
-on the same held-out split as the model they stand beside."""
+on the same held-out split as the model they stand beside: TF-IDF + logistic regression
+for a classifier, TF-IDF retrieval of a training reply for a chat model."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from collections.abc import Sequence
 
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import Pipeline, make_pipeline, make_union
+from sklearn.metrics.pairwise import linear_kernel
+from sklearn.pipeline import FeatureUnion, Pipeline, make_pipeline, make_union
 
 # TF-IDF of word unigrams and of character 2-5-grams within words (sublinear term
 # frequency), then an L2-regularised logistic regression: the strong classical text
@@ -17,14 +19,18 @@ from sklearn.pipeline import Pipeline, make_pipeline, make_union
 TFIDF_C = 30.0
 
 
+def tfidf_features() -> FeatureUnion:
+    """Word unigrams and character 2-5-grams within words, both TF-IDF (unfitted)."""
+    return make_union(
+        TfidfVectorizer(sublinear_tf=True),
+        TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True),
+    )
+
+
 def tfidf_logistic_regression(seed: int = 0) -> Pipeline:
     """An unfitted TF-IDF + logistic-regression text classifier (scikit-learn)."""
     return make_pipeline(
-        make_union(
-            TfidfVectorizer(sublinear_tf=True),
-            TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True),
-        ),
-        LogisticRegression(C=TFIDF_C, max_iter=3000, random_state=seed),
+        tfidf_features(), LogisticRegression(C=TFIDF_C, max_iter=3000, random_state=seed)
     )
 
 
@@ -34,3 +40,14 @@ def tfidf_predictions(
     """Fit on the training texts, predict the labels of `texts`."""
     model = tfidf_logistic_regression(seed).fit(list(train_texts), list(train_labels))
     return [str(label) for label in model.predict(list(texts))]
+
+
+def retrieval_replies(
+    train_prompts: Sequence[str], train_replies: Sequence[str], prompts: Sequence[str]
+) -> list[str]:
+    """Answer each prompt with the reply to the most similar training prompt (the summed
+    cosines of word and character TF-IDF vectors; ties go to the earlier example)."""
+    features = tfidf_features().fit(list(train_prompts))
+    similarity = linear_kernel(features.transform(list(prompts)),
+                               features.transform(list(train_prompts)))  # fmt: skip
+    return [train_replies[int(i)] for i in similarity.argmax(1)]

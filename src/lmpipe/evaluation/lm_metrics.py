@@ -43,7 +43,15 @@ def token_losses(
         position_ids=batch.get("position_ids"),  # packed rows
         use_cache=False,  # with a KV cache, transformers ignores packed positions
     ).logits
-    targets = batch["labels"][:, 1:]
+    return next_token_losses(logits, batch["labels"])
+
+
+def next_token_losses(
+    logits: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position cross-entropy of logits [rows, length, vocab] against the next token of
+    labels [rows, length] (fp32, 0 where ignored), and the mask of labelled positions."""
+    targets = labels[:, 1:]
     losses = F.cross_entropy(
         logits[:, :-1].flatten(0, 1).float(),
         targets.flatten(),

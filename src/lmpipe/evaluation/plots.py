@@ -10,6 +10,7 @@ matplotlib.use("Agg")  # no display on training machines
 
 import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 from matplotlib.figure import Figure
 
 
@@ -65,3 +66,44 @@ def loss_comparison_figure(losses: Mapping[str, Sequence[float]], title: str) ->
     axis.legend()
     axis.set_title(title)
     return figure
+
+
+# Columns of a selection table (lmpipe.selection) shown as histograms, with their axis label.
+_SELECTION_SCORES = {
+    "tokens": "tokens per example",
+    "ifd": "IFD (response loss given the prompt / alone)",
+    "conditional_loss": "response loss given the prompt (nats/token)",
+    "response_loss": "response loss alone (nats/token)",
+}
+
+
+def selection_figures(table: pd.DataFrame) -> dict[str, Figure]:
+    """Histograms of each score over all training examples and over the selected ones,
+    and, where the examples were embedded, their 2-D PCA projection."""
+    selected = table["status"] == "selected"
+    columns = [c for c in _SELECTION_SCORES if c in table and table[c].notna().any()]
+    figure, axes = plt.subplots(1, len(columns), figsize=(4.2 * len(columns), 3.6),
+                                layout="constrained", squeeze=False)  # fmt: skip
+    for axis, column in zip(axes[0], columns, strict=True):
+        values = table[column].to_numpy(dtype=float)
+        finite = np.isfinite(values)
+        bins = np.histogram_bin_edges(values[finite], bins=30)
+        axis.hist(values[finite], bins=bins, alpha=0.5, label=f"all ({finite.sum()})")
+        axis.hist(values[finite & selected.to_numpy()], bins=bins, alpha=0.7,
+                  label=f"selected ({int((finite & selected.to_numpy()).sum())})")  # fmt: skip
+        axis.set_xlabel(_SELECTION_SCORES[column])
+        axis.set_ylabel("examples")
+        axis.legend(fontsize=8)
+    figure.suptitle("Fine-tuning data selection: scores of all and of selected examples")
+    figures = {"selection_scores.png": figure}
+    if "pca_x" in table:
+        figure, axis = plt.subplots(figsize=(6.5, 5.5), layout="constrained")
+        axis.scatter(table["pca_x"], table["pca_y"], s=6, c="lightgray", label="all")
+        axis.scatter(table.loc[selected, "pca_x"], table.loc[selected, "pca_y"], s=8,
+                     c="tab:red", label="selected")  # fmt: skip
+        axis.set_xlabel("PC 1")
+        axis.set_ylabel("PC 2")
+        axis.legend()
+        axis.set_title("Starting model's mean-pooled states (PCA): all vs selected")
+        figures["selection_projection.png"] = figure
+    return figures

@@ -5,7 +5,7 @@ confusion matrix and per-class report, per-example losses
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,31 +27,54 @@ def generate_replies(
     top_p: float = 1.0,
     device: torch.device | None = None,
     min_new_tokens: int = 0,
+    batch_size: int = 1,
 ) -> list[str]:
-    """Answer each prompt as a single user turn through the chat template."""
+    """Answer each prompt as a single user turn through the chat template, `batch_size`
+    prompts at a time (left-padded, so that every reply starts right after its prompt)."""
     device = device or next(model.parameters()).device
     model.eval()
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {}
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     replies = []
-    for prompt in prompts:
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}],
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=True,
-            return_tensors="pt",
-        )["input_ids"].to(device)
-        sampling = (
-            {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {}
-        )
+    for start in range(0, len(prompts), batch_size):
+        encoded = [
+            tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                          add_generation_prompt=True, tokenize=True)
+            for prompt in prompts[start : start + batch_size]
+        ]  # fmt: skip
+        encoded = [list(e["input_ids"]) if isinstance(e, Mapping) else list(e) for e in encoded]
+        width = max(len(ids) for ids in encoded)
+        ids = torch.tensor([[pad_id] * (width - len(e)) + e for e in encoded], device=device)
+        attention = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded],
+                                 device=device)  # fmt: skip
         out = model.generate(
             input_ids=ids,
-            attention_mask=torch.ones_like(ids),
+            attention_mask=attention,
             max_new_tokens=max_new_tokens,
             min_new_tokens=min_new_tokens,  # > 0: same reply length, e.g. to compare latency
+            pad_token_id=pad_id,
             **sampling,
         )
-        replies.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip())
+        replies += [
+            text.strip()
+            for text in tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+        ]
     return replies
+
+
+def reply_scores(replies: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Generated replies against their references: corpus chrF (sacrebleu, 0-100) and mean
+    ROUGE-L F1 (rouge-score, stemmed, 0-1)."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    if not replies:
+        raise ValueError("no generated replies to score")
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    rouge = [scorer.score(ref, reply)["rougeL"].fmeasure
+             for reply, ref in zip(replies, references, strict=True)]  # fmt: skip
+    chrf = sacrebleu.corpus_chrf(list(replies), [list(references)]).score
+    return {"chrf": float(chrf), "rougeL": float(np.mean(rouge))}
 
 
 @dataclass

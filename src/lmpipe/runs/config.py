@@ -202,6 +202,64 @@ class LoraSettings:
     )
 
 
+# The steps of finetune.selection, in the order a config lists them.
+SELECTION_STEPS = ("dedup", "quality", "ifd", "diversity")
+
+
+@dataclass
+class ExampleDedupConfig(DedupConfig):
+    """The clean stage's exact + near dedup, applied to fine-tuning examples: first on the
+    prompts, then on the whole examples (`fields`); the first copy in data order is kept."""
+
+    fields: list[str] = field(default_factory=lambda: ["prompt", "example"])
+    ngram: int = 3  # examples are short: word 3-grams (the clean stage uses 5)
+
+
+@dataclass
+class ExampleRulesConfig:
+    """Quality rules for examples, each switchable (false / null turns it off)."""
+
+    empty_turn: bool = True
+    max_turn_chars: int | None = 4000  # an over-long turn
+    # A response that repeats its prompt: difflib similarity of the two at or above this.
+    max_prompt_similarity: float | None = 0.9
+    # A response that is mostly non-text: share of its words holding a letter below this.
+    min_alpha_word_fraction: float | None = 0.5
+
+
+@dataclass
+class IfdConfig:
+    """Instruction-Following Difficulty (Cherry LLM): the response's loss given its prompt
+    over its loss alone, both under the starting model."""
+
+    max_ifd: float = 1.0  # examples at or above are dropped (the prompt does not help)
+
+
+@dataclass
+class BudgetConfig:
+    """How much the selection keeps: `count` or `share` (of the training split) of `unit`."""
+
+    unit: str = "examples"  # examples | tokens (of the training encoding)
+    count: int | None = None
+    share: float | None = None
+    # Without a diversity step, the order in which the budget is filled: rank (by IFD when
+    # scored, else data order), random (seeded) or longest first.
+    fill: str = "rank"
+
+
+@dataclass
+class SelectionConfig:
+    """Which training examples fine-tuning sees (lmpipe.selection); never val or test."""
+
+    steps: list[str] = field(default_factory=list)  # of SELECTION_STEPS, applied in order
+    dedup: ExampleDedupConfig = field(default_factory=ExampleDedupConfig)
+    quality: ExampleRulesConfig = field(default_factory=ExampleRulesConfig)
+    ifd: IfdConfig = field(default_factory=IfdConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    batch_size: int = 16  # scoring batches (no effect on the scores beyond float rounding)
+    seed: int | None = None  # budget.fill=random; null: the run's seed
+
+
 @dataclass
 class FinetuneConfig(TrainConfig):
     task: str = "sft"  # sft (chat pairs, causal LM) | classify (sequence classification)
@@ -223,13 +281,16 @@ class FinetuneConfig(TrainConfig):
     freeze_layers: int = 0
     freeze_embeddings: bool = False
     lora: LoraSettings = field(default_factory=LoraSettings)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
 
 
 @dataclass
 class EvaluateConfig:
     max_tokens: int = 65536
     batch_size: int = 8
-    num_generations: int = 8
+    # sft: held-out prompts answered greedily and scored (chrF, ROUGE-L); null: all of them
+    num_generations: int | None = None
+    shown_generations: int = 8  # ... of which the first are logged as a table
     max_new_tokens: int = 48
     do_sample: bool = False
     temperature: float = 1.0
@@ -341,6 +402,8 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "pretrain.final_weights": ("last", "best"),
     "clean.executor": ("local", "slurm"),
     "finetune.final_weights": ("last", "best"),
+    "finetune.selection.budget.unit": ("examples", "tokens"),
+    "finetune.selection.budget.fill": ("rank", "random", "longest"),
 }
 
 
@@ -384,9 +447,20 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "finetune.max_per_class": (lambda v: v >= 3, ">= 3"),
     "finetune.lora.r": (lambda v: v >= 1, ">= 1"),
     "finetune.lora.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "finetune.selection.budget.count": (lambda v: v >= 1, ">= 1"),
+    "finetune.selection.budget.share": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "finetune.selection.batch_size": (lambda v: v >= 1, ">= 1"),
+    "finetune.selection.ifd.max_ifd": (lambda v: v > 0, "> 0"),
+    "finetune.selection.dedup.threshold": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "finetune.selection.dedup.num_perm": (lambda v: v >= 16, ">= 16"),
+    "finetune.selection.dedup.ngram": (lambda v: v >= 1, ">= 1"),
+    "finetune.selection.quality.max_turn_chars": (lambda v: v >= 1, ">= 1"),
+    "finetune.selection.quality.max_prompt_similarity": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "finetune.selection.quality.min_alpha_word_fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "hardware.peak_flops": (lambda v: v > 0, "> 0"),
     "deploy.champion_tolerance": (lambda v: v >= 0, ">= 0"),
     "deploy.latency_requests": (lambda v: v >= 1, ">= 1"),
+    "evaluate.num_generations": (lambda v: v >= 1, ">= 1"),
 }
 
 
@@ -434,6 +508,7 @@ def validate(cfg: DictConfig | dict) -> DictConfig:
             f"invalid value for 'finetune.dataset': {dataset!r} is not a {task} dataset "
             f"(allowed for finetune.task={task}: {TASK_DATASETS[task]})"
         )
+    _validate_selection(merged.finetune.selection, task)
     mlm = merged.pretrain.mlm
     if mlm.mask_share + mlm.random_share > 1:
         raise ConfigError(
@@ -441,6 +516,28 @@ def validate(cfg: DictConfig | dict) -> DictConfig:
             f"'pretrain.mlm.random_share' ({mlm.random_share}): their sum must be <= 1"
         )
     return merged
+
+
+def _validate_selection(s: DictConfig, task: str) -> None:
+    key = "finetune.selection"
+    unknown = [step for step in s.steps if step not in SELECTION_STEPS]
+    if unknown:
+        raise ConfigError(f"invalid step(s) in '{key}.steps': {unknown} "
+                          f"(allowed: {list(SELECTION_STEPS)})")  # fmt: skip
+    if len(set(s.steps)) < len(s.steps):
+        raise ConfigError(f"'{key}.steps' lists a step twice: {list(s.steps)}")
+    if s.budget.count is not None and s.budget.share is not None:
+        raise ConfigError(f"set one of '{key}.budget.count' and '{key}.budget.share', not both")
+    if "diversity" in s.steps and s.budget.count is None and s.budget.share is None:
+        raise ConfigError(f"'{key}.steps' has diversity, which chooses up to a budget: set "
+                          f"'{key}.budget.count' or '{key}.budget.share'")  # fmt: skip
+    bad_fields = [name for name in s.dedup.fields if name not in ("prompt", "example")]
+    if bad_fields:
+        raise ConfigError(f"invalid value(s) in '{key}.dedup.fields': {bad_fields} "
+                          "(allowed: ['prompt', 'example'])")  # fmt: skip
+    if "ifd" in s.steps and task == "classify":
+        raise ConfigError(f"'{key}.steps' has ifd, which scores responses: finetune.task="
+                          "classify has none (use dedup, quality and diversity)")  # fmt: skip
 
 
 # --- composition and freshness -------------------------------------------------------------

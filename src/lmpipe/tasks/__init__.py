@@ -11,6 +11,7 @@ fine-tuning, chosen by `finetune.task`:
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
@@ -62,10 +63,12 @@ def prepare_finetuning(
     device: torch.device,
     rank: int = 0,
     world_size: int = 1,
+    train_ids: Collection[str] | None = None,
 ) -> TrainingSetup:
-    """The task's model and data, with LoRA or frozen layers as configured."""
+    """The task's model and data (the selected training examples, with `train_ids`), with
+    LoRA or frozen layers as configured."""
     task = finetuning(f.task)
-    setup = task.setup(f, base, tokenizer, seed, device, rank, world_size)
+    setup = task.setup(f, base, tokenizer, seed, device, rank, world_size, train_ids)
     if f.max_len > setup.model.config.max_position_embeddings:
         raise ConfigError(
             f"finetune.max_len={f.max_len} exceeds the base model's "

@@ -11,7 +11,7 @@ predictions and their scores. A new objective is a new module here, never a loop
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -21,10 +21,11 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 from peft import PeftModel
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModel, PreTrainedModel, PreTrainedTokenizerBase
 
 from lmpipe.data.batches import Batch
 from lmpipe.runs.config import EvaluateConfig, FinetuneConfig, PretrainConfig
+from lmpipe.selection.candidates import Candidate
 from lmpipe.training import adapters
 
 EvalFn = Callable[[torch.nn.Module], float | Mapping[str, float]]
@@ -125,6 +126,18 @@ class Report:
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
 
 
+def chosen(items: Sequence[Any], train_ids: Collection[str] | None) -> list[Any]:
+    """The training items a selection kept (all of them without one), in data order."""
+    if train_ids is None:
+        return list(items)
+    wanted = set(train_ids)
+    kept = [item for item in items if item.id in wanted]
+    if len(kept) != len(wanted):
+        raise ValueError(f"{len(wanted) - len(kept)} selected example id(s) are not in the "
+                         "training split: the selection is from other data")  # fmt: skip
+    return kept
+
+
 class FinetuningTask(Objective):
     """A fine-tuning objective on a labelled dataset with fixed train/val/test splits.
 
@@ -145,6 +158,15 @@ class FinetuningTask(Objective):
         """train / val / test: the same split for finetune and evaluate."""
 
     @abstractmethod
+    def candidates(self, f: FinetuneConfig, tokenizer: PreTrainedTokenizerBase) -> list[Candidate]:
+        """The training split's examples as data selection judges them (lmpipe.selection)."""
+
+    def scoring_model(self, base: Path) -> PreTrainedModel:
+        """The starting model that scores examples for selection: its backbone for the
+        embeddings (a task with responses also needs its LM head, for IFD)."""
+        return AutoModel.from_pretrained(str(base), use_safetensors=True, trust_remote_code=False)
+
+    @abstractmethod
     def setup(
         self,
         f: FinetuneConfig,
@@ -154,8 +176,10 @@ class FinetuningTask(Objective):
         device: torch.device,
         rank: int = 0,
         world_size: int = 1,
+        train_ids: Collection[str] | None = None,
     ) -> TrainingSetup:
-        """Load the model to tune from `base` and prepare its training data."""
+        """Load the model to tune from `base` and prepare its training data: the examples
+        of `train_ids` (a selection), or the whole training split."""
 
     @abstractmethod
     def load(self, path: Path) -> PreTrainedModel:

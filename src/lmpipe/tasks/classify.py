@@ -5,7 +5,7 @@ both fitted on the same training split."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -19,7 +19,8 @@ from lmpipe.evaluation.baselines import tfidf_predictions
 from lmpipe.evaluation.plots import confusion_matrix_figure
 from lmpipe.evaluation.scoring import classification_report, confusion_matrix, predict_classes
 from lmpipe.runs.config import EvaluateConfig, FinetuneConfig
-from lmpipe.tasks.base import FinetuningTask, Report, TrainingSetup
+from lmpipe.selection.candidates import Candidate
+from lmpipe.tasks.base import FinetuningTask, Report, TrainingSetup, chosen
 from lmpipe.training.model import load_classifier, model_device
 
 # Baselines scored beside the models, by their column prefix in the predictions table.
@@ -47,6 +48,9 @@ class Classify(FinetuningTask):
         items = classify.load_wordnet_glosses(list(f.categories), f.max_per_class)
         return classify.stratified_split(items, f.val_fraction, f.test_fraction)
 
+    def candidates(self, f: FinetuneConfig, tokenizer: PreTrainedTokenizerBase) -> list[Candidate]:
+        return classify.selection_candidates(tokenizer, self.splits(f)["train"], f.max_len)
+
     def setup(
         self,
         f: FinetuneConfig,
@@ -56,11 +60,14 @@ class Classify(FinetuningTask):
         device: torch.device,
         rank: int = 0,
         world_size: int = 1,
+        train_ids: Collection[str] | None = None,
     ) -> TrainingSetup:
         splits = self.splits(f)
+        # The classes are those of the whole training split, selected or not.
         labels = classify.label_names(splits["train"])
         model = load_classifier(base, labels)
-        train_examples = classify.encode_texts(tokenizer, splits["train"], labels, f.max_len)
+        train = chosen(splits["train"], train_ids)
+        train_examples = classify.encode_texts(tokenizer, train, labels, f.max_len)
         val_examples = classify.encode_texts(tokenizer, splits["val"], labels, f.max_len)
         pad = model.config.pad_token_id
 

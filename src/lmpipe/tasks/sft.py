@@ -3,21 +3,27 @@ assistant's turns only (prompt tokens are labelled -100)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lmpipe.data import sft
+from lmpipe.evaluation.baselines import retrieval_replies
 from lmpipe.evaluation.lm_metrics import mean_loss, perplexity
 from lmpipe.evaluation.plots import loss_comparison_figure
-from lmpipe.evaluation.scoring import example_losses, generate_replies
+from lmpipe.evaluation.scoring import example_losses, generate_replies, reply_scores
 from lmpipe.runs.config import EvaluateConfig, FinetuneConfig
-from lmpipe.tasks.base import FinetuningTask, Report, TrainingSetup
+from lmpipe.selection.candidates import Candidate
+from lmpipe.tasks.base import FinetuningTask, Report, TrainingSetup, chosen
 from lmpipe.tasks.causal_lm import NextTokenLoss
 from lmpipe.training.model import load_model, model_device
+
+# The retrieval baseline's column prefix in the predictions table.
+RETRIEVAL = "retrieval"
 
 
 class SFT(NextTokenLoss, FinetuningTask):
@@ -28,6 +34,13 @@ class SFT(NextTokenLoss, FinetuningTask):
         return sft.split_conversations(sft.load_chatterbot(f.language), f.val_fraction,
                                        f.test_fraction)  # fmt: skip
 
+    def candidates(self, f: FinetuneConfig, tokenizer: PreTrainedTokenizerBase) -> list[Candidate]:
+        found = (sft.selection_candidate(tokenizer, c, f.max_len) for c in self.splits(f)["train"])
+        return [c for c in found if c is not None]
+
+    def scoring_model(self, base: Path) -> PreTrainedModel:
+        return load_model(base)  # with its LM head: IFD scores responses
+
     def setup(
         self,
         f: FinetuneConfig,
@@ -37,10 +50,12 @@ class SFT(NextTokenLoss, FinetuningTask):
         device: torch.device,
         rank: int = 0,
         world_size: int = 1,
+        train_ids: Collection[str] | None = None,
     ) -> TrainingSetup:
         model = load_model(base)
         splits = self.splits(f)
-        train_examples = sft.encode_all(tokenizer, splits["train"], f.max_len)
+        train = chosen(splits["train"], train_ids)
+        train_examples = sft.encode_all(tokenizer, train, f.max_len)
         val_examples = sft.encode_all(tokenizer, splits["val"], f.max_len)
         pad = tokenizer.pad_token_id
 
@@ -69,8 +84,9 @@ class SFT(NextTokenLoss, FinetuningTask):
         e: EvaluateConfig,
     ) -> pd.DataFrame:
         """Per test conversation: each model's summed response loss and, for the first
-        `e.num_generations`, its reply to the opening prompt. Each model runs on the device
-        it is on (an int8 variant on the CPU beside an fp32 model on a GPU)."""
+        `e.num_generations` (all by default), its greedy reply to the opening prompt beside
+        the retrieval baseline's (the reply to the most similar training prompt). Each model
+        runs on the device it is on (an int8 variant on the CPU beside a model on a GPU)."""
         test = splits["test"]
         pairs = [(c, sft.encode_conversation(tokenizer, c.messages, f.max_len)) for c in test]
         pairs = [(c, ex) for c, ex in pairs if ex is not None]
@@ -84,9 +100,12 @@ class SFT(NextTokenLoss, FinetuningTask):
                 "reference": [c.messages[1]["content"] for c, _ in pairs],
             }
         )
-        prompts = frame["prompt"].tolist()[: e.num_generations]
+        answered = len(frame) if e.num_generations is None else min(e.num_generations, len(frame))
+        frame["generated"] = np.arange(len(frame)) < answered
+        prompts = frame["prompt"].tolist()[:answered]
         generation = {"max_new_tokens": e.max_new_tokens, "do_sample": e.do_sample,
-                      "temperature": e.temperature, "top_p": e.top_p}  # fmt: skip
+                      "temperature": e.temperature, "top_p": e.top_p,
+                      "batch_size": e.batch_size}  # fmt: skip
         for label, model in models.items():
             device = model_device(model)
             sums, counts = example_losses(
@@ -96,18 +115,29 @@ class SFT(NextTokenLoss, FinetuningTask):
             frame["target_tokens"] = counts
             replies = generate_replies(model, tokenizer, prompts, device=device, **generation)
             frame[f"{label}_reply"] = replies + [""] * (len(frame) - len(replies))
+        train = splits["train"]
+        replies_to = [c.messages[1]["content"] for c in train]
+        retrieved = retrieval_replies([c.prompt for c in train], replies_to, prompts)
+        frame[f"{RETRIEVAL}_reply"] = retrieved + [""] * (len(frame) - len(retrieved))
         return frame
 
     def score(
         self, frame: pd.DataFrame, models: Sequence[str], splits: Mapping[str, list]
     ) -> dict[str, float]:
-        """Token-weighted held-out response loss (and perplexity) of each model."""
+        """Token-weighted held-out response loss (and perplexity) of each model, and chrF and
+        ROUGE-L of each model's replies and of the retrieval baseline's."""
         tokens = frame["target_tokens"].sum()
-        metrics: dict[str, float] = {"sft_test_examples": len(frame)}
+        answered = frame[frame["generated"]]
+        metrics: dict[str, float] = {"sft_test_examples": len(frame),
+                                     "sft_test_generations": len(answered)}  # fmt: skip
         for label in models:
             loss = float(frame[f"{label}_loss"].sum() / tokens)
             metrics[f"{label}_sft_test_loss"] = loss
             metrics[f"{label}_sft_test_perplexity"] = perplexity(loss)
+        for label in [*models, RETRIEVAL]:
+            scores = reply_scores(answered[f"{label}_reply"].tolist(),
+                                  answered["reference"].tolist())  # fmt: skip
+            metrics |= {f"{label}_{name}": value for name, value in scores.items()}
         return metrics
 
     def report(
@@ -120,6 +150,6 @@ class SFT(NextTokenLoss, FinetuningTask):
         """Each model's per-example response loss, and the first replies side by side."""
         per_example = {m: frame[f"{m}_loss"] / frame["target_tokens"] for m in models}
         figure = loss_comparison_figure(per_example, "Held-out response loss per example")
-        shown = frame.head(e.num_generations)
-        replies = shown[["prompt", "reference", *(f"{m}_reply" for m in models)]]
-        return Report({"sft_test_loss.png": figure}, {"generations.json": replies})
+        shown = frame[frame["generated"]].head(e.shown_generations)
+        columns = ["prompt", "reference", *(f"{m}_reply" for m in [*models, RETRIEVAL])]
+        return Report({"sft_test_loss.png": figure}, {"generations.json": shown[columns]})

@@ -1,0 +1,58 @@
+"""Selection for a fine-tuning task: its candidates, the starting model's cached scores,
+then the configured steps (lmpipe.selection.steps)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pandas as pd
+import torch
+from omegaconf import DictConfig
+from transformers import PreTrainedTokenizerBase
+
+from lmpipe.runs.processes import DistEnv
+from lmpipe.selection.candidates import Candidate
+from lmpipe.selection.scoring import ScoreCache, cached_scores, score_candidates
+from lmpipe.selection.steps import Selection, needs_scores, select_examples
+
+if TYPE_CHECKING:
+    from lmpipe.tasks.base import FinetuningTask
+
+# Where the scores of starting models are cached, under the outputs directory: outside
+# DVC's outs (a rerun of finetune keeps them) and shared by the jobs of a sweep.
+CACHE_DIR = "finetune/selection-scores"
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def select_for_task(
+    task: FinetuningTask,
+    f: DictConfig,
+    base: Path,
+    tokenizer: PreTrainedTokenizerBase,
+    device: torch.device,
+    seed: int,
+    cache_dir: Path,
+    env: DistEnv,
+) -> Selection:
+    """The task's training examples as `f.selection` selects them (all of them when it is
+    off). Scores of the starting model `base` are cached in `cache_dir`."""
+    s = f.selection
+    candidates = task.candidates(f, tokenizer)
+    cache = ScoreCache(cache_dir, base) if needs_scores(s) else None
+
+    def score(chosen: Sequence[Candidate], losses: bool) -> pd.DataFrame:
+        model = task.scoring_model(base).to(device)
+        return score_candidates(model, chosen, s.batch_size, tokenizer.pad_token_id, device,
+                                losses)  # fmt: skip
+
+    def cached(chosen: Sequence[Candidate], losses: bool) -> pd.DataFrame:
+        assert cache is not None
+        return cached_scores(chosen, losses, cache, score, env.is_main, _barrier)
+
+    return select_examples(candidates, s, cached, seed)
