@@ -1,6 +1,7 @@
 """The package's folders are layers, and a layer imports only from itself and the layers
-below it: runs/ (bookkeeping) at the bottom, then data/, evaluation/, training/, tasks/,
-deploy/, and the Stage harness (lmpipe/stage.py) that the stages/ entry points use."""
+below it: runs/ (bookkeeping) at the bottom, then data/, evaluation/, training/,
+selection/, tasks/, deploy/, and the Stage harness (lmpipe/stage.py) that the stages/ entry
+points use."""
 
 import ast
 from pathlib import Path
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "lmpipe"
-LAYERS = ["runs", "data", "evaluation", "training", "tasks", "deploy", "stage"]
+LAYERS = ["runs", "data", "evaluation", "training", "selection", "tasks", "deploy", "stage"]
 
 
 def _layer(module: str) -> str:

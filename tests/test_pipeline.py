@@ -107,13 +107,19 @@ def test_every_run_records_its_dvc_deps_with_the_md5s_in_dvc_lock(pipeline: Path
     for stage, _, run_id in stage_runs(pipeline):
         inputs = client.get_run(run_id).inputs.dataset_inputs
         contexts = {i.dataset.name: i.tags[0].value for i in inputs}
+        # Beyond the DVC deps: the raw sources clean read, the examples finetune selected.
+        extra = ("raw", "selection")
         logged = {
-            i.dataset.name: i.dataset.digest for i in inputs if contexts[i.dataset.name] != "raw"
+            i.dataset.name: i.dataset.digest
+            for i in inputs
+            if contexts[i.dataset.name] not in extra
         }
         locked = {dep["path"]: dep["md5"] for dep in lock[stage]["deps"]}
         assert logged == locked, stage
         for name, context in contexts.items():  # data deps name the stage that made them
-            if name.startswith("outputs/"):
+            if context == "selection":
+                assert (stage, name) == ("finetune", "outputs/finetune/selection.parquet")
+            elif name.startswith("outputs/"):
                 assert context == name.split("/")[1]
             if context == "raw":
                 assert stage == "clean"
@@ -291,6 +297,50 @@ def test_stage_cli_override_and_multirun(pipeline: Path) -> None:
     single_model = (pipeline / "outputs" / "finetune" / "model" / "model.safetensors").read_bytes()
     assert single_model != baseline_model  # the single run did replace it, as intended
     assert (pipeline / "outputs" / "finetune" / "run.json").read_text().count(single) == 1
+
+
+def test_finetune_on_a_selection_reuses_its_scores_across_an_lr_change(pipeline: Path) -> None:
+    """The selection table lists every training example and why it was kept; MLflow has
+    the counts, the figures and the selection as an input; a rerun with another lr scores
+    nothing again and selects the same examples."""
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    selecting = [*SMOKE, "finetune.selection.steps=[dedup,quality,ifd,diversity]",
+                 "finetune.selection.budget.share=0.25"]  # fmt: skip
+    first = run(["python", "-m", "stages.finetune", *selecting], pipeline)
+    table_path = pipeline / "outputs" / "finetune" / "selection.parquet"
+    table = pd.read_parquet(table_path)
+    selected = table[table["status"] == "selected"]
+    assert 0 < len(selected) <= int(0.25 * len(table))
+    assert table["ifd"].notna().all() and (selected["ifd"] < 1).all()
+    assert set(table.loc[table["status"] == "dropped", "reason"]) <= {
+        "duplicate_prompt", "near_duplicate_prompt", "duplicate_example",
+        "near_duplicate_example", "empty_turn", "long_turn", "repeats_prompt", "non_text",
+        "ifd_at_or_above_max", "over_budget",
+    }  # fmt: skip
+    metrics = json.loads((pipeline / "outputs" / "finetune" / "metrics.json").read_text())
+    assert metrics["train_examples"] == len(selected)
+    (cache,) = (pipeline / "outputs" / "finetune" / "selection-scores").glob("*.parquet")
+    written = cache.stat().st_mtime_ns
+    assert "selection: 0 of " in first.stdout + first.stderr
+
+    run_id = [r for s, _, r in stage_runs(pipeline) if s == "finetune"][-1]
+    client = MlflowClient(f"sqlite:///{pipeline / 'mlflow.db'}")
+    logged = client.get_run(run_id)
+    assert logged.data.metrics["selection.selected"] == len(selected)
+    assert logged.data.metrics["selection.examples"] == len(table)
+    assert param(pipeline, run_id, "finetune.selection.budget.share") == "0.25"
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"selection_scores.png", "selection_projection.png"} <= artifacts
+    inputs = {i.dataset.name: i.tags[0].value for i in logged.inputs.dataset_inputs}
+    assert inputs["outputs/finetune/selection.parquet"] == "selection"
+
+    again = run(["python", "-m", "stages.finetune", *selecting, "finetune.optim.lr=0.002"],
+                pipeline)  # fmt: skip
+    assert cache.stat().st_mtime_ns == written
+    assert ", 0 to score" in again.stdout + again.stderr
+    assert pd.read_parquet(table_path).equals(table)
 
 
 def test_four_parallel_joblib_jobs_lose_no_run_metric_or_input(

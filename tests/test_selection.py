@@ -26,6 +26,7 @@ from lmpipe.selection.rules import rule_reason
 from lmpipe.selection.run import select_for_task
 from lmpipe.selection.scoring import ScoreCache, cached_scores, example_key, score_candidates
 from lmpipe.selection.steps import OVER_BUDGET, SELECTED, fill_budget, select_examples
+from lmpipe.tasks.sft import selection_candidate
 
 
 def selection_cfg(**overrides):
@@ -82,7 +83,7 @@ def test_ifd_equals_its_definition_in_padded_batches(tiny_model, tiny_tokenizer)
         chat("b", "Hello, how are you today?", "I am fine, thank you."),
         chat("c", "Who spoke?", "The president, to the congress.", "Loudly?", "Yes, loudly."),
     ]
-    candidates = [sft.selection_candidate(tiny_tokenizer, c, 192) for c in conversations]
+    candidates = [selection_candidate(tiny_tokenizer, c, 192) for c in conversations]
     # The responses alone carry exactly the response tokens the example trains on.
     for c in candidates:
         labelled = [t for t in c.example["labels"] if t != IGNORE_INDEX]
@@ -106,7 +107,7 @@ def test_ifd_equals_its_definition_in_padded_batches(tiny_model, tiny_tokenizer)
 
 def test_truncated_example_scores_only_the_response_tokens_it_keeps(tiny_tokenizer) -> None:
     long = chat("x", "Why?", "Because " + "the quick brown fox " * 30)
-    c = sft.selection_candidate(tiny_tokenizer, long, 40)
+    c = selection_candidate(tiny_tokenizer, long, 40)
     assert len(c.example["input_ids"]) == 40
     kept = [t for t in c.example["labels"] if t != IGNORE_INDEX]
     assert [t for t in c.responses_alone["labels"] if t != IGNORE_INDEX] == kept

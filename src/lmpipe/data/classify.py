@@ -18,9 +18,8 @@ from functools import partial
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from lmpipe.data.batches import IGNORE_INDEX, ShuffledBatches, ordered_examples, shuffled_examples
+from lmpipe.data.batches import ShuffledBatches, ordered_examples, shuffled_examples
 from lmpipe.data.tokenizer import frames_with_cls
-from lmpipe.selection.candidates import Candidate
 
 log = logging.getLogger(__name__)
 
@@ -104,22 +103,6 @@ def label_names(items: Sequence[LabelledText]) -> list[str]:
 def majority_label(items: Sequence[LabelledText]) -> str:
     counts = Counter(item.label for item in items)
     return min(counts, key=lambda label: (-counts[label], label))
-
-
-def selection_candidates(
-    tokenizer: PreTrainedTokenizerBase, items: Sequence[LabelledText], max_len: int
-) -> list[Candidate]:
-    """Texts with any tokens, as data selection judges them: the text is the one turn and
-    no token is a response. The label is part of the example for dedup (the same gloss
-    under two categories is not a copy)."""
-    labels = sorted({item.label for item in items})
-    kept = [item for item in items if has_tokens(tokenizer, item.text)]
-    encoded = encode_texts(tokenizer, kept, labels, max_len)
-    return [
-        Candidate(item.id, (item.text, item.label), (),
-                  {"input_ids": ex["input_ids"], "labels": [IGNORE_INDEX] * len(ex["input_ids"])})
-        for item, ex in zip(kept, encoded, strict=True)
-    ]  # fmt: skip
 
 
 def encode_texts(

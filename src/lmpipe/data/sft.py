@@ -18,7 +18,6 @@ import yaml
 from transformers import PreTrainedTokenizerBase
 
 from lmpipe.data.batches import IGNORE_INDEX, ShuffledBatches, ordered_examples, shuffled_examples
-from lmpipe.selection.candidates import Candidate
 
 log = logging.getLogger(__name__)
 
@@ -121,23 +120,6 @@ def responses_alone(
         labels.append(label)
         seen += label != IGNORE_INDEX
     return {"input_ids": ids, "labels": labels}
-
-
-def selection_candidate(
-    tokenizer: PreTrainedTokenizerBase, conversation: Conversation, max_len: int
-) -> Candidate | None:
-    """The conversation as data selection judges it; None if it has no target in max_len."""
-    example = encode_conversation(tokenizer, conversation.messages, max_len)
-    if example is None:
-        return None
-    turns = tuple(m["content"] for m in conversation.messages)
-    exchanges = tuple(
-        (m["content"], reply["content"])
-        for m, reply in zip(conversation.messages, conversation.messages[1:], strict=False)
-        if m["role"] == "user" and reply["role"] == "assistant"
-    )
-    return Candidate(conversation.id, turns, exchanges, example,
-                     responses_alone(tokenizer, conversation.messages, example))  # fmt: skip
 
 
 def encode_all(

@@ -5,20 +5,26 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import pandas as pd
 import torch
 from omegaconf import DictConfig
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lmpipe.runs.processes import DistEnv
 from lmpipe.selection.candidates import Candidate
 from lmpipe.selection.scoring import ScoreCache, cached_scores, score_candidates
 from lmpipe.selection.steps import Selection, needs_scores, select_examples
 
-if TYPE_CHECKING:
-    from lmpipe.tasks.base import FinetuningTask
+
+class SelectableTask(Protocol):
+    """What selection needs of a fine-tuning task (lmpipe.tasks.base.FinetuningTask)."""
+
+    def candidates(self, f: DictConfig, tokenizer: PreTrainedTokenizerBase) -> list[Candidate]: ...
+
+    def scoring_model(self, base: Path) -> PreTrainedModel: ...
+
 
 # Where the scores of starting models are cached, under the outputs directory: outside
 # DVC's outs (a rerun of finetune keeps them) and shared by the jobs of a sweep.
@@ -31,7 +37,7 @@ def _barrier() -> None:
 
 
 def select_for_task(
-    task: FinetuningTask,
+    task: SelectableTask,
     f: DictConfig,
     base: Path,
     tokenizer: PreTrainedTokenizerBase,

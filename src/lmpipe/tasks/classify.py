@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lmpipe.data import classify
-from lmpipe.data.batches import Batch
+from lmpipe.data.batches import IGNORE_INDEX, Batch
 from lmpipe.evaluation.baselines import tfidf_predictions
 from lmpipe.evaluation.plots import confusion_matrix_figure
 from lmpipe.evaluation.scoring import classification_report, confusion_matrix, predict_classes
@@ -22,6 +22,23 @@ from lmpipe.runs.config import EvaluateConfig, FinetuneConfig
 from lmpipe.selection.candidates import Candidate
 from lmpipe.tasks.base import FinetuningTask, Report, TrainingSetup, chosen
 from lmpipe.training.model import load_classifier, model_device
+
+
+def selection_candidates(
+    tokenizer: PreTrainedTokenizerBase, items: Sequence[classify.LabelledText], max_len: int
+) -> list[Candidate]:
+    """Texts with any tokens, as data selection judges them: the text is the one turn and
+    no token is a response. The label is part of the example for dedup (the same gloss
+    under two categories is not a copy)."""
+    labels = sorted({item.label for item in items})
+    kept = [item for item in items if classify.has_tokens(tokenizer, item.text)]
+    encoded = classify.encode_texts(tokenizer, kept, labels, max_len)
+    return [
+        Candidate(item.id, (item.text, item.label), (),
+                  {"input_ids": ex["input_ids"], "labels": [IGNORE_INDEX] * len(ex["input_ids"])})
+        for item, ex in zip(kept, encoded, strict=True)
+    ]  # fmt: skip
+
 
 # Baselines scored beside the models, by their column prefix in the predictions table.
 MAJORITY, TFIDF = "baseline", "tfidf"
@@ -49,7 +66,7 @@ class Classify(FinetuningTask):
         return classify.stratified_split(items, f.val_fraction, f.test_fraction)
 
     def candidates(self, f: FinetuneConfig, tokenizer: PreTrainedTokenizerBase) -> list[Candidate]:
-        return classify.selection_candidates(tokenizer, self.splits(f)["train"], f.max_len)
+        return selection_candidates(tokenizer, self.splits(f)["train"], f.max_len)
 
     def setup(
         self,

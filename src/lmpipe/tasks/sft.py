@@ -22,6 +22,24 @@ from lmpipe.tasks.base import FinetuningTask, Report, TrainingSetup, chosen
 from lmpipe.tasks.causal_lm import NextTokenLoss
 from lmpipe.training.model import load_model, model_device
 
+
+def selection_candidate(
+    tokenizer: PreTrainedTokenizerBase, conversation: sft.Conversation, max_len: int
+) -> Candidate | None:
+    """The conversation as data selection judges it; None if it has no target in max_len."""
+    example = sft.encode_conversation(tokenizer, conversation.messages, max_len)
+    if example is None:
+        return None
+    turns = tuple(m["content"] for m in conversation.messages)
+    exchanges = tuple(
+        (m["content"], reply["content"])
+        for m, reply in zip(conversation.messages, conversation.messages[1:], strict=False)
+        if m["role"] == "user" and reply["role"] == "assistant"
+    )
+    return Candidate(conversation.id, turns, exchanges, example,
+                     sft.responses_alone(tokenizer, conversation.messages, example))  # fmt: skip
+
+
 # The retrieval baseline's column prefix in the predictions table.
 RETRIEVAL = "retrieval"
 
@@ -35,7 +53,7 @@ class SFT(NextTokenLoss, FinetuningTask):
                                        f.test_fraction)  # fmt: skip
 
     def candidates(self, f: FinetuneConfig, tokenizer: PreTrainedTokenizerBase) -> list[Candidate]:
-        found = (sft.selection_candidate(tokenizer, c, f.max_len) for c in self.splits(f)["train"])
+        found = (selection_candidate(tokenizer, c, f.max_len) for c in self.splits(f)["train"])
         return [c for c in found if c is not None]
 
     def scoring_model(self, base: Path) -> PreTrainedModel:
