@@ -78,6 +78,10 @@ def test_every_stage_produced_its_outputs(pipeline: Path) -> None:
         assert (out / stage / "curves" / "train.csv").is_file()
     metrics = json.loads((out / "evaluate" / "metrics.json").read_text())
     assert {"pretrained_val_loss", "finetuned_val_loss", "finetuned_sft_test_loss"} <= set(metrics)
+    # Replies scored beside the model before tuning and the retrieval baseline.
+    for label in ("pretrained", "finetuned", "int8", "retrieval"):
+        assert 0 <= metrics[f"{label}_chrf"] <= 100 and 0 <= metrics[f"{label}_rougeL"] <= 1
+    assert metrics["sft_test_generations"] == 2  # experiment=smoke answers two prompts
     deployed = json.loads((out / "deploy" / "deploy.json").read_text())
     assert deployed["alias"] == "champion" and deployed["smoke_output"] is not None
 
@@ -190,7 +194,8 @@ def test_finetune_param_change_leaves_upstream_cached(pipeline: Path) -> None:
     ("source", "stages"),
     [
         ("src/lmpipe/evaluation/scoring.py", {"finetune", "evaluate", "deploy"}),  # not pretrain
-        ("src/lmpipe/evaluation/plots.py", {"evaluate"}),  # clean's figure only goes to MLflow
+        # clean's and finetune's figures only go to MLflow
+        ("src/lmpipe/evaluation/plots.py", {"evaluate"}),
         ("src/lmpipe/runs/lineage.py", set()),  # bookkeeping changes no output
     ],
 )

@@ -115,3 +115,51 @@ def test_the_training_loss_keeps_packed_examples_apart(tiny_model, tiny_tokenize
         padded = sum(float(task.loss_sum(tiny_model, b)) for b in ordered_batches(examples, 4, 0))
         packed = float(task.loss_sum(tiny_model, collate_packed(pack(examples, 64), 0)))
     assert packed == pytest.approx(padded, rel=1e-5)
+
+
+# --- reply quality: generation, chrF / ROUGE-L, the retrieval baseline ------------------------
+
+
+def test_batched_greedy_replies_equal_one_at_a_time(tiny_model, tiny_tokenizer) -> None:
+    from lmpipe.evaluation.scoring import generate_replies
+
+    prompts = ["hi", "What is AI? Tell me more about thinking machines.", "fine", "Who?"]
+    alone = generate_replies(tiny_model, tiny_tokenizer, prompts, max_new_tokens=6)
+    batched = generate_replies(tiny_model, tiny_tokenizer, prompts, max_new_tokens=6,
+                               batch_size=4)  # fmt: skip
+    assert batched == alone
+
+
+def test_reply_scores_are_sacrebleus_chrf_and_rouge_scores_rouge_l() -> None:
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    from lmpipe.evaluation.scoring import reply_scores
+
+    replies = ["I am a bot.", "Hello there", ""]
+    references = ["I am a chat bot.", "Hello there, friend", "Nothing"]
+    scores = reply_scores(replies, references)
+    assert scores["chrf"] == pytest.approx(sacrebleu.corpus_chrf(replies, [references]).score)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    expected = [
+        scorer.score(r, h)["rougeL"].fmeasure for h, r in zip(replies, references, strict=True)
+    ]
+    assert scores["rougeL"] == pytest.approx(sum(expected) / 3)
+    assert reply_scores(references, references) == {"chrf": pytest.approx(100.0),
+                                                    "rougeL": pytest.approx(1.0)}  # fmt: skip
+    with pytest.raises(ValueError, match="no generated replies"):
+        reply_scores([], [])
+
+
+def test_retrieval_baseline_answers_with_the_nearest_training_prompts_reply() -> None:
+    from lmpipe.evaluation.baselines import retrieval_replies
+
+    prompts = ["What is AI?", "Do you like music?", "Where do you live?"]
+    replies = ["Thinking machines.", "I love jazz.", "In a computer."]
+    asked = ["what is ai", "Which music do you like?", "Where do you live?", "zzz"]
+    assert retrieval_replies(prompts, replies, asked) == [
+        "Thinking machines.",
+        "I love jazz.",
+        "In a computer.",
+        "Thinking machines.",
+    ]  # fmt: skip  (no overlap at all: the first training example)
