@@ -194,7 +194,7 @@ def projection(embeddings: np.ndarray) -> np.ndarray:
 
     out = np.zeros((len(embeddings), 2))
     components = min(2, *embeddings.shape) if len(embeddings) else 0
-    if components:
+    if components and np.ptp(embeddings, axis=0).any():  # all points equal: nothing to project
         pca = PCA(n_components=components, svd_solver="full")
         out[:, :components] = pca.fit_transform(embeddings.astype(np.float64))
     return out
