@@ -39,14 +39,14 @@ def main(cfg: DictConfig) -> float:
             tasks.finetuning(f.task), f, base, tokenizer, device, c.seed,
             stage.inputs_root / CACHE_DIR, env,
         )  # fmt: skip
-        table_path = stage.output("selection.parquet")
-        chosen.table.to_parquet(table_path, index=False)
+        chosen.table.to_parquet(stage.output("selection.parquet"), index=False)
         stage.log_metrics(chosen.counts())
         for name, figure in selection_figures(chosen.table).items():
             stage.log_figure(figure, name)
         # What the model was tuned on, beside its DVC deps in the run's datasets.
+        final = (stage.out_dir / "selection.parquet").resolve()  # its name once the stage ends
         stage.log_inputs([lineage.Input("outputs/finetune/selection.parquet", chosen.digest(),
-                                        "selection", table_path.resolve().as_uri())])  # fmt: skip
+                                        "selection", final.as_uri())])  # fmt: skip
         log.info("finetune: %d of %d training examples selected", len(chosen.selected_ids),
                  len(chosen.table))  # fmt: skip
         setup = tasks.prepare_finetuning(f, base, tokenizer, c.seed, device, env.rank,
