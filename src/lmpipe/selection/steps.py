@@ -31,10 +31,6 @@ IFD_TOO_HIGH, OVER_BUDGET = "ifd_at_or_above_max", "over_budget"
 Scorer = Callable[[Sequence[Candidate], bool], pd.DataFrame]
 
 
-def is_active(s: DictConfig) -> bool:
-    return bool(s.steps) or s.budget.count is not None or s.budget.share is not None
-
-
 def needs_scores(s: DictConfig) -> bool:
     return "ifd" in s.steps or "diversity" in s.steps
 
