@@ -6,6 +6,8 @@ generations, and both models' perplexity on the held-out corpus. classify: accur
 macro-F1 and per-class scores of the classifier and its int8 variant beside the
 majority class and TF-IDF + logistic regression (fitted on the same training split), a
 confusion matrix, and the pretrained model's corpus loss (masked-LM loss for an encoder).
+preference: the sft metrics, and each model's reward accuracy and margin on the held-out
+pairs (against the reference log-probs finetune saved in pairs.parquet).
 champion.json holds the difference to the registry's current champion.
 """
 
@@ -70,7 +72,7 @@ def main(cfg: DictConfig) -> None:
                 corpus |= {"finetuned_val_loss": tuned_loss, "finetuned_val_perplexity":
                            perplexity(tuned_loss)}  # fmt: skip
                 models = {"pretrained": pretrained, **models}  # the model before tuning
-            splits = task.splits(f)
+            splits = task.held_out(f, stage.input("finetune", "pairs.parquet").parent)
             frame = task.predict(models, tokenizer, splits, f, e)
             frame.to_csv(predictions_path, index=False)
             # The metrics come from the saved file.

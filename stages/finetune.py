@@ -1,29 +1,111 @@
 """finetune: pretrained model + task data -> fine-tuned model (outputs/finetune/model).
 
 `finetune=sft` instruction-tunes on chat pairs; `finetune=classify` trains a sequence
-classifier on WordNet glosses. Either can use LoRA (merged before saving) or freeze the
-lower layers. The training examples are first selected (`finetune.selection`: dedup,
-quality rules, IFD, diversity, budget); selection.parquet says why each was kept or
-dropped. Early stopping on the validation loss; the best weights become the model.
-Resumable like pretrain. Returns the best validation loss, the objective of a Hydra sweep.
+classifier on WordNet glosses; `finetune=preference` optimises preferences (DPO family,
+SimPO) on pairs of a chosen and a rejected reply, optionally after SFT steps of its own
+(`finetune.preference.sft_steps`). Any of them can train peft adapters (merged before
+saving) or freeze the lower layers. The training examples are first selected
+(`finetune.selection`); selection.parquet says why each was kept or dropped, and
+pairs.parquet holds the preference pairs with the reference's log-probs. Early stopping
+on the validation loss; the best weights become the model. Resumable like pretrain.
+Returns the best validation loss, the objective of a Hydra sweep.
 """
 
 import logging
+import os
+from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from transformers import PreTrainedTokenizerBase
 
 from lmpipe import tasks
+from lmpipe.data.preference import pairs_table
 from lmpipe.data.tokenizer import load_tokenizer
 from lmpipe.evaluation.lm_metrics import perplexity
 from lmpipe.evaluation.plots import selection_figures
-from lmpipe.runs import lineage
+from lmpipe.runs import atomic, lineage
+from lmpipe.runs.processes import DistEnv
+from lmpipe.runs.tracking import MetricLogger
 from lmpipe.selection.run import CACHE_DIR, select_for_task
 from lmpipe.stage import Stage, prepare_cli
-from lmpipe.training.loop import seed_everything, setup_hardware, train
+from lmpipe.tasks.preference import CACHE_DIR as PAIRS_CACHE_DIR
+from lmpipe.tasks.preference import PAIRS_FILE
+from lmpipe.training import distributed
+from lmpipe.training.checkpoint import Checkpoints, fingerprint
+from lmpipe.training.loop import TrainResult, seed_everything, setup_hardware, train
 from lmpipe.training.model import save_model
+from lmpipe.selection.scoring import directory_digest
 
 log = logging.getLogger(__name__)
+
+# The SFT phase before preference optimisation: its model (and checkpoints), per config and
+# starting model, outside DVC's outs, so a change of beta or lr does not retrain it.
+SFT_PHASE_DIR = "finetune/sft-phase"
+
+
+def run_training(
+    stage: Stage,
+    f: DictConfig,
+    base: Path,
+    tokenizer: PreTrainedTokenizerBase,
+    env: DistEnv,
+    device,
+    metrics: MetricLogger,
+    checkpoints: Checkpoints | None,
+    train_ids=None,
+    task: tasks.FinetuningTask | None = None,
+) -> tuple[tasks.TrainingSetup, TrainResult]:
+    setup = tasks.prepare_finetuning(f, base, tokenizer, stage.cfg.seed, device, env.rank,
+                                     env.world_size, train_ids, task)  # fmt: skip
+    result = train(
+        setup.model,
+        setup.batches,
+        f,
+        stage.cfg.hardware,
+        device,
+        metrics,
+        setup.evaluate,
+        checkpoints=checkpoints,
+        run_id=stage.run_id,
+        env=env,
+        desc=f"finetune ({f.task})",
+        objective=setup.objective,
+        step_hook=setup.adapters.step_hook if setup.adapters else None,
+    )
+    return setup, result
+
+
+def sft_phase(
+    stage: Stage, base: Path, tokenizer: PreTrainedTokenizerBase, env: DistEnv, device
+) -> Path:
+    """`finetune.preference.sft_steps` steps of SFT (with `sft_lr` and the rest of
+    finetune.*) from `base`: the model that preference optimisation starts from and takes
+    as its reference. Cached per config and starting model; resumable like any training."""
+    c = stage.cfg
+    f = OmegaConf.merge(c.finetune, {"task": "sft", "steps": c.finetune.preference.sft_steps,
+                                     "epochs": None, "selection": {"steps": []},
+                                     "optim": {"lr": c.finetune.preference.sft_lr}})  # fmt: skip
+    identity = {"seed": c.seed, "finetune": OmegaConf.to_container(f, resolve=True),
+                "base": directory_digest(base) if env.is_main else None}  # fmt: skip
+    key = distributed.broadcast_object(fingerprint(identity)[:16] if env.is_main else None)
+    home = stage.inputs_root / SFT_PHASE_DIR / key
+    model_dir = home / "model"
+    if model_dir.is_dir():
+        log.info("finetune: the SFT phase's model from %s", model_dir)
+        return model_dir
+    log.info("finetune: SFT phase, %d steps at lr %g, into %s", f.steps, f.optim.lr, home)
+    metrics = MetricLogger(stage.run_id if env.is_main else None, prefix="sft_phase/")
+    checkpoints = Checkpoints(home / "checkpoints", key, env)
+    setup, result = run_training(stage, f, base, tokenizer, env, device, metrics, checkpoints)
+    metrics.close()
+    tmp = atomic.temp_path(model_dir)
+    save_model(setup.final_model(), tokenizer, tmp, env)
+    if env.is_main:
+        os.replace(tmp, model_dir)
+        stage.log_metrics({f"sft_phase/{k}": v for k, v in result.summary().items()})
+    distributed.barrier()
+    return model_dir
 
 
 @hydra.main(version_base="1.3", config_path="..", config_name="params")
@@ -35,9 +117,17 @@ def main(cfg: DictConfig) -> float:
         seed_everything(c.seed)
         base = stage.input("pretrain", "model")
         tokenizer = load_tokenizer(base)
+        task = tasks.finetuning(f.task)
+        if f.task == "preference" and f.preference.sft_steps:
+            base = sft_phase(stage, base, tokenizer, env, device)
+            seed_everything(c.seed)  # the preference phase draws as it would without one
+        pairs = task.prepare(f, base, tokenizer, device, stage.inputs_root / PAIRS_CACHE_DIR,
+                             env, c.hardware.precision)  # fmt: skip
+        (pairs if pairs is not None else pairs_table({})).to_parquet(
+            stage.output(PAIRS_FILE), index=False
+        )
         chosen = select_for_task(
-            tasks.finetuning(f.task), f, base, tokenizer, device, c.seed,
-            stage.inputs_root / CACHE_DIR, env,
+            task, f, base, tokenizer, device, c.seed, stage.inputs_root / CACHE_DIR, env,
         )  # fmt: skip
         chosen.table.to_parquet(stage.output("selection.parquet"), index=False)
         stage.log_metrics(chosen.counts())
@@ -49,32 +139,15 @@ def main(cfg: DictConfig) -> float:
                                         "selection", final.as_uri())])  # fmt: skip
         log.info("finetune: %d of %d training examples selected", len(chosen.selected_ids),
                  len(chosen.table))  # fmt: skip
-        setup = tasks.prepare_finetuning(f, base, tokenizer, c.seed, device, env.rank,
-                                         env.world_size, chosen.selected_ids)  # fmt: skip
-        if f.epochs is not None:
-            steps = tasks.steps_for_epochs(f, setup.batches.num_items, env.world_size)
-            log.info("finetune: %s epochs of %d examples = %d steps", f.epochs,
-                     setup.batches.num_items, steps)  # fmt: skip
-            f.steps = steps
         metrics = stage.metric_logger()
-        result = train(
-            setup.model,
-            setup.batches,
-            f,
-            c.hardware,
-            device,
-            metrics,
-            setup.evaluate,
-            checkpoints=stage.checkpoints,
-            run_id=stage.run_id,
-            env=env,
-            desc=f"finetune ({f.task})",
-            objective=setup.objective,
-        )
+        setup, result = run_training(stage, f, base, tokenizer, env, device, metrics,
+                                     stage.checkpoints, chosen.selected_ids, task)  # fmt: skip
         metrics.close()
         save_model(setup.final_model(), tokenizer, stage.output("model"), env)
         objective = result.best_val_loss if f.final_weights == "best" else result.val_loss
-        summary = {**result.summary(), "val_perplexity": perplexity(objective), **setup.counts}
+        summary = {**result.summary(), **setup.counts}
+        if f.task != "preference":  # a preference loss is no per-token cross-entropy
+            summary["val_perplexity"] = perplexity(objective)
         stage.write_json("metrics.json", summary)
         stage.log_metrics(summary)
         return objective

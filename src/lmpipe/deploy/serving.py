@@ -21,7 +21,7 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "temperature": 1.0,
     "top_p": 1.0,
 }
-INPUT_COLUMN = {"sft": "prompt", "classify": "text"}
+INPUT_COLUMN = {"sft": "prompt", "classify": "text", "preference": "prompt"}
 
 
 class ServedModel(mlflow.pyfunc.PythonModel):

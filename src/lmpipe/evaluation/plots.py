@@ -107,3 +107,19 @@ def selection_figures(table: pd.DataFrame) -> dict[str, Figure]:
         axis.set_title("Starting model's mean-pooled states (PCA): all vs selected")
         figures["selection_projection.png"] = figure
     return figures
+
+
+def preference_figure(metrics: Mapping[str, float], models: Sequence[str]) -> Figure:
+    """Held-out reward accuracy beside held-out response loss, per model: a run that wins
+    the preference while its replies get worse shows as a rising bar on both sides."""
+    figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6), layout="constrained")
+    colors = [f"C{i}" for i in range(len(models))]
+    left.bar(models, [metrics[f"{m}_reward_accuracy"] for m in models], color=colors)
+    left.set_ylim(0, 1)
+    left.set_ylabel("held-out reward accuracy")
+    right.bar(models, [metrics[f"{m}_sft_test_loss"] for m in models], color=colors)
+    right.set_ylabel("held-out response loss (nats, lower is better)")
+    for axis in (left, right):
+        axis.tick_params(axis="x", labelrotation=20)
+    figure.suptitle("Preference gained vs. replies kept")
+    return figure

@@ -189,17 +189,40 @@ class PretrainConfig(TrainConfig):
     mlm: MaskingConfig = field(default_factory=MaskingConfig)
 
 
-@dataclass
-class LoraSettings:
-    """Low-rank adapters (peft); merged into the weights before the model is saved."""
+# finetune.peft.method -> peft's tuner; "none" trains the model's own weights.
+PEFT_METHODS = ("none", "lora", "adalora", "ia3", "loha", "lokr")
 
-    enabled: bool = False
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.05
+
+@dataclass
+class AdaLoraSettings:
+    """AdaLoRA's rank reallocation (peft's AdaLoraConfig): every adapter starts at `init_r`
+    and the budget shrinks to an average rank of `finetune.peft.r`, reallocated each
+    `delta_t` steps between `tinit` and `steps - tfinal` by smoothed sensitivity."""
+
+    init_r: int = 12
+    tinit: int = 0
+    tfinal: int = 0
+    delta_t: int = 1
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_reg_weight: float = 0.5  # keeps the SVD factors orthogonal
+
+
+@dataclass
+class PeftSettings:
+    """Parameter-efficient fine-tuning through peft's own configs; every method is merged
+    into the weights before the model is saved, so it loads without peft."""
+
+    method: str = "none"  # of PEFT_METHODS
+    r: int = 8  # rank (adalora: the average rank it reallocates down to)
+    alpha: int = 16  # lora, adalora, loha, lokr: scaling numerator
+    dropout: float = 0.05  # lora, adalora: on the adapter input; loha, lokr: rank dropout
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
     )
+    # ia3: target modules whose input (not output) is scaled: the MLP's down projection
+    feedforward_modules: list[str] = field(default_factory=list)
+    adalora: AdaLoraSettings = field(default_factory=AdaLoraSettings)
 
 
 # The steps of finetune.selection, in the order a config lists them.
@@ -260,9 +283,39 @@ class SelectionConfig:
     seed: int | None = None  # budget.fill=random; null: the run's seed
 
 
+# finetune.preference.loss: the DPO family (against the frozen reference) and SimPO
+# (reference-free, length-normalised).
+PREFERENCE_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "simpo")
+
+
+@dataclass
+class PreferenceConfig:
+    """finetune.task=preference: pairs of a preferred and a rejected reply (lmpipe.tasks.
+    preference). The reference is the starting model, frozen; its log-probs are cached."""
+
+    loss: str = "sigmoid"  # of PREFERENCE_LOSSES
+    beta: float = 0.1  # strength of the reference (DPO's beta, IPO's tau); simpo: reward scale
+    label_smoothing: float = 0.0  # robust: the share of pairs assumed flipped, in [0, 0.5)
+    simpo_gamma: float = 0.5  # simpo: the target reward margin
+    # Where pairs come from: spin (the chatterbot conversations: chosen = the human reply,
+    # rejected = the starting model's own greedy reply) or files (.jsonl records with
+    # prompt/chosen/rejected, as strings or chat messages).
+    pairs: str = "spin"
+    files: list[str] = field(default_factory=list)  # pairs=files: paths or globs
+    max_pairs: int | None = None  # training pairs kept (a stable hash order); null: all
+    max_new_tokens: int = 48  # spin: length of the model's own replies
+    batch_size: int = 16  # spin generation and reference log-prob batches
+    # Supervised fine-tuning first: this many SFT steps (on finetune.dataset, with this lr
+    # and the rest of finetune.*) make the starting model and reference; 0: none.
+    sft_steps: int = 0
+    sft_lr: float = 5e-4
+    disable_dropout: bool = True  # policy = reference at step 0, as in TRL
+
+
 @dataclass
 class FinetuneConfig(TrainConfig):
-    task: str = "sft"  # sft (chat pairs, causal LM) | classify (sequence classification)
+    # sft (chat pairs, causal LM) | classify (sequence classification) | preference (pairs)
+    task: str = "sft"
     dataset: str = "chatterbot"  # chatterbot (sft) | wordnet (classify)
     language: str = "english"
     val_fraction: float = 0.05
@@ -280,8 +333,9 @@ class FinetuneConfig(TrainConfig):
     # Freeze the first N decoder layers (and the token embeddings with freeze_embeddings).
     freeze_layers: int = 0
     freeze_embeddings: bool = False
-    lora: LoraSettings = field(default_factory=LoraSettings)
+    peft: PeftSettings = field(default_factory=PeftSettings)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
 
 
 @dataclass
@@ -314,6 +368,7 @@ class DeployConfig:
     gates: dict[str, GateConfig] = field(
         default_factory=lambda: {
             "sft": GateConfig(),
+            "preference": GateConfig(),
             "classify": GateConfig("finetuned_macro_f1", "max", 0.3),
         }
     )
@@ -393,7 +448,9 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "data.text_unit": ("file", "paragraph", "line"),
     "tokenize.engine": ("auto", "tokenizers"),
     "clean.normalize": (None, "NFC", "NFKC", "NFD", "NFKD"),
-    "finetune.task": ("sft", "classify"),
+    "finetune.task": ("sft", "classify", "preference"),
+    "finetune.preference.loss": PREFERENCE_LOSSES,
+    "finetune.preference.pairs": ("spin", "files"),
     "finetune.dataset": ("chatterbot", "wordnet"),
     "hardware.device": ("cpu", "cuda", "auto"),
     "hardware.precision": ("fp32", "bf16"),
@@ -402,13 +459,16 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "pretrain.final_weights": ("last", "best"),
     "clean.executor": ("local", "slurm"),
     "finetune.final_weights": ("last", "best"),
+    "finetune.peft.method": PEFT_METHODS,
     "finetune.selection.budget.unit": ("examples", "tokens"),
     "finetune.selection.budget.fill": ("rank", "random", "longest"),
 }
 
 
 # finetune.task -> the datasets it can train on.
-TASK_DATASETS: dict[str, tuple[str, ...]] = {"sft": ("chatterbot",), "classify": ("wordnet",)}
+TASK_DATASETS: dict[str, tuple[str, ...]] = {
+    "sft": ("chatterbot",), "classify": ("wordnet",), "preference": ("chatterbot",)
+}
 
 
 # Numeric keys with a valid range: key -> (check, the rule in words).
@@ -445,8 +505,11 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "pretrain.mlm.random_share": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "finetune.freeze_layers": (lambda v: v >= 0, ">= 0"),
     "finetune.max_per_class": (lambda v: v >= 3, ">= 3"),
-    "finetune.lora.r": (lambda v: v >= 1, ">= 1"),
-    "finetune.lora.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "finetune.peft.r": (lambda v: v >= 1, ">= 1"),
+    "finetune.peft.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "finetune.peft.adalora.init_r": (lambda v: v >= 1, ">= 1"),
+    "finetune.peft.adalora.delta_t": (lambda v: v >= 1, ">= 1"),
+    "finetune.peft.adalora.orth_reg_weight": (lambda v: v >= 0, ">= 0"),
     "finetune.selection.budget.count": (lambda v: v >= 1, ">= 1"),
     "finetune.selection.budget.share": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "finetune.selection.batch_size": (lambda v: v >= 1, ">= 1"),
@@ -461,6 +524,13 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "deploy.champion_tolerance": (lambda v: v >= 0, ">= 0"),
     "deploy.latency_requests": (lambda v: v >= 1, ">= 1"),
     "evaluate.num_generations": (lambda v: v >= 1, ">= 1"),
+    "finetune.preference.beta": (lambda v: v > 0, "> 0"),
+    "finetune.preference.label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
+    "finetune.preference.max_pairs": (lambda v: v >= 1, ">= 1"),
+    "finetune.preference.max_new_tokens": (lambda v: v >= 1, ">= 1"),
+    "finetune.preference.batch_size": (lambda v: v >= 1, ">= 1"),
+    "finetune.preference.sft_steps": (lambda v: v >= 0, ">= 0"),
+    "finetune.preference.sft_lr": (lambda v: v > 0, "> 0"),
 }
 
 
@@ -468,10 +538,20 @@ class ConfigError(ValueError):
     """A config that does not fit the schema; the message names the key."""
 
 
+# finetune.lora.* (before peft methods other than LoRA) became finetune.peft.*.
+LORA_MOVED = (
+    "'finetune.lora' was replaced by 'finetune.peft': finetune.lora.enabled=true is now "
+    "finetune.peft.method=lora, and finetune.lora.{r,alpha,dropout,target_modules} are "
+    "finetune.peft.{r,alpha,dropout,target_modules}"
+)
+
+
 def validate(cfg: DictConfig | dict) -> DictConfig:
     """Merge `cfg` into the schema: unknown keys, wrong types and bad choices fail by key name."""
     # A "???" must be caught before the merge: merging it keeps the schema's default.
     given = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+    if OmegaConf.select(given, "finetune.lora", default=None) is not None:
+        raise ConfigError(LORA_MOVED)
     missing = sorted(OmegaConf.missing_keys(given) - {"conf_digest"})
     if missing:
         raise ConfigError(f"required config key(s) not set: {', '.join(missing)}")
@@ -509,6 +589,7 @@ def validate(cfg: DictConfig | dict) -> DictConfig:
             f"(allowed for finetune.task={task}: {TASK_DATASETS[task]})"
         )
     _validate_selection(merged.finetune.selection, task)
+    _validate_preference(merged.finetune)
     mlm = merged.pretrain.mlm
     if mlm.mask_share + mlm.random_share > 1:
         raise ConfigError(
@@ -538,6 +619,20 @@ def _validate_selection(s: DictConfig, task: str) -> None:
     if "ifd" in s.steps and task == "classify":
         raise ConfigError(f"'{key}.steps' has ifd, which scores responses: finetune.task="
                           "classify has none (use dedup, quality and diversity)")  # fmt: skip
+
+
+def _validate_preference(f: DictConfig) -> None:
+    p, key = f.preference, "finetune.preference"
+    if f.task != "preference":
+        return
+    if p.pairs == "files" and not p.files:
+        raise ConfigError(f"'{key}.pairs' is files but '{key}.files' lists none")
+    if p.pairs == "spin" and p.files:
+        raise ConfigError(f"'{key}.files' is set but '{key}.pairs' is spin: set "
+                          f"{key}.pairs=files to train on them")  # fmt: skip
+    if f.packing:
+        raise ConfigError("finetune.packing: preference pairs are not packed (a pair's two "
+                          "replies share a micro-batch); set finetune.packing=false")  # fmt: skip
 
 
 # --- composition and freshness -------------------------------------------------------------

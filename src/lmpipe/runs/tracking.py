@@ -283,8 +283,10 @@ class MetricLogger:
         csv_dir: Path | None = None,
         flush_every: int = 50,
         retries: int = 2,  # on top of MLflow's own HTTP retries and SQLite's busy timeout
+        prefix: str = "",  # before every metric name, e.g. a training phase's "sft_phase/"
     ) -> None:
         self.run_id = run_id
+        self.prefix = prefix
         self.csv_dir = csv_dir
         self.flush_every = flush_every
         self.retries = retries
@@ -297,6 +299,7 @@ class MetricLogger:
         self._stored_up_to: dict[str, int] = {}  # a resumed run: last step the store has
 
     def log(self, metrics: Mapping[str, float], step: int, series: str = "train") -> None:
+        metrics = {f"{self.prefix}{k}": v for k, v in metrics.items()}
         self._queue_unstored(metrics, step)
         row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
         self._rows.setdefault(series, []).append(row)

@@ -6,10 +6,12 @@ pretraining, chosen by `model.family`:
 fine-tuning, chosen by `finetune.task`:
   sft        chat pairs (chatterbot), a causal LM with the loss on assistant turns only
   classify   WordNet glosses -> lexicographer category (...ForSequenceClassification)
+  preference pairs of a chosen and a rejected reply: DPO, IPO, hinge, robust DPO, SimPO
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Collection
 from pathlib import Path
@@ -22,6 +24,7 @@ from lmpipe.tasks.base import FinetuningTask, Objective, PretrainingTask, Traini
 from lmpipe.tasks.causal_lm import CausalLM
 from lmpipe.tasks.classify import Classify
 from lmpipe.tasks.masked_lm import MaskedLM
+from lmpipe.tasks.preference import Preference
 from lmpipe.tasks.sft import SFT
 from lmpipe.training import adapters
 
@@ -35,7 +38,11 @@ __all__ = [
     "pretraining",
 ]  # fmt: skip
 
-FINETUNING: dict[str, type[FinetuningTask]] = {task.name: task for task in (SFT, Classify)}
+log = logging.getLogger(__name__)
+
+FINETUNING: dict[str, type[FinetuningTask]] = {
+    task.name: task for task in (SFT, Classify, Preference)
+}
 
 
 def pretraining(family: str, p: PretrainConfig, seed: int) -> PretrainingTask:
@@ -64,19 +71,28 @@ def prepare_finetuning(
     rank: int = 0,
     world_size: int = 1,
     train_ids: Collection[str] | None = None,
+    task: FinetuningTask | None = None,
 ) -> TrainingSetup:
     """The task's model and data (the selected training examples, with `train_ids`), with
-    LoRA or frozen layers as configured."""
-    task = finetuning(f.task)
+    peft adapters or frozen layers as configured. `f.steps` must be final (AdaLoRA plans
+    its rank budget over them)."""
+    task = task or finetuning(f.task)
     setup = task.setup(f, base, tokenizer, seed, device, rank, world_size, train_ids)
     if f.max_len > setup.model.config.max_position_embeddings:
         raise ConfigError(
             f"finetune.max_len={f.max_len} exceeds the base model's "
             f"max_position_embeddings={setup.model.config.max_position_embeddings}"
         )
-    if f.lora.enabled:
+    if f.epochs is not None:
+        f.steps = steps_for_epochs(f, setup.batches.num_items, world_size)
+        log.info("finetune: %s epochs of %d items = %d steps", f.epochs, setup.batches.num_items,
+                 f.steps)  # fmt: skip
+    if f.peft.method != "none":
         head = task.head_modules(setup.model)
-        setup.peft_model = adapters.add_lora(setup.model, f.lora, trainable_modules=head)
+        setup.adapters = adapters.add_adapters(setup.model, f.peft, f.steps,
+                                               trainable_modules=head)  # fmt: skip
+    if task.disables_dropout(f):
+        adapters.disable_dropout(setup.model)
     adapters.freeze_layers(setup.model, f.freeze_layers, f.freeze_embeddings)
     return setup
 

@@ -20,13 +20,13 @@ import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
-from peft import PeftModel
 from transformers import AutoModel, PreTrainedModel, PreTrainedTokenizerBase
 
 from lmpipe.data.batches import Batch
 from lmpipe.runs.config import EvaluateConfig, FinetuneConfig, PretrainConfig
+from lmpipe.runs.processes import DistEnv
 from lmpipe.selection.candidates import Candidate
-from lmpipe.training import adapters
+from lmpipe.training.adapters import Adapters
 
 EvalFn = Callable[[torch.nn.Module], float | Mapping[str, float]]
 
@@ -44,6 +44,11 @@ class Objective(ABC):
     def loss_sum(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         """The loss summed over the batch's targets (fp32)."""
 
+    def take_metric_sums(self) -> dict[str, torch.Tensor]:
+        """Sums over the targets seen since the last call of values worth logging per step
+        (the loop averages them over the step's targets); none by default."""
+        return {}
+
 
 @dataclass
 class TrainingSetup:
@@ -54,11 +59,11 @@ class TrainingSetup:
     objective: Objective
     evaluate: EvalFn
     counts: dict[str, int] = field(default_factory=dict)
-    peft_model: PeftModel | None = None
+    adapters: Adapters | None = None
 
     def final_model(self) -> PreTrainedModel:
-        """What gets saved: LoRA merged into the weights, so it loads without peft."""
-        return adapters.merge_lora(self.peft_model) if self.peft_model else self.model
+        """What gets saved: adapters merged into the weights, so it loads without peft."""
+        return self.adapters.merged() if self.adapters else self.model
 
 
 class PretrainingTask(Objective):
@@ -149,6 +154,10 @@ class FinetuningTask(Objective):
     # yes; a classifier needs the head that tuning trains): evaluate then scores it too.
     before_tuning_is_comparable: ClassVar[bool] = False
 
+    def disables_dropout(self, f: FinetuneConfig) -> bool:
+        """Whether training runs without dropout (adapters' included)."""
+        return False
+
     def head_modules(self, model: PreTrainedModel) -> list[str]:
         """Modules new to the task (a classification head): trained in full under LoRA."""
         return []
@@ -156,6 +165,24 @@ class FinetuningTask(Objective):
     @abstractmethod
     def splits(self, f: FinetuneConfig) -> dict[str, list]:
         """train / val / test: the same split for finetune and evaluate."""
+
+    def prepare(
+        self,
+        f: FinetuneConfig,
+        base: Path,
+        tokenizer: PreTrainedTokenizerBase,
+        device: torch.device,
+        cache_dir: Path,
+        env: DistEnv,
+        precision: str = "fp32",
+    ) -> pd.DataFrame | None:
+        """Data the task derives from the starting model `base` before training (cached
+        under `cache_dir`), as the table finetune saves; None: the task needs none."""
+        return None
+
+    def held_out(self, f: FinetuneConfig, finetune_dir: Path) -> dict[str, list]:
+        """The splits evaluate scores, given finetune's outputs."""
+        return self.splits(f)
 
     @abstractmethod
     def candidates(self, f: FinetuneConfig, tokenizer: PreTrainedTokenizerBase) -> list[Candidate]:

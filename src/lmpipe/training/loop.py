@@ -48,11 +48,29 @@ class Batches(Protocol):
 
 class Objective(Protocol):
     """What the loop asks of a task (lmpipe.tasks): the summed loss of a micro-batch and its
-    number of prediction targets. The loop knows nothing else about tasks."""
+    number of prediction targets, and the sums of any per-target values it tracks (e.g. a
+    preference pair's rewards), which the loop averages over the step's targets and logs.
+    The loop knows nothing else about tasks."""
 
     def target_count(self, batch: dict[str, torch.Tensor]) -> int: ...
 
     def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
+
+    def take_metric_sums(self) -> dict[str, torch.Tensor]: ...
+
+
+class StepHook(Protocol):
+    """What a training method needs at every optimizer step besides the optimizer (AdaLoRA,
+    lmpipe.training.adapters): a penalty added to the step's loss, a call after the
+    optimizer step while the gradients are still there, and state that a checkpoint keeps."""
+
+    def penalty(self) -> torch.Tensor | None: ...
+
+    def after_step(self, step: int) -> None: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 # Validation: the val loss, or a mapping with "loss" and further values logged as val_<name>
@@ -288,6 +306,7 @@ def train(
     desc: str = "train",
     *,
     objective: Objective,
+    step_hook: StepHook | None = None,
 ) -> TrainResult:
     """Run `cfg.steps` optimizer steps of `cfg.grad_accum` micro-batches each, minimising
     `objective`'s loss.
@@ -325,6 +344,8 @@ def train(
             batches.position = trainer["position"]
             progress = _Progress(**trainer["progress"])
             metrics.load_state_dict(trainer["metrics"])
+            if step_hook is not None:
+                step_hook.load_state_dict(trainer["step_hook"])
             resumed_from = progress.step
             log.info("%s: resuming at step %d of %d", desc, progress.step, cfg.steps)
         # The compiled module shares parameters with `wrapped`, which is what gets saved.
@@ -347,6 +368,7 @@ def train(
                     "position": batches.position,
                     "progress": vars(progress).copy(),
                     "metrics": metrics.state_dict(),
+                    **({"step_hook": step_hook.state_dict()} if step_hook else {}),
                 }
             state = {"step": progress.step, "run_id": run_id, **(state_extra or {})}
             checkpoints.save(name, wrapped, state, optimizer if name == LAST else None, trainer)
@@ -362,9 +384,9 @@ def train(
         while progress.step < cfg.steps:
             step = progress.step + 1
             micro_batches = [next(batches) for _ in range(cfg.grad_accum)]
-            loss_value, grad_norm, global_tokens, global_flops = _optimizer_step(
+            loss_value, grad_norm, global_tokens, global_flops, extra = _optimizer_step(
                 forward, objective, optimizer, micro_batches, cfg.optim.grad_clip, hardware,
-                device, env, (dense_flops, attention_flops),
+                device, env, (dense_flops, attention_flops), step_hook, step,
             )  # fmt: skip
             scheduler.step()
             if not math.isfinite(loss_value):
@@ -383,6 +405,7 @@ def train(
                     "grad_norm": grad_norm,
                     "tokens_per_second": interval_tokens / elapsed,
                     "peak_memory_gb": peak_memory_gb(device),
+                    **extra,
                 }
                 if peak:
                     values["mfu"] = interval_flops / elapsed / (peak * env.world_size)
@@ -457,11 +480,14 @@ def _optimizer_step(
     device: torch.device,
     env: DistEnv,
     flop_terms: tuple[float, float],
-) -> tuple[float, float, float, float]:
+    step_hook: StepHook | None = None,
+    step: int = 0,
+) -> tuple[float, float, float, float, dict[str, float]]:
     """One optimizer step over the micro-batches of every process.
 
-    Returns the global mean loss, the gradient norm before clipping, and the input tokens and
-    model FLOPs of the step summed over processes.
+    Returns the global mean loss, the gradient norm before clipping, the input tokens and
+    model FLOPs of the step summed over processes, and the objective's tracked values
+    averaged over the step's targets.
     """
     # Every labelled token of the global batch weighs the same, however the micro-batches
     # and processes split them: loss = sum over tokens / global token count.
@@ -480,21 +506,34 @@ def _optimizer_step(
             autocast(device, hardware.precision),
         ):
             loss = objective.loss_sum(forward, batch) / label_count
+            step_loss += loss.detach()
+            last = index == len(micro_batches) - 1
+            penalty = step_hook.penalty() if step_hook is not None and last else None
+            if penalty is not None:  # once per step; the processes' copies average to one
+                loss = loss + penalty / env.world_size
             # DDP and FSDP average gradients over processes; the loss is already global.
             (loss * env.world_size).backward()
-        step_loss += loss.detach()
         tokens = _input_tokens(batch)
         input_tokens += tokens
         flops += tokens * (dense_flops + attention_flops * batch["input_ids"].shape[1])
     grad_norm = torch.nn.utils.clip_grad_norm_(forward.parameters(), grad_clip)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
     optimizer.step()
+    if step_hook is not None:
+        step_hook.after_step(step)
     optimizer.zero_grad(set_to_none=True)
     totals = distributed.all_reduce_sum(
         torch.tensor([input_tokens, flops], dtype=torch.float64, device=device)
     )
     loss_value = float(distributed.all_reduce_sum(step_loss))
-    return loss_value, float(grad_norm), float(totals[0]), float(totals[1])
+    sums = objective.take_metric_sums()
+    extra = {}
+    if sums:
+        names = sorted(sums)
+        stacked = torch.stack([sums[n].to(device, torch.float64) for n in names])
+        averaged = (distributed.all_reduce_sum(stacked) / label_count.double()).tolist()
+        extra = dict(zip(names, averaged, strict=True))
+    return loss_value, float(grad_norm), float(totals[0]), float(totals[1]), extra
 
 
 def _evaluate(

@@ -1,0 +1,467 @@
+"""Preference optimisation: learn from pairs of a preferred (chosen) and a dispreferred
+(rejected) reply to the same prompt.
+
+Losses (`finetune.preference.loss`), with Δ = (log π(y_c) − log π_ref(y_c)) −
+(log π(y_r) − log π_ref(y_r)) over each reply's summed token log-probs:
+  sigmoid  DPO: −log σ(βΔ)
+  hinge    SLiC / RSO: max(0, 1 − βΔ)
+  ipo      IPO: (Δ̄ − 1/(2β))², Δ̄ from per-token averages (TRL's normalisation)
+  robust   rDPO: (−(1−ε) log σ(βΔ) + ε log σ(−βΔ)) / (1 − 2ε), ε = label_smoothing
+  simpo    SimPO, reference-free: −log σ(β(ā_c − ā_r) − γ), ā = mean token log-prob
+The reference is the starting model, frozen: its log-probs are computed once, before
+training, and cached with the pairs (so LoRA needs no second model and no adapter
+switching). Log-probs are fp32. A pair's two replies share a micro-batch, and the loop
+weighs every pair the same across accumulation and processes (target = pair).
+
+Pairs (`finetune.preference.pairs`): `spin` builds them from the chatterbot conversations
+as SPIN does, chosen = the human reply, rejected = the starting model's own greedy reply;
+`files` reads users' .jsonl (lmpipe.data.preference). Either way the table, with the
+reference's log-probs, is cached per starting model and written to pairs.parquet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import replace
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from lmpipe.data import preference as pref
+from lmpipe.data import sft
+from lmpipe.data.batches import ordered_examples, shuffled_examples
+from lmpipe.evaluation.lm_metrics import eval_mode, next_token_losses
+from lmpipe.evaluation.plots import preference_figure
+from lmpipe.evaluation.scoring import generate_replies
+from lmpipe.runs import atomic
+from lmpipe.runs.config import EvaluateConfig, FinetuneConfig, PreferenceConfig
+from lmpipe.runs.processes import DistEnv
+from lmpipe.selection.candidates import Candidate
+from lmpipe.selection.scoring import directory_digest
+from lmpipe.tasks.base import Objective, Report, TrainingSetup, chosen
+from lmpipe.tasks.sft import SFT, selection_candidate
+from lmpipe.training.loop import autocast
+from lmpipe.training.model import load_model, model_device
+
+log = logging.getLogger(__name__)
+
+# Where pair tables are cached (outputs/finetune/...): outside DVC's outs, so a change of
+# beta or lr reuses the generated replies and the reference's log-probs.
+CACHE_DIR = "finetune/pairs-cache"
+PAIRS_FILE = "pairs.parquet"
+# Bump when what a cached table holds changes meaning.
+PAIRS_VERSION = 1
+
+
+# --- the losses ----------------------------------------------------------------------------
+
+
+def preference_losses(
+    p: PreferenceConfig | DictConfig,
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    chosen_tokens: torch.Tensor,
+    rejected_tokens: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair losses and the chosen and rejected rewards (detached) of `p.loss`.
+
+    Rewards are β × the log-ratio to the reference (DPO family), or β × the mean token
+    log-prob for SimPO, which has no reference."""
+    beta = p.beta
+    chosen_ratio = chosen_logps - ref_chosen_logps
+    rejected_ratio = rejected_logps - ref_rejected_logps
+    delta = chosen_ratio - rejected_ratio
+    if p.loss == "sigmoid":
+        losses = -F.logsigmoid(beta * delta)
+    elif p.loss == "hinge":
+        losses = torch.relu(1 - beta * delta)
+    elif p.loss == "ipo":
+        mean_delta = chosen_ratio / chosen_tokens.clamp(min=1) - rejected_ratio / \
+            rejected_tokens.clamp(min=1)  # fmt: skip
+        losses = (mean_delta - 1 / (2 * beta)) ** 2
+    elif p.loss == "robust":
+        eps = p.label_smoothing
+        losses = (-(1 - eps) * F.logsigmoid(beta * delta)
+                  + eps * F.logsigmoid(-beta * delta)) / (1 - 2 * eps)  # fmt: skip
+    elif p.loss == "simpo":
+        chosen_mean = chosen_logps / chosen_tokens.clamp(min=1)
+        rejected_mean = rejected_logps / rejected_tokens.clamp(min=1)
+        losses = -F.logsigmoid(beta * (chosen_mean - rejected_mean) - p.simpo_gamma)
+        return losses, beta * chosen_mean.detach(), beta * rejected_mean.detach()
+    else:
+        raise ValueError(f"invalid value for 'finetune.preference.loss': {p.loss!r}")
+    return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+
+
+def reply_logps(
+    model: torch.nn.Module, batch: Mapping[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's summed log-prob of its labelled tokens (fp32), and how many there are."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   use_cache=False).logits  # fmt: skip
+    losses, labelled = next_token_losses(logits, batch["labels"])  # fp32, 0 where unlabelled
+    return -losses.sum(dim=1), labelled.sum(dim=1)
+
+
+class PairScores:
+    """The policy's and reference's log-probs of a micro-batch of pairs, split in halves."""
+
+    def __init__(self, logps: torch.Tensor, tokens: torch.Tensor, ref_logps: torch.Tensor) -> None:
+        self.chosen, self.rejected = logps.chunk(2)
+        self.chosen_tokens, self.rejected_tokens = tokens.chunk(2)
+        self.ref_chosen, self.ref_rejected = ref_logps.to(logps).chunk(2)
+
+    def losses(self, p: PreferenceConfig | DictConfig):
+        return preference_losses(p, self.chosen, self.rejected, self.ref_chosen,
+                                 self.ref_rejected, self.chosen_tokens,
+                                 self.rejected_tokens)  # fmt: skip
+
+
+def pair_metric_sums(
+    scores: PairScores, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Sums over the pairs of what TRL logs (under TRL's names), for averaging per step."""
+    margins = chosen_rewards - rejected_rewards
+    return {
+        "rewards/chosen": chosen_rewards.sum(),
+        "rewards/rejected": rejected_rewards.sum(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum(),
+        "rewards/margins": margins.sum(),
+        "logps/chosen": scores.chosen.detach().sum(),
+        "logps/rejected": scores.rejected.detach().sum(),
+    }
+
+
+class PreferenceLoss(Objective):
+    """The training objective: the summed pair losses of a micro-batch; target = pair."""
+
+    name = "preference"
+
+    def __init__(self, p: PreferenceConfig | DictConfig) -> None:
+        self.p = p
+        self._sums: dict[str, torch.Tensor] = {}
+
+    def target_count(self, batch: Mapping[str, torch.Tensor]) -> int:
+        return batch["input_ids"].shape[0] // 2
+
+    def loss_sum(self, model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        scores = PairScores(*reply_logps(model, batch), batch["ref_logps"])
+        losses, chosen_rewards, rejected_rewards = scores.losses(self.p)
+        for name, value in pair_metric_sums(scores, chosen_rewards, rejected_rewards).items():
+            self._sums[name] = self._sums.get(name, 0) + value
+        return losses.sum()
+
+    def take_metric_sums(self) -> dict[str, torch.Tensor]:
+        sums, self._sums = self._sums, {}
+        return sums
+
+
+@torch.no_grad()
+def pair_metrics(
+    model: torch.nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    p: PreferenceConfig | DictConfig,
+    device: torch.device,
+) -> dict[str, float]:
+    """Mean loss and TRL's reward values over the pairs of `batches` (eval mode)."""
+    total: dict[str, float] = {}
+    pairs = 0
+    with eval_mode(model):
+        for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            scores = PairScores(*reply_logps(model, batch), batch["ref_logps"])
+            losses, chosen_rewards, rejected_rewards = scores.losses(p)
+            sums = {"loss": losses.sum(), **pair_metric_sums(scores, chosen_rewards,
+                                                             rejected_rewards)}  # fmt: skip
+            for name, value in sums.items():
+                total[name] = total.get(name, 0.0) + float(value)
+            pairs += len(losses)
+    if pairs == 0:
+        raise ValueError("no preference pairs to evaluate")
+    return {name: value / pairs for name, value in total.items()}
+
+
+@torch.no_grad()
+def reference_logps(
+    model: torch.nn.Module,
+    examples: Sequence[pref.PairExample],
+    batch_size: int,
+    pad_id: int,
+    device: torch.device,
+) -> list[pref.Pair]:
+    """The pairs with the (frozen, starting) model's log-probs of each reply filled in."""
+    filled = []
+    with eval_mode(model):
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start : start + batch_size]
+            batch = pref.collate_pairs(chunk, pad_id, with_reference=False)
+            logps, _ = reply_logps(model, {k: v.to(device) for k, v in batch.items()})
+            values = logps.tolist()
+            chosen_logps, rejected_logps = values[: len(chunk)], values[len(chunk) :]
+            filled += [replace(e.pair, ref_chosen=c, ref_rejected=r)
+                       for e, c, r in zip(chunk, chosen_logps, rejected_logps, strict=True)]
+    return filled
+
+
+# --- building the pairs --------------------------------------------------------------------
+
+
+def spin_pairs(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    conversations: Mapping[str, Sequence[sft.Conversation]],
+    p: PreferenceConfig | DictConfig,
+    device: torch.device,
+) -> dict[str, list[pref.Pair]]:
+    """SPIN's pairs from each conversation's opening exchange: chosen = the human reply,
+    rejected = the model's greedy reply (each distinct prompt answered once)."""
+    splits = {
+        split: [pref.Pair(c.id, c.messages[:1], c.messages[1]["content"].strip(), "")
+                for c in items]
+        for split, items in conversations.items()
+    }  # fmt: skip
+    splits["train"] = pref.stable_sample(splits["train"], p.max_pairs)
+    prompts = sorted({pair.prompt[0]["content"] for pairs in splits.values() for pair in pairs})
+    log.info("preference: the starting model answers %d distinct prompts (greedy, %d tokens)",
+             len(prompts), p.max_new_tokens)  # fmt: skip
+    replies = generate_replies(model, tokenizer, prompts, p.max_new_tokens, device=device,
+                               batch_size=p.batch_size)  # fmt: skip
+    answer = dict(zip(prompts, replies, strict=True))
+    result: dict[str, list[pref.Pair]] = {}
+    for split, pairs in splits.items():
+        built = [replace(pair, rejected=answer[pair.prompt[0]["content"]]) for pair in pairs]
+        kept = [pair for pair in built if pair.rejected and pair.rejected != pair.chosen]
+        if len(kept) < len(built):
+            log.info("preference: %d %s pairs dropped: the model's reply is empty or the human "
+                     "one", len(built) - len(kept), split)  # fmt: skip
+        result[split] = kept
+    return result
+
+
+def _cache_path(cache_dir: Path, base: Path, f: FinetuneConfig | DictConfig) -> Path:
+    """The cached pairs of one starting model and one way of building them."""
+    p = f.preference
+    files = []
+    if p.pairs == "files":
+        files = [hashlib.md5(path.read_bytes()).hexdigest()
+                 for path in pref.expand_paths(p.files)]  # fmt: skip
+    key = {"version": PAIRS_VERSION, "pairs": p.pairs, "files": files,
+           "max_pairs": p.max_pairs, "max_new_tokens": p.max_new_tokens, "max_len": f.max_len,
+           "language": f.language, "val_fraction": f.val_fraction,
+           "test_fraction": f.test_fraction}  # fmt: skip
+    digest = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=6).hexdigest()
+    return cache_dir / f"{directory_digest(base)}-{digest}.parquet"
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+class Preference(SFT):
+    """Preference optimisation of a causal LM; evaluated like SFT (held-out response loss,
+    chrF and ROUGE-L of greedy replies) plus reward accuracy and margin on held-out pairs."""
+
+    name = "preference"
+
+    def __init__(self) -> None:
+        self._pairs: dict[str, list[pref.Pair]] | None = None
+        # the loss whose rewards evaluate reports (set with the pairs)
+        self._loss_config: PreferenceConfig | DictConfig = PreferenceConfig()
+
+    def disables_dropout(self, f: FinetuneConfig) -> bool:
+        # policy = reference at step 0: no random forward passes (TRL does the same)
+        return f.preference.disable_dropout
+
+    # -- data ------------------------------------------------------------------------------
+
+    def prepare(
+        self,
+        f: FinetuneConfig | DictConfig,
+        base: Path,
+        tokenizer: PreTrainedTokenizerBase,
+        device: torch.device,
+        cache_dir: Path,
+        env: DistEnv,
+        precision: str = "fp32",
+    ) -> pd.DataFrame:
+        """Build (or read from the cache) the pairs with the reference's log-probs of the
+        starting model `base`; returns the table for pairs.parquet."""
+        path = _cache_path(cache_dir, base, f)
+        if env.is_main and not path.is_file():
+            table = pref.pairs_table(self._build(f, base, tokenizer, device, precision))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = atomic.temp_path(path)
+            table.to_parquet(tmp, index=False)
+            os.replace(tmp, path)
+        elif env.is_main:
+            log.info("preference: pairs and reference log-probs from the cache %s", path)
+        _barrier()
+        table = pd.read_parquet(path)
+        self._pairs = pref.pairs_from_table(table)
+        self._loss_config = f.preference
+        log.info("preference: %s pairs", ", ".join(f"{len(v)} {k}" for k, v in self._pairs.items()))
+        return table
+
+    def _build(
+        self,
+        f: FinetuneConfig | DictConfig,
+        base: Path,
+        tokenizer: PreTrainedTokenizerBase,
+        device: torch.device,
+        precision: str,
+    ) -> dict[str, list[pref.Pair]]:
+        p = f.preference
+        model = load_model(base).to(device)
+        if p.pairs == "files":
+            pairs, bad = pref.read_pair_files(list(p.files))
+            splits = pref.split_pairs(pairs, f.val_fraction, f.test_fraction)
+            splits["train"] = pref.stable_sample(splits["train"], p.max_pairs)
+            log.info("preference: %d pairs read, %d bad records skipped", len(pairs),
+                     sum(bad.values()))  # fmt: skip
+        else:
+            splits = spin_pairs(model, tokenizer, SFT.splits(self, f), p, device)
+        filled = {}
+        for split, pairs in splits.items():
+            examples = pref.encode_pairs(tokenizer, pairs, f.max_len)
+            with autocast(device, precision):  # as training computes the policy's
+                filled[split] = reference_logps(model, examples, p.batch_size,
+                                                tokenizer.pad_token_id, device)  # fmt: skip
+        return filled
+
+    def splits(self, f: FinetuneConfig) -> dict[str, list[pref.Pair]]:
+        if self._pairs is None:
+            raise RuntimeError("preference pairs are built by Preference.prepare (finetune) "
+                               "or read by Preference.held_out (evaluate) first")  # fmt: skip
+        return self._pairs
+
+    def held_out(self, f: FinetuneConfig, finetune_dir: Path) -> dict[str, list[pref.Pair]]:
+        self._pairs = pref.read_pairs_table(finetune_dir / PAIRS_FILE)
+        self._loss_config = f.preference
+        return self._pairs
+
+    def candidates(self, f: FinetuneConfig, tokenizer: PreTrainedTokenizerBase) -> list[Candidate]:
+        """Selection judges a pair by its prompt and chosen reply."""
+        found = (selection_candidate(tokenizer, pair.conversation, f.max_len)
+                 for pair in self.splits(f)["train"])  # fmt: skip
+        return [c for c in found if c is not None]
+
+    # -- training --------------------------------------------------------------------------
+
+    def setup(
+        self,
+        f: FinetuneConfig,
+        base: Path,
+        tokenizer: PreTrainedTokenizerBase,
+        seed: int,
+        device: torch.device,
+        rank: int = 0,
+        world_size: int = 1,
+        train_ids: Collection[str] | None = None,
+    ) -> TrainingSetup:
+        model = load_model(base)
+        splits = self.splits(f)
+        train = pref.encode_pairs(tokenizer, chosen(splits["train"], train_ids), f.max_len)
+        val = pref.encode_pairs(tokenizer, splits["val"], f.max_len)
+        collate = partial(pref.collate_pairs, pad_id=tokenizer.pad_token_id)
+        p = f.preference
+
+        def validate(m: torch.nn.Module) -> dict[str, float]:
+            batches = ordered_examples(val, f.batch_size, collate)
+            return pair_metrics(m, (b for _, b in zip(range(f.eval_batches), batches,
+                                                        strict=False)), p, device)  # fmt: skip
+
+        batches = shuffled_examples(train, f.batch_size, collate, seed, rank, world_size)
+        counts = {"train_pairs": len(train), "val_pairs": len(val)}
+        return TrainingSetup(model, batches, PreferenceLoss(p), validate if val else None, counts)
+
+    # -- evaluation ------------------------------------------------------------------------
+
+    def predict(
+        self,
+        models: Mapping[str, PreTrainedModel],
+        tokenizer: PreTrainedTokenizerBase,
+        splits: Mapping[str, Sequence[pref.Pair]],
+        f: FinetuneConfig,
+        e: EvaluateConfig,
+    ) -> pd.DataFrame:
+        """SFT's table on the held-out pairs' prompts and chosen replies (response loss,
+        greedy replies, the retrieval baseline), plus each model's log-probs of both replies
+        of every pair beside the reference's."""
+        conversations = {name: [p.conversation for p in pairs] for name, pairs in splits.items()}
+        frame = super().predict(models, tokenizer, conversations, f, e)
+        by_id = {p.id: p for p in splits["test"]}
+        examples = pref.encode_pairs(tokenizer, [by_id[i] for i in frame["id"]], f.max_len)
+        index = {ex.pair.id: row for row, ex in enumerate(examples)}
+        rows = [index.get(i) for i in frame["id"]]
+        frame["rejected"] = [by_id[i].rejected for i in frame["id"]]
+        frame["ref_chosen_logp"] = [by_id[i].ref_chosen for i in frame["id"]]
+        frame["ref_rejected_logp"] = [by_id[i].ref_rejected for i in frame["id"]]
+        collate = partial(pref.collate_pairs, pad_id=tokenizer.pad_token_id, with_reference=False)
+        for label, model in models.items():
+            columns = {"chosen_logp": [], "rejected_logp": [], "chosen_tokens": [],
+                       "rejected_tokens": []}  # fmt: skip
+            device = model_device(model)
+            with torch.no_grad(), eval_mode(model):
+                for batch in ordered_examples(examples, e.batch_size, collate):
+                    logps, tokens = reply_logps(model, {k: v.to(device) for k, v in batch.items()})
+                    half = len(logps) // 2
+                    columns["chosen_logp"] += logps[:half].tolist()
+                    columns["rejected_logp"] += logps[half:].tolist()
+                    columns["chosen_tokens"] += tokens[:half].tolist()
+                    columns["rejected_tokens"] += tokens[half:].tolist()
+            for name, values in columns.items():
+                target = f"{label}_{name}" if "logp" in name else name
+                frame[target] = [np.nan if r is None else values[r] for r in rows]
+        return frame
+
+    def score(
+        self, frame: pd.DataFrame, models: Sequence[str], splits: Mapping[str, list]
+    ) -> dict[str, float]:
+        """SFT's metrics, and per model on the held-out pairs: reward accuracy (share of
+        pairs whose chosen reply earns the higher reward) and mean margin, under the
+        training loss's own rewards, and how often the model gives the chosen reply the
+        higher log-prob itself (no reference)."""
+        metrics = super().score(frame, models, splits)
+        scored = frame.dropna(subset=["ref_chosen_logp", "chosen_tokens"])
+        metrics["preference_test_pairs"] = len(scored)
+        p = self._loss_config
+        for label in models:
+            def column(name: str, scored: pd.DataFrame = scored) -> torch.Tensor:
+                return torch.tensor(scored[name].to_numpy(dtype=np.float64))
+
+            _, chosen_rewards, rejected_rewards = preference_losses(
+                p, column(f"{label}_chosen_logp"), column(f"{label}_rejected_logp"),
+                column("ref_chosen_logp"), column("ref_rejected_logp"),
+                column("chosen_tokens"), column("rejected_tokens"),
+            )  # fmt: skip
+            metrics[f"{label}_reward_accuracy"] = float((chosen_rewards > rejected_rewards)
+                                                        .double().mean())  # fmt: skip
+            metrics[f"{label}_reward_margin"] = float((chosen_rewards - rejected_rewards).mean())
+            metrics[f"{label}_logp_accuracy"] = float(
+                (scored[f"{label}_chosen_logp"] > scored[f"{label}_rejected_logp"]).mean()
+            )
+        return metrics
+
+    def report(
+        self,
+        frame: pd.DataFrame,
+        metrics: Mapping[str, float],
+        models: Sequence[str],
+        e: EvaluateConfig,
+    ) -> Report:
+        report = super().report(frame, metrics, models, e)
+        report.figures["preference_tradeoff.png"] = preference_figure(metrics, models)
+        return report
