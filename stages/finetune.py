@@ -28,6 +28,7 @@ from lmpipe.runs import atomic, lineage
 from lmpipe.runs.processes import DistEnv
 from lmpipe.runs.tracking import MetricLogger
 from lmpipe.selection.run import CACHE_DIR, select_for_task
+from lmpipe.selection.scoring import directory_digest
 from lmpipe.stage import Stage, prepare_cli
 from lmpipe.tasks.preference import CACHE_DIR as PAIRS_CACHE_DIR
 from lmpipe.tasks.preference import PAIRS_FILE
@@ -35,7 +36,6 @@ from lmpipe.training import distributed
 from lmpipe.training.checkpoint import Checkpoints, fingerprint
 from lmpipe.training.loop import TrainResult, seed_everything, setup_hardware, train
 from lmpipe.training.model import save_model
-from lmpipe.selection.scoring import directory_digest
 
 log = logging.getLogger(__name__)
 

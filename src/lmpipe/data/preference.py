@@ -138,8 +138,10 @@ def read_pair_files(patterns: Sequence[str]) -> tuple[list[Pair], Counter[str]]:
                     ", ".join(places[:3]), " ..." if len(places) > 3 else "")  # fmt: skip
     if not pairs:
         reasons = "; ".join(f"{n} x {reason}" for reason, n in bad.most_common())
-        raise PreferenceDataError(f"finetune.preference.files {list(patterns)}: no usable "
-                                  f"preference record ({reasons or 'the files are empty'})")
+        raise PreferenceDataError(
+            f"finetune.preference.files {list(patterns)}: no usable "
+            f"preference record ({reasons or 'the files are empty'})"
+        )
     return pairs, bad
 
 
@@ -158,8 +160,10 @@ def stable_sample(pairs: Sequence[Pair], count: int | None) -> list[Pair]:
     their original order."""
     if count is None or count >= len(pairs):
         return list(pairs)
-    rank = sorted(range(len(pairs)),
-                  key=lambda i: hashlib.blake2b(pairs[i].id.encode(), digest_size=8).digest())
+    rank = sorted(
+        range(len(pairs)),
+        key=lambda i: hashlib.blake2b(pairs[i].id.encode(), digest_size=8).digest(),
+    )
     kept = set(rank[:count])
     return [pair for i, pair in enumerate(pairs) if i in kept]
 

@@ -467,7 +467,9 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
 
 # finetune.task -> the datasets it can train on.
 TASK_DATASETS: dict[str, tuple[str, ...]] = {
-    "sft": ("chatterbot",), "classify": ("wordnet",), "preference": ("chatterbot",)
+    "sft": ("chatterbot",),
+    "classify": ("wordnet",),
+    "preference": ("chatterbot",),
 }
 
 

@@ -210,8 +210,10 @@ def reference_logps(
             logps, _ = reply_logps(model, {k: v.to(device) for k, v in batch.items()})
             values = logps.tolist()
             chosen_logps, rejected_logps = values[: len(chunk)], values[len(chunk) :]
-            filled += [replace(e.pair, ref_chosen=c, ref_rejected=r)
-                       for e, c, r in zip(chunk, chosen_logps, rejected_logps, strict=True)]
+            filled += [
+                replace(e.pair, ref_chosen=c, ref_rejected=r)
+                for e, c, r in zip(chunk, chosen_logps, rejected_logps, strict=True)
+            ]
     return filled
 
 
@@ -439,6 +441,7 @@ class Preference(SFT):
         metrics["preference_test_pairs"] = len(scored)
         p = self._loss_config
         for label in models:
+
             def column(name: str, scored: pd.DataFrame = scored) -> torch.Tensor:
                 return torch.tensor(scored[name].to_numpy(dtype=np.float64))
 
