@@ -4,24 +4,39 @@
     python tests/distributed_worker.py OUT --batch-size 4
 
 Batches are SFT-like (padding, prompt tokens masked out of the loss), so the comparison
-also checks that the loss is weighted by tokens across processes, not averaged per process.
+also checks that the loss is weighted by tokens across processes, not averaged per process;
+with `--objective preference` they are preference pairs (DPO), weighted per pair. `--peft`
+trains adapters of that peft method; `--sigkill-at` kills the process outright (SIGKILL)
+while it logs that step.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
+from functools import partial
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from lmpipe.data.batches import shuffled_examples
+from lmpipe.data.preference import Pair, PairExample, collate_pairs
 from lmpipe.data.sft import IGNORE_INDEX, shuffled_batches
-from lmpipe.runs.config import HardwareConfig, OptimConfig, TrainConfig
+from lmpipe.runs.config import (
+    HardwareConfig,
+    OptimConfig,
+    PeftSettings,
+    PreferenceConfig,
+    TrainConfig,
+)
 from lmpipe.runs.tracking import MetricLogger
 from lmpipe.tasks.causal_lm import CausalLM
-from lmpipe.training import checkpoint
+from lmpipe.tasks.preference import PreferenceLoss, reference_logps
+from lmpipe.training import adapters, checkpoint
 from lmpipe.training.checkpoint import Checkpoints
 from lmpipe.training.distributed import all_gather_object, full_model_state
 from lmpipe.training.loop import seed_everything, setup_hardware, train
@@ -40,16 +55,37 @@ def examples(count: int = 64) -> list[dict[str, list[int]]]:
     return out
 
 
-class CrashingLogger(MetricLogger):
-    """Every process dies at the same step, like a job killed mid-run."""
+def pair_examples(count: int = 48) -> list[PairExample]:
+    """Pairs of random replies to random prompts; each reply labelled on its own tokens."""
+    generator = torch.Generator().manual_seed(11)
 
-    def __init__(self, crash_at: int | None) -> None:
+    def draw(low: int, high: int) -> list[int]:
+        length = int(torch.randint(low, high, (1,), generator=generator))
+        return torch.randint(3, 90, (length,), generator=generator).tolist()
+
+    out = []
+    for index in range(count):
+        prompt, chosen, rejected = draw(3, 10), draw(2, 12), draw(2, 12)
+        rows = [{"input_ids": prompt + reply, "labels": [IGNORE_INDEX] * len(prompt) + reply}
+                for reply in (chosen, rejected)]  # fmt: skip
+        out.append(PairExample(Pair(str(index), [], "c", "r"), *rows))
+    return out
+
+
+class CrashingLogger(MetricLogger):
+    """Every process dies at the same step, like a job killed mid-run (SystemExit), or
+    killed outright (SIGKILL: no handler, no cleanup runs)."""
+
+    def __init__(self, crash_at: int | None, sigkill_at: int | None = None) -> None:
         super().__init__(None)
         self.crash_at = crash_at
+        self.sigkill_at = sigkill_at
 
     def log(self, metrics, step, series="train") -> None:
         if step == self.crash_at:
             raise SystemExit(f"crashing at step {step}")
+        if step == self.sigkill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
         super().log(metrics, step, series)
 
 
@@ -74,7 +110,7 @@ def skewed_eval(rank: int):
     return lambda model: next(losses)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
     parser.add_argument("--batch-size", type=int, required=True)
@@ -86,11 +122,14 @@ def main() -> None:
     parser.add_argument("--dropout", type=float, default=0.0, help="attention dropout")
     parser.add_argument("--device", default="cpu", help="cpu (gloo) | cuda (NCCL)")
     parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--objective", default="causal_lm", help="causal_lm | preference")
+    parser.add_argument("--peft", default="none", help="finetune.peft.method")
+    parser.add_argument("--sigkill-at", type=int, help="SIGKILL the process at this step")
     parser.add_argument(
         "--skewed-eval", action="store_true",
         help="validate every step, each rank with its own val losses (they disagree on 'best')",
     )  # fmt: skip
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     hardware = HardwareConfig(device=args.device, precision=args.precision,
                               strategy=args.strategy, num_threads=1)  # fmt: skip
@@ -110,23 +149,55 @@ def main() -> None:
         eval_every=1,
         optim=OptimConfig(lr=1e-2, warmup_steps=1, weight_decay=0.1),
     )
+    objective = CAUSAL_LM
     batches = shuffled_batches(examples(), args.batch_size, 0, 3, env.rank, env.world_size)
-    metrics = CrashingLogger(args.crash_at)
+    if args.objective == "preference":
+        pairs = pair_examples()
+        filled = reference_logps(model, pairs, 8, 0, device)  # the starting model's
+        pairs = [PairExample(f, p.chosen, p.rejected) for f, p in zip(filled, pairs, strict=True)]
+        batches = shuffled_examples(pairs, args.batch_size, partial(collate_pairs, pad_id=0), 3,
+                                    env.rank, env.world_size)  # fmt: skip
+        objective = PreferenceLoss(PreferenceConfig(beta=0.5))
+    added = None
+    if args.peft != "none":
+        settings = PeftSettings(
+            method=args.peft,
+            r=4,
+            alpha=8,
+            dropout=0.1,
+            target_modules=["q_proj", "v_proj", "down_proj"],
+            feedforward_modules=["down_proj"] if args.peft == "ia3" else [],
+        )
+        added = adapters.add_adapters(model, settings, args.steps)
+        start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    metrics = CrashingLogger(args.crash_at, args.sigkill_at)
     checkpoints = Checkpoints(args.checkpoints, "worker", env) if args.checkpoints else None
     if checkpoints is not None and not env.is_main:
         forbid_checkpoint_reads()
     evaluate = skewed_eval(env.rank) if args.skewed_eval else None
     result = train(model, batches, cfg, hardware, device, metrics, evaluate, checkpoints,
-                   env=env, objective=CAUSAL_LM)  # fmt: skip
+                   env=env, objective=objective,
+                   step_hook=added.step_hook if added else None)  # fmt: skip
     best_steps = all_gather_object(result.best_step)
     state = full_model_state(model)
     if env.is_main:
         args.out.mkdir(parents=True, exist_ok=True)
         # tied lm_head shares the embedding tensor: store a copy per name
         save_file({k: v.clone() for k, v in state.items()}, args.out / "weights.safetensors")
-        losses = [row["train_loss"] for row in metrics.state_dict()["train"]]
+        rows = metrics.state_dict()["train"]
+        losses = [row["train_loss"] for row in rows]
         summary = {"losses": losses, "tokens": result.tokens, "world_size": env.world_size,
-                   "resumed_from": result.resumed_from, "best_steps": best_steps}  # fmt: skip
+                   "resumed_from": result.resumed_from, "best_steps": best_steps,
+                   "logged": rows}  # fmt: skip
+        if added is not None:  # the adapted model's logits, then the merged model saved
+            probe = torch.tensor([list(range(5, 29))])
+            model.eval()  # no adapter dropout
+            with torch.no_grad():
+                save_file({"logits": model(input_ids=probe).logits}, args.out / "probe.safetensors")
+            save_file(start, args.out / "start.safetensors")  # the trainable tensors at step 0
+            if added.step_hook is not None:
+                summary["ranks"] = added.step_hook.ranks()
+            added.merged().save_pretrained(args.out / "merged")
         (args.out / "result.json").write_text(json.dumps(summary))
     torch.distributed.destroy_process_group() if env.enabled else None
 

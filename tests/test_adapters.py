@@ -1,7 +1,10 @@
-"""LoRA (peft) and layer freezing in the shared training loop."""
+"""peft methods (LoRA, AdaLoRA, IA3, LoHa, LoKr) and layer freezing in the shared loop."""
 
 from __future__ import annotations
 
+import json
+import signal
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +13,13 @@ import torch
 from safetensors.torch import load_file
 
 from lmpipe.data.batches import window_batches
-from lmpipe.runs.config import HardwareConfig, LoraSettings, OptimConfig, TrainConfig
+from lmpipe.runs.config import (
+    AdaLoraSettings,
+    HardwareConfig,
+    OptimConfig,
+    PeftSettings,
+    TrainConfig,
+)
 from lmpipe.tasks.causal_lm import CausalLM
 from lmpipe.training import adapters
 from lmpipe.training.checkpoint import Checkpoints
@@ -34,7 +43,8 @@ def test_lora_trains_only_adapters_and_merges_into_plain_weights(
 ) -> None:
     model = fresh_model(tiny_tokenizer)
     base = snapshot(model)
-    peft_model = adapters.add_lora(model, LoraSettings(enabled=True, r=4, alpha=8, dropout=0.0))
+    added = adapters.add_adapters(model, PeftSettings(method="lora", r=4, alpha=8, dropout=0.0), 6)
+    peft_model = added.peft_model
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     train(
@@ -49,7 +59,7 @@ def test_lora_trains_only_adapters_and_merges_into_plain_weights(
     probe = torch.tensor([list(range(10, 26))])
     with torch.no_grad():
         adapted = peft_model(input_ids=probe).logits
-    merged = adapters.merge_lora(peft_model)
+    merged = added.merged()
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=probe).logits, adapted, rtol=1e-4, atol=1e-4)
     save_model(merged, tiny_tokenizer, tmp_path / "merged")
@@ -68,12 +78,12 @@ def test_lora_run_resumes_from_its_checkpoint(tmp_path: Path, tiny_tokenizer) ->
     """Checkpoints hold the adapter weights: a run killed after its step-3 checkpoint and
     resumed ends bit-identical to an uninterrupted one, with LoRA's default dropout drawing
     from the restored RNG."""
-    lora = LoraSettings(enabled=True, r=4, alpha=8, dropout=0.05)
+    lora = PeftSettings(method="lora", r=4, alpha=8, dropout=0.05)
     cfg = TrainConfig(**{**vars(CFG), "checkpoint_every": 3})
 
     def lora_model() -> torch.nn.Module:
         model = fresh_model(tiny_tokenizer)
-        adapters.add_lora(model, lora)
+        adapters.add_adapters(model, lora, cfg.steps)
         return model
 
     straight = lora_model()
@@ -135,7 +145,99 @@ def test_freezing_more_layers_than_exist_is_a_clear_error(tiny_tokenizer) -> Non
         adapters.freeze_layers(fresh_model(tiny_tokenizer), 5)
 
 
-def test_lora_on_a_missing_module_names_the_key(tiny_tokenizer) -> None:
-    settings = LoraSettings(enabled=True, target_modules=["no_such_proj"])
-    with pytest.raises(ValueError, match=r"finetune\.lora\.target_modules"):
-        adapters.add_lora(fresh_model(tiny_tokenizer), settings)
+def test_adapters_on_a_missing_module_name_the_key(tiny_tokenizer) -> None:
+    settings = PeftSettings(method="lora", target_modules=["no_such_proj"])
+    with pytest.raises(ValueError, match=r"finetune\.peft\.target_modules"):
+        adapters.add_adapters(fresh_model(tiny_tokenizer), settings, 6)
+
+
+@pytest.mark.parametrize(
+    ("settings", "pattern"),
+    [
+        (PeftSettings(method="ia3", target_modules=["q_proj"], feedforward_modules=["down_proj"]),
+         r"feedforward_modules \['down_proj'\] are not in finetune\.peft\.target_modules"),
+        (PeftSettings(method="adalora", adalora=AdaLoraSettings(tinit=3, tfinal=3)),
+         r"finetune\.peft\.adalora: tinit \(3\) \+ tfinal \(3\)"),
+    ],
+)  # fmt: skip
+def test_peft_settings_peft_would_reject_name_the_key(settings, pattern, tiny_tokenizer) -> None:
+    with pytest.raises(ValueError, match=pattern):
+        adapters.add_adapters(fresh_model(tiny_tokenizer), settings, 6)
+
+
+# --- every peft method, through the worker: trains, resumes after SIGKILL, merges ------------
+
+PEFT_METHODS = ["lora", "adalora", "ia3", "loha", "lokr"]
+
+
+@pytest.fixture(scope="module")
+def peft_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Path]]:
+    """Per method: an uninterrupted run, and a run SIGKILLed at step 5 (after its step-4
+    checkpoint) then restarted; DPO pairs, so the preference objective is covered too."""
+    from tests import distributed_worker
+    from tests.conftest import REPO, run
+
+    worker = [sys.executable, str(REPO / "tests" / "distributed_worker.py")]
+    common = ["--batch-size", "4", "--steps", "6", "--objective", "preference"]
+    runs = {}
+    for method in PEFT_METHODS:
+        root = tmp_path_factory.mktemp(method)
+        straight, resumed, checkpoints = root / "straight", root / "resumed", root / "ckpt"
+        # in this process where no process is killed (it saves starting one per run)
+        distributed_worker.main([str(straight), *common, "--peft", method])
+        killed = run([*worker, str(resumed), *common, "--peft", method, "--checkpoints",
+                      str(checkpoints), "--sigkill-at", "5"], REPO, check=False,
+                     timeout=120)  # fmt: skip
+        assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+        distributed_worker.main([str(resumed), *common, "--peft", method, "--checkpoints",
+                                 str(checkpoints)])  # fmt: skip
+        runs[method] = {"straight": straight, "resumed": resumed}
+    return runs
+
+
+@pytest.mark.parametrize("method", PEFT_METHODS)
+def test_each_peft_method_resumes_bit_identically_after_sigkill(method: str, peft_runs) -> None:
+    straight, resumed = peft_runs[method]["straight"], peft_runs[method]["resumed"]
+    assert json.loads((resumed / "result.json").read_text())["resumed_from"] == 4
+    expected = load_file(straight / "weights.safetensors")
+    actual = load_file(resumed / "weights.safetensors")
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        assert torch.equal(expected[key], actual[key]), key
+
+
+@pytest.mark.parametrize("method", PEFT_METHODS)
+def test_each_peft_method_trains_and_saves_a_model_that_loads_without_peft(
+    method: str, peft_runs
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    straight = peft_runs[method]["straight"]
+    weights = load_file(straight / "weights.safetensors")
+    adapter_keys = [k for k in weights if any(part in k for part in ADAPTER_PARTS)]
+    assert adapter_keys, "no adapter weights"
+    start = load_file(straight / "start.safetensors")
+    moved = [k for k in start if not torch.equal(start[k], weights[k])]
+    assert moved and all(any(part in k for part in ADAPTER_PARTS) for k in moved)
+    saved = load_file(straight / "merged" / "model.safetensors")
+    assert not [k for k in saved if any(part in k for part in ADAPTER_PARTS)]
+    merged = AutoModelForCausalLM.from_pretrained(straight / "merged")  # no peft involved
+    probe = torch.tensor([list(range(5, 29))])
+    with torch.no_grad():
+        logits = merged(input_ids=probe).logits
+    expected = load_file(straight / "probe.safetensors")["logits"]
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+# what peft names adapter weights by method
+ADAPTER_PARTS = ("lora_", "ia3_", "hada_", "lokr_", "base_layer")
+
+
+def test_adalora_reallocates_ranks_every_step(peft_runs) -> None:
+    """Starting at init_r = 12 everywhere, the budget shrinks to an average rank of r = 4:
+    after training the adapters keep fewer singular values than they started with, and not
+    all the same (allocation follows sensitivity)."""
+    result = json.loads((peft_runs["adalora"]["straight"] / "result.json").read_text())
+    ranks = result["ranks"]
+    assert ranks and max(ranks.values()) <= 12
+    assert sum(ranks.values()) < 12 * len(ranks)

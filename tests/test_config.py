@@ -70,7 +70,7 @@ def params() -> dict:
         ("finetune", "final_weights", "median", r"finetune\.final_weights"),
         ("finetune", "task", "regress", r"finetune\.task"),
         ("finetune", "dataset", "wordnet", r"finetune\.dataset.*not a sft dataset"),
-        ("finetune", "lora", {"r": 0}, r"finetune\.lora\.r"),
+        ("finetune", "peft", {"r": 0}, r"finetune\.peft\.r"),
         ("finetune", "freeze_layers", -1, r"finetune\.freeze_layers"),
         ("finetune", "max_per_class", 1, r"finetune\.max_per_class"),
         ("deploy", "gates", {"sft": {"mode": "median"}}, r"deploy\.gates\.sft\.mode"),

@@ -55,6 +55,22 @@ def test_two_processes_match_one_with_the_doubled_batch(
     assert_same_training(single, double)
 
 
+def test_two_processes_match_one_with_the_doubled_batch_of_preference_pairs(
+    tmp_path: Path,
+) -> None:
+    """DPO: the loss and TRL's reward values are per pair, averaged over the global batch."""
+    single_pairs = train_tiny(tmp_path / "one", 4, 1, "--objective", "preference")
+    double_pairs = train_tiny(tmp_path / "two", 2, 2, "--objective", "preference")
+    assert double_pairs["world_size"] == 2
+    assert_same_training(single_pairs, double_pairs)
+    names = ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+             "logps/chosen", "logps/rejected"]  # fmt: skip
+    for one, two in zip(single_pairs["logged"], double_pairs["logged"], strict=True):
+        for name in names:
+            assert two[name] == pytest.approx(one[name], rel=1e-5, abs=1e-6), name
+    assert any(row["rewards/margins"] != 0 for row in single_pairs["logged"])
+
+
 def test_gradient_accumulation_matches_one_bigger_batch(single: dict, tmp_path: Path) -> None:
     accumulated = train_tiny(tmp_path, 2, 1, "--grad-accum", "2")
     assert_same_training(single, accumulated)

@@ -228,7 +228,8 @@ def spin_pairs(
     device: torch.device,
 ) -> dict[str, list[pref.Pair]]:
     """SPIN's pairs from each conversation's opening exchange: chosen = the human reply,
-    rejected = the model's greedy reply (each distinct prompt answered once)."""
+    rejected = the model's greedy reply of at least one token (each distinct prompt answered
+    once)."""
     splits = {
         split: [pref.Pair(c.id, c.messages[:1], c.messages[1]["content"].strip(), "")
                 for c in items]
@@ -238,8 +239,9 @@ def spin_pairs(
     prompts = sorted({pair.prompt[0]["content"] for pairs in splits.values() for pair in pairs})
     log.info("preference: the starting model answers %d distinct prompts (greedy, %d tokens)",
              len(prompts), p.max_new_tokens)  # fmt: skip
+    # At least one token: an empty reply is no reply to prefer another to.
     replies = generate_replies(model, tokenizer, prompts, p.max_new_tokens, device=device,
-                               batch_size=p.batch_size)  # fmt: skip
+                               min_new_tokens=1, batch_size=p.batch_size)  # fmt: skip
     answer = dict(zip(prompts, replies, strict=True))
     result: dict[str, list[pref.Pair]] = {}
     for split, pairs in splits.items():

@@ -1,0 +1,386 @@
+"""Preference optimisation (finetune=preference): the losses against hand-worked cases and
+TRL, the log-probs they rest on, the pair data, and SPIN's pairs and their cache."""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmpipe.data import preference as pref
+from lmpipe.data.sft import Conversation
+from lmpipe.runs.config import ConfigError, FinetuneConfig, PreferenceConfig, validate
+from lmpipe.runs.processes import DistEnv
+from lmpipe.tasks.preference import (
+    PairScores,
+    Preference,
+    PreferenceLoss,
+    pair_metrics,
+    preference_losses,
+    reference_logps,
+    reply_logps,
+    spin_pairs,
+)
+from tests.test_train import fresh_model
+
+CPU = torch.device("cpu")
+
+# The hand-worked case of torchtune's DPO loss tests (tests/torchtune/rlhf/loss/
+# test_dpo_loss.py): policy ratios [-0.4, 20, 20] and reference ratios [-0.4, 10, 0], so
+# Δ = [0, 10, 20] and, at β = 0.1, βΔ = [0, 1, 2].
+POLICY_CHOSEN = torch.tensor([-0.5, -10.0, -1.0])
+POLICY_REJECTED = torch.tensor([-0.1, -30.0, -21.0])
+REF_CHOSEN = torch.tensor([-0.5, -10.1, -0.1])
+REF_REJECTED = torch.tensor([-0.1, -20.1, -0.1])
+ONE_TOKEN = torch.ones(3)  # per-token averages equal the sums (IPO, SimPO)
+
+
+def losses_of(loss: str, **settings) -> torch.Tensor:
+    p = PreferenceConfig(loss=loss, **settings)
+    losses, _, _ = preference_losses(p, POLICY_CHOSEN, POLICY_REJECTED, REF_CHOSEN,
+                                     REF_REJECTED, ONE_TOKEN, ONE_TOKEN)  # fmt: skip
+    return losses
+
+
+def test_dpo_sigmoid_loss_of_the_hand_worked_case() -> None:
+    # −log σ(x) = log(1 + e^−x) at x = 0, 1, 2
+    expected = torch.tensor([math.log(2), math.log(1 + math.exp(-1)), math.log(1 + math.exp(-2))])
+    torch.testing.assert_close(losses_of("sigmoid", beta=0.1), expected)
+
+
+def test_hinge_loss_of_the_hand_worked_case() -> None:
+    # max(0, 1 − βΔ) at βΔ = 0, 1, 2 (torchtune's RSO case)
+    torch.testing.assert_close(losses_of("hinge", beta=0.1), torch.tensor([1.0, 0.0, 0.0]))
+
+
+def test_ipo_loss_of_the_hand_worked_case() -> None:
+    # (Δ − 1/(2β))² with 1/(2β) = 5: (0−5)², (10−5)², (20−5)²
+    torch.testing.assert_close(losses_of("ipo", beta=0.1), torch.tensor([25.0, 25.0, 225.0]))
+
+
+def test_robust_loss_of_the_hand_worked_case() -> None:
+    # ((1−ε)·log(1+e^−x) − ε·log(1+e^x)) / (1−2ε), ε = 0.1; at x = 0 it is ln 2 for any ε
+    def robust(x: float) -> float:
+        return (0.9 * math.log(1 + math.exp(-x)) - 0.1 * math.log(1 + math.exp(x))) / 0.8
+
+    expected = torch.tensor([robust(0.0), robust(1.0), robust(2.0)])
+    torch.testing.assert_close(losses_of("robust", beta=0.1, label_smoothing=0.1), expected)
+    assert float(expected[0]) == pytest.approx(math.log(2))
+    # with ε = 0 it is DPO
+    torch.testing.assert_close(losses_of("robust", beta=0.1), losses_of("sigmoid", beta=0.1))
+
+
+def test_simpo_loss_of_the_hand_worked_case() -> None:
+    # torchtune's SimPO case: β = 2, γ = 0.5, policy ratios [-0.4, 20, 20]:
+    # −log σ(2·[-0.4, 20, 20] − 0.5) = −log σ([-1.3, 39.5, 39.5])
+    expected = -torch.log(1 / (1 + torch.exp(torch.tensor([1.3, -39.5, -39.5]))))
+    torch.testing.assert_close(losses_of("simpo", beta=2.0, simpo_gamma=0.5), expected)
+
+
+def test_rewards_are_beta_times_the_log_ratio() -> None:
+    p = PreferenceConfig(loss="sigmoid", beta=0.1)
+    _, chosen, rejected = preference_losses(p, POLICY_CHOSEN, POLICY_REJECTED, REF_CHOSEN,
+                                            REF_REJECTED, ONE_TOKEN, ONE_TOKEN)  # fmt: skip
+    torch.testing.assert_close(chosen, torch.tensor([0.0, 0.01, -0.09]))
+    torch.testing.assert_close(rejected, torch.tensor([0.0, -0.99, -2.09]))
+
+
+# --- on a model ------------------------------------------------------------------------------
+
+
+PROMPTS = ["What is AI?", "Hello, how are you today?", "What is the state of the union?"]
+CHOSEN = ["The study of thinking machines.", "I am fine, thank you.", "It is strong."]
+REJECTED = ["A fox.", "The lazy dog jumps over the brown fox today.", "Hello."]
+
+
+def pairs_with_reference(model, tokenizer) -> list[pref.PairExample]:
+    triples = zip(PROMPTS, CHOSEN, REJECTED, strict=True)
+    pairs = [pref.Pair(str(i), [{"role": "user", "content": p}], c, r)
+             for i, (p, c, r) in enumerate(triples)]  # fmt: skip
+    examples = pref.encode_pairs(tokenizer, pairs, max_len=64)
+    filled = reference_logps(model, examples, 2, tokenizer.pad_token_id, CPU)
+    return [
+        pref.PairExample(f, e.chosen, e.rejected) for f, e in zip(filled, examples, strict=True)
+    ]
+
+
+def test_a_reply_alone_has_the_log_prob_it_has_inside_a_padded_batch(tiny_tokenizer) -> None:
+    model = fresh_model(tiny_tokenizer).eval()
+    examples = pairs_with_reference(model, tiny_tokenizer)
+    batch = pref.collate_pairs(examples, tiny_tokenizer.pad_token_id)
+    assert (batch["attention_mask"] == 0).any()  # some rows are padded
+    with torch.no_grad():
+        together, counts = reply_logps(model, batch)
+        for row, example in enumerate(
+            [e.chosen for e in examples] + [e.rejected for e in examples]
+        ):
+            ids = torch.tensor([example["input_ids"]])
+            labels = torch.tensor([example["labels"]])
+            logits = model(input_ids=ids).logits[0, :-1].double()
+            targets = labels[0, 1:]
+            by_hand = sum(float(logits[t].log_softmax(-1)[targets[t]])
+                          for t in range(len(targets)) if targets[t] != -100)  # fmt: skip
+            assert float(together[row]) == pytest.approx(by_hand, rel=1e-5, abs=1e-4)
+            assert int(counts[row]) == int((targets != -100).sum())
+
+
+def test_policy_equal_to_reference_gives_ln2_zero_rewards_and_a_gradient(tiny_tokenizer) -> None:
+    model = fresh_model(tiny_tokenizer)
+    examples = pairs_with_reference(model, tiny_tokenizer)
+    batch = pref.collate_pairs(examples, tiny_tokenizer.pad_token_id)
+    objective = PreferenceLoss(PreferenceConfig(beta=0.1))
+    model.train()
+    loss = objective.loss_sum(model, batch) / objective.target_count(batch)
+    assert float(loss.detach()) == pytest.approx(math.log(2), abs=1e-6)
+    sums = objective.take_metric_sums()
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+        assert float(sums[name]) == pytest.approx(0.0, abs=1e-6), name
+    assert objective.take_metric_sums() == {}  # taken once
+    loss.backward()
+    norm = torch.sqrt(sum((p.grad**2).sum() for p in model.parameters() if p.grad is not None))
+    assert float(norm) > 1e-3
+
+
+def test_validation_reports_the_loss_and_trls_reward_values(tiny_tokenizer) -> None:
+    model = fresh_model(tiny_tokenizer)
+    examples = pairs_with_reference(model, tiny_tokenizer)
+    batches = [pref.collate_pairs(examples[:2], 0), pref.collate_pairs(examples[2:], 0)]
+    values = pair_metrics(model, batches, PreferenceConfig(), CPU)
+    assert values["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert set(values) >= {"rewards/chosen", "rewards/rejected", "rewards/accuracies",
+                           "rewards/margins", "logps/chosen", "logps/rejected"}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("loss", "settings"),
+    [("sigmoid", {}), ("hinge", {}), ("ipo", {}), ("robust", {"label_smoothing": 0.1})],
+)
+def test_loss_and_rewards_equal_trls_on_the_same_batch(
+    loss: str, settings: dict, tiny_tokenizer, tmp_path: Path
+) -> None:
+    """TRL's DPOTrainer computes its loss and metrics on a batch it tokenized itself; ours,
+    on the same tokens, must agree."""
+    datasets = pytest.importorskip("datasets")
+    trl = pytest.importorskip("trl")
+    model = fresh_model(tiny_tokenizer)
+    reference = copy.deepcopy(model).eval()
+    with torch.no_grad():  # a policy that has moved away from its reference
+        generator = torch.Generator().manual_seed(3)
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    rows = [{"prompt": [{"role": "user", "content": p}],
+             "chosen": [{"role": "assistant", "content": c}],
+             "rejected": [{"role": "assistant", "content": r}]}
+            for p, c, r in zip(PROMPTS, CHOSEN, REJECTED, strict=True)]  # fmt: skip
+    beta = 0.2
+    args = trl.DPOConfig(output_dir=str(tmp_path), beta=beta, loss_type=[loss], report_to=[],
+                         use_cpu=True, per_device_train_batch_size=3, max_length=64,
+                         **settings)  # fmt: skip
+    trainer = trl.DPOTrainer(model=model, ref_model=reference, args=args,
+                             train_dataset=datasets.Dataset.from_list(rows),
+                             processing_class=tiny_tokenizer)  # fmt: skip
+    batch = next(iter(trainer.get_train_dataloader()))
+    model.train()
+    trl_loss = trainer._compute_loss(model, batch, False)
+    trl_metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+
+    ours = {
+        "input_ids": batch["input_ids"],
+        "attention_mask": batch["attention_mask"],
+        "labels": batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100),
+    }
+    with torch.no_grad():
+        ref_logps, _ = reply_logps(reference, ours)
+    ours["ref_logps"] = ref_logps
+    objective = PreferenceLoss(PreferenceConfig(loss=loss, beta=beta, **settings))
+    loss_value = objective.loss_sum(model, ours) / objective.target_count(ours)
+    sums = objective.take_metric_sums()
+    pairs = objective.target_count(ours)
+    assert float(loss_value) == pytest.approx(float(trl_loss), rel=1e-5, abs=1e-6)
+    for name, total in sums.items():
+        assert float(total) / pairs == pytest.approx(trl_metrics[name], rel=1e-5, abs=1e-6), name
+
+
+# --- pair data ---------------------------------------------------------------------------------
+
+
+def write_jsonl(path: Path, records: list, opener=open) -> Path:
+    with opener(path, "wt") as handle:
+        for record in records:
+            handle.write((record if isinstance(record, str) else json.dumps(record)) + "\n")
+    return path
+
+
+def test_preference_files_in_every_hugging_face_format(tmp_path: Path) -> None:
+    user = {"role": "user", "content": "Hi?"}
+    records = [
+        {"prompt": "Hi?", "chosen": "Hello!", "rejected": "Go away."},  # strings
+        {"prompt": [{"role": "system", "content": "Be kind."}, user],  # explicit prompt
+         "chosen": [{"role": "assistant", "content": "Hello!"}],
+         "rejected": [{"role": "assistant", "content": "No."}]},
+        {"chosen": [user, {"role": "assistant", "content": "Hello!"}],  # implicit prompt
+         "rejected": [user, {"role": "assistant", "content": "Bye."}]},
+    ]  # fmt: skip
+    write_jsonl(tmp_path / "a.jsonl", records[:2])
+    write_jsonl(tmp_path / "b.jsonl.gz", records[2:], gzip.open)
+    pairs, bad = pref.read_pair_files([str(tmp_path / "*.jsonl*")])
+    assert not bad
+    assert [p.prompt for p in pairs] == [[user], [{"role": "system", "content": "Be kind."}, user],
+                                         [user]]  # fmt: skip
+    assert [(p.chosen, p.rejected) for p in pairs] == [("Hello!", "Go away."), ("Hello!", "No."),
+                                                       ("Hello!", "Bye.")]  # fmt: skip
+    assert pairs[0].id == "a.jsonl:1" and pairs[2].id == "b.jsonl.gz:1"
+
+
+def test_bad_preference_records_are_counted_and_named(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    good = {"prompt": "Hi?", "chosen": "Hello!", "rejected": "Go away."}
+    path = write_jsonl(tmp_path / "pairs.jsonl", [
+        good, "{not json", {"prompt": "Hi?", "chosen": "Hello!"}, ["a", "list"],
+        {"prompt": "Hi?", "chosen": "Same.", "rejected": "Same."},
+        {"prompt": "Hi?", "chosen": [{"role": "user", "content": "x"}], "rejected": "y"},
+        {"chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+         "rejected": [{"role": "user", "content": "other"},
+                      {"role": "assistant", "content": "c"}]},
+    ])  # fmt: skip
+    with caplog.at_level("WARNING"):
+        pairs, bad = pref.read_pair_files([str(path)])
+    assert len(pairs) == 1 and sum(bad.values()) == 6
+    assert any(reason.startswith("invalid JSON") for reason in bad)
+    assert bad["missing field(s) ['rejected']"] == 1
+    assert bad["not a JSON object"] == 1
+    assert bad["'chosen' and 'rejected' are the same reply"] == 1
+    assert bad["'chosen' must be one assistant message"] == 1
+    assert any("do not share all turns" in reason for reason in bad)
+    assert f"{path}:2" in caplog.text  # the bad JSON's line is named
+
+
+def test_files_without_a_usable_record_fail_naming_the_key(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "x"}])
+    with pytest.raises(pref.PreferenceDataError, match=r"finetune\.preference\.files.*1 x missing"):
+        pref.read_pair_files([str(path)])
+    with pytest.raises(pref.PreferenceDataError, match=r"finetune\.preference\.files"):
+        pref.read_pair_files([str(tmp_path / "nothing-*.jsonl")])
+
+
+def test_a_reply_is_labelled_alone_after_a_multi_turn_prompt(tiny_tokenizer) -> None:
+    prompt = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello!"},
+              {"role": "user", "content": "What is AI?"}]  # fmt: skip
+    encoded = pref.encode_reply(tiny_tokenizer, prompt, "Thinking machines.", 64)
+    labelled = [t for t in encoded["labels"] if t != -100]
+    alone = pref.encode_reply(tiny_tokenizer, prompt[-1:], "Thinking machines.", 64)
+    assert labelled == [t for t in alone["labels"] if t != -100]  # the last reply only
+    assert pref.encode_reply(tiny_tokenizer, prompt, "Thinking machines.", 8) is None
+
+
+def test_pairs_round_trip_through_their_table() -> None:
+    pair = pref.Pair("x", [{"role": "user", "content": "Hi?"}], "Hello!", "No.", -3.5, -7.25)
+    back = pref.pairs_from_table(pref.pairs_table({"train": [pair], "val": [], "test": []}))
+    assert back["train"] == [pair]
+
+
+# --- SPIN's pairs ------------------------------------------------------------------------------
+
+
+def talkative_model(tokenizer) -> torch.nn.Module:
+    """A random model whose greedy replies hold more than whitespace."""
+    model = fresh_model(tokenizer)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.5 * torch.randn(param.shape, generator=generator))
+    return model
+
+
+def test_spin_pairs_reject_the_models_own_greedy_reply(tiny_tokenizer) -> None:
+    model = talkative_model(tiny_tokenizer)
+    conversations = {
+        "train": [Conversation(f"c{i}", [{"role": "user", "content": p},
+                                         {"role": "assistant", "content": c}])
+                  for i, (p, c) in enumerate(zip(PROMPTS, CHOSEN, strict=True))],
+        "val": [], "test": [],
+    }  # fmt: skip
+    p = PreferenceConfig(max_new_tokens=6, batch_size=2)
+    first = spin_pairs(model, tiny_tokenizer, conversations, p, CPU)
+    again = spin_pairs(model, tiny_tokenizer, conversations, p, CPU)
+    assert first == again  # deterministic
+    from lmpipe.evaluation.scoring import generate_replies
+
+    assert len(first["train"]) == 3
+    for pair in first["train"]:
+        assert pair.chosen == CHOSEN[PROMPTS.index(pair.prompt[0]["content"])]
+        reply = generate_replies(model, tiny_tokenizer, [pair.prompt[0]["content"]], 6,
+                                 min_new_tokens=1)[0]  # fmt: skip
+        assert pair.rejected == reply
+    sampled = spin_pairs(model, tiny_tokenizer, conversations,
+                         PreferenceConfig(max_new_tokens=6, max_pairs=2), CPU)  # fmt: skip
+    assert len(sampled["train"]) == 2
+
+
+def test_prepared_pairs_are_cached_per_starting_model(
+    tiny_tokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lmpipe.training.model import save_model
+
+    base = tmp_path / "base"
+    save_model(talkative_model(tiny_tokenizer), tiny_tokenizer, base)
+    settings = {"task": "preference", "max_len": 48, "batch_size": 2,
+                "preference": {"max_pairs": 8, "max_new_tokens": 4}}  # fmt: skip
+    f = validate({"finetune": settings}).finetune
+    task = Preference()
+    table = task.prepare(f, base, tiny_tokenizer, CPU, tmp_path / "cache", DistEnv())
+    assert set(table["split"]) == {"train", "val", "test"}
+    assert (table["split"] == "train").sum() <= 8
+    assert table["ref_chosen"].notna().all() and table["ref_rejected"].notna().all()
+    assert len(list((tmp_path / "cache").glob("*.parquet"))) == 1
+    monkeypatch.setattr("lmpipe.tasks.preference.spin_pairs",
+                        lambda *a, **k: pytest.fail("the cache was not used"))  # fmt: skip
+    f.preference.beta = 0.5  # not part of what a pair is
+    again = Preference().prepare(f, base, tiny_tokenizer, CPU, tmp_path / "cache", DistEnv())
+    assert again.equals(table)
+    setup = task.setup(f, base, tiny_tokenizer, 0, CPU)
+    batch = next(setup.batches)
+    assert batch["input_ids"].shape[0] == 2 * f.batch_size  # a pair's replies together
+    assert setup.counts["train_pairs"] == (table["split"] == "train").sum()
+
+
+# --- config ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("finetune", "pattern"),
+    [
+        ({"lora": {"enabled": True}}, r"finetune\.lora.*finetune\.peft\.method=lora"),
+        ({"task": "preference", "preference": {"loss": "kto"}}, r"finetune\.preference\.loss"),
+        ({"task": "preference", "preference": {"beta": 0}}, r"finetune\.preference\.beta"),
+        ({"task": "preference", "preference": {"label_smoothing": 0.5}},
+         r"finetune\.preference\.label_smoothing"),
+        ({"task": "preference", "preference": {"pairs": "files"}}, r"finetune\.preference\.files"),
+        ({"task": "preference", "preference": {"files": ["x.jsonl"]}},
+         r"finetune\.preference\.pairs"),
+        ({"task": "preference", "packing": True}, r"finetune\.packing"),
+        ({"peft": {"method": "prefix"}}, r"finetune\.peft\.method"),
+    ],
+)  # fmt: skip
+def test_bad_preference_and_peft_configs_name_the_key(finetune: dict, pattern: str) -> None:
+    with pytest.raises(ConfigError, match=pattern):
+        validate({"finetune": finetune})
+
+
+def test_the_preference_loss_matches_its_formula_on_random_values() -> None:
+    """Guards the hand-worked cases against a coincidence at βΔ in {0, 1, 2}."""
+    generator = torch.Generator().manual_seed(0)
+    values = [torch.randn(5, generator=generator) * 10 for _ in range(4)]
+    p = FinetuneConfig().preference
+    losses, _, _ = preference_losses(p, *values, torch.ones(5), torch.ones(5))
+    delta = (values[0] - values[2]) - (values[1] - values[3])
+    torch.testing.assert_close(losses, -F.logsigmoid(p.beta * delta))
+    scores = PairScores(torch.cat(values[:2]), torch.ones(10), torch.cat(values[2:]))
+    torch.testing.assert_close(scores.losses(p)[0], losses)
