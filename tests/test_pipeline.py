@@ -509,6 +509,53 @@ def test_tracking_server_stopped_mid_run(pipeline: Path, tmp_path: Path) -> None
     assert not journal.exists()
 
 
+def test_sft_then_preference_from_one_dvc_exp_run(pipeline: Path) -> None:
+    """`-S finetune=preference -S finetune.preference.sft_steps=N`: finetune runs SFT, builds
+    SPIN pairs from the SFT model's own replies, and optimises preferences from it; evaluate
+    reports reward accuracy and margin beside the response loss and reply scores; deploy
+    registers lmpipe-preference. A rerun at another beta retrains neither SFT nor pairs."""
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    preference = ["-S", "experiment=smoke", "-S", "finetune=preference",
+                  "-S", "finetune.preference.sft_steps=4"]  # fmt: skip
+    result = run(["dvc", "exp", "run", *preference], pipeline, timeout=900)
+    ran = [s for s in STAGES if f"Running stage '{s}'" in result.stdout]
+    assert ran == ["finetune", "evaluate", "deploy"]
+    output = result.stdout + result.stderr
+    assert "SFT phase, 4 steps" in output
+    assert "the starting model answers" in output
+    pairs = pd.read_parquet(pipeline / "outputs" / "finetune" / "pairs.parquet")
+    assert set(pairs["split"]) == {"train", "val", "test"}
+    assert (pairs["split"] == "train").sum() <= 32
+    assert pairs["ref_chosen"].notna().all() and (pairs["chosen"] != pairs["rejected"]).all()
+
+    run_id = [r for s, _, r in stage_runs(pipeline) if s == "finetune"][-1]
+    client = MlflowClient(f"sqlite:///{pipeline / 'mlflow.db'}")
+    logged = client.get_run(run_id).data.metrics
+    assert {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+            "logps/chosen", "logps/rejected", "val_rewards/accuracies",
+            "sft_phase/train_loss", "sft_phase/steps"} <= set(logged)  # fmt: skip
+    history = client.get_metric_history(run_id, "rewards/margins")
+    assert [m.step for m in history] == [1, 2, 3, 4]  # every logged step
+
+    metrics = json.loads((pipeline / "outputs" / "evaluate" / "metrics.json").read_text())
+    for model in ("pretrained", "finetuned", "int8"):
+        assert {f"{model}_reward_accuracy", f"{model}_reward_margin", f"{model}_sft_test_loss",
+                f"{model}_chrf", f"{model}_rougeL"} <= set(metrics)  # fmt: skip
+    assert 0 < metrics["preference_test_pairs"] <= (pairs["split"] == "test").sum()
+    assert (pipeline / "outputs" / "evaluate" / "plots" / "preference_tradeoff.png").is_file()
+    deployed = json.loads((pipeline / "outputs" / "deploy" / "deploy.json").read_text())
+    assert deployed["model_name"] == "lmpipe-preference"
+
+    again = run(["python", "-m", "stages.finetune", *preference[1::2],
+                 "finetune.preference.beta=0.5"], pipeline)  # fmt: skip
+    output = again.stdout + again.stderr
+    assert "the SFT phase's model from" in output
+    assert "pairs and reference log-probs from the cache" in output
+    assert "the starting model answers" not in output
+
+
 def test_classify_task_through_the_pipeline(pipeline: Path) -> None:
     """finetune=classify reruns finetune → deploy only; evaluate scores from its saved
     predictions; deploy registers lmpipe-classify; a second run meets the champion."""
