@@ -86,7 +86,9 @@ def sft_phase(
     f = OmegaConf.merge(c.finetune, {"task": "sft", "steps": c.finetune.preference.sft_steps,
                                      "epochs": None, "selection": {"steps": []},
                                      "optim": {"lr": c.finetune.preference.sft_lr}})  # fmt: skip
-    identity = {"seed": c.seed, "finetune": OmegaConf.to_container(f, resolve=True),
+    settings = OmegaConf.to_container(f, resolve=True)
+    del settings["preference"]  # the phase ahead: not what this one trains
+    identity = {"seed": c.seed, "finetune": settings,
                 "base": directory_digest(base) if env.is_main else None}  # fmt: skip
     key = distributed.broadcast_object(fingerprint(identity)[:16] if env.is_main else None)
     home = stage.inputs_root / SFT_PHASE_DIR / key
