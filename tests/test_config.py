@@ -171,3 +171,11 @@ def test_sweep_jobs_are_named_by_their_swept_values(monkeypatch: pytest.MonkeyPa
     assert [is_sweep(v) for v in ("1e-3,4e-3", "[a,b]", "range(1,4)", "'a,b'", "x")] == [
         True, False, True, False, False,
     ]  # fmt: skip
+
+
+def test_an_old_lora_key_on_the_command_line_names_its_new_key(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(REPO)
+    with pytest.raises(ConfigError, match=r"finetune\.peft\.method=lora"):
+        prepare_cli("finetune", ["finetune.py", "finetune.lora.enabled=true"])

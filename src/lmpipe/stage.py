@@ -37,6 +37,8 @@ from lmpipe.runs import atomic, lineage, tracking
 from lmpipe.runs.config import (
     CONF_DIR,
     CONF_NAME,
+    LORA_MOVED,
+    ConfigError,
     PARAMS_FILE,
     find_project_root,
     register_resolvers,
@@ -139,6 +141,8 @@ def prepare_cli(stage: str, argv: list[str] | None = None) -> None:
     argv = sys.argv if argv is None else argv
     root = find_project_root()
     flags, overrides = split_argv(argv[1:])
+    if any(o.lstrip("+~").startswith("finetune.lora") for o in overrides):
+        raise ConfigError(LORA_MOVED)  # before Hydra says only that the key is unknown
     if config_overrides(overrides):
         register_resolvers()  # ${lmpipe_conf_digest:} in conf/config.yaml
         flags += ["--config-path", str(root / CONF_DIR), "--config-name", CONF_NAME]
