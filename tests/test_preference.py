@@ -235,7 +235,7 @@ def test_preference_files_in_every_hugging_face_format(tmp_path: Path) -> None:
                                          [user]]  # fmt: skip
     assert [(p.chosen, p.rejected) for p in pairs] == [("Hello!", "Go away."), ("Hello!", "No."),
                                                        ("Hello!", "Bye.")]  # fmt: skip
-    assert pairs[0].id == "a.jsonl:1" and pairs[2].id == "b.jsonl.gz:1"
+    assert pairs[0].id == f"{tmp_path / 'a.jsonl'}:1" and pairs[2].id.endswith("b.jsonl.gz:1")
 
 
 def test_bad_preference_records_are_counted_and_named(
@@ -384,3 +384,10 @@ def test_the_preference_loss_matches_its_formula_on_random_values() -> None:
     torch.testing.assert_close(losses, -F.logsigmoid(p.beta * delta))
     scores = PairScores(torch.cat(values[:2]), torch.ones(10), torch.cat(values[2:]))
     torch.testing.assert_close(scores.losses(p)[0], losses)
+
+
+def test_held_out_reward_accuracy_counts_ties_half() -> None:
+    from lmpipe.tasks.preference import reward_accuracy
+
+    assert reward_accuracy(torch.tensor([1e-7, -3e-6, 0.0, 2e-7])) == 0.5  # the reference
+    assert reward_accuracy(torch.tensor([0.5, -0.5, 0.2, 0.0])) == pytest.approx(0.625)

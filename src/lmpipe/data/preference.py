@@ -129,7 +129,7 @@ def read_pair_files(patterns: Sequence[str]) -> tuple[list[Pair], Counter[str]]:
                 except ValueError as exc:
                     reason = str(exc)
                 else:
-                    pairs.append(Pair(f"{path.name}:{lineno}", prompt, chosen, rejected))
+                    pairs.append(Pair(f"{path}:{lineno}", prompt, chosen, rejected))
                     continue
                 bad[reason] += 1
                 where.setdefault(reason, []).append(f"{path}:{lineno}")

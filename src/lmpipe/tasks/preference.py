@@ -217,6 +217,19 @@ def reference_logps(
     return filled
 
 
+# A reward margin this small is a tie: the reference scored in another batch (other padding)
+# differs from itself in the last float bits, not in preference.
+TIE_MARGIN = 1e-4
+
+
+def reward_accuracy(margins: torch.Tensor) -> float:
+    """Share of pairs with a positive margin, ties (|margin| < TIE_MARGIN) counting half: the
+    reference itself scores 0.5, chance. (Training logs TRL's strict share instead.)"""
+    wins = (margins >= TIE_MARGIN).double()
+    ties = (margins.abs() < TIE_MARGIN).double()
+    return float((wins + 0.5 * ties).mean())
+
+
 # --- building the pairs --------------------------------------------------------------------
 
 
@@ -434,10 +447,10 @@ class Preference(SFT):
     def score(
         self, frame: pd.DataFrame, models: Sequence[str], splits: Mapping[str, list]
     ) -> dict[str, float]:
-        """SFT's metrics, and per model on the held-out pairs: reward accuracy (share of
-        pairs whose chosen reply earns the higher reward) and mean margin, under the
-        training loss's own rewards, and how often the model gives the chosen reply the
-        higher log-prob itself (no reference)."""
+        """SFT's metrics, and per model on the held-out pairs: reward accuracy (the share of
+        pairs whose chosen reply earns the higher reward, ties counting half) and mean
+        margin, under the training loss's own rewards, and how often the model gives the
+        chosen reply the higher log-prob itself (no reference)."""
         metrics = super().score(frame, models, splits)
         scored = frame.dropna(subset=["ref_chosen_logp", "chosen_tokens"])
         metrics["preference_test_pairs"] = len(scored)
@@ -452,9 +465,9 @@ class Preference(SFT):
                 column("ref_chosen_logp"), column("ref_rejected_logp"),
                 column("chosen_tokens"), column("rejected_tokens"),
             )  # fmt: skip
-            metrics[f"{label}_reward_accuracy"] = float((chosen_rewards > rejected_rewards)
-                                                        .double().mean())  # fmt: skip
-            metrics[f"{label}_reward_margin"] = float((chosen_rewards - rejected_rewards).mean())
+            margins = chosen_rewards - rejected_rewards
+            metrics[f"{label}_reward_accuracy"] = reward_accuracy(margins)
+            metrics[f"{label}_reward_margin"] = float(margins.mean())
             metrics[f"{label}_logp_accuracy"] = float(
                 (scored[f"{label}_chosen_logp"] > scored[f"{label}_rejected_logp"]).mean()
             )
