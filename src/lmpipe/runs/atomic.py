@@ -9,8 +9,10 @@ arrived. Stage outputs and training checkpoints both go through here.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -19,6 +21,15 @@ log = logging.getLogger(__name__)
 def temp_path(final: Path) -> Path:
     """Where to write the next version of `final` (same directory, so rename is atomic)."""
     return final.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{final.name}")
+
+
+def write_file(final: Path, write: Callable[[Path], object]) -> None:
+    """Write one file through a temp file and a single rename: a reader (another process
+    of a sweep) sees the previous version or the new one, never half of one."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(final)
+    write(tmp)
+    os.replace(tmp, final)
 
 
 def replace(final: Path, tmp: Path) -> None:

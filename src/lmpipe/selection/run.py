@@ -16,6 +16,7 @@ from lmpipe.runs.processes import DistEnv
 from lmpipe.selection.candidates import Candidate
 from lmpipe.selection.scoring import ScoreCache, cached_scores, score_candidates
 from lmpipe.selection.steps import Selection, needs_scores, select_examples
+from lmpipe.training import distributed
 
 
 class SelectableTask(Protocol):
@@ -29,11 +30,6 @@ class SelectableTask(Protocol):
 # Where the scores of starting models are cached, under the outputs directory: outside
 # DVC's outs (a rerun of finetune keeps them) and shared by the jobs of a sweep.
 CACHE_DIR = "finetune/selection-scores"
-
-
-def _barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
 
 
 def select_for_task(
@@ -59,6 +55,6 @@ def select_for_task(
 
     def cached(chosen: Sequence[Candidate], losses: bool) -> pd.DataFrame:
         assert cache is not None
-        return cached_scores(chosen, losses, cache, score, env.is_main, _barrier)
+        return cached_scores(chosen, losses, cache, score, env.is_main, distributed.barrier)
 
     return select_examples(candidates, s, cached, seed)

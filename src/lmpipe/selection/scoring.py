@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -151,10 +150,7 @@ class ScoreCache:
 
     def save(self, table: pd.DataFrame) -> None:
         """Replace the file atomically: a reader sees the old table or the new one."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = atomic.temp_path(self.path)
-        table.reset_index().to_parquet(tmp, index=False)
-        os.replace(tmp, self.path)
+        atomic.write_file(self.path, lambda tmp: table.reset_index().to_parquet(tmp, index=False))
 
 
 def cached_scores(

@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import replace
 from functools import partial
@@ -50,6 +49,7 @@ from lmpipe.selection.candidates import Candidate
 from lmpipe.selection.scoring import directory_digest
 from lmpipe.tasks.base import Objective, Report, TrainingSetup, chosen
 from lmpipe.tasks.sft import SFT, selection_candidate
+from lmpipe.training import distributed
 from lmpipe.training.loop import autocast
 from lmpipe.training.model import load_model, model_device
 
@@ -282,11 +282,6 @@ def _cache_path(cache_dir: Path, base: Path, f: FinetuneConfig | DictConfig) -> 
     return cache_dir / f"{directory_digest(base)}-{digest}.parquet"
 
 
-def _barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
 class Preference(SFT):
     """Preference optimisation of a causal LM; evaluated like SFT (held-out response loss,
     chrF and ROUGE-L of greedy replies) plus reward accuracy and margin on held-out pairs."""
@@ -319,13 +314,10 @@ class Preference(SFT):
         path = _cache_path(cache_dir, base, f)
         if env.is_main and not path.is_file():
             table = pref.pairs_table(self._build(f, base, tokenizer, device, precision))
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = atomic.temp_path(path)
-            table.to_parquet(tmp, index=False)
-            os.replace(tmp, path)
+            atomic.write_file(path, lambda tmp: table.to_parquet(tmp, index=False))
         elif env.is_main:
             log.info("preference: pairs and reference log-probs from the cache %s", path)
-        _barrier()
+        distributed.barrier()  # the main process wrote the table: every process reads it
         table = pd.read_parquet(path)
         self._pairs = pref.pairs_from_table(table)
         self._loss_config = f.preference
