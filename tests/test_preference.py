@@ -391,3 +391,38 @@ def test_held_out_reward_accuracy_counts_ties_half() -> None:
 
     assert reward_accuracy(torch.tensor([1e-7, -3e-6, 0.0, 2e-7])) == 0.5  # the reference
     assert reward_accuracy(torch.tensor([0.5, -0.5, 0.2, 0.0])) == pytest.approx(0.625)
+
+
+def test_held_out_scores_come_from_the_saved_predictions(tiny_tokenizer, tmp_path: Path) -> None:
+    """predict → CSV (empty cells for a pair cut away by max_len) → score: the starting
+    model, which is the reference, scores 0.5 with a zero margin; a tuned copy does not."""
+    import pandas as pd
+
+    from lmpipe.runs.config import EvaluateConfig
+
+    reference = talkative_model(tiny_tokenizer).eval()
+    examples = pairs_with_reference(reference, tiny_tokenizer)
+    test = [e.pair for e in examples]
+    too_long = pref.Pair("long", [{"role": "user", "content": "What is AI? " * 30}], "Yes.", "No.")
+    tuned = copy.deepcopy(reference)
+    with torch.no_grad():
+        tuned.lm_head.weight.add_(0.3)  # shifts every log-prob
+        tuned.model.layers[0].mlp.down_proj.weight.mul_(1.5)
+    task = Preference()
+    f = FinetuneConfig(task="preference", max_len=40)
+    task._loss_config = f.preference
+    e = EvaluateConfig(num_generations=2, max_new_tokens=4, batch_size=2)
+    splits = {"train": test, "val": [], "test": [*test, too_long]}
+    frame = task.predict({"pretrained": reference, "finetuned": tuned}, tiny_tokenizer, splits,
+                         f, e)  # fmt: skip
+    path = tmp_path / "predictions.csv"
+    frame.to_csv(path, index=False)
+    saved = pd.read_csv(path, keep_default_na=False)  # as evaluate reads it
+    metrics = task.score(saved, ["pretrained", "finetuned"], splits)
+    assert metrics["preference_test_pairs"] == len(test)  # the long one cannot be scored
+    assert metrics["pretrained_reward_accuracy"] == 0.5
+    assert metrics["pretrained_reward_margin"] == pytest.approx(0.0, abs=1e-4)
+    assert metrics["finetuned_reward_margin"] != pytest.approx(0.0, abs=1e-3)
+    assert {"finetuned_sft_test_loss", "finetuned_chrf", "retrieval_chrf"} <= set(metrics)
+    figure = task.report(saved, metrics, ["pretrained", "finetuned"], e).figures
+    assert "preference_tradeoff.png" in figure

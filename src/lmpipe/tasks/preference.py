@@ -444,24 +444,33 @@ class Preference(SFT):
         margin, under the training loss's own rewards, and how often the model gives the
         chosen reply the higher log-prob itself (no reference)."""
         metrics = super().score(frame, models, splits)
-        scored = frame.dropna(subset=["ref_chosen_logp", "chosen_tokens"])
-        metrics["preference_test_pairs"] = len(scored)
-        p = self._loss_config
+        # A pair with a reply cut away by max_len has empty cells (the CSV keeps them empty).
+        names = [
+            "ref_chosen_logp",
+            "ref_rejected_logp",
+            "chosen_tokens",
+            "rejected_tokens",
+            *(f"{m}_{side}_logp" for m in models for side in ("chosen", "rejected")),
+        ]
+        numbers = frame[names].apply(pd.to_numeric, errors="coerce").dropna()  # fmt: skip
+        metrics["preference_test_pairs"] = len(numbers)
+        if numbers.empty:
+            raise ValueError("no held-out preference pair fits finetune.max_len")
+
+        def column(name: str) -> torch.Tensor:
+            return torch.tensor(numbers[name].to_numpy(dtype=np.float64))
+
         for label in models:
-
-            def column(name: str, scored: pd.DataFrame = scored) -> torch.Tensor:
-                return torch.tensor(scored[name].to_numpy(dtype=np.float64))
-
             _, chosen_rewards, rejected_rewards = preference_losses(
-                p, column(f"{label}_chosen_logp"), column(f"{label}_rejected_logp"),
-                column("ref_chosen_logp"), column("ref_rejected_logp"),
-                column("chosen_tokens"), column("rejected_tokens"),
+                self._loss_config, column(f"{label}_chosen_logp"),
+                column(f"{label}_rejected_logp"), column("ref_chosen_logp"),
+                column("ref_rejected_logp"), column("chosen_tokens"), column("rejected_tokens"),
             )  # fmt: skip
             margins = chosen_rewards - rejected_rewards
             metrics[f"{label}_reward_accuracy"] = reward_accuracy(margins)
             metrics[f"{label}_reward_margin"] = float(margins.mean())
             metrics[f"{label}_logp_accuracy"] = float(
-                (scored[f"{label}_chosen_logp"] > scored[f"{label}_rejected_logp"]).mean()
+                (numbers[f"{label}_chosen_logp"] > numbers[f"{label}_rejected_logp"]).mean()
             )
         return metrics
 
