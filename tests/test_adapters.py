@@ -180,7 +180,7 @@ def peft_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, P
     worker = [sys.executable, str(REPO / "tests" / "distributed_worker.py")]
     common = ["--batch-size", "4", "--steps", "6", "--objective", "preference"]
     runs = {}
-    for method in PEFT_METHODS:
+    for method in ["none", *PEFT_METHODS]:  # none: the whole model, DPO
         root = tmp_path_factory.mktemp(method)
         straight, resumed, checkpoints = root / "straight", root / "resumed", root / "ckpt"
         # in this process where no process is killed (it saves starting one per run)
@@ -195,7 +195,7 @@ def peft_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, P
     return runs
 
 
-@pytest.mark.parametrize("method", PEFT_METHODS)
+@pytest.mark.parametrize("method", ["none", *PEFT_METHODS])
 def test_each_peft_method_resumes_bit_identically_after_sigkill(method: str, peft_runs) -> None:
     straight, resumed = peft_runs[method]["straight"], peft_runs[method]["resumed"]
     assert json.loads((resumed / "result.json").read_text())["resumed_from"] == 4
