@@ -151,6 +151,47 @@ def test_reply_scores_are_sacrebleus_chrf_and_rouge_scores_rouge_l() -> None:
         reply_scores([], [])
 
 
+def test_several_references_score_each_reply_against_its_best_match() -> None:
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    from lmpipe.evaluation.scoring import reply_scores
+
+    replies = ["I am a bot.", "Hello there"]
+    references = [["I am a chat bot.", "No."], ["Hello there, friend"]]
+    scores = reply_scores(replies, references)
+    streams = [["I am a chat bot.", "Hello there, friend"], ["No.", None]]
+    assert scores["chrf"] == pytest.approx(sacrebleu.corpus_chrf(replies, streams).score)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    best = [max(scorer.score(r, h)["rougeL"].fmeasure for r in refs)
+            for h, refs in zip(replies, references, strict=True)]  # fmt: skip
+    assert scores["rougeL"] == pytest.approx(sum(best) / 2)
+    # a second, better reference can only raise the score
+    assert reply_scores(["No."], [["I am a chat bot.", "No."]])["rougeL"] == pytest.approx(1.0)
+
+
+def test_distinct_prompt_scores_count_a_repeated_prompt_once() -> None:
+    import pandas as pd
+
+    from lmpipe.tasks.sft import SFT
+
+    frame = pd.DataFrame({
+        "prompt": ["My printer?"] * 3 + ["Hi"],
+        "reference": ["Turn it on.", "Turn it off.", "Turn it on.", "Hello"],
+        "generated": [True] * 4,
+        "target_tokens": [3, 3, 3, 1],
+        "tuned_loss": [3.0, 3.0, 3.0, 1.0],
+        "tuned_reply": ["Turn it on."] * 3 + ["Bye"],
+        "retrieval_reply": ["Hello"] * 4,
+    })  # fmt: skip
+    metrics = SFT().score(frame, ["tuned"], {})
+    assert metrics["sft_test_distinct_prompts"] == 2
+    # every row: 1, 2/3 ("turn it" of "turn it off"), 1, 0; distinct: best match 1, then 0
+    assert metrics["tuned_rougeL"] == pytest.approx((1 + 2 / 3 + 1 + 0) / 4)
+    assert metrics["tuned_rougeL_distinct"] == pytest.approx(0.5)
+    assert metrics["retrieval_rougeL_distinct"] == pytest.approx(0.5)
+
+
 def test_retrieval_baseline_answers_with_the_nearest_training_prompts_reply() -> None:
     from lmpipe.evaluation.baselines import retrieval_replies
 

@@ -62,18 +62,25 @@ def generate_replies(
     return replies
 
 
-def reply_scores(replies: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    """Generated replies against their references: corpus chrF (sacrebleu, 0-100) and mean
-    ROUGE-L F1 (rouge-score, stemmed, 0-1)."""
+def reply_scores(
+    replies: Sequence[str], references: Sequence[str | Sequence[str]]
+) -> dict[str, float]:
+    """Generated replies against their references (one, or several for a reply): corpus
+    chrF (sacrebleu, 0-100) and mean ROUGE-L F1 (rouge-score, stemmed, 0-1); with several
+    references each reply is scored against the one it matches best."""
     import sacrebleu
     from rouge_score import rouge_scorer
 
     if not replies:
         raise ValueError("no generated replies to score")
+    options = [[ref] if isinstance(ref, str) else list(ref) for ref in references]
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    rouge = [scorer.score(ref, reply)["rougeL"].fmeasure
-             for reply, ref in zip(replies, references, strict=True)]  # fmt: skip
-    chrf = sacrebleu.corpus_chrf(list(replies), [list(references)]).score
+    rouge = [scorer.score_multi(refs, reply)["rougeL"].fmeasure
+             for reply, refs in zip(replies, options, strict=True)]  # fmt: skip
+    # sacrebleu takes reference streams; a reply with fewer references gets None in the rest
+    streams = [[refs[i] if i < len(refs) else None for refs in options]
+               for i in range(max(len(refs) for refs in options))]  # fmt: skip
+    chrf = sacrebleu.corpus_chrf(list(replies), streams).score
     return {"chrf": float(chrf), "rougeL": float(np.mean(rouge))}
 
 

@@ -143,7 +143,8 @@ class SFT(NextTokenLoss, FinetuningTask):
         self, frame: pd.DataFrame, models: Sequence[str], splits: Mapping[str, list]
     ) -> dict[str, float]:
         """Token-weighted held-out response loss (and perplexity) of each model, and chrF and
-        ROUGE-L of each model's replies and of the retrieval baseline's."""
+        ROUGE-L of each model's replies and of the retrieval baseline's, over every held-out
+        prompt and over the distinct ones (`*_distinct`)."""
         tokens = frame["target_tokens"].sum()
         answered = frame[frame["generated"]]
         metrics: dict[str, float] = {"sft_test_examples": len(frame),
@@ -152,10 +153,19 @@ class SFT(NextTokenLoss, FinetuningTask):
             loss = float(frame[f"{label}_loss"].sum() / tokens)
             metrics[f"{label}_sft_test_loss"] = loss
             metrics[f"{label}_sft_test_perplexity"] = perplexity(loss)
+        # The held-out split repeats conversations (121 of chatterbot's 194 test prompts are
+        # one prompt): *_distinct scores each distinct prompt once, its first reply against
+        # every reference it has.
+        distinct = answered.groupby("prompt", sort=False)
+        references = distinct["reference"].agg(lambda refs: list(dict.fromkeys(refs)))
+        metrics["sft_test_distinct_prompts"] = len(references)
         for label in [*models, RETRIEVAL]:
             scores = reply_scores(answered[f"{label}_reply"].tolist(),
                                   answered["reference"].tolist())  # fmt: skip
             metrics |= {f"{label}_{name}": value for name, value in scores.items()}
+            first = distinct[f"{label}_reply"].first()
+            scores = reply_scores(first.tolist(), references.loc[first.index].tolist())
+            metrics |= {f"{label}_{name}_distinct": value for name, value in scores.items()}
         return metrics
 
     def report(
