@@ -28,7 +28,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from lmpipe.data.batches import IGNORE_INDEX
-from lmpipe.data.sft import Conversation, Messages, split_of
+from lmpipe.data.sft import Conversation, Messages, collate, split_of
 from lmpipe.data.sources import SourceError, decode, expand_paths
 
 log = logging.getLogger(__name__)
@@ -226,16 +226,7 @@ def collate_pairs(
     """One micro-batch: rows [chosen_1..chosen_B, rejected_1..rejected_B], right-padded to
     the longest, and the reference log-probs of the 2B rows in the same order."""
     rows = [e.chosen for e in examples] + [e.rejected for e in examples]
-    width = max(len(r["input_ids"]) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    for index, row in enumerate(rows):
-        n = len(row["input_ids"])
-        ids[index, :n] = torch.tensor(row["input_ids"])
-        labels[index, :n] = torch.tensor(row["labels"])
-        attention[index, :n] = 1
-    batch = {"input_ids": ids, "labels": labels, "attention_mask": attention}
+    batch = collate(rows, pad_id)
     if with_reference:
         references = [e.pair.ref_chosen for e in examples] + [e.pair.ref_rejected for e in examples]
         if any(r is None for r in references):
