@@ -426,3 +426,30 @@ def test_held_out_scores_come_from_the_saved_predictions(tiny_tokenizer, tmp_pat
     assert {"finetuned_sft_test_loss", "finetuned_chrf", "retrieval_chrf"} <= set(metrics)
     figure = task.report(saved, metrics, ["pretrained", "finetuned"], e).figures
     assert "preference_tradeoff.png" in figure
+
+
+def test_simpo_loss_and_rewards_equal_trls_cpo_simpo() -> None:
+    """SimPO lives in TRL's CPOTrainer (loss_type="simpo", on mean token log-probs); its
+    loss function needs only the settings, so it is called on a stand-in trainer."""
+    from types import SimpleNamespace
+
+    cpo = pytest.importorskip("trl.experimental.cpo.cpo_trainer")
+    generator = torch.Generator().manual_seed(1)
+    chosen, rejected = -5 * torch.rand(2, 6, generator=generator)  # summed log-probs
+    chosen_tokens = torch.tensor([1.0, 3, 5, 2, 7, 4])
+    rejected_tokens = torch.tensor([2.0, 2, 6, 1, 3, 9])
+    settings = SimpleNamespace(
+        alpha=0.0,
+        beta=2.0,
+        simpo_gamma=0.5,
+        loss_type="simpo",
+        label_smoothing=0.0,
+        accelerator=SimpleNamespace(device="cpu"),
+    )
+    expected = cpo.CPOTrainer.cpo_loss(settings, chosen / chosen_tokens,
+                                       rejected / rejected_tokens)  # fmt: skip
+    p = PreferenceConfig(loss="simpo", beta=2.0, simpo_gamma=0.5)
+    unused = torch.zeros(6)  # SimPO has no reference
+    ours = preference_losses(p, chosen, rejected, unused, unused, chosen_tokens, rejected_tokens)
+    for got, want in zip(ours, expected, strict=True):
+        torch.testing.assert_close(got, want)
