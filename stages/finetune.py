@@ -13,9 +13,11 @@ Returns the best validation loss, the objective of a Hydra sweep.
 
 import logging
 import os
+from collections.abc import Collection
 from pathlib import Path
 
 import hydra
+import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedTokenizerBase
 
@@ -50,12 +52,13 @@ def run_training(
     base: Path,
     tokenizer: PreTrainedTokenizerBase,
     env: DistEnv,
-    device,
+    device: torch.device,
     metrics: MetricLogger,
     checkpoints: Checkpoints | None,
-    train_ids=None,
+    train_ids: Collection[str] | None = None,
     task: tasks.FinetuningTask | None = None,
 ) -> tuple[tasks.TrainingSetup, TrainResult]:
+    """`f`'s task trained from `base` in the shared loop (with its adapters' step hook)."""
     setup = tasks.prepare_finetuning(f, base, tokenizer, stage.cfg.seed, device, env.rank,
                                      env.world_size, train_ids, task)  # fmt: skip
     result = train(
@@ -77,8 +80,9 @@ def run_training(
 
 
 def sft_phase(
-    stage: Stage, base: Path, tokenizer: PreTrainedTokenizerBase, env: DistEnv, device
-) -> Path:
+    stage: Stage, base: Path, tokenizer: PreTrainedTokenizerBase, env: DistEnv,
+    device: torch.device,
+) -> Path:  # fmt: skip
     """`finetune.preference.sft_steps` steps of SFT (with `sft_lr` and the rest of
     finetune.*) from `base`: the model that preference optimisation starts from and takes
     as its reference. Cached per config and starting model; resumable like any training."""
