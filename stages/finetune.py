@@ -81,13 +81,13 @@ def run_training(
 
 def sft_phase(
     stage: Stage, base: Path, tokenizer: PreTrainedTokenizerBase, env: DistEnv,
-    device: torch.device,
+    device: torch.device, steps: int,
 ) -> Path:  # fmt: skip
-    """`finetune.preference.sft_steps` steps of SFT (with `sft_lr` and the rest of
+    """`steps` of SFT (`finetune.preference.sft_steps`, with `sft_lr` and the rest of
     finetune.*) from `base`: the model that preference optimisation starts from and takes
     as its reference. Cached per config and starting model; resumable like any training."""
     c = stage.cfg
-    f = OmegaConf.merge(c.finetune, {"task": "sft", "steps": c.finetune.preference.sft_steps,
+    f = OmegaConf.merge(c.finetune, {"task": "sft", "steps": steps,
                                      "epochs": None, "selection": {"steps": []},
                                      "optim": {"lr": c.finetune.preference.sft_lr}})  # fmt: skip
     settings = OmegaConf.to_container(f, resolve=True)
@@ -124,8 +124,8 @@ def main(cfg: DictConfig) -> float:
         base = stage.input("pretrain", "model")
         tokenizer = load_tokenizer(base)
         task = tasks.finetuning(f.task)
-        if f.task == "preference" and f.preference.sft_steps:
-            base = sft_phase(stage, base, tokenizer, env, device)
+        if task.sft_first_steps(f):
+            base = sft_phase(stage, base, tokenizer, env, device, task.sft_first_steps(f))
             seed_everything(c.seed)  # the preference phase draws as it would without one
         pairs = task.prepare(f, base, tokenizer, device, stage.inputs_root / PAIRS_CACHE_DIR,
                              env, c.hardware.precision)  # fmt: skip
@@ -152,7 +152,7 @@ def main(cfg: DictConfig) -> float:
         save_model(setup.final_model(), tokenizer, stage.output("model"), env)
         objective = result.best_val_loss if f.final_weights == "best" else result.val_loss
         summary = {**result.summary(), **setup.counts}
-        if f.task != "preference":  # a preference loss is no per-token cross-entropy
+        if setup.objective.loss_is_per_token:
             summary["val_perplexity"] = perplexity(objective)
         stage.write_json("metrics.json", summary)
         stage.log_metrics(summary)

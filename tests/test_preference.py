@@ -423,6 +423,13 @@ def test_held_out_scores_come_from_the_saved_predictions(tiny_tokenizer, tmp_pat
     assert metrics["pretrained_reward_accuracy"] == 0.5
     assert metrics["pretrained_reward_margin"] == pytest.approx(0.0, abs=1e-4)
     assert metrics["finetuned_reward_margin"] != pytest.approx(0.0, abs=1e-3)
+    numbers = saved[saved["chosen_tokens"] != ""]
+    chosen, rejected = (
+        numbers["chosen_tokens"].astype(float),
+        numbers["rejected_tokens"].astype(float),
+    )
+    shorter = ((chosen < rejected) + 0.5 * (chosen == rejected)).mean()
+    assert metrics["shorter_reply_accuracy"] == pytest.approx(shorter)
     assert {"finetuned_sft_test_loss", "finetuned_chrf", "retrieval_chrf"} <= set(metrics)
     figure = task.report(saved, metrics, ["pretrained", "finetuned"], e).figures
     assert "preference_tradeoff.png" in figure

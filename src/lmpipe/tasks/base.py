@@ -35,6 +35,8 @@ class Objective(ABC):
     """What the training loop asks of a task (lmpipe.training.loop.Objective)."""
 
     name: ClassVar[str]
+    # The loss is a cross-entropy per target token (exp(loss) is a perplexity).
+    loss_is_per_token: ClassVar[bool] = True
 
     @abstractmethod
     def target_count(self, batch: Batch) -> int:
@@ -153,6 +155,11 @@ class FinetuningTask(Objective):
     # Whether the pretrained model itself can be scored on the task (a causal LM on replies:
     # yes; a classifier needs the head that tuning trains): evaluate then scores it too.
     before_tuning_is_comparable: ClassVar[bool] = False
+
+    def sft_first_steps(self, f: FinetuneConfig) -> int:
+        """Steps of supervised fine-tuning to run before this task's own training (their
+        model is the task's start, and its reference where it has one); 0: none."""
+        return 0
 
     def disables_dropout(self, f: FinetuneConfig) -> bool:
         """Whether training runs without dropout (adapters' included)."""

@@ -148,6 +148,7 @@ class PreferenceLoss(Objective):
     """The training objective: the summed pair losses of a micro-batch; target = pair."""
 
     name = "preference"
+    loss_is_per_token = False
 
     def __init__(self, p: PreferenceConfig | DictConfig) -> None:
         self.p = p
@@ -292,6 +293,9 @@ class Preference(SFT):
         self._pairs: dict[str, list[pref.Pair]] | None = None
         # the loss whose rewards evaluate reports (set with the pairs)
         self._loss_config: PreferenceConfig | DictConfig = PreferenceConfig()
+
+    def sft_first_steps(self, f: FinetuneConfig) -> int:
+        return f.preference.sft_steps
 
     def disables_dropout(self, f: FinetuneConfig) -> bool:
         # policy = reference at step 0: no random forward passes (TRL does the same)
@@ -442,7 +446,8 @@ class Preference(SFT):
         """SFT's metrics, and per model on the held-out pairs: reward accuracy (the share of
         pairs whose chosen reply earns the higher reward, ties counting half) and mean
         margin, under the training loss's own rewards, and how often the model gives the
-        chosen reply the higher log-prob itself (no reference)."""
+        chosen reply the higher log-prob itself (no reference); beside them the accuracy of
+        preferring the shorter reply."""
         metrics = super().score(frame, models, splits)
         # A pair with a reply cut away by max_len has empty cells (the CSV keeps them empty).
         names = [
@@ -459,6 +464,11 @@ class Preference(SFT):
 
         def column(name: str) -> torch.Tensor:
             return torch.tensor(numbers[name].to_numpy(dtype=np.float64))
+
+        # The skeptic's baseline: prefer the shorter reply (ties half), no model at all.
+        metrics["shorter_reply_accuracy"] = reward_accuracy(
+            column("rejected_tokens") - column("chosen_tokens")
+        )
 
         for label in models:
             _, chosen_rewards, rejected_rewards = preference_losses(

@@ -50,7 +50,10 @@ class Objective(Protocol):
     """What the loop asks of a task (lmpipe.tasks): the summed loss of a micro-batch and its
     number of prediction targets, and the sums of any per-target values it tracks (e.g. a
     preference pair's rewards), which the loop averages over the step's targets and logs.
-    The loop knows nothing else about tasks."""
+    `loss_is_per_token`: the loss is a cross-entropy per token, so exp(loss) is a
+    perplexity. The loop knows nothing else about tasks."""
+
+    loss_is_per_token: bool
 
     def target_count(self, batch: dict[str, torch.Tensor]) -> int: ...
 
@@ -415,12 +418,11 @@ def train(
             bar.update(1)
             if evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
                 progress.val_loss, extra = _evaluate(evaluate, forward, device, hardware)
+                values = {"val_loss": progress.val_loss}
+                if objective.loss_is_per_token:
+                    values["val_perplexity"] = perplexity(progress.val_loss)
                 metrics.log(
-                    {
-                        "val_loss": progress.val_loss,
-                        "val_perplexity": perplexity(progress.val_loss),
-                        **{f"val_{name}": value for name, value in extra.items()},
-                    },
+                    {**values, **{f"val_{name}": value for name, value in extra.items()}},
                     step,
                     "val",
                 )
