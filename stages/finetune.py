@@ -80,18 +80,14 @@ def run_training(
 
 
 def sft_phase(
-    stage: Stage, base: Path, tokenizer: PreTrainedTokenizerBase, env: DistEnv,
-    device: torch.device, steps: int,
+    stage: Stage, f: DictConfig, base: Path, tokenizer: PreTrainedTokenizerBase, env: DistEnv,
+    device: torch.device,
 ) -> Path:  # fmt: skip
-    """`steps` of SFT (`finetune.preference.sft_steps`, with `sft_lr` and the rest of
-    finetune.*) from `base`: the model that preference optimisation starts from and takes
-    as its reference. Cached per config and starting model; resumable like any training."""
+    """The task's SFT phase `f` (lmpipe.tasks FinetuningTask.sft_first) from `base`: the
+    model the task then starts from (and takes as its reference). Cached per config and
+    starting model; resumable like any training."""
     c = stage.cfg
-    f = OmegaConf.merge(c.finetune, {"task": "sft", "steps": steps,
-                                     "epochs": None, "selection": {"steps": []},
-                                     "optim": {"lr": c.finetune.preference.sft_lr}})  # fmt: skip
     settings = OmegaConf.to_container(f, resolve=True)
-    del settings["preference"]  # the phase ahead: not what this one trains
     identity = {"seed": c.seed, "finetune": settings,
                 "base": directory_digest(base) if env.is_main else None}  # fmt: skip
     key = distributed.broadcast_object(fingerprint(identity)[:16] if env.is_main else None)
@@ -124,8 +120,9 @@ def main(cfg: DictConfig) -> float:
         base = stage.input("pretrain", "model")
         tokenizer = load_tokenizer(base)
         task = tasks.finetuning(f.task)
-        if task.sft_first_steps(f):
-            base = sft_phase(stage, base, tokenizer, env, device, task.sft_first_steps(f))
+        sft_first = task.sft_first(f)
+        if sft_first is not None:
+            base = sft_phase(stage, sft_first, base, tokenizer, env, device)
             seed_everything(c.seed)  # the preference phase draws as it would without one
         pairs = task.prepare(f, base, tokenizer, device, stage.inputs_root / PAIRS_CACHE_DIR,
                              env, c.hardware.precision)  # fmt: skip

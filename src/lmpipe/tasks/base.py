@@ -156,10 +156,10 @@ class FinetuningTask(Objective):
     # yes; a classifier needs the head that tuning trains): evaluate then scores it too.
     before_tuning_is_comparable: ClassVar[bool] = False
 
-    def sft_first_steps(self, f: FinetuneConfig) -> int:
-        """Steps of supervised fine-tuning to run before this task's own training (their
-        model is the task's start, and its reference where it has one); 0: none."""
-        return 0
+    def sft_first(self, f: FinetuneConfig) -> FinetuneConfig | None:
+        """The supervised fine-tuning to run before this task's own training (its model is
+        the task's start, and its reference where it has one); None: none."""
+        return None
 
     def disables_dropout(self, f: FinetuneConfig) -> bool:
         """Whether training runs without dropout (adapters' included)."""

@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lmpipe.data import preference as pref
@@ -294,8 +294,18 @@ class Preference(SFT):
         # the loss whose rewards evaluate reports (set with the pairs)
         self._loss_config: PreferenceConfig | DictConfig = PreferenceConfig()
 
-    def sft_first_steps(self, f: FinetuneConfig) -> int:
-        return f.preference.sft_steps
+    def sft_first(self, f: FinetuneConfig | DictConfig) -> DictConfig | None:
+        """`sft_steps` of SFT at `sft_lr`, the rest of finetune.* shared (its preference
+        settings dropped: they are the phase ahead, not what this one trains)."""
+        p = f.preference
+        if not p.sft_steps:
+            return None
+        settings = OmegaConf.to_container(OmegaConf.structured(f), resolve=True)
+        del settings["preference"]
+        settings |= {"task": "sft", "steps": p.sft_steps, "epochs": None}
+        settings["selection"]["steps"] = []
+        settings["optim"]["lr"] = p.sft_lr
+        return OmegaConf.create(settings)
 
     def disables_dropout(self, f: FinetuneConfig) -> bool:
         # policy = reference at step 0: no random forward passes (TRL does the same)
