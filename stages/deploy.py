@@ -1,6 +1,12 @@
-"""deploy: fine-tuned model + evaluate metrics -> registered MLflow model versions (fp32 and
-int8), the champion/challenger alias from the quality gate, a smoke test through the
-registry, and outputs/deploy/deploy.json."""
+"""deploy: fine-tuned model + evaluate metrics -> registered MLflow model versions, one per
+variant (fp32, int8, pruned, pruned + int8), each with the champion/challenger alias from
+its own held-out score, a smoke test through the registry, every variant's size, latency
+and quality on one frontier, the unstructured-sparsity curve, and outputs/deploy/deploy.json.
+
+The pruned model (deploy.prune) is built here: Wanda-scored MLP channels and heads removed
+using training-split calibration batches, an optional recovery fine-tune, then scored on
+the held-out split as evaluate scores the fine-tuned model.
+"""
 
 import json
 from dataclasses import asdict
@@ -11,37 +17,65 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
+from lmpipe import tasks
+from lmpipe.deploy.compress import compress, curve_table
 from lmpipe.deploy.release import deploy
+from lmpipe.deploy.variants import frontier_figure, frontier_table
 from lmpipe.runs import lineage
+from lmpipe.runs.tracking import MetricLogger
 from lmpipe.stage import Stage, prepare_cli
+from lmpipe.training.loop import seed_everything, select_device
 
 
 @hydra.main(version_base="1.3", config_path="..", config_name="params")
 def main(cfg: DictConfig) -> None:
     with Stage("deploy", cfg, upstream=("evaluate", "finetune")) as stage:
+        c, d, f = stage.cfg, stage.cfg.deploy, stage.cfg.finetune
         metrics = json.loads(stage.input("evaluate", "metrics.json").read_text())
         predictions = pd.read_csv(stage.input("evaluate", "predictions.csv"),
                                   keep_default_na=False)  # fmt: skip
-        task = stage.cfg.finetune.task
-        # Held-out inputs are the latency workload of the fp32 vs int8 comparison.
-        requests = predictions["text" if task == "classify" else "prompt"].astype(str).tolist()
+        # Held-out inputs are the latency workload of every variant.
+        requests = predictions["text" if f.task == "classify" else "prompt"].astype(str).tolist()
+        model_dir = stage.input("finetune", "model")
+        plots = stage.output("plots")
+        plots.mkdir()
+        pruned_dir = None
+        if d.prune.enabled:
+            seed_everything(c.seed)
+            task = tasks.finetuning(f.task)
+            splits = task.held_out(f, stage.input("finetune", "pairs.parquet").parent)
+            compressed = compress(
+                model_dir, task, splits, f, c.evaluate, d.prune, list(d.sparsity.levels),
+                list(d.sparsity.methods), c.hardware, c.seed, select_device(c.hardware),
+                stage.output("pruned"), MetricLogger(stage.run_id, prefix="prune_recovery/"),
+            )  # fmt: skip
+            pruned_dir = compressed.pruned_dir
+            metrics |= compressed.metrics
+            stage.write_json("sparsity.json", {"points": curve_table(compressed.curve)})
+            for name, figure in compressed.figures.items():
+                figure.savefig(plots / name, dpi=110)
+                stage.log_figure(figure, name)
         # The version names the run of every stage from clean to this deploy.
         tags = lineage.version_tags(stage.run_id, MlflowClient())
         # The version's run carries the metrics it was gated on (the next champion check).
         stage.log_metrics(metrics)
-        result = deploy(stage.input("finetune", "model"), task, metrics, stage.cfg.deploy, tags,
-                        requests)  # fmt: skip
+        result = deploy(model_dir, f.task, metrics, d, tags, requests, pruned_dir)
         stage.write_json("deploy.json", asdict(result))
-        summary = {
-            "smoke_latency_seconds": result.smoke_latency_seconds,
-            "gate_passed": result.gate["passed"],
-        }
-        if result.quantized:
-            summary |= {
-                f"int8.{k}": v for k, v in result.quantized.items() if isinstance(v, int | float)
-            }
+        gate = d.gates[f.task]
+        figure = frontier_figure(result.variants, gate.metric, gate.mode,
+                                 result.fastest_within_quality_budget)  # fmt: skip
+        figure.savefig(plots / "frontier.png", dpi=110)
+        stage.log_figure(figure, "frontier.png")
+        stage.log_table(frontier_table(result.variants), "frontier.json")
+        summary = {"smoke_latency_seconds": result.smoke_latency_seconds,
+                   "gate_passed": result.gate["passed"]}  # fmt: skip
+        for variant, entry in result.variants.items():
+            summary |= {f"{variant}.{k}": v for k, v in entry.items()
+                        if isinstance(v, int | float) and not isinstance(v, bool)}  # fmt: skip
         stage.log_metrics(summary)
         mlflow.set_tag("lmpipe.deploy.alias", result.alias)
+        mlflow.set_tag("lmpipe.deploy.fastest_within_quality_budget",
+                       str(result.fastest_within_quality_budget))  # fmt: skip
 
 
 if __name__ == "__main__":

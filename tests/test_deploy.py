@@ -125,11 +125,12 @@ def test_champion_challenger_and_int8_variant(
     assert client.get_model_version("test-chat", "2").tags["gate_passed"] == "False"
     assert registry.aliased("test-chat").metrics["loss"] == 3.5
 
-    quantized = first.quantized
-    assert quantized["model_name"] == "test-chat-int8" and quantized["requests"] == 3
-    assert 0 < quantized["int8_bytes"] < quantized["fp32_bytes"]
-    assert quantized["fp32_latency_p50_seconds"] > 0 and quantized["int8_latency_p50_seconds"] > 0
-    assert quantized["quality.int8_loss"] == 4.01
+    quantized, fp32 = first.variants["int8"], first.variants["fp32"]
+    assert quantized["model_name"] == "test-chat-int8" and quantized["alias"] == "champion"
+    assert 0 < quantized["size_bytes"] < fp32["size_bytes"]
+    assert fp32["request_p50_seconds"] > 0 and quantized["request_p50_seconds"] > 0
+    assert quantized["quality"] == 4.01 and quantized["quality_change"] == pytest.approx(0.01)
+    assert worse.variants["int8"]["alias"] == "challenger"  # no int8 score of its own
     int8 = mlflow.pyfunc.load_model("models:/test-chat-int8@champion")
     up_proj = int8.unwrap_python_model().model.model.layers[0].mlp.up_proj
     assert type(up_proj).__module__.startswith("torch.ao.nn.quantized.dynamic")
@@ -192,7 +193,7 @@ def test_int8_variant_failing_its_own_threshold_is_only_the_challenger(
     with mlflow.start_run():
         result = deploy(model_dir, "sft", {"loss": 3.0, "int8_loss": 7.0},
                         deploy_config("gated"), {}, ["hi"])  # fmt: skip
-    assert result.alias == "champion" and result.quantized["alias"] == "challenger"
+    assert result.alias == "champion" and result.variants["int8"]["alias"] == "challenger"
     assert registry.aliased("gated-int8", registry.CHAMPION) is None
-    int8 = MlflowClient().get_model_version("gated-int8", result.quantized["version"])
+    int8 = MlflowClient().get_model_version("gated-int8", result.variants["int8"]["version"])
     assert int8.tags["gate_passed"] == "False"

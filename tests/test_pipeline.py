@@ -84,6 +84,21 @@ def test_every_stage_produced_its_outputs(pipeline: Path) -> None:
     assert metrics["sft_test_generations"] == 2  # experiment=smoke answers two prompts
     deployed = json.loads((out / "deploy" / "deploy.json").read_text())
     assert deployed["alias"] == "champion" and deployed["smoke_output"] is not None
+    # Four variants, each registered, measured and scored on the held-out split.
+    variants = deployed["variants"]
+    assert set(variants) == {"fp32", "int8", "pruned", "pruned-int8"}
+    for name, entry in variants.items():
+        suffix = "" if name == "fp32" else f"-{name}"
+        assert entry["model_name"] == f"lmpipe-sft{suffix}" and entry["quality"] is not None
+        assert entry["size_bytes"] > 0 and entry["request_p95_seconds"] > 0
+    assert variants["pruned"]["params"] < variants["fp32"]["params"]
+    assert deployed["fastest_within_quality_budget"] in variants
+    pruned = out / "deploy" / "pruned"
+    config = json.loads((pruned / "config.json").read_text())
+    assert config["intermediate_size"] == 96  # 128 channels less 25%
+    sparsity = json.loads((out / "deploy" / "sparsity.json").read_text())["points"]
+    assert {(p["method"], p["sparsity"]) for p in sparsity} >= {("wanda", 0.5), ("magnitude", 0.5)}
+    assert (out / "deploy" / "plots" / "frontier.png").stat().st_size > 10_000
 
 
 def test_every_stage_has_one_finished_run_linked_to_its_outputs(pipeline: Path) -> None:
@@ -574,7 +589,8 @@ def test_classify_task_through_the_pipeline(pipeline: Path) -> None:
     assert (evaluate / "plots" / "confusion_matrix.png").stat().st_size > 10_000
     deployed = json.loads((pipeline / "outputs/deploy/deploy.json").read_text())
     assert deployed["model_name"] == "lmpipe-classify" and deployed["alias"] == "champion"
-    assert deployed["quantized"]["model_name"] == "lmpipe-classify-int8"
+    assert deployed["variants"]["int8"]["model_name"] == "lmpipe-classify-int8"
+    assert deployed["variants"]["pruned-int8"]["quality_metric"] == "pruned_int8_macro_f1"
 
     # Another learning rate: evaluate now reports the difference to that champion.
     run(["lmpipe", "params", "experiment=smoke", "finetune=classify",

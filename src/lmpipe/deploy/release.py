@@ -8,7 +8,6 @@ threshold and is not worse than the current champion's; otherwise it is the `cha
 from __future__ import annotations
 
 import logging
-import statistics
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -18,12 +17,15 @@ from typing import Any
 
 import mlflow
 import pandas as pd
+import torch
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
 from lmpipe.deploy import registry
 from lmpipe.deploy.serving import DEFAULT_PARAMS, INPUT_COLUMN
+from lmpipe.deploy.variants import fastest_within, measure, own_metric, quality_loss
 from lmpipe.runs.config import ConfigError, DeployConfig, GateConfig
+from lmpipe.training.model import count_parameters
 
 log = logging.getLogger(__name__)
 
@@ -153,18 +155,11 @@ class Deployment:
     smoke_input: str
     smoke_output: Any
     smoke_latency_seconds: float
-    quantized: dict[str, Any] | None = field(default=None)
-
-
-def timed_predictions(model: Any, inputs: pd.DataFrame, params: dict | None) -> list[float]:
-    """Seconds per single-row request, one request per row, after one warm-up request."""
-    model.predict(inputs.iloc[:1], params=params)
-    seconds = []
-    for row in range(len(inputs)):
-        start = time.perf_counter()
-        model.predict(inputs.iloc[row : row + 1], params=params)
-        seconds.append(time.perf_counter() - start)
-    return seconds
+    # fp32, int8, pruned, pruned-int8 -> registered name/version/alias, own gate, params,
+    # size, latency and held-out quality (lmpipe.deploy.variants)
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # The fastest variant (request p50) within deploy.max_quality_loss of fp32's quality.
+    fastest_within_quality_budget: str | None = None
 
 
 def deploy(
@@ -174,8 +169,11 @@ def deploy(
     cfg: DeployConfig,
     tags: Mapping[str, str],
     requests: list[str],
+    pruned_dir: Path | None = None,
 ) -> Deployment:
-    """Gate, register (+ the int8 variant), set aliases, and measure through the registry."""
+    """Gate, register, set aliases and smoke-test the fp32 model; register its variants
+    (int8, and with `pruned_dir` pruned and pruned + int8), each gated on its own held-out
+    score in `metrics`; measure every variant through the registry."""
     name = cfg.registered_model_name
     champion = registry.aliased(name, registry.CHAMPION)
     gate = check_gate(metrics, cfg.gates[task], champion, cfg.champion_tolerance)
@@ -204,10 +202,22 @@ def deploy(
     smoke_output = output.to_dict("records")[0] if isinstance(output, pd.DataFrame) else output[0]
     log.info("smoke test through %s: %r -> %r (%.3fs)", uri, smoke_input, smoke_output, latency)
 
-    quantized = None
+    builds = {}
     if cfg.quantized_variant:
-        quantized = deploy_quantized(model_dir, task, metrics, cfg, served, requests, alias,
-                                     model_version, tags)  # fmt: skip
+        builds["int8"] = (model_dir, "int8")
+    if pruned_dir is not None:
+        builds["pruned"] = (pruned_dir, None)
+        if cfg.quantized_variant:
+            builds["pruned-int8"] = (pruned_dir, "int8")
+    variants = {"fp32": {"model_name": name, "version": model_version, "alias": alias,
+                         "gate_passed": gate.passed}}  # fmt: skip
+    for variant, (directory, quantize) in builds.items():
+        variants[variant] = register_variant(variant, directory, quantize, task, metrics, cfg,
+                                             alias, f"{name}/{model_version}", tags)  # fmt: skip
+    measure_variants(variants, served, task, metrics, cfg, requests)
+    fastest = fastest_within(variants, cfg.max_quality_loss, "request_p50_seconds")
+    log.info("fastest variant within %.1f%% of fp32's %s: %s", 100 * cfg.max_quality_loss,
+             gate.metric, fastest)  # fmt: skip
     return Deployment(
         model_name=name,
         version=model_version,
@@ -217,7 +227,8 @@ def deploy(
         smoke_input=smoke_input,
         smoke_output=smoke_output,
         smoke_latency_seconds=latency,
-        quantized=quantized,
+        variants=variants,
+        fastest_within_quality_budget=fastest,
     )
 
 
@@ -235,74 +246,88 @@ def gate_reason(gate: GateResult) -> str:
     )
 
 
-def deploy_quantized(
+def register_variant(
+    variant: str,
     model_dir: Path,
+    quantize: str | None,
     task: str,
     metrics: Mapping[str, float],
     cfg: DeployConfig,
-    served: Any,
-    requests: list[str],
     alias: str,
-    source_version: str,
+    source: str,
     tags: Mapping[str, str],
 ) -> dict[str, Any]:
-    """Register the int8 variant beside the fp32 model, with its size, latency and quality."""
-    from lmpipe.deploy.quantize import state_size_bytes
-
-    name = f"{cfg.registered_model_name}-int8"
-    model_version = log_and_register(model_dir, task, name, cfg, "model_int8", "int8")
-    # The variant must pass the same threshold on its own score (evaluate's int8_* metrics).
+    """Register `variant` as <registered_model_name>-<variant>, gated on its own held-out
+    score: passing, it takes the fp32 model's alias; failing (or unscored), the challenger."""
+    name = f"{cfg.registered_model_name}-{variant}"
+    model_version = log_and_register(model_dir, task, name, cfg, f"model_{variant}", quantize)
     gate = cfg.gates[task]
-    own_metric = "int8_" + gate.metric.removeprefix("finetuned_")
-    own_value = metrics.get(own_metric)
-    passed = own_value is None or (
-        better_or_equal(float(own_value), gate.threshold, gate.mode)
+    metric = own_metric(variant, gate.metric)
+    value = metrics.get(metric)
+    passed = value is not None and (
+        better_or_equal(float(value), gate.threshold, gate.mode)
         and (
             gate.baseline is None
-            or beats_baseline(float(own_value), baseline_value(metrics, gate), gate)
+            or beats_baseline(float(value), baseline_value(metrics, gate), gate)
         )
     )
     variant_alias = alias if passed else registry.CHALLENGER
     client = MlflowClient()
-    source = f"{cfg.registered_model_name}/{source_version}"
-    for key, value in {**tags, "quantized_from": source, "gate_passed": str(passed)}.items():
-        client.set_model_version_tag(name, model_version, key, value)
+    for key, tag in {**tags, "variant_of": source, "gate_passed": str(passed)}.items():
+        client.set_model_version_tag(name, model_version, key, tag)
     registry.set_alias(name, variant_alias, model_version)
     if variant_alias == registry.CHAMPION:
         registry.drop_alias(name, registry.CHALLENGER)
     elif not passed:
-        log.warning("int8 variant %s/%s: %s=%.4f fails the %s threshold %.4f or the baseline "
-                    "%s: registered as the challenger", name, model_version, own_metric,
-                    float(own_value), gate.mode, gate.threshold, gate.baseline)  # fmt: skip
-    quantized = mlflow.pyfunc.load_model(f"models:/{name}/{model_version}")
+        log.warning("%s variant %s/%s: %s=%s fails the %s threshold %.4f or the baseline %s "
+                    "(or has no held-out score): registered as the challenger", variant, name,
+                    model_version, metric, value, gate.mode, gate.threshold,
+                    gate.baseline)  # fmt: skip
+    return {"model_name": name, "version": model_version, "alias": variant_alias,
+            "gate_passed": passed}  # fmt: skip
 
+
+def forward_input(tokenizer: Any, requests: list[str], tokens: int) -> torch.Tensor:
+    """`tokens` token ids of the held-out requests' text (repeated if it is shorter)."""
+    ids = tokenizer(" ".join(requests) or "hello", add_special_tokens=False)["input_ids"]
+    ids = (ids * (tokens // max(len(ids), 1) + 1))[:tokens]
+    return torch.tensor([ids])
+
+
+def measure_variants(
+    variants: dict[str, dict[str, Any]],
+    served: Any,
+    task: str,
+    metrics: Mapping[str, float],
+    cfg: DeployConfig,
+    requests: list[str],
+) -> None:
+    """Add size, latency and held-out quality to each registered variant (in place), each
+    loaded from the registry as it is served."""
     inputs = pd.DataFrame({INPUT_COLUMN[task]: requests[: cfg.latency_requests]})
-    # Replies of the same length on both sides: a model that stops early is not faster.
+    # Replies of the same length everywhere: a model that stops early is not faster.
     params = None if task == "classify" else {"max_new_tokens": cfg.max_new_tokens,
                                               "min_new_tokens": cfg.max_new_tokens}  # fmt: skip
-    fp32_seconds = timed_predictions(served, inputs, params)
-    int8_seconds = timed_predictions(quantized, inputs, params)
-    fp32_model = served.unwrap_python_model().model
-    int8_model = quantized.unwrap_python_model().model
-    report = {
-        "model_name": name,
-        "version": model_version,
-        "alias": variant_alias,
-        "fp32_bytes": state_size_bytes(fp32_model),
-        "int8_bytes": state_size_bytes(int8_model),
-        "fp32_latency_p50_seconds": statistics.median(fp32_seconds),
-        "int8_latency_p50_seconds": statistics.median(int8_seconds),
-        "requests": len(inputs),
-    }
-    report["size_ratio"] = report["int8_bytes"] / report["fp32_bytes"]
-    report["latency_ratio"] = report["int8_latency_p50_seconds"] / report[
-        "fp32_latency_p50_seconds"]  # fmt: skip
-    # Quality: evaluate scored the same int8 recipe on the held-out set.
-    for key, value in metrics.items():
-        if key.startswith("int8_"):
-            report[f"quality.{key}"] = float(value)
-    log.info("int8 variant %s/%s: %.1f MB -> %.1f MB, p50 %.1f ms -> %.1f ms", name,
-             model_version, report["fp32_bytes"] / 1e6, report["int8_bytes"] / 1e6,
-             report["fp32_latency_p50_seconds"] * 1e3,
-             report["int8_latency_p50_seconds"] * 1e3)  # fmt: skip
-    return report
+    input_ids = forward_input(served.unwrap_python_model().tokenizer, requests,
+                              cfg.forward_tokens)  # fmt: skip
+    gate = cfg.gates[task]
+    reference = metrics.get(gate.metric)
+    float_params: dict[str, int] = {}  # an int8 model's packed weights are no parameters
+    for variant, entry in variants.items():
+        loaded = mlflow.pyfunc.load_model(f"models:/{entry['model_name']}/{entry['version']}")
+        model = loaded.unwrap_python_model().model
+        float_twin = {"int8": "fp32", "pruned-int8": "pruned"}.get(variant)
+        count = float_params[float_twin] if float_twin in float_params else count_parameters(model)
+        float_params[variant] = count
+        entry |= asdict(measure(loaded, count, input_ids, cfg.forward_repeats, inputs, params))
+        metric = own_metric(variant, gate.metric)
+        value = metrics.get(metric)
+        entry |= {"quality_metric": metric, "quality": value, "quality_change": None,
+                  "quality_loss": None}  # fmt: skip
+        if value is not None and reference is not None:
+            entry["quality_change"] = float(value) - float(reference)
+            entry["quality_loss"] = quality_loss(float(value), float(reference), gate.mode)
+        log.info("%s: %.2fM params, %.1f MB, forward(%d) p50 %.1f ms, request p50 %.1f ms, "
+                 "%s=%s", variant, entry["params"] / 1e6, entry["size_bytes"] / 1e6,
+                 cfg.forward_tokens, entry["forward_p50_seconds"] * 1e3,
+                 entry["request_p50_seconds"] * 1e3, metric, value)  # fmt: skip

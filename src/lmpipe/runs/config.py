@@ -189,6 +189,9 @@ class PretrainConfig(TrainConfig):
     mlm: MaskingConfig = field(default_factory=MaskingConfig)
 
 
+# deploy.sparsity.methods: how the zeros are chosen (lmpipe.deploy.sparsity).
+SPARSITY_METHODS = ("magnitude", "wanda")
+
 # finetune.peft.method -> peft's tuner; "none" trains the model's own weights.
 PEFT_METHODS = ("none", "lora", "adalora", "ia3", "loha", "lokr")
 
@@ -363,6 +366,29 @@ class GateConfig:
 
 
 @dataclass
+class PruneConfig:
+    """Structured pruning for deployment (lmpipe.deploy.prune): the same share of MLP
+    channels (and of attention heads) removed from every layer, by Wanda scores from
+    training-split calibration batches, then an optional recovery fine-tune."""
+
+    enabled: bool = True
+    mlp_ratio: float = 0.25  # share of each layer's MLP channels removed
+    head_ratio: float = 0.0  # share of attention heads removed (per key/value group under GQA)
+    calibration_batches: int = 8  # training-split batches of finetune.batch_size
+    recovery_steps: int = 0  # fine-tuning steps after pruning (the finetune loop); 0: none
+    recovery_lr: float = 5.0e-5
+
+
+@dataclass
+class SparsityConfig:
+    """The unstructured-sparsity analysis (lmpipe.deploy.sparsity): held-out loss at each
+    level for each method; no levels: skipped."""
+
+    levels: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7])
+    methods: list[str] = field(default_factory=lambda: ["magnitude", "wanda"])
+
+
+@dataclass
 class DeployConfig:
     registered_model_name: str = "lmpipe-sft"
     gates: dict[str, GateConfig] = field(
@@ -379,6 +405,14 @@ class DeployConfig:
     smoke_prompt: str = "What is AI?"
     smoke_text: str = "a large wild animal of the cat family with a striped coat"
     max_new_tokens: int = 32
+    # Latency of one forward pass over this many tokens, timed this many times per variant.
+    forward_tokens: int = 64
+    forward_repeats: int = 30
+    # The frontier's pick: the fastest variant that loses at most this share of the fp32
+    # model's gate metric (0.02: 2%).
+    max_quality_loss: float = 0.02
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
 
 
 @dataclass
@@ -525,6 +559,14 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "hardware.peak_flops": (lambda v: v > 0, "> 0"),
     "deploy.champion_tolerance": (lambda v: v >= 0, ">= 0"),
     "deploy.latency_requests": (lambda v: v >= 1, ">= 1"),
+    "deploy.forward_tokens": (lambda v: v >= 1, ">= 1"),
+    "deploy.forward_repeats": (lambda v: v >= 1, ">= 1"),
+    "deploy.max_quality_loss": (lambda v: v >= 0, ">= 0"),
+    "deploy.prune.mlp_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "deploy.prune.head_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "deploy.prune.calibration_batches": (lambda v: v >= 1, ">= 1"),
+    "deploy.prune.recovery_steps": (lambda v: v >= 0, ">= 0"),
+    "deploy.prune.recovery_lr": (lambda v: v > 0, "> 0"),
     "evaluate.num_generations": (lambda v: v >= 1, ">= 1"),
     "finetune.preference.beta": (lambda v: v > 0, "> 0"),
     "finetune.preference.label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
@@ -590,6 +632,14 @@ def validate(cfg: DictConfig | dict) -> DictConfig:
             f"invalid value for 'finetune.dataset': {dataset!r} is not a {task} dataset "
             f"(allowed for finetune.task={task}: {TASK_DATASETS[task]})"
         )
+    for level in merged.deploy.sparsity.levels:
+        if not 0 < level < 1:
+            raise ConfigError(f"invalid value in 'deploy.sparsity.levels': {level} "
+                              "(each must be in (0, 1))")  # fmt: skip
+    for method in merged.deploy.sparsity.methods:
+        if method not in SPARSITY_METHODS:
+            raise ConfigError(f"invalid value in 'deploy.sparsity.methods': {method!r} "
+                              f"(allowed: {SPARSITY_METHODS})")  # fmt: skip
     _validate_selection(merged.finetune.selection, task)
     _validate_preference(merged.finetune)
     mlm = merged.pretrain.mlm

@@ -161,6 +161,11 @@ class FinetuningTask(Objective):
         the task's start, and its reference where it has one); None: none."""
         return None
 
+    def supervised_task(self) -> FinetuningTask:
+        """The task whose training split calibrates a compressed model and retrains it after
+        pruning (deploy): itself, unless its objective needs more than the model and data."""
+        return self
+
     def disables_dropout(self, f: FinetuneConfig) -> bool:
         """Whether training runs without dropout (adapters' included)."""
         return False

@@ -47,7 +47,7 @@ from lmpipe.runs.config import EvaluateConfig, FinetuneConfig, PreferenceConfig
 from lmpipe.runs.processes import DistEnv
 from lmpipe.selection.candidates import Candidate
 from lmpipe.selection.scoring import directory_digest
-from lmpipe.tasks.base import Objective, Report, TrainingSetup, chosen
+from lmpipe.tasks.base import FinetuningTask, Objective, Report, TrainingSetup, chosen
 from lmpipe.tasks.sft import SFT, selection_candidate
 from lmpipe.training import distributed
 from lmpipe.training.loop import autocast
@@ -293,6 +293,10 @@ class Preference(SFT):
         self._pairs: dict[str, list[pref.Pair]] | None = None
         # the loss whose rewards evaluate reports (set with the pairs)
         self._loss_config: PreferenceConfig | DictConfig = PreferenceConfig()
+
+    def supervised_task(self) -> FinetuningTask:
+        """SFT on the same conversations: a pair loss needs a reference for every reply."""
+        return SFT()
 
     def sft_first(self, f: FinetuneConfig | DictConfig) -> DictConfig | None:
         """`sft_steps` of SFT at `sft_lr`, the rest of finetune.* shared (its preference

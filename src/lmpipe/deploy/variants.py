@@ -1,0 +1,143 @@
+"""The deployment variants side by side: size, latency and held-out quality, and the frontier.
+
+Every variant is measured the same way on the serving CPU, through the model the registry
+serves: parameter count, serialized size, p50/p95 latency of one forward pass over a fixed
+number of tokens, and of one request (for a chat model a reply of exactly max_new_tokens:
+a model that stops early is not faster). Quality is the gate metric on the held-out split.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
+
+from lmpipe.deploy.quantize import state_size_bytes
+
+# Variant -> the prefix of its held-out metrics (evaluate: finetuned_, int8_; deploy: pruned_).
+METRIC_PREFIX = {"fp32": "finetuned_", "int8": "int8_", "pruned": "pruned_",
+                 "pruned-int8": "pruned_int8_"}  # fmt: skip
+
+
+def own_metric(variant: str, gate_metric: str) -> str:
+    """The variant's own held-out score behind the gate's (fp32) metric."""
+    if variant == "fp32":
+        return gate_metric
+    return METRIC_PREFIX[variant] + gate_metric.removeprefix("finetuned_")
+
+
+def percentiles(seconds: Sequence[float]) -> tuple[float, float]:
+    """p50 and p95 (linear interpolation, numpy's default)."""
+    return float(np.percentile(seconds, 50)), float(np.percentile(seconds, 95))
+
+
+@torch.no_grad()
+def forward_seconds(model: torch.nn.Module, input_ids: torch.Tensor, repeats: int) -> list[float]:
+    """Seconds per forward pass over `input_ids` (batch 1, no cache), after two warm-ups."""
+    model.eval()
+    for _ in range(2):
+        model(input_ids=input_ids, use_cache=False)
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(input_ids=input_ids, use_cache=False)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def request_seconds(served: Any, inputs: pd.DataFrame, params: dict | None) -> list[float]:
+    """Seconds per single-row request through the pyfunc, after one warm-up request."""
+    served.predict(inputs.iloc[:1], params=params)
+    seconds = []
+    for row in range(len(inputs)):
+        start = time.perf_counter()
+        served.predict(inputs.iloc[row : row + 1], params=params)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+@dataclass
+class Measured:
+    params: int
+    size_bytes: int
+    forward_p50_seconds: float
+    forward_p95_seconds: float
+    request_p50_seconds: float
+    request_p95_seconds: float
+
+
+def measure(
+    served: Any,
+    params: int,
+    input_ids: torch.Tensor,
+    forward_repeats: int,
+    requests: pd.DataFrame,
+    request_params: dict | None,
+) -> Measured:
+    """Size and latency of a served pyfunc's model (`params`: its weights, counted on the
+    float model it was built from: an int8 model's packed weights are no parameters)."""
+    model = served.unwrap_python_model().model
+    forward = percentiles(forward_seconds(model, input_ids, forward_repeats))
+    request = percentiles(request_seconds(served, requests, request_params))
+    return Measured(params, state_size_bytes(model), *forward, *request)
+
+
+def quality_loss(value: float, reference: float, mode: str) -> float:
+    """How much worse `value` is than `reference`, as a share of it (negative: better)."""
+    worse = value - reference if mode == "min" else reference - value
+    if reference == 0:
+        return 0.0 if worse <= 0 else float("inf")
+    return worse / abs(reference)
+
+
+def fastest_within(
+    variants: Mapping[str, Mapping[str, Any]], max_loss: float, latency: str
+) -> str | None:
+    """The variant with the lowest `latency` among those losing at most `max_loss` of the
+    fp32 quality (None: none has a held-out score that qualifies)."""
+    eligible = {
+        name: v[latency] for name, v in variants.items()
+        if v.get("quality_loss") is not None and v["quality_loss"] <= max_loss
+    }  # fmt: skip
+    return min(eligible, key=eligible.get) if eligible else None
+
+
+def frontier_figure(
+    variants: Mapping[str, Mapping[str, Any]], metric: str, mode: str, best: str | None
+) -> Figure:
+    """Held-out quality against size and against request latency, one point per variant."""
+    figure = Figure(figsize=(10, 4))
+    axes = figure.subplots(1, 2)
+    scored = {n: v for n, v in variants.items() if v.get("quality") is not None}
+    for ax, (key, label, scale) in zip(
+        axes,
+        [("size_bytes", "size (MB)", 1e-6),
+         ("request_p50_seconds", "request latency p50 (ms)", 1e3)],
+        strict=True,
+    ):  # fmt: skip
+        for name, v in scored.items():
+            x = v[key] * scale
+            ax.scatter(x, v["quality"], s=60 if name == best else 30,
+                       marker="*" if name == best else "o")  # fmt: skip
+            ax.annotate(name, (x, v["quality"]), textcoords="offset points", xytext=(4, 4))
+        ax.set_xlabel(label)
+        ax.set_ylabel(f"{metric} ({'lower' if mode == 'min' else 'higher'} is better)")
+        ax.grid(alpha=0.3)
+    figure.suptitle(
+        "Deployment variants: held-out quality against size and latency"
+        + (f" (* fastest within the quality budget: {best})" if best else "")
+    )
+    figure.tight_layout()
+    return figure
+
+
+def frontier_table(variants: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
+    rows = [{"variant": name, **{k: v for k, v in values.items() if not isinstance(v, dict)}}
+            for name, values in variants.items()]  # fmt: skip
+    return pd.DataFrame(rows)
