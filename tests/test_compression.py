@@ -29,12 +29,15 @@ from lmpipe.runs.config import ConfigError, DeployConfig, GateConfig, validate
 from lmpipe.training.model import save_model
 
 
-def llama(heads: int, kv_heads: int, intermediate: int = 48, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=97, hidden_size=48, num_hidden_layers=2,
-                         num_attention_heads=heads, num_key_value_heads=kv_heads,
-                         intermediate_size=intermediate, max_position_embeddings=64)  # fmt: skip
-    return LlamaForCausalLM(config).eval()
+def llama_config(heads: int, kv_heads: int, **extra) -> LlamaConfig:
+    return LlamaConfig(vocab_size=97, hidden_size=48, num_hidden_layers=2,
+                       num_attention_heads=heads, num_key_value_heads=kv_heads,
+                       intermediate_size=48, max_position_embeddings=64, **extra)  # fmt: skip
+
+
+def llama(heads: int, kv_heads: int) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(llama_config(heads, kv_heads)).eval()
 
 
 def calibration(seed: int = 1, rows: int = 3, length: int = 12) -> list[dict[str, torch.Tensor]]:
@@ -66,6 +69,23 @@ def test_pruned_logits_equal_the_dense_model_with_those_channels_zeroed(
     assert not torch.allclose(small, original, atol=1e-3)  # something was removed
     assert kept.params_after < kept.params_before
     assert model.config.intermediate_size == 48  # the dense model is left as it was
+
+
+def test_a_decoder_classifier_prunes_like_a_causal_lm() -> None:
+    from transformers import LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    config = llama_config(4, 4, num_labels=3, pad_token_id=0)
+    classifier = LlamaForSequenceClassification(config).eval()
+    norms = input_norms(classifier, calibration(), torch.device("cpu"))
+    pruned, kept = prune_structured(classifier, norms, 0.5, 0.5)
+    zeroed = copy.deepcopy(classifier)
+    zero_pruned_units(zeroed, kept)
+    ids = calibration(seed=4)[0]["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(input_ids=ids).logits, zeroed(input_ids=ids).logits,
+                                   atol=1e-5, rtol=0)  # fmt: skip
+    assert pruned.score.weight.shape == (3, 48)
 
 
 def test_head_pruning_keeps_whole_heads_or_heads_per_group() -> None:

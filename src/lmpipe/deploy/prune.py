@@ -222,7 +222,8 @@ def prune_structured(
     dtype = next(model.parameters()).dtype
     pruned = model.__class__(config).to(dtype)
     pruned.load_state_dict(state, strict=True)
-    pruned.generation_config = model.generation_config
+    if getattr(model, "generation_config", None) is not None:  # a classifier has none
+        pruned.generation_config = model.generation_config
     pruned.eval()
     result = Pruned(channels, heads, kv_heads, count_parameters(model), count_parameters(pruned))
     result.summary = {
