@@ -289,7 +289,7 @@ def register_variant(
 
 def forward_input(tokenizer: Any, requests: list[str], tokens: int) -> torch.Tensor:
     """`tokens` token ids of the held-out requests' text (repeated if it is shorter)."""
-    ids = tokenizer(" ".join(requests) or "hello", add_special_tokens=False)["input_ids"]
+    ids = tokenizer(" ".join(requests), add_special_tokens=False)["input_ids"] or [0]
     ids = (ids * (tokens // max(len(ids), 1) + 1))[:tokens]
     return torch.tensor([ids])
 
@@ -304,11 +304,15 @@ def measure_variants(
 ) -> None:
     """Add size, latency and held-out quality to each registered variant (in place), each
     loaded from the registry as it is served."""
-    inputs = pd.DataFrame({INPUT_COLUMN[task]: requests[: cfg.latency_requests]})
+    # The held-out inputs; without any, the smoke input alone.
+    workload = requests[: cfg.latency_requests] or [
+        cfg.smoke_text if task == "classify" else cfg.smoke_prompt
+    ]
+    inputs = pd.DataFrame({INPUT_COLUMN[task]: workload})
     # Replies of the same length everywhere: a model that stops early is not faster.
     params = None if task == "classify" else {"max_new_tokens": cfg.max_new_tokens,
                                               "min_new_tokens": cfg.max_new_tokens}  # fmt: skip
-    input_ids = forward_input(served.unwrap_python_model().tokenizer, requests,
+    input_ids = forward_input(served.unwrap_python_model().tokenizer, workload,
                               cfg.forward_tokens)  # fmt: skip
     gate = cfg.gates[task]
     reference = metrics.get(gate.metric)
