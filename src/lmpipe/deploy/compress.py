@@ -26,6 +26,7 @@ from lmpipe.data.tokenizer import load_tokenizer
 from lmpipe.deploy.prune import Pruned, input_norms, prune_structured
 from lmpipe.deploy.quantize import quantize_int8
 from lmpipe.deploy.sparsity import SparsityPoint, sparsity_curve, sparsity_figure
+from lmpipe.deploy.variants import METRIC_PREFIX
 from lmpipe.runs.config import EvaluateConfig, FinetuneConfig, HardwareConfig, PruneConfig
 from lmpipe.runs.tracking import MetricLogger
 from lmpipe.training.loop import autocast, train
@@ -33,9 +34,8 @@ from lmpipe.training.model import save_model
 
 log = logging.getLogger(__name__)
 
-# The variants scored here, as prefixes of their held-out metrics (evaluate's are finetuned_
-# and int8_).
-PRUNED, PRUNED_INT8 = "pruned", "pruned_int8"
+# The variants scored here, labelled as their held-out metrics are prefixed (pruned_*, ...).
+PRUNED, PRUNED_INT8 = (METRIC_PREFIX[v].removesuffix("_") for v in ("pruned", "pruned-int8"))
 
 
 def recovery_config(f: FinetuneConfig | DictConfig, p: PruneConfig, task: str) -> DictConfig:

@@ -198,7 +198,7 @@ def prune_structured(
     layers = decoder_layers(model)
     head_dim = layers[0].self_attn.head_dim
     names = {id(m): n for n, m in model.named_modules()}
-    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state = dict(model.state_dict())  # sliced entries are new tensors; the model is not touched
     for layer, kept, q_heads, kv in zip(layers, channels, heads, kv_heads, strict=True):
         mlp, attention = layer.mlp, layer.self_attn
         index = torch.tensor(kept)
