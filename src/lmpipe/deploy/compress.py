@@ -92,7 +92,7 @@ def compress(
     setup = tasks.prepare_finetuning(r, model_dir, tokenizer, seed, device, task=supervised)
     model = setup.model.to(device)
 
-    def held_out_loss(m: PreTrainedModel) -> float:
+    def val_loss(m: PreTrainedModel) -> float:
         with autocast(device, hardware.precision):
             return loss_of(setup.evaluate(m.to(device)))
 
@@ -104,17 +104,17 @@ def compress(
     figures = {}
     curve = []
     if levels:
-        curve = sparsity_curve(model, norms, levels, held_out_loss, methods)
+        curve = sparsity_curve(model, norms, levels, val_loss, methods)
         figures["sparsity.png"] = sparsity_figure(curve, "validation loss")
-    facts["dense_val_loss"] = held_out_loss(model)
+    facts["dense_val_loss"] = val_loss(model)
     pruned, kept = prune_structured(model.cpu(), norms, p.mlp_ratio, p.head_ratio)
     facts |= kept.summary
-    facts["pruned_val_loss_before_recovery"] = held_out_loss(pruned)
+    facts["pruned_val_loss_before_recovery"] = val_loss(pruned)
     if p.recovery_steps:
         log.info("prune: recovery fine-tune, %d steps at lr %g", r.steps, r.optim.lr)
         train(pruned, setup.batches, r, hardware, device, metrics, setup.evaluate,
               objective=setup.objective, desc="prune: recovery")  # fmt: skip
-        facts["pruned_val_loss"] = held_out_loss(pruned)
+        facts["pruned_val_loss"] = val_loss(pruned)
     save_model(pruned.cpu(), tokenizer, out_dir)
 
     # Held-out scores, as evaluate computes the fine-tuned model's and int8's.
