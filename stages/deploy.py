@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from lmpipe import tasks
 from lmpipe.deploy.compress import compress, curve_table
 from lmpipe.deploy.release import deploy
+from lmpipe.deploy.serving import INPUT_COLUMN
 from lmpipe.deploy.variants import frontier_figure, frontier_table
 from lmpipe.runs import lineage
 from lmpipe.runs.tracking import MetricLogger
@@ -35,7 +36,7 @@ def main(cfg: DictConfig) -> None:
         predictions = pd.read_csv(stage.input("evaluate", "predictions.csv"),
                                   keep_default_na=False)  # fmt: skip
         # Held-out inputs are the latency workload of every variant.
-        requests = predictions["text" if f.task == "classify" else "prompt"].astype(str).tolist()
+        requests = predictions[INPUT_COLUMN[f.task]].astype(str).tolist()
         model_dir = stage.input("finetune", "model")
         plots = stage.output("plots")
         plots.mkdir()

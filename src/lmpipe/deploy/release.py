@@ -214,7 +214,7 @@ def deploy(
     for variant, (directory, quantize) in builds.items():
         variants[variant] = register_variant(variant, directory, quantize, task, metrics, cfg,
                                              alias, f"{name}/{model_version}", tags)  # fmt: skip
-    measure_variants(variants, served, task, metrics, cfg, requests)
+    measure_variants(variants, served, task, metrics, cfg, requests or [smoke_input])
     fastest = fastest_within(variants, cfg.max_quality_loss, "request_p50_seconds")
     log.info("fastest variant within %.1f%% of fp32's %s: %s", 100 * cfg.max_quality_loss,
              gate.metric, fastest)  # fmt: skip
@@ -264,13 +264,9 @@ def register_variant(
     gate = cfg.gates[task]
     metric = own_metric(variant, gate.metric)
     value = metrics.get(metric)
-    passed = value is not None and (
-        better_or_equal(float(value), gate.threshold, gate.mode)
-        and (
-            gate.baseline is None
-            or beats_baseline(float(value), baseline_value(metrics, gate), gate)
-        )
-    )
+    # The fp32 gate (threshold, baseline) on the variant's own score; no champion check.
+    own_gate = GateConfig(metric, gate.mode, gate.threshold, gate.baseline, gate.margin)
+    passed = value is not None and check_gate(metrics, own_gate, tolerance=None).passed
     variant_alias = alias if passed else registry.CHALLENGER
     client = MlflowClient()
     for key, tag in {**tags, "variant_of": source, "gate_passed": str(passed)}.items():
@@ -303,11 +299,8 @@ def measure_variants(
     requests: list[str],
 ) -> None:
     """Add size, latency and held-out quality to each registered variant (in place), each
-    loaded from the registry as it is served."""
-    # The held-out inputs; without any, the smoke input alone.
-    workload = requests[: cfg.latency_requests] or [
-        cfg.smoke_text if task == "classify" else cfg.smoke_prompt
-    ]
+    loaded from the registry as it is served (`served`: the fp32 model, loaded already)."""
+    workload = requests[: cfg.latency_requests]
     inputs = pd.DataFrame({INPUT_COLUMN[task]: workload})
     # Replies of the same length everywhere: a model that stops early is not faster.
     params = None if task == "classify" else {"max_new_tokens": cfg.max_new_tokens,
@@ -318,7 +311,11 @@ def measure_variants(
     reference = metrics.get(gate.metric)
     float_params: dict[str, int] = {}  # an int8 model's packed weights are no parameters
     for variant, entry in variants.items():
-        loaded = mlflow.pyfunc.load_model(f"models:/{entry['model_name']}/{entry['version']}")
+        loaded = (
+            served
+            if variant == "fp32"
+            else mlflow.pyfunc.load_model(f"models:/{entry['model_name']}/{entry['version']}")
+        )
         model = loaded.unwrap_python_model().model
         float_twin = {"int8": "fp32", "pruned-int8": "pruned"}.get(variant)
         count = float_params[float_twin] if float_twin in float_params else count_parameters(model)
