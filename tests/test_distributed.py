@@ -69,6 +69,8 @@ def test_two_processes_match_one_with_the_doubled_batch_of_preference_pairs(
         for name in names:
             assert two[name] == pytest.approx(one[name], rel=1e-5, abs=1e-6), name
     assert any(row["rewards/margins"] != 0 for row in single_pairs["logged"])
+    # Step 1: policy = reference, every margin float noise, every pair a tie (counted half).
+    assert single_pairs["logged"][0]["rewards/accuracies"] == pytest.approx(0.5)
 
 
 def test_gradient_accumulation_matches_one_bigger_batch(single: dict, tmp_path: Path) -> None:

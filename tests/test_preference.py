@@ -7,6 +7,7 @@ import copy
 import gzip
 import json
 import math
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
@@ -139,8 +140,10 @@ def test_policy_equal_to_reference_gives_ln2_zero_rewards_and_a_gradient(tiny_to
     loss = objective.loss_sum(model, batch) / objective.target_count(batch)
     assert float(loss.detach()) == pytest.approx(math.log(2), abs=1e-6)
     sums = objective.take_metric_sums()
-    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
         assert float(sums[name]) == pytest.approx(0.0, abs=1e-6), name
+    # Every margin is float noise: each pair a tie, counted half (not decided by the noise).
+    assert float(sums["rewards/accuracies"]) == objective.target_count(batch) / 2
     assert objective.take_metric_sums() == {}  # taken once
     loss.backward()
     norm = torch.sqrt(sum((p.grad**2).sum() for p in model.parameters() if p.grad is not None))
@@ -391,6 +394,19 @@ def test_held_out_reward_accuracy_counts_ties_half() -> None:
 
     assert reward_accuracy(torch.tensor([1e-7, -3e-6, 0.0, 2e-7])) == 0.5  # the reference
     assert reward_accuracy(torch.tensor([0.5, -0.5, 0.2, 0.0])) == pytest.approx(0.625)
+
+
+def test_training_logs_reward_accuracy_with_the_held_out_tie_rule() -> None:
+    """The same margins give the same share in training's sums as in the held-out metric, so
+    noise-level margins (1 process against 2) cannot flip `rewards/accuracies`."""
+    from lmpipe.tasks.preference import pair_metric_sums, reward_accuracy
+
+    margins = torch.tensor([3e-7, 2e-7, 0.3, -0.3, 5e-5, 6e-5])
+    scores = SimpleNamespace(chosen=torch.zeros(6), rejected=torch.zeros(6))
+    sums = pair_metric_sums(scores, margins, torch.zeros(6))
+    # 4 ties count 2, one win 1, one loss 0 (a strict > would count 5)
+    assert float(sums["rewards/accuracies"]) == 3.0
+    assert float(sums["rewards/accuracies"]) / 6 == reward_accuracy(margins)
 
 
 def test_held_out_scores_come_from_the_saved_predictions(tiny_tokenizer, tmp_path: Path) -> None:

@@ -129,6 +129,27 @@ class PairScores:
                                  self.rejected_tokens)  # fmt: skip
 
 
+# A reward margin this small is a tie: the reference scored in another batch (other padding)
+# or on another number of processes differs from itself in the last float bits, not in
+# preference. At step 1 the policy is the reference, so every margin is such noise.
+TIE_MARGIN = 1e-4
+
+
+def pair_wins(margins: torch.Tensor) -> torch.Tensor:
+    """Per pair: 1 for a margin of at least TIE_MARGIN, 0.5 for a tie, 0 for a loss. One rule
+    for training's `rewards/accuracies` and the held-out reward accuracy, so the reference
+    itself scores 0.5 (chance) whatever the float noise. (TRL counts a strict `>`, which noise
+    decides at step 1.)"""
+    wins = (margins >= TIE_MARGIN).to(margins.dtype)
+    ties = (margins.abs() < TIE_MARGIN).to(margins.dtype)
+    return wins + 0.5 * ties
+
+
+def reward_accuracy(margins: torch.Tensor) -> float:
+    """Share of pairs won, ties counting half (`pair_wins`)."""
+    return float(pair_wins(margins.double()).mean())
+
+
 def pair_metric_sums(
     scores: PairScores, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor
 ) -> dict[str, torch.Tensor]:
@@ -137,7 +158,7 @@ def pair_metric_sums(
     return {
         "rewards/chosen": chosen_rewards.sum(),
         "rewards/rejected": rejected_rewards.sum(),
-        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum(),
+        "rewards/accuracies": pair_wins(margins.float()).sum(),
         "rewards/margins": margins.sum(),
         "logps/chosen": scores.chosen.detach().sum(),
         "logps/rejected": scores.rejected.detach().sum(),
@@ -216,19 +237,6 @@ def reference_logps(
                 for e, c, r in zip(chunk, chosen_logps, rejected_logps, strict=True)
             ]
     return filled
-
-
-# A reward margin this small is a tie: the reference scored in another batch (other padding)
-# differs from itself in the last float bits, not in preference.
-TIE_MARGIN = 1e-4
-
-
-def reward_accuracy(margins: torch.Tensor) -> float:
-    """Share of pairs with a positive margin, ties (|margin| < TIE_MARGIN) counting half: the
-    reference itself scores 0.5, chance. (Training logs TRL's strict share instead.)"""
-    wins = (margins >= TIE_MARGIN).double()
-    ties = (margins.abs() < TIE_MARGIN).double()
-    return float((wins + 0.5 * ties).mean())
 
 
 # --- building the pairs --------------------------------------------------------------------
