@@ -7,8 +7,8 @@ import copy
 import gzip
 import json
 import math
-from types import SimpleNamespace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
