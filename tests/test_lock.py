@@ -74,3 +74,20 @@ def test_the_running_environment_is_the_locked_one() -> None:
             different.append(f"{name}: {installed} installed, {version} locked")
     assert not different, "run `make install` (or `make lock`):\n" + "\n".join(different)
     assert Version(importlib.metadata.version("torch")).base_version == str(makefile_torch())
+
+
+def test_the_packages_installed_without_dependencies_are_the_pinned_ones() -> None:
+    """The Makefile's NO_DEPS packages (data read as files) are outside the lock: pinned there."""
+    match = re.search(r"^NO_DEPS := (.+)$", (REPO / "Makefile").read_text(), re.M)
+    assert match, "the Makefile lists its --no-deps packages in NO_DEPS"
+    different = []
+    for pin in match[1].split():
+        name, version = pin.split("==")
+        try:
+            installed = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            different.append(f"{name}: not installed (pinned {version})")
+            continue
+        if installed != version:
+            different.append(f"{name}: {installed} installed, {version} pinned")
+    assert not different, "run `make install`:\n" + "\n".join(different)

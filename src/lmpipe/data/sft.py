@@ -28,6 +28,8 @@ Messages = list[dict[str, str]]
 class Conversation:
     id: str
     messages: Messages
+    # The final answer a program can check the reply against (verifiable tasks); None: none.
+    answer: str | None = None
 
     @property
     def prompt(self) -> str:

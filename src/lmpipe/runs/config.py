@@ -316,10 +316,25 @@ class PreferenceConfig:
 
 
 @dataclass
+class ReasoningGymConfig:
+    """finetune.dataset=reasoning_gym: procedural problems with checkable answers
+    (lmpipe.taskdata.reasoning_gym)."""
+
+    generator: str = "chain_sum"  # chain_sum | basic_arithmetic | gsm_symbolic
+    train_size: int = 4000
+    val_size: int = 200
+    test_size: int = 500
+    seed: int = 0
+    # The generator's own settings (reasoning-gym's config fields, e.g. min_terms, max_digits).
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class FinetuneConfig(TrainConfig):
     # sft (chat pairs, causal LM) | classify (sequence classification) | preference (pairs)
     task: str = "sft"
-    dataset: str = "chatterbot"  # chatterbot (sft) | wordnet (classify)
+    # sft, preference: chatterbot | reasoning_gym; classify: wordnet
+    dataset: str = "chatterbot"
     language: str = "english"
     val_fraction: float = 0.05
     test_fraction: float = 0.1
@@ -339,6 +354,7 @@ class FinetuneConfig(TrainConfig):
     peft: PeftSettings = field(default_factory=PeftSettings)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
+    reasoning_gym: ReasoningGymConfig = field(default_factory=ReasoningGymConfig)
 
 
 @dataclass
@@ -485,7 +501,8 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "finetune.task": ("sft", "classify", "preference"),
     "finetune.preference.loss": PREFERENCE_LOSSES,
     "finetune.preference.pairs": ("spin", "files"),
-    "finetune.dataset": ("chatterbot", "wordnet"),
+    "finetune.dataset": ("chatterbot", "reasoning_gym", "wordnet"),
+    "finetune.reasoning_gym.generator": ("chain_sum", "basic_arithmetic", "gsm_symbolic"),
     "hardware.device": ("cpu", "cuda", "auto"),
     "hardware.precision": ("fp32", "bf16"),
     "hardware.launcher": ("none", "slurm", "submitit_local"),
@@ -501,7 +518,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
 
 # finetune.task -> the datasets it can train on.
 TASK_DATASETS: dict[str, tuple[str, ...]] = {
-    "sft": ("chatterbot",),
+    "sft": ("chatterbot", "reasoning_gym"),
     "classify": ("wordnet",),
     "preference": ("chatterbot",),
 }
@@ -568,6 +585,9 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "deploy.prune.recovery_steps": (lambda v: v >= 0, ">= 0"),
     "deploy.prune.recovery_lr": (lambda v: v > 0, "> 0"),
     "evaluate.num_generations": (lambda v: v >= 1, ">= 1"),
+    "finetune.reasoning_gym.train_size": (lambda v: v >= 1, ">= 1"),
+    "finetune.reasoning_gym.val_size": (lambda v: v >= 1, ">= 1"),
+    "finetune.reasoning_gym.test_size": (lambda v: v >= 1, ">= 1"),
     "finetune.preference.beta": (lambda v: v > 0, "> 0"),
     "finetune.preference.label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
     "finetune.preference.max_pairs": (lambda v: v >= 1, ">= 1"),

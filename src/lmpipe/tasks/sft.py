@@ -1,8 +1,15 @@
-"""Supervised fine-tuning on chat pairs (chatterbot): a causal LM with the loss on the
-assistant's turns only (prompt tokens are labelled -100)."""
+"""Supervised fine-tuning: a causal LM with the loss on the assistant's turns only (prompt
+tokens are labelled -100), on chat pairs (`finetune.dataset=chatterbot`) or on problems with
+checkable answers (`reasoning_gym`).
+
+Held-out replies are scored by what the data allows: exact-match accuracy of the final
+answer where a program can check it (with bootstrap intervals, beside the most frequent
+training answer and the answer of the most similar training question), else chrF and
+ROUGE-L against the reference reply (beside the retrieved reply)."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
@@ -12,12 +19,15 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lmpipe.data import sft
+from lmpipe.evaluation.answers import final_answer, is_correct, normalize
 from lmpipe.evaluation.baselines import retrieval_replies
+from lmpipe.evaluation.intervals import mean_interval
 from lmpipe.evaluation.lm_metrics import mean_loss, perplexity
 from lmpipe.evaluation.plots import loss_comparison_figure
 from lmpipe.evaluation.scoring import example_losses, generate_replies, reply_scores
 from lmpipe.runs.config import EvaluateConfig, FinetuneConfig
 from lmpipe.selection.candidates import Candidate
+from lmpipe.taskdata import reasoning_gym
 from lmpipe.tasks.base import FinetuningTask, Report, TrainingSetup, chosen
 from lmpipe.tasks.causal_lm import NextTokenLoss
 from lmpipe.training.model import load_model, model_device
@@ -40,8 +50,54 @@ def selection_candidate(
                      sft.responses_alone(tokenizer, conversation.messages, example))  # fmt: skip
 
 
-# The retrieval baseline's column prefix in the predictions table.
+# The baselines' column prefixes in the predictions table and their metrics: the reply to
+# the most similar training prompt, and (checkable answers) the most frequent training answer.
 RETRIEVAL = "retrieval"
+MOST_FREQUENT = "most_frequent"
+
+
+def conversation_splits(f: FinetuneConfig) -> dict[str, list[sft.Conversation]]:
+    """train/val/test conversations of `f.dataset`, disjoint by prompt (chatterbot) or by
+    question and template (reasoning_gym)."""
+    if f.dataset == "reasoning_gym":
+        g = f.reasoning_gym
+        sizes = {"train": g.train_size, "val": g.val_size, "test": g.test_size}
+        return reasoning_gym.load_splits(g.generator, sizes, g.seed, g.options, f.val_fraction,
+                                         f.test_fraction)  # fmt: skip
+    return sft.split_conversations(sft.load_chatterbot(f.language), f.val_fraction,
+                                   f.test_fraction)  # fmt: skip
+
+
+def most_frequent_answer(conversations: Sequence[sft.Conversation]) -> str:
+    """The commonest normalised answer of `conversations` (ties: the smallest, for a
+    deterministic pick)."""
+    counts = Counter(normalize(c.answer) for c in conversations if c.answer is not None)
+    if not counts:
+        raise ValueError("no answers in the training split to take the most frequent of")
+    return min(counts, key=lambda answer: (-counts[answer], answer))
+
+
+def exact_match_scores(
+    frame: pd.DataFrame, labels: Sequence[str], most_frequent: str
+) -> dict[str, float]:
+    """Per label: the share of rows whose reply's final answer is the row's answer, and its
+    95% bootstrap interval (`_low`, `_high`); the most frequent answer scored alike."""
+    answers = frame["answer"].astype(str).tolist()
+    metrics: dict[str, float] = {}
+    columns = {label: frame[f"{label}_reply"].astype(str).tolist() for label in labels}
+    columns[MOST_FREQUENT] = [most_frequent] * len(answers)
+    for label, replies in columns.items():
+        hits = np.array([is_correct(r, a) for r, a in zip(replies, answers, strict=True)], float)
+        low, high = mean_interval(hits)
+        metrics |= {
+            f"{label}_exact_match": float(hits.mean()),
+            f"{label}_exact_match_low": low,
+            f"{label}_exact_match_high": high,
+        }
+        if label != MOST_FREQUENT:
+            parsed = [final_answer(r) is not None for r in replies]
+            metrics[f"{label}_answered"] = float(np.mean(parsed))
+    return metrics
 
 
 class SFT(NextTokenLoss, FinetuningTask):
@@ -49,8 +105,7 @@ class SFT(NextTokenLoss, FinetuningTask):
     before_tuning_is_comparable = True
 
     def splits(self, f: FinetuneConfig) -> dict[str, list[sft.Conversation]]:
-        return sft.split_conversations(sft.load_chatterbot(f.language), f.val_fraction,
-                                       f.test_fraction)  # fmt: skip
+        return conversation_splits(f)
 
     def candidates(self, f: FinetuneConfig, tokenizer: PreTrainedTokenizerBase) -> list[Candidate]:
         found = (selection_candidate(tokenizer, c, f.max_len) for c in self.splits(f)["train"])
@@ -118,6 +173,8 @@ class SFT(NextTokenLoss, FinetuningTask):
                 "reference": [c.messages[1]["content"] for c, _ in pairs],
             }
         )
+        if all(c.answer is not None for c, _ in pairs):
+            frame["answer"] = [c.answer for c, _ in pairs]
         answered = len(frame) if e.num_generations is None else min(e.num_generations, len(frame))
         frame["generated"] = np.arange(len(frame)) < answered
         prompts = frame["prompt"].tolist()[:answered]
@@ -142,9 +199,10 @@ class SFT(NextTokenLoss, FinetuningTask):
     def score(
         self, frame: pd.DataFrame, models: Sequence[str], splits: Mapping[str, list]
     ) -> dict[str, float]:
-        """Token-weighted held-out response loss (and perplexity) of each model, and chrF and
-        ROUGE-L of each model's replies and of the retrieval baseline's, over every held-out
-        prompt and over the distinct ones (`*_distinct`)."""
+        """Token-weighted held-out response loss (and perplexity) of each model; then, with
+        checkable answers, each model's and each baseline's exact-match accuracy with its
+        interval, else chrF and ROUGE-L of the replies (over every held-out prompt and over
+        the distinct ones, `*_distinct`)."""
         tokens = frame["target_tokens"].sum()
         answered = frame[frame["generated"]]
         metrics: dict[str, float] = {"sft_test_examples": len(frame),
@@ -153,6 +211,9 @@ class SFT(NextTokenLoss, FinetuningTask):
             loss = float(frame[f"{label}_loss"].sum() / tokens)
             metrics[f"{label}_sft_test_loss"] = loss
             metrics[f"{label}_sft_test_perplexity"] = perplexity(loss)
+        if "answer" in frame:
+            most_frequent = most_frequent_answer(splits["train"])
+            return metrics | exact_match_scores(answered, [*models, RETRIEVAL], most_frequent)
         # The held-out split repeats conversations (121 of chatterbot's 194 test prompts are
         # one prompt): *_distinct scores each distinct prompt once, its first reply against
         # every reference it has.
@@ -179,5 +240,6 @@ class SFT(NextTokenLoss, FinetuningTask):
         per_example = {m: frame[f"{m}_loss"] / frame["target_tokens"] for m in models}
         figure = loss_comparison_figure(per_example, "Held-out response loss per example")
         shown = frame[frame["generated"]].head(e.shown_generations)
-        columns = ["prompt", "reference", *(f"{m}_reply" for m in [*models, RETRIEVAL])]
+        columns = ["prompt", "reference", *(["answer"] if "answer" in frame else []),
+                   *(f"{m}_reply" for m in [*models, RETRIEVAL])]  # fmt: skip
         return Report({"sft_test_loss.png": figure}, {"generations.json": shown[columns]})

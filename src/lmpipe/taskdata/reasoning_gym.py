@@ -1,0 +1,210 @@
+"""Problems with answers a program can check: reasoning-gym's procedural generators
+(Apache-2.0), deterministic by seed, as SFT conversations with their final answers.
+
+reasoning-gym is installed with `--no-deps`: its package __init__ imports every generator
+family and their dependencies (ARC kits, SAT solvers, ...). We import only the arithmetic
+modules we use (lmpipe.taskdata.packages.bare_packages).
+
+Splits never share a question:
+- `chain_sum`, `basic_arithmetic`: one seeded stream of problems, each distinct question
+  text assigned to train/val/test by a hash of the text (so a repeated question lands in
+  the split it first did, and is kept once);
+- `gsm_symbolic`: by template. Its ~85 templates are each derived from one GSM8K *test*
+  problem; they are split into train/val/test templates by a hash of their number, so no
+  test template (a problem structure, not just its numbers) is seen in training. Its
+  accuracy is never a GSM8K score.
+
+The target reply is the answer alone for arithmetic, and the worked solution ending in
+"#### <answer>" (GSM8K's convention) for gsm_symbolic; lmpipe.evaluation.answers parses
+either.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from random import Random
+from typing import Any
+
+from lmpipe.data.sft import Conversation
+from lmpipe.runs.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+KEY = "finetune.reasoning_gym"
+PIP_NAME = "reasoning-gym==0.1.25"
+SPLITS = ("train", "val", "test")
+# reasoning-gym draws problem i from Random(seed + i), so seeds 0 and 1 would share all but
+# one problem: our seed s picks the stream starting at s * SEED_STRIDE.
+SEED_STRIDE = 1 << 32
+
+
+@dataclass(frozen=True)
+class Generator:
+    module: str  # under reasoning_gym.arithmetic
+    dataset: str  # the ProceduralDataset class
+    config: str  # its config dataclass
+    by_template: bool  # split by template (else by question text)
+    reply: Callable[[Mapping[str, Any]], str]  # the target reply of a generated item
+
+
+GENERATORS: dict[str, Generator] = {
+    "chain_sum": Generator("chain_sum", "ChainSumDataset", "ChainSumConfig", False,
+                           lambda item: str(item["answer"])),
+    "basic_arithmetic": Generator("basic_arithmetic", "BasicArithmeticDataset",
+                                  "BasicArithmeticDatasetConfig", False,
+                                  lambda item: str(item["answer"])),
+    "gsm_symbolic": Generator("gsm_symbolic.gsm_symbolic", "GSMSymbolicDataset",
+                              "GSMSymbolicDatasetConfig", True,
+                              lambda item: str(item["metadata"]["answer_cot"]).strip()),
+}  # fmt: skip
+
+
+def _classes(name: str) -> tuple[type, type]:
+    from lmpipe.taskdata.packages import bare_packages
+
+    if name not in GENERATORS:
+        raise ConfigError(f"invalid value for '{KEY}.generator': {name!r} "
+                         f"(allowed: {sorted(GENERATORS)})")  # fmt: skip
+    spec = GENERATORS[name]
+    bare_packages("reasoning_gym", ("arithmetic",), "finetune.dataset=reasoning_gym", PIP_NAME)
+    module = importlib.import_module(f"reasoning_gym.arithmetic.{spec.module}")
+    return getattr(module, spec.dataset), getattr(module, spec.config)
+
+
+def make_dataset(name: str, seed: int, size: int, options: Mapping[str, Any]) -> Any:
+    """reasoning-gym's dataset object for generator `name` with its own `options`."""
+    dataset_class, config_class = _classes(name)
+    try:
+        config = config_class(seed=seed, size=size, **dict(options))
+        config.validate()
+    except (TypeError, AssertionError) as exc:
+        raise ConfigError(f"invalid value for '{KEY}.options' ({name}): {exc}") from None
+    return dataset_class(config)
+
+
+def _bucket(text: str) -> float:
+    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def _split_by_bucket(bucket: float, shares: Mapping[str, float]) -> str:
+    edge = 0.0
+    for split in ("test", "val"):
+        edge += shares[split]
+        if bucket < edge:
+            return split
+    return "train"
+
+
+def _conversation(name: str, item: Mapping[str, Any], id_: str) -> Conversation:
+    messages = [{"role": "user", "content": str(item["question"]).strip()},
+                {"role": "assistant", "content": GENERATORS[name].reply(item)}]  # fmt: skip
+    return Conversation(id_, messages, answer=str(item["answer"]).strip())
+
+
+def template_split(
+    templates: list[int], val_fraction: float, test_fraction: float
+) -> dict[str, list[int]]:
+    """Templates in the stable order of a hash of their number: the first `test_fraction`
+    test, the next `val_fraction` val (at least one each), the rest train."""
+    ranked = sorted(templates, key=lambda t: _bucket(f"gsm_symbolic:{t}"))
+    n_test = max(1, round(len(ranked) * test_fraction))
+    n_val = max(1, round(len(ranked) * val_fraction))
+    return {"test": ranked[:n_test], "val": ranked[n_test : n_test + n_val],
+            "train": ranked[n_test + n_val :]}  # fmt: skip
+
+
+def _by_template(
+    name: str,
+    sizes: Mapping[str, int],
+    seed: int,
+    options: Mapping[str, Any],
+    val_fraction: float,
+    test_fraction: float,
+) -> dict[str, list[Conversation]]:
+    from reasoning_gym.arithmetic.gsm_symbolic.gsm_symbolic import tasks_ok
+
+    groups = template_split(list(tasks_ok), val_fraction, test_fraction)
+    splits: dict[str, list[Conversation]] = {}
+    for number, split in enumerate(SPLITS):
+        templates = groups[split]
+        # Each split its own seed stream; the library's __getitem__ draws from its templates.
+        split_seed = seed * SEED_STRIDE + 1_000_003 * number
+        pick = Random(split_seed)
+        dataset = make_dataset(name, split_seed, max(sizes[split], 1) * 4, options)
+        dataset.task_indices = [pick.choice(templates) for _ in range(dataset.size)]
+        seen: set[str] = set()
+        items = []
+        for index in range(dataset.size):
+            if len(items) == sizes[split]:
+                break
+            item = dataset[index]
+            question = str(item["question"]).strip()
+            if question in seen:
+                continue
+            seen.add(question)
+            template = dataset.task_indices[index]
+            items.append(_conversation(name, item, f"reasoning_gym:{name}:t{template}:{split}:"
+                                                   f"{index}"))  # fmt: skip
+        splits[split] = items
+    return splits
+
+
+def _by_question(
+    name: str, sizes: Mapping[str, int], seed: int, options: Mapping[str, Any]
+) -> dict[str, list[Conversation]]:
+    total = sum(sizes.values())
+    shares = {split: sizes[split] / total for split in SPLITS}
+    # Up to 20 draws per wanted problem: a problem space too small to fill the splits with
+    # distinct questions fails instead of looping.
+    budget = 20 * total
+    dataset = make_dataset(name, seed * SEED_STRIDE, budget, options)
+    splits: dict[str, list[Conversation]] = {split: [] for split in SPLITS}
+    seen: set[str] = set()
+    for index in range(budget):
+        if all(len(splits[s]) >= sizes[s] for s in SPLITS):
+            break
+        item = dataset[index]
+        question = " ".join(str(item["question"]).split())
+        if question in seen:
+            continue
+        seen.add(question)
+        split = _split_by_bucket(_bucket(question), shares)
+        if len(splits[split]) < sizes[split]:
+            splits[split].append(_conversation(name, item, f"reasoning_gym:{name}:{index}"))
+    short = {s: len(splits[s]) for s in SPLITS if len(splits[s]) < sizes[s]}
+    if short:
+        raise ConfigError(
+            f"{KEY}: {name} with options {dict(options)} gave only {len(seen)} distinct "
+            f"problems in {budget} draws, too few for the sizes asked (got {short}); ask for "
+            "fewer problems or widen the options"
+        )
+    return splits
+
+
+def load_splits(
+    name: str,
+    sizes: Mapping[str, int],
+    seed: int,
+    options: Mapping[str, Any],
+    val_fraction: float,
+    test_fraction: float,
+) -> dict[str, list[Conversation]]:
+    """train/val/test conversations of generator `name`, `sizes[split]` problems each, with no
+    question (or, for templated generators, no template) in two splits."""
+    _classes(name)  # an unknown generator or a missing package fails first, by key
+    for split in SPLITS:
+        if sizes[split] < 1:
+            raise ConfigError(f"invalid value for '{KEY}.{split}_size': {sizes[split]} "
+                             "(each split needs at least one problem)")  # fmt: skip
+    if GENERATORS[name].by_template:
+        splits = _by_template(name, sizes, seed, options, val_fraction, test_fraction)
+    else:
+        splits = _by_question(name, sizes, seed, options)
+    log.info("reasoning_gym: %s, %s problems", name,
+             "/".join(str(len(splits[s])) for s in SPLITS))  # fmt: skip
+    return splits

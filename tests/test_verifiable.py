@@ -1,0 +1,202 @@
+"""Problems with checkable answers: reasoning-gym's generators as SFT data (splits disjoint by
+question and template, deterministic by seed), the final-answer parser, exact-match scoring
+with bootstrap intervals, and the baselines beside it."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from lmpipe.data.sft import Conversation
+from lmpipe.evaluation.answers import final_answer, is_correct, normalize
+from lmpipe.evaluation.intervals import mean_interval, paired_difference_interval
+from lmpipe.runs.config import ConfigError
+from lmpipe.taskdata import reasoning_gym
+from lmpipe.taskdata.packages import MissingPackageError, bare_packages
+from lmpipe.tasks.sft import MOST_FREQUENT, exact_match_scores, most_frequent_answer
+
+SIZES = {"train": 300, "val": 30, "test": 60}
+SMALL_SUMS = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}
+
+
+# --- the parser ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("reply", "expected"),
+    [
+        ("114", "114"),
+        ("98 + 93 - 77 = 114", "114"),  # the last number
+        ("-37", "-37"),
+        ("It is 1,250 apples.", "1,250"),
+        ("So 12 - 6 = 6 more.\n#### 6", "6"),  # GSM8K's marker wins over later text
+        ("#### 42 (because 40 + 2)", "42"),  # the first number after the last marker
+        ("#### 1\nno, #### 2", "2"),  # the last marker
+        ("#### seven", "seven"),  # text after the marker when it has no number
+        ("3.50", "3.50"),
+        ("no digits here", None),  # malformed: no answer
+        ("####   ", None),  # a marker with nothing after it
+        ("", None),
+        (None, None),
+    ],
+)
+def test_final_answer_follows_the_documented_rules(reply, expected) -> None:
+    assert final_answer(reply) == expected
+
+
+def test_answers_compare_as_normalised_numbers_or_text() -> None:
+    assert normalize("1,000") == normalize("1000") == normalize("1000.0")
+    assert normalize("-0") == normalize("0.0") == "0"
+    assert normalize("3.50") == normalize("3.5")
+    assert normalize(" Seven ") == normalize("seven")
+    assert normalize("10") != normalize("100")
+    assert is_correct("So the answer is 1,000", "1000")
+    assert not is_correct("So the answer is 1,001", "1000")
+
+
+def test_a_reply_without_an_answer_is_wrong_not_an_error() -> None:
+    for reply in ("", "I don't know", None, "####"):
+        assert is_correct(reply, "5") is False
+
+
+# --- the intervals -------------------------------------------------------------------------
+
+
+def test_mean_interval_matches_scipys_percentile_bootstrap() -> None:
+    hits = np.random.default_rng(3).random(400) < 0.3
+    ours = mean_interval(hits, resamples=4000, seed=1)
+    theirs = stats.bootstrap((hits.astype(float),), np.mean, n_resamples=4000,
+                             method="percentile", random_state=np.random.default_rng(7))
+    reference = theirs.confidence_interval
+    # Two resamplings of the same data: equal to Monte-Carlo error (~0.005 here).
+    assert ours == pytest.approx((reference.low, reference.high), abs=0.01)
+    # ... and both near the normal approximation p ± 1.96 sqrt(p(1-p)/n)
+    p, n = hits.mean(), len(hits)
+    half = 1.96 * np.sqrt(p * (1 - p) / n)
+    assert ours == pytest.approx((p - half, p + half), abs=0.01)
+
+
+def test_mean_interval_is_deterministic_by_seed_and_shrinks_with_more_examples() -> None:
+    rng = np.random.default_rng(0)
+    few, many = rng.random(50) < 0.5, rng.random(2000) < 0.5
+    assert mean_interval(few, seed=4) == mean_interval(few, seed=4)
+    assert np.diff(mean_interval(many))[0] < np.diff(mean_interval(few))[0] / 3
+
+
+def test_constant_values_have_a_zero_width_interval() -> None:
+    assert mean_interval(np.zeros(30)) == (0.0, 0.0)
+    assert mean_interval(np.ones(30)) == (1.0, 1.0)
+    with pytest.raises(ValueError, match="no values"):
+        mean_interval([])
+
+
+def test_paired_difference_interval_uses_the_same_examples_for_both() -> None:
+    rng = np.random.default_rng(1)
+    a = (rng.random(300) < 0.5).astype(float)
+    flipped = a.copy()
+    flipped[:15] = 1 - flipped[:15]  # b differs from a on 15 examples only
+    low, high = paired_difference_interval(a, flipped)
+    # Paired, the noise is that of 15 flips, not of two independent accuracies (±0.08).
+    assert high - low < 0.06
+    with pytest.raises(ValueError, match="equal"):
+        paired_difference_interval(a, a[:-1])
+
+
+# --- the generators ------------------------------------------------------------------------
+
+
+def test_arithmetic_splits_never_share_a_question_and_repeat_by_seed() -> None:
+    splits = reasoning_gym.load_splits("chain_sum", SIZES, 0, SMALL_SUMS, 0.05, 0.1)
+    assert {k: len(v) for k, v in splits.items()} == SIZES
+    questions = {k: [c.prompt for c in v] for k, v in splits.items()}
+    for name, items in questions.items():
+        assert len(set(items)) == len(items), name  # no duplicate within a split
+    assert not set(questions["train"]) & set(questions["test"])
+    assert not set(questions["train"]) & set(questions["val"])
+    assert not set(questions["val"]) & set(questions["test"])
+    again = reasoning_gym.load_splits("chain_sum", SIZES, 0, SMALL_SUMS, 0.05, 0.1)
+    assert again == splits
+    other = reasoning_gym.load_splits("chain_sum", SIZES, 1, SMALL_SUMS, 0.05, 0.1)
+    assert [c.prompt for c in other["test"]] != questions["test"]
+
+
+def test_every_arithmetic_answer_is_right() -> None:
+    splits = reasoning_gym.load_splits("chain_sum", SIZES, 0, SMALL_SUMS, 0.05, 0.1)
+    for conversation in splits["test"]:
+        expression = conversation.prompt.rsplit(":", 1)[1].rstrip("= ")
+        assert int(conversation.answer) == eval(expression)  # only digits, + and -
+        assert is_correct(conversation.messages[1]["content"], conversation.answer)
+
+
+def test_gsm_symbolic_splits_are_disjoint_by_template() -> None:
+    splits = reasoning_gym.load_splits("gsm_symbolic", {"train": 200, "val": 20, "test": 40},
+                                       0, {}, 0.05, 0.1)  # fmt: skip
+    templates = {k: {c.id.split(":")[2] for c in v} for k, v in splits.items()}
+    assert len(templates["train"]) > 20
+    assert not templates["train"] & templates["test"]
+    assert not templates["train"] & templates["val"]
+    assert not templates["val"] & templates["test"]
+    for conversation in splits["test"]:
+        reply = conversation.messages[1]["content"]
+        assert "####" in reply  # the worked solution ends with the marked answer
+        assert is_correct(reply, conversation.answer)
+
+
+def test_template_split_takes_shares_of_the_templates_in_a_stable_order() -> None:
+    groups = reasoning_gym.template_split(list(range(80)), 0.05, 0.1)
+    assert [len(groups[s]) for s in ("train", "val", "test")] == [68, 4, 8]
+    assert groups == reasoning_gym.template_split(list(reversed(range(80))), 0.05, 0.1)
+
+
+def test_bad_generator_settings_name_the_key() -> None:
+    with pytest.raises(ConfigError, match="finetune.reasoning_gym.generator"):
+        reasoning_gym.load_splits("sudoku", SIZES, 0, {}, 0.05, 0.1)
+    with pytest.raises(ConfigError, match="finetune.reasoning_gym.options"):
+        reasoning_gym.load_splits("chain_sum", SIZES, 0, {"min_termz": 2}, 0.05, 0.1)
+    with pytest.raises(ConfigError, match="finetune.reasoning_gym.test_size"):
+        reasoning_gym.load_splits("chain_sum", {**SIZES, "test": 0}, 0, {}, 0.05, 0.1)
+    # Single-digit sums of two terms: ~200 distinct problems cannot fill 390.
+    tiny_space = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}
+    with pytest.raises(ConfigError, match="distinct problems"):
+        reasoning_gym.load_splits("chain_sum", SIZES, 0, tiny_space, 0.05, 0.1)
+
+
+def test_a_missing_package_names_the_dataset_key(monkeypatch) -> None:
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    monkeypatch.delitem(sys.modules, "nonexistent_pkg", raising=False)
+    with pytest.raises(MissingPackageError, match="finetune.dataset=reasoning_gym"):
+        bare_packages("nonexistent_pkg", (), "finetune.dataset=reasoning_gym", "reasoning-gym")
+
+
+# --- exact-match scoring and its baselines -------------------------------------------------
+
+
+def conversation(answer: str) -> Conversation:
+    return Conversation("c", [{"role": "user", "content": "q"}], answer=answer)
+
+
+def test_most_frequent_answer_is_deterministic_on_ties() -> None:
+    assert most_frequent_answer([conversation(a) for a in ("7", "3", "7", "3", "1")]) == "3"
+    assert most_frequent_answer([conversation(a) for a in ("7", "7.0", "3")]) == "7"
+    with pytest.raises(ValueError, match="no answers"):
+        most_frequent_answer([Conversation("c", [])])
+
+
+def test_exact_match_scores_each_label_and_the_most_frequent_answer() -> None:
+    frame = pd.DataFrame({
+        "answer": [3, 14, -2, 3],  # as read back from predictions.csv: numbers
+        "finetuned_reply": ["3", "1 + 13 = 14", "", "#### 4"],
+        "retrieval_reply": ["3", "41", "-2", "3"],
+    })  # fmt: skip
+    metrics = exact_match_scores(frame, ["finetuned", "retrieval"], most_frequent="3")
+    assert metrics["finetuned_exact_match"] == 0.5
+    assert metrics["finetuned_answered"] == 0.75  # the empty reply has no answer
+    assert metrics["retrieval_exact_match"] == 0.75
+    assert metrics[f"{MOST_FREQUENT}_exact_match"] == 0.5
+    for label in ("finetuned", "retrieval", MOST_FREQUENT):
+        low, high = metrics[f"{label}_exact_match_low"], metrics[f"{label}_exact_match_high"]
+        assert low <= metrics[f"{label}_exact_match"] <= high
