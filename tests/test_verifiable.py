@@ -69,8 +69,13 @@ def test_a_reply_without_an_answer_is_wrong_not_an_error() -> None:
 def test_mean_interval_matches_scipys_percentile_bootstrap() -> None:
     hits = np.random.default_rng(3).random(400) < 0.3
     ours = mean_interval(hits, resamples=4000, seed=1)
-    theirs = stats.bootstrap((hits.astype(float),), np.mean, n_resamples=4000,
-                             method="percentile", random_state=np.random.default_rng(7))
+    theirs = stats.bootstrap(
+        (hits.astype(float),),
+        np.mean,
+        n_resamples=4000,
+        method="percentile",
+        random_state=np.random.default_rng(7),
+    )
     reference = theirs.confidence_interval
     # Two resamplings of the same data: equal to Monte-Carlo error (~0.005 here).
     assert ours == pytest.approx((reference.low, reference.high), abs=0.01)
@@ -153,11 +158,11 @@ def test_template_split_takes_shares_of_the_templates_in_a_stable_order() -> Non
 
 
 def test_bad_generator_settings_name_the_key() -> None:
-    with pytest.raises(ConfigError, match="finetune.reasoning_gym.generator"):
+    with pytest.raises(ConfigError, match=r"finetune\.reasoning_gym\.generator"):
         reasoning_gym.load_splits("sudoku", SIZES, 0, {}, 0.05, 0.1)
-    with pytest.raises(ConfigError, match="finetune.reasoning_gym.options"):
+    with pytest.raises(ConfigError, match=r"finetune\.reasoning_gym\.options"):
         reasoning_gym.load_splits("chain_sum", SIZES, 0, {"min_termz": 2}, 0.05, 0.1)
-    with pytest.raises(ConfigError, match="finetune.reasoning_gym.test_size"):
+    with pytest.raises(ConfigError, match=r"finetune\.reasoning_gym\.test_size"):
         reasoning_gym.load_splits("chain_sum", {**SIZES, "test": 0}, 0, {}, 0.05, 0.1)
     # Single-digit sums of two terms: ~200 distinct problems cannot fill 390.
     tiny_space = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}
@@ -168,7 +173,7 @@ def test_bad_generator_settings_name_the_key() -> None:
 def test_a_missing_package_names_the_dataset_key(monkeypatch) -> None:
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
     monkeypatch.delitem(sys.modules, "nonexistent_pkg", raising=False)
-    with pytest.raises(MissingPackageError, match="finetune.dataset=reasoning_gym"):
+    with pytest.raises(MissingPackageError, match=r"finetune\.dataset=reasoning_gym"):
         bare_packages("nonexistent_pkg", (), "finetune.dataset=reasoning_gym", "reasoning-gym")
 
 
