@@ -2,7 +2,8 @@
 
 Writes the held-out predictions (predictions.csv) first and computes metrics.json from
 that file. sft: the response loss of the pretrained, fine-tuned and int8 models, their
-generations, and both models' perplexity on the held-out corpus. classify: accuracy,
+generations, both models' perplexity on the held-out corpus, and (any causal model) bits per
+byte on WikiText-2's test text beside optional reference models. classify: accuracy,
 macro-F1 and per-class scores of the classifier and its int8 variant beside the
 majority class and TF-IDF + logistic regression (fitted on the same training split), a
 confusion matrix, and the pretrained model's corpus loss (masked-LM loss for an encoder).
@@ -16,13 +17,15 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from lmpipe import tasks
-from lmpipe.data.tokenizer import load_tokenizer
+from lmpipe.data.tokenizer import base_tokenizer, load_tokenizer
 from lmpipe.data.tokens import load_tokens
 from lmpipe.deploy import registry
 from lmpipe.deploy.quantize import quantize_int8
+from lmpipe.evaluation.held_out_lm import wikitext_scores
 from lmpipe.evaluation.lm_metrics import perplexity, unigram_entropy
 from lmpipe.stage import Stage, prepare_cli
 from lmpipe.training.loop import autocast, enable_tf32, seed_everything, select_device
+from lmpipe.training.model import load_base
 
 PREDICTIONS = "predictions.csv"
 
@@ -50,8 +53,17 @@ def main(cfg: DictConfig) -> None:
                 return pretraining.corpus_loss(model, tokenizer, val_tokens, e.batch_size,
                                                seq_len, e.max_tokens, device)  # fmt: skip
 
+            # WikiText-2 in bits per byte: our causal models, and reference models (loaded one
+            # at a time) scored in the same run.
+            references = ((spec, load_base(spec), base_tokenizer(spec))
+                          for spec in e.wikitext.references)  # fmt: skip
+            corpus = (
+                wikitext_scores(e.wikitext, {"pretrained": pretrained}, tokenizer, seq_len,
+                                e.batch_size, device, references)
+                if c.model.family == "decoder" else {}
+            )  # fmt: skip
             val_loss, val_count = corpus_loss(pretrained)
-            corpus = {
+            corpus |= {
                 "pretrained_val_loss": val_loss,
                 "pretrained_val_perplexity": perplexity(val_loss),
                 "val_tokens": val_count,
@@ -71,6 +83,8 @@ def main(cfg: DictConfig) -> None:
                 tuned_loss, _ = corpus_loss(finetuned)
                 corpus |= {"finetuned_val_loss": tuned_loss, "finetuned_val_perplexity":
                            perplexity(tuned_loss)}  # fmt: skip
+                corpus |= wikitext_scores(e.wikitext, {"finetuned": finetuned}, tokenizer, seq_len,
+                                          e.batch_size, device)  # fmt: skip
                 models = {"pretrained": pretrained, **models}  # the model before tuning
             splits = task.held_out(f, stage.input("finetune", "pairs.parquet").parent)
             frame = task.predict(models, tokenizer, splits, f, e)

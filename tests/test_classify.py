@@ -110,6 +110,23 @@ def test_scores_come_from_the_predictions_table_with_both_baselines() -> None:
         metrics["finetuned_macro_f1"] - metrics["tfidf_macro_f1"]
     )
     assert metrics["test_examples"] == 90
+    for label in ("finetuned", "baseline", "tfidf"):
+        for name in ("accuracy", "macro_f1"):
+            low, high = metrics[f"{label}_{name}_low"], metrics[f"{label}_{name}_high"]
+            assert low <= metrics[f"{label}_{name}"] <= high, (label, name)
+    # 90 random guesses among 3 classes: about ±0.1 either way, neither 0 nor the whole range
+    width = metrics["finetuned_accuracy_high"] - metrics["finetuned_accuracy_low"]
+    assert 0.1 < width < 0.3
+    assert 0.05 < metrics["finetuned_macro_f1_high"] - metrics["finetuned_macro_f1_low"] < 0.35
+
+
+def test_a_perfect_classifier_has_a_zero_width_interval() -> None:
+    from lmpipe.tasks.classify import headline_intervals
+
+    labels = ["x", "y"] * 20
+    intervals = headline_intervals("m", labels, labels, ["x", "y"])
+    assert intervals == {"m_accuracy_low": 1.0, "m_accuracy_high": 1.0,
+                         "m_macro_f1_low": 1.0, "m_macro_f1_high": 1.0}  # fmt: skip
 
 
 @pytest.fixture

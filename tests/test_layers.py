@@ -1,5 +1,5 @@
 """The package's folders are layers, and a layer imports only from itself and the layers
-below it: runs/ (bookkeeping) at the bottom, then data/, evaluation/, training/,
+below it: runs/ (bookkeeping) at the bottom, then data/, taskdata/, evaluation/, training/,
 selection/, tasks/, deploy/, and the Stage harness (lmpipe/stage.py) that the stages/ entry
 points use."""
 
@@ -9,7 +9,17 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "lmpipe"
-LAYERS = ["runs", "data", "evaluation", "training", "selection", "tasks", "deploy", "stage"]
+LAYERS = [
+    "runs",
+    "data",
+    "taskdata",
+    "evaluation",
+    "training",
+    "selection",
+    "tasks",
+    "deploy",
+    "stage",
+]
 
 
 def _layer(module: str) -> str:

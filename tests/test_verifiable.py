@@ -205,3 +205,28 @@ def test_exact_match_scores_each_label_and_the_most_frequent_answer() -> None:
     for label in ("finetuned", "retrieval", MOST_FREQUENT):
         low, high = metrics[f"{label}_exact_match_low"], metrics[f"{label}_exact_match_high"]
         assert low <= metrics[f"{label}_exact_match"] <= high
+
+
+def test_vectorised_macro_f1_is_scikit_learns() -> None:
+    from sklearn.metrics import f1_score
+
+    from lmpipe.evaluation.intervals import macro_f1
+
+    rng = np.random.default_rng(2)
+    truth, guess = rng.integers(0, 4, (5, 60)), rng.integers(0, 5, (5, 60))
+    guess[0] = np.where(guess[0] == 3, 0, guess[0])  # class 3 never predicted in row 0
+    ours = macro_f1(truth, guess, 4)
+    for row in range(5):
+        theirs = f1_score(truth[row], guess[row], labels=[0, 1, 2, 3], average="macro",
+                          zero_division=0)  # fmt: skip
+        assert ours[row] == pytest.approx(theirs)
+
+
+def test_statistic_interval_resamples_examples() -> None:
+    from lmpipe.evaluation.intervals import statistic_interval
+
+    hits = (np.random.default_rng(5).random(300) < 0.4).astype(float)
+    # The mean as a statistic of indices: the same interval as mean_interval's.
+    assert statistic_interval(lambda idx: hits[idx].mean(-1), 300, seed=3) == pytest.approx(
+        mean_interval(hits, seed=3), abs=0.01
+    )

@@ -79,7 +79,7 @@ def stratified_split(
     items: Sequence[LabelledText], val_fraction: float, test_fraction: float
 ) -> dict[str, list[LabelledText]]:
     """train/val/test with each class split in the same proportions (at least one val and
-    one test text per class with three or more texts)."""
+    one test text per class with three or more texts, unless the fraction is 0)."""
     by_label: dict[str, list[LabelledText]] = defaultdict(list)
     for item in items:
         by_label[item.label].append(item)
@@ -87,8 +87,8 @@ def stratified_split(
     for label in sorted(by_label):
         ranked = sorted(by_label[label], key=_hash_order)
         n = len(ranked)
-        n_test = max(round(n * test_fraction), 1) if n >= 3 else 0
-        n_val = max(round(n * val_fraction), 1) if n >= 3 else 0
+        n_test = max(round(n * test_fraction), 1) if n >= 3 and test_fraction > 0 else 0
+        n_val = max(round(n * val_fraction), 1) if n >= 3 and val_fraction > 0 else 0
         splits["test"] += ranked[:n_test]
         splits["val"] += ranked[n_test : n_test + n_val]
         splits["train"] += ranked[n_test + n_val :]

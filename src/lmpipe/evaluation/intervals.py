@@ -7,7 +7,7 @@ Percentile intervals: they stay defined when every value is the same (an accurac
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from scipy import stats
@@ -48,3 +48,39 @@ def paired_difference_interval(
         raise ValueError(f"paired scores need equal, non-empty lengths: {first.size} and "
                          f"{second.size}")  # fmt: skip
     return mean_interval(first - second, confidence, resamples, seed)
+
+
+def statistic_interval(
+    statistic: Callable[[np.ndarray], np.ndarray],
+    size: int,
+    confidence: float = CONFIDENCE,
+    resamples: int = RESAMPLES,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """The percentile-bootstrap interval of a statistic of `size` examples that is not a mean
+    (macro-F1). `statistic` takes example indices drawn with replacement, an integer array
+    [..., size], and returns the statistic of each row [...]."""
+    if size == 0:
+        raise ValueError("no examples to bootstrap")
+    whole = float(statistic(np.arange(size)))
+    resampled = stats.bootstrap((np.arange(size),), lambda idx, axis=-1: statistic(idx),
+                                confidence_level=confidence, n_resamples=resamples,
+                                method="percentile", vectorized=True,
+                                random_state=np.random.default_rng(seed))  # fmt: skip
+    low, high = resampled.confidence_interval
+    if np.isnan(low) or np.isnan(high):  # every resample gave the same value
+        return whole, whole
+    return float(low), float(high)
+
+
+def macro_f1(truth: np.ndarray, guess: np.ndarray, classes: int) -> np.ndarray:
+    """Macro-F1 over `classes` (class ids 0..classes-1) of each row of [..., n] arrays: per
+    class 2·TP / (predicted + actual), 0 for a class neither predicted nor present
+    (scikit-learn's f1_score with zero_division=0)."""
+    scores = []
+    for c in range(classes):
+        actual, predicted = truth == c, guess == c
+        hits = (actual & predicted).sum(-1)
+        total = actual.sum(-1) + predicted.sum(-1)
+        scores.append(np.divide(2 * hits, total, out=np.zeros(hits.shape), where=total > 0))
+    return np.mean(scores, axis=0)

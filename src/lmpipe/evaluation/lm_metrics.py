@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lmpipe.data.batches import IGNORE_INDEX
 
@@ -90,3 +90,48 @@ def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
     counts = np.bincount(np.asarray(tokens, dtype=np.int64), minlength=vocab_size)
     probs = counts[counts > 0] / counts.sum()
     return float(-(probs * np.log(probs)).sum())
+
+
+@torch.no_grad()
+def bits_per_byte(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    text: str,
+    window: int,
+    batch_size: int,
+    device: torch.device,
+) -> dict[str, float]:
+    """Bits per UTF-8 byte of `text` under `model`: its summed next-token loss (nats) over
+    every token of the text, / ln 2, / the text's bytes. Unlike perplexity it does not
+    depend on the tokenizer, so models with different vocabularies compare.
+
+    The text is tokenized whole, after one start token (BOS, else EOS) so that its first
+    token is predicted too, and scored in consecutive windows of `window` targets; each
+    window sees only its own tokens as context (no sliding overlap), a slight handicap
+    that is the same for every model at the same window.
+    """
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if not ids or start is None:
+        raise ValueError("bits per byte needs a non-empty text and a tokenizer with BOS or EOS")
+    stream = torch.tensor([start, *ids])
+    # Window k holds stream[k*window : k*window + window + 1]: inputs predict the next token.
+    rows = [stream[i : i + window + 1] for i in range(0, len(ids), window)]
+    total = 0.0
+    with eval_mode(model):
+        for first in range(0, len(rows), batch_size):
+            chunk = rows[first : first + batch_size]
+            width = max(len(r) for r in chunk)
+            ids_batch = torch.zeros((len(chunk), width), dtype=torch.long)
+            labels = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)
+            attention = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, tokens in enumerate(chunk):
+                ids_batch[row, : len(tokens)] = tokens
+                labels[row, : len(tokens)] = tokens
+                attention[row, : len(tokens)] = 1
+            batch = {"input_ids": ids_batch, "labels": labels, "attention_mask": attention}
+            losses, _ = token_losses(model, batch, device)
+            total += float(losses.double().sum())
+    n_bytes = len(text.encode("utf-8"))
+    return {"bpb": total / math.log(2) / n_bytes, "tokens": float(len(ids)),
+            "bytes": float(n_bytes), "loss": total / len(ids)}  # fmt: skip

@@ -333,7 +333,7 @@ class ReasoningGymConfig:
 class FinetuneConfig(TrainConfig):
     # sft (chat pairs, causal LM) | classify (sequence classification) | preference (pairs)
     task: str = "sft"
-    # sft, preference: chatterbot | reasoning_gym; classify: wordnet
+    # sft, preference: chatterbot | reasoning_gym; classify: trec | wordnet
     dataset: str = "chatterbot"
     language: str = "english"
     val_fraction: float = 0.05
@@ -358,6 +358,17 @@ class FinetuneConfig(TrainConfig):
 
 
 @dataclass
+class WikitextConfig:
+    """evaluate.wikitext: WikiText-2 test in bits per byte, for every causal model."""
+
+    max_bytes: int | None = 65536  # its first whole lines within this many bytes; null: all
+    enabled: bool = True
+    # Models scored in the same run for reference, by `model.init_from` name (a packaged
+    # model, GGUF file, directory or hub id), e.g. [smollm2-135m].
+    references: list[str] = field(default_factory=list)
+
+
+@dataclass
 class EvaluateConfig:
     max_tokens: int = 65536
     batch_size: int = 8
@@ -368,6 +379,7 @@ class EvaluateConfig:
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
+    wikitext: WikitextConfig = field(default_factory=WikitextConfig)
 
 
 @dataclass
@@ -501,7 +513,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "finetune.task": ("sft", "classify", "preference"),
     "finetune.preference.loss": PREFERENCE_LOSSES,
     "finetune.preference.pairs": ("spin", "files"),
-    "finetune.dataset": ("chatterbot", "reasoning_gym", "wordnet"),
+    "finetune.dataset": ("chatterbot", "reasoning_gym", "trec", "wordnet"),
     "finetune.reasoning_gym.generator": ("chain_sum", "basic_arithmetic", "gsm_symbolic"),
     "hardware.device": ("cpu", "cuda", "auto"),
     "hardware.precision": ("fp32", "bf16"),
@@ -519,7 +531,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
 # finetune.task -> the datasets it can train on.
 TASK_DATASETS: dict[str, tuple[str, ...]] = {
     "sft": ("chatterbot", "reasoning_gym"),
-    "classify": ("wordnet",),
+    "classify": ("trec", "wordnet"),
     "preference": ("chatterbot",),
 }
 
@@ -585,6 +597,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "deploy.prune.recovery_steps": (lambda v: v >= 0, ">= 0"),
     "deploy.prune.recovery_lr": (lambda v: v > 0, "> 0"),
     "evaluate.num_generations": (lambda v: v >= 1, ">= 1"),
+    "evaluate.wikitext.max_bytes": (lambda v: v >= 1024, ">= 1024"),
     "finetune.reasoning_gym.train_size": (lambda v: v >= 1, ">= 1"),
     "finetune.reasoning_gym.val_size": (lambda v: v >= 1, ">= 1"),
     "finetune.reasoning_gym.test_size": (lambda v: v >= 1, ">= 1"),

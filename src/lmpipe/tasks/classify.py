@@ -1,4 +1,5 @@
-"""Sequence classification (WordNet glosses -> lexicographer category) through transformers'
+"""Sequence classification (TREC questions -> their 6 coarse answer types, or WordNet
+glosses -> lexicographer category) through transformers'
 ...ForSequenceClassification: on a decoder the head reads the last token, on an encoder
 the first ([CLS]). Reported beside the majority class and TF-IDF + logistic regression,
 both fitted on the same training split."""
@@ -8,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
@@ -16,10 +18,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from lmpipe.data import classify
 from lmpipe.data.batches import IGNORE_INDEX, Batch
 from lmpipe.evaluation.baselines import tfidf_predictions
+from lmpipe.evaluation.intervals import macro_f1, mean_interval, statistic_interval
 from lmpipe.evaluation.plots import confusion_matrix_figure
 from lmpipe.evaluation.scoring import classification_report, confusion_matrix, predict_classes
 from lmpipe.runs.config import EvaluateConfig, FinetuneConfig
 from lmpipe.selection.candidates import Candidate
+from lmpipe.taskdata import trec
 from lmpipe.tasks.base import FinetuningTask, Report, TrainingSetup, chosen
 from lmpipe.training.model import load_classifier, model_device
 
@@ -44,6 +48,21 @@ def selection_candidates(
 MAJORITY, TFIDF = "baseline", "tfidf"
 
 
+def headline_intervals(
+    label: str, actual: Sequence[str], predicted: Sequence[str], labels: Sequence[str]
+) -> dict[str, float]:
+    """95% bootstrap intervals (over test examples) of accuracy and macro-F1."""
+    index = {name: i for i, name in enumerate(labels)}
+    truth = np.array([index[a] for a in actual])
+    guess = np.array([index.get(p, -1) for p in predicted])
+    low, high = mean_interval(truth == guess)
+    f1_low, f1_high = statistic_interval(
+        lambda idx: macro_f1(truth[idx], guess[idx], len(labels)), len(truth)
+    )
+    return {f"{label}_accuracy_low": low, f"{label}_accuracy_high": high,
+            f"{label}_macro_f1_low": f1_low, f"{label}_macro_f1_high": f1_high}  # fmt: skip
+
+
 class Classify(FinetuningTask):
     name = "classify"
 
@@ -62,6 +81,8 @@ class Classify(FinetuningTask):
         return [name for name in ("score", "classifier") if hasattr(model, name)]
 
     def splits(self, f: FinetuneConfig) -> dict[str, list[classify.LabelledText]]:
+        if f.dataset == "trec":  # its standard test split; val carved from train
+            return trec.trec_splits(f.val_fraction)
         items = classify.load_wordnet_glosses(list(f.categories), f.max_per_class)
         return classify.stratified_split(items, f.val_fraction, f.test_fraction)
 
@@ -155,6 +176,7 @@ class Classify(FinetuningTask):
         for label, predicted in columns.items():
             report = classification_report(actual, predicted, labels)
             metrics |= {f"{label}_{key}": value for key, value in report.items()}
+            metrics |= headline_intervals(label, actual, predicted, labels)
         for label in models:
             metrics[f"{label}_macro_f1_vs_{TFIDF}"] = (
                 metrics[f"{label}_macro_f1"] - metrics[f"{TFIDF}_macro_f1"]
@@ -173,7 +195,7 @@ class Classify(FinetuningTask):
         figure = confusion_matrix_figure(
             confusion_matrix(frame["actual"], frame["finetuned_predicted"], labels),
             labels,
-            f"WordNet category, test set: accuracy {metrics['finetuned_accuracy']:.3f}, "
+            f"Test set: accuracy {metrics['finetuned_accuracy']:.3f}, "
             f"macro-F1 {metrics['finetuned_macro_f1']:.3f} (TF-IDF + LR "
             f"{metrics[f'{TFIDF}_macro_f1']:.3f})",
         )
