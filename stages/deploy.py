@@ -60,11 +60,12 @@ def main(cfg: DictConfig) -> None:
         tags = lineage.version_tags(stage.run_id, MlflowClient())
         # The version's run carries the metrics it was gated on (the next champion check).
         stage.log_metrics(metrics)
-        result = deploy(model_dir, f.task, metrics, d, tags, requests, pruned_dir)
+        gate = d.gates[f.task]
+        examples = tasks.finetuning(f.task).example_scores(predictions, gate.metric)
+        result = deploy(model_dir, f.task, metrics, d, tags, requests, pruned_dir, examples)
         # What pruning kept, and the validation loss before and after it (and recovery).
         pruning = {k[len("prune.") :]: v for k, v in metrics.items() if k.startswith("prune.")}
         stage.write_json("deploy.json", {**asdict(result), "pruning": pruning})
-        gate = d.gates[f.task]
         figure = frontier_figure(result.variants, gate.metric, gate.mode,
                                  result.fastest_within_quality_budget)  # fmt: skip
         figure.savefig(plots / "frontier.png", dpi=110)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
@@ -86,6 +87,90 @@ def test_gate_must_not_be_worse_than_the_champion(
     assert result.passed is passed and result.passed_threshold
     if tolerance is not None:
         assert result.champion_version == "3" and result.champion_value == champion
+
+
+def hits_table(hits: np.ndarray) -> pd.DataFrame:
+    return pd.DataFrame({"id": [f"q{i}" for i in range(len(hits))], "value": hits.astype(float),
+                         "weight": 1.0})  # fmt: skip
+
+
+CHAMPION_HITS = (np.random.default_rng(0).random(400) < 0.6).astype(float)
+
+
+def flipped(hits: np.ndarray, right: int, wrong: int, seed: int = 1) -> np.ndarray:
+    """`hits` with `right` of its misses made right and `wrong` of its hits made wrong."""
+    rng, out = np.random.default_rng(seed), hits.copy()
+    out[rng.choice(np.flatnonzero(hits == 0), right, replace=False)] = 1
+    out[rng.choice(np.flatnonzero(hits == 1), wrong, replace=False)] = 0
+    return out
+
+
+@pytest.mark.parametrize(
+    ("right", "wrong", "significant"),
+    [
+        (40, 5, True),  # better: +35 answers of 400 (+8.8 points), most of them one way
+        (12, 12, False),  # noise: as many new errors as fixes
+        (10, 5, False),  # +1.25 points on 15 changed answers: z ≈ 1.3, inside the noise at 5%
+        (5, 40, False),  # worse
+    ],
+)
+def test_significance_gate_promotes_only_a_challenger_better_beyond_the_noise(
+    right: int, wrong: int, significant: bool
+) -> None:
+    challenger = flipped(CHAMPION_HITS, right, wrong)
+    incumbent = registry.RegisteredVersion("m", "3", "run", {"acc": CHAMPION_HITS.mean()})
+    gate = GateConfig("acc", "max", 0.0, significance=0.05)
+    result = check_gate({"acc": challenger.mean()}, gate, incumbent, None,
+                        hits_table(challenger), hits_table(CHAMPION_HITS))  # fmt: skip
+    assert result.significantly_better is significant and result.passed is significant
+    assert result.shared_examples == 400
+    low, high = result.difference_interval
+    assert low < (right - wrong) / 400 < high
+    if not significant:
+        assert "not significantly better" in gate_reason(result)
+
+
+def test_significance_gate_pairs_examples_by_id_and_handles_a_loss() -> None:
+    rng = np.random.default_rng(3)
+    tokens = rng.integers(5, 30, 200).astype(float)
+    champion = pd.DataFrame(
+        {
+            "id": [f"e{i}" for i in range(200)],
+            "value": tokens * rng.uniform(2.0, 3.0, 200),
+            "weight": tokens,
+        }
+    )
+    lower = champion.assign(value=champion["value"] * 0.9).iloc[::-1]  # other order, by id
+    incumbent = registry.RegisteredVersion("m", "3", "run", {"loss": 2.5})
+    gate = GateConfig("loss", "min", 100.0, significance=0.05)
+    assert check_gate({"loss": 2.25}, gate, incumbent, None, lower, champion).passed
+    same = champion.assign(value=champion["value"] * rng.uniform(0.97, 1.03, 200))
+    assert not check_gate({"loss": 2.5}, gate, incumbent, None, same, champion).passed
+    disjoint = lower.assign(id=[f"other{i}" for i in range(200)])
+    with pytest.raises(ValueError, match="share no held-out example"):
+        check_gate({"loss": 2.25}, gate, incumbent, None, disjoint, champion)
+
+
+def test_significance_gate_without_a_champion_or_its_scores() -> None:
+    gate = GateConfig("acc", "max", 0.0, significance=0.05)
+    better = hits_table(flipped(CHAMPION_HITS, 40, 0))
+    first = check_gate({"acc": 0.7}, gate, None, None, better)
+    assert first.passed and first.significantly_better is None  # nothing to beat yet
+    incumbent = registry.RegisteredVersion("m", "3", "run", {"acc": 0.6})
+    unscored = check_gate({"acc": 0.7}, gate, incumbent, None, better, None)
+    assert unscored.significantly_better is False and not unscored.passed
+    with pytest.raises(ConfigError, match="significance needs per-example scores of 'acc'"):
+        check_gate({"acc": 0.7}, gate, incumbent, None, None, None)
+
+
+def test_a_runs_table_artifact_reads_back(mlflow_store: str) -> None:
+    table = hits_table(CHAMPION_HITS[:5])
+    with mlflow.start_run() as run:
+        mlflow.log_text(table.to_csv(index=False), "gate/examples.csv")
+    pd.testing.assert_frame_equal(registry.run_table(run.info.run_id, "gate/examples.csv"),
+                                  table)  # fmt: skip
+    assert registry.run_table(run.info.run_id, "gate/none.csv") is None
+    assert registry.run_table("", "gate/examples.csv") is None
 
 
 def deploy_config(name: str, **kwargs) -> DeployConfig:

@@ -7,9 +7,12 @@ version that holds the `champion` alias.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import mlflow
+import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -70,3 +73,14 @@ def drop_alias(name: str, alias: str) -> None:
     except MlflowException as exc:
         if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             raise
+
+
+def run_table(run_id: str, artifact: str) -> pd.DataFrame | None:
+    """A CSV artifact of a run as a table; None if the run has no such artifact."""
+    if not run_id:
+        return None
+    try:
+        text = mlflow.artifacts.load_text(f"runs:/{run_id}/{artifact}")
+    except (MlflowException, OSError):
+        return None
+    return pd.read_csv(io.StringIO(text), keep_default_na=False)

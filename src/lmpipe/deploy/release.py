@@ -2,7 +2,9 @@
 
 The pyfunc is logged from code (`serving.py`), not pickled, so loading it unpickles nothing.
 Every candidate is registered. It becomes `champion` only if its gate metric passes the
-threshold and is not worse than the current champion's; otherwise it is the `challenger`.
+threshold and is not worse than the current champion's (and, with a significance level, a
+paired bootstrap over the held-out examples both were scored on finds it better);
+otherwise it is the `challenger`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
 import pandas as pd
 import torch
 from mlflow.models import infer_signature
@@ -24,6 +27,7 @@ from mlflow.tracking import MlflowClient
 from lmpipe.deploy import registry
 from lmpipe.deploy.serving import DEFAULT_PARAMS, INPUT_COLUMN
 from lmpipe.deploy.variants import fastest_within, measure, own_metric, quality_loss
+from lmpipe.evaluation.intervals import statistic_interval
 from lmpipe.runs.config import ConfigError, DeployConfig, GateConfig
 from lmpipe.training.model import count_parameters
 
@@ -44,6 +48,13 @@ class GateResult:
     baseline_value: float | None = None
     margin: float = 0.0
     beat_baseline: bool | None = None  # None: no baseline asked for
+    # The paired bootstrap against the champion (deploy.gates.<task>.significance): the
+    # interval of (model - champion) on their shared held-out examples, and whether it
+    # shows the model better. None: not asked for, or no champion to beat.
+    significance: float | None = None
+    difference_interval: tuple[float, float] | None = None
+    shared_examples: int | None = None
+    significantly_better: bool | None = None
 
     @property
     def passed(self) -> bool:
@@ -51,6 +62,7 @@ class GateResult:
             self.passed_threshold
             and self.beat_baseline is not False
             and self.not_worse_than_champion is not False
+            and self.significantly_better is not False
         )
 
 
@@ -63,9 +75,13 @@ def check_gate(
     gate: GateConfig,
     champion: registry.RegisteredVersion | None = None,
     tolerance: float | None = 0.0,
+    examples: pd.DataFrame | None = None,
+    champion_examples: pd.DataFrame | None = None,
 ) -> GateResult:
     """Threshold on `gate.metric`, beating `gate.baseline` by `gate.margin` (if set), then
-    (with a champion and a tolerance) not worse than the champion."""
+    (with a champion and a tolerance) not worse than the champion, then (with
+    `gate.significance` and a champion) significantly better than it on the held-out
+    examples both were scored on (`examples`, `champion_examples`: id, value, weight)."""
     if gate.metric not in metrics:
         raise ConfigError(
             f"deploy.gates: metric '{gate.metric}' is not an evaluate metric "
@@ -80,13 +96,62 @@ def check_gate(
         result.baseline, result.margin = gate.baseline, gate.margin
         result.baseline_value = baseline_value(metrics, gate)
         result.beat_baseline = beats_baseline(value, result.baseline_value, gate)
-    if champion is not None and tolerance is not None and gate.metric in champion.metrics:
+    if champion is not None and gate.metric in champion.metrics:
         result.champion_version = champion.version
         result.champion_value = champion.metrics[gate.metric]
-        result.not_worse_than_champion = better_or_equal(
-            value, result.champion_value, gate.mode, tolerance
-        )
+        if tolerance is not None:
+            result.not_worse_than_champion = better_or_equal(
+                value, result.champion_value, gate.mode, tolerance
+            )
+    if gate.significance is not None and champion is not None:
+        result.significance = gate.significance
+        if examples is None:
+            raise ConfigError(
+                f"deploy.gates: significance needs per-example scores of '{gate.metric}', and "
+                "the task has none for it (use a metric that is a mean over examples: "
+                "accuracy, exact match, loss)"
+            )
+        if champion_examples is None:
+            log.warning(
+                "gate: champion version %s has no per-example scores (%s): it cannot be shown "
+                "worse, so it stays", champion.version, EXAMPLES_ARTIFACT,
+            )  # fmt: skip
+            result.significantly_better = False
+        else:
+            low, high, shared = paired_difference(examples, champion_examples, gate.significance)
+            result.difference_interval, result.shared_examples = (low, high), shared
+            # One-sided at `significance`: the two-sided interval at 1 - 2 * level excludes 0.
+            result.significantly_better = low > 0 if gate.mode == "max" else high < 0
     return result
+
+
+# Where a deploy run keeps the per-example scores of its gate metric: the next challenger
+# is compared with them, example by example.
+EXAMPLES_ARTIFACT = "gate/examples.csv"
+
+
+def paired_difference(
+    examples: pd.DataFrame, champion_examples: pd.DataFrame, level: float = 0.05, seed: int = 0
+) -> tuple[float, float, int]:
+    """The (1 - 2 * level) percentile-bootstrap interval of the metric's difference, model
+    minus champion, over the examples both were scored on (resampled together; the metric
+    is the weighted mean sum(value) / sum(weight)), and how many examples that is."""
+    joined = examples.merge(champion_examples, on="id", suffixes=("", "_champion"))
+    if joined.empty:
+        raise ValueError(
+            "the model and the champion share no held-out example: their test splits "
+            "differ, so they cannot be compared example by example"
+        )
+    value, weight = joined["value"].to_numpy(float), joined["weight"].to_numpy(float)
+    other = joined["value_champion"].to_numpy(float)
+    other_weight = joined["weight_champion"].to_numpy(float)
+
+    def difference(idx: np.ndarray) -> np.ndarray:
+        return (value[idx].sum(-1) / weight[idx].sum(-1)
+                - other[idx].sum(-1) / other_weight[idx].sum(-1))  # fmt: skip
+
+    low, high = statistic_interval(difference, len(joined), confidence=1 - 2 * level, seed=seed)
+    return low, high, len(joined)
 
 
 def baseline_value(metrics: Mapping[str, float], gate: GateConfig) -> float:
@@ -170,13 +235,21 @@ def deploy(
     tags: Mapping[str, str],
     requests: list[str],
     pruned_dir: Path | None = None,
+    examples: pd.DataFrame | None = None,
 ) -> Deployment:
     """Gate, register, set aliases and smoke-test the fp32 model; register its variants
     (int8, and with `pruned_dir` pruned and pruned + int8), each gated on its own held-out
-    score in `metrics`; measure every variant through the registry."""
+    score in `metrics`; measure every variant through the registry. `examples`: the gate
+    metric per held-out example (id, value, weight), kept with the run for the paired test."""
     name = cfg.registered_model_name
     champion = registry.aliased(name, registry.CHAMPION)
-    gate = check_gate(metrics, cfg.gates[task], champion, cfg.champion_tolerance)
+    champion_examples = None
+    if champion is not None and cfg.gates[task].significance is not None:
+        champion_examples = registry.run_table(champion.run_id, EXAMPLES_ARTIFACT)
+    gate = check_gate(metrics, cfg.gates[task], champion, cfg.champion_tolerance, examples,
+                      champion_examples)  # fmt: skip
+    if examples is not None:  # for the next challenger's paired comparison
+        mlflow.log_text(examples.to_csv(index=False), EXAMPLES_ARTIFACT)
     model_version = log_and_register(model_dir, task, name, cfg)
     client = MlflowClient()
     for key, value in {**tags, "gate_passed": str(gate.passed)}.items():
@@ -240,9 +313,17 @@ def gate_reason(gate: GateResult) -> str:
             f"{gate.metric}={gate.value:.4f} does not beat {gate.baseline}="
             f"{gate.baseline_value:.4f} by the margin {gate.margin:.4f}"
         )
+    if gate.not_worse_than_champion is False:
+        return (
+            f"{gate.metric}={gate.value:.4f} is worse than champion version "
+            f"{gate.champion_version}'s {gate.champion_value:.4f}"
+        )
+    interval = gate.difference_interval
+    shown = f"[{interval[0]:+.4f}, {interval[1]:+.4f}]" if interval else "unknown"
     return (
-        f"{gate.metric}={gate.value:.4f} is worse than champion version "
-        f"{gate.champion_version}'s {gate.champion_value:.4f}"
+        f"{gate.metric}={gate.value:.4f} is not significantly better than champion version "
+        f"{gate.champion_version}'s {gate.champion_value:.4f} at level {gate.significance} "
+        f"(difference interval {shown} over {gate.shared_examples} shared examples)"
     )
 
 

@@ -391,6 +391,9 @@ class GateConfig:
     # tfidf_macro_f1 for a classifier; null: no such check.
     baseline: str | None = None
     margin: float = 0.0
+    # Promote only if a paired bootstrap over the same held-out examples finds the model
+    # better than the champion at this one-sided level (e.g. 0.05); null: no such test.
+    significance: float | None = None
 
 
 @dataclass

@@ -251,3 +251,9 @@ class FinetuningTask(Objective):
         e: EvaluateConfig,
     ) -> Report:
         """Figures and tables of the saved predictions."""
+
+    def example_scores(self, frame: pd.DataFrame, metric: str) -> pd.DataFrame | None:
+        """Metric `metric` per held-out example of the predictions table: columns id, value
+        and weight, such that sum(value) / sum(weight) is the metric (the deploy gate's
+        paired test); None: the metric is no such mean (macro-F1)."""
+        return None

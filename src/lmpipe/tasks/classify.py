@@ -183,6 +183,14 @@ class Classify(FinetuningTask):
             )
         return metrics
 
+    def example_scores(self, frame: pd.DataFrame, metric: str) -> pd.DataFrame | None:
+        """A model's prediction right (1) or not per test text (`<model>_accuracy`)."""
+        if not metric.endswith("_accuracy"):
+            return None
+        predicted = frame[f"{metric.removesuffix('_accuracy')}_predicted"]
+        hits = (predicted == frame["actual"]).to_numpy(float)
+        return pd.DataFrame({"id": frame["id"], "value": hits, "weight": 1.0})
+
     def report(
         self,
         frame: pd.DataFrame,

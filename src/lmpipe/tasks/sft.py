@@ -229,6 +229,20 @@ class SFT(NextTokenLoss, FinetuningTask):
             metrics |= {f"{label}_{name}_distinct": value for name, value in scores.items()}
         return metrics
 
+    def example_scores(self, frame: pd.DataFrame, metric: str) -> pd.DataFrame | None:
+        """A model's answer right (1) or not per answered problem (`<model>_exact_match`), or
+        its summed response loss over its target tokens per example (`<model>_sft_test_loss`)."""
+        if metric.endswith("_exact_match") and "answer" in frame:
+            rows = frame[frame["generated"]]
+            replies = rows[f"{metric.removesuffix('_exact_match')}_reply"].astype(str)
+            hits = [is_correct(r, str(a)) for r, a in zip(replies, rows["answer"], strict=True)]
+            return pd.DataFrame({"id": rows["id"], "value": np.array(hits, float), "weight": 1.0})
+        if metric.endswith("_sft_test_loss"):
+            losses = frame[f"{metric.removesuffix('_sft_test_loss')}_loss"]
+            return pd.DataFrame({"id": frame["id"], "value": losses,
+                                 "weight": frame["target_tokens"]})  # fmt: skip
+        return None
+
     def report(
         self,
         frame: pd.DataFrame,
