@@ -78,10 +78,18 @@ def test_every_stage_produced_its_outputs(pipeline: Path) -> None:
         assert (out / stage / "curves" / "train.csv").is_file()
     metrics = json.loads((out / "evaluate" / "metrics.json").read_text())
     assert {"pretrained_val_loss", "finetuned_val_loss", "finetuned_sft_test_loss"} <= set(metrics)
-    # Replies scored beside the model before tuning and the retrieval baseline.
-    for label in ("pretrained", "finetuned", "int8", "retrieval"):
-        assert 0 <= metrics[f"{label}_chrf"] <= 100 and 0 <= metrics[f"{label}_rougeL"] <= 1
+    # Answers to generated problems (reasoning_gym), scored by exact match with an interval,
+    # beside the model before tuning and the most-frequent-answer and retrieval baselines.
+    for label in ("pretrained", "finetuned", "int8", "retrieval", "most_frequent"):
+        low, high = metrics[f"{label}_exact_match_low"], metrics[f"{label}_exact_match_high"]
+        assert 0 <= low <= metrics[f"{label}_exact_match"] <= high <= 1, label
     assert metrics["sft_test_generations"] == 2  # experiment=smoke answers two prompts
+    assert metrics["sft_test_examples"] == 40  # its reasoning_gym.test_size
+    # WikiText-2 in bits per byte, before and after tuning (experiment=smoke: 4 KB of it).
+    assert 1024 < metrics["wikitext_test_bytes"] <= 4096
+    assert metrics["pretrained_wikitext_bpb"] > 0 and metrics["finetuned_wikitext_bpb"] > 0
+    header = (out / "evaluate" / "predictions.csv").read_text().splitlines()[0].split(",")
+    assert {"answer", "finetuned_reply", "retrieval_reply"} <= set(header)
     deployed = json.loads((out / "deploy" / "deploy.json").read_text())
     assert deployed["alias"] == "champion" and deployed["smoke_output"] is not None
     # Four variants, each registered, measured and scored on the held-out split.

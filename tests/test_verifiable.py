@@ -230,3 +230,24 @@ def test_statistic_interval_resamples_examples() -> None:
     assert statistic_interval(lambda idx: hits[idx].mean(-1), 300, seed=3) == pytest.approx(
         mean_interval(hits, seed=3), abs=0.01
     )
+
+
+def test_worked_chain_sums_show_correct_steps_that_end_in_the_answer() -> None:
+    sums = {"min_terms": 2, "max_terms": 4, "min_digits": 1, "max_digits": 2}
+    splits = reasoning_gym.load_splits("chain_sum", SIZES, 0, sums, 0.05, 0.1, worked=True)
+    for conversation in splits["test"]:
+        *steps, last = conversation.messages[1]["content"].split("\n")
+        terms = conversation.prompt.rsplit(":", 1)[1].rstrip("= ").split()
+        assert len(steps) == len(terms) // 2  # one line per operator
+        for line in steps:
+            left, result = line.split(" = ")
+            assert eval(left) == int(result)  # "191 - 77", digits and one operator
+        assert last == f"#### {conversation.answer}"
+        assert is_correct(conversation.messages[1]["content"], conversation.answer)
+    plain = reasoning_gym.load_splits("chain_sum", SIZES, 0, sums, 0.05, 0.1)
+    assert [c.prompt for c in plain["test"]] == [c.prompt for c in splits["test"]]
+
+
+def test_worked_replies_only_where_a_generator_has_them() -> None:
+    with pytest.raises(ConfigError, match=r"reasoning_gym\.worked"):
+        reasoning_gym.load_splits("basic_arithmetic", SIZES, 0, {}, 0.05, 0.1, worked=True)

@@ -325,6 +325,8 @@ class ReasoningGymConfig:
     val_size: int = 200
     test_size: int = 500
     seed: int = 0
+    # Replies that show their work (chain_sum: each partial result, then "#### <answer>").
+    worked: bool = False
     # The generator's own settings (reasoning-gym's config fields, e.g. min_terms, max_digits).
     options: dict[str, Any] = field(default_factory=dict)
 

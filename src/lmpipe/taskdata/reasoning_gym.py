@@ -14,9 +14,9 @@ Splits never share a question:
   test template (a problem structure, not just its numbers) is seen in training. Its
   accuracy is never a GSM8K score.
 
-The target reply is the answer alone for arithmetic, and the worked solution ending in
-"#### <answer>" (GSM8K's convention) for gsm_symbolic; lmpipe.evaluation.answers parses
-either.
+The target reply is the answer alone for arithmetic (or, with `worked`, a chain sum's
+partial results line by line), and the worked solution ending in "#### <answer>"
+(GSM8K's convention) for gsm_symbolic; lmpipe.evaluation.answers parses either.
 """
 
 from __future__ import annotations
@@ -63,6 +63,27 @@ GENERATORS: dict[str, Generator] = {
 }  # fmt: skip
 
 
+def chain_sum_steps(item: Mapping[str, Any]) -> str:
+    """A chain sum worked left to right, one partial result per line, then the marked
+    answer: "98 + 93 = 191\\n191 - 77 = 114\\n#### 114". Each line is a two-number fact,
+    shared across problems, so a model can compose answers it never saw."""
+    terms = str(item["metadata"]["expression"]).split()
+    total = int(terms[0])
+    lines = []
+    for operator, number in zip(terms[1::2], terms[2::2], strict=True):
+        result = total + int(number) if operator == "+" else total - int(number)
+        lines.append(f"{total} {operator} {number} = {result}")
+        total = result
+    if str(total) != str(item["answer"]):
+        raise ValueError(f"chain sum {item['metadata']['expression']!r}: worked to {total}, "
+                         f"the generator says {item['answer']}")  # fmt: skip
+    return "\n".join([*lines, f"#### {total}"])
+
+
+# Generators whose reply can show its work (`finetune.reasoning_gym.worked`).
+WORKED = {"chain_sum": chain_sum_steps}
+
+
 def _classes(name: str) -> tuple[type, type]:
     from lmpipe.taskdata.packages import bare_packages
 
@@ -100,9 +121,10 @@ def _split_by_bucket(bucket: float, shares: Mapping[str, float]) -> str:
     return "train"
 
 
-def _conversation(name: str, item: Mapping[str, Any], id_: str) -> Conversation:
+def _conversation(name: str, item: Mapping[str, Any], id_: str, worked: bool) -> Conversation:
+    reply = WORKED[name](item) if worked else GENERATORS[name].reply(item)
     messages = [{"role": "user", "content": str(item["question"]).strip()},
-                {"role": "assistant", "content": GENERATORS[name].reply(item)}]  # fmt: skip
+                {"role": "assistant", "content": reply}]  # fmt: skip
     return Conversation(id_, messages, answer=str(item["answer"]).strip())
 
 
@@ -148,14 +170,14 @@ def _by_template(
                 continue
             seen.add(question)
             template = dataset.task_indices[index]
-            items.append(_conversation(name, item, f"reasoning_gym:{name}:t{template}:{split}:"
-                                                   f"{index}"))  # fmt: skip
+            id_ = f"reasoning_gym:{name}:t{template}:{split}:{index}"
+            items.append(_conversation(name, item, id_, worked=False))
         splits[split] = items
     return splits
 
 
 def _by_question(
-    name: str, sizes: Mapping[str, int], seed: int, options: Mapping[str, Any]
+    name: str, sizes: Mapping[str, int], seed: int, options: Mapping[str, Any], worked: bool
 ) -> dict[str, list[Conversation]]:
     total = sum(sizes.values())
     shares = {split: sizes[split] / total for split in SPLITS}
@@ -175,7 +197,8 @@ def _by_question(
         seen.add(question)
         split = _split_by_bucket(_bucket(question), shares)
         if len(splits[split]) < sizes[split]:
-            splits[split].append(_conversation(name, item, f"reasoning_gym:{name}:{index}"))
+            id_ = f"reasoning_gym:{name}:{index}"
+            splits[split].append(_conversation(name, item, id_, worked))
     short = {s: len(splits[s]) for s in SPLITS if len(splits[s]) < sizes[s]}
     if short:
         raise ConfigError(
@@ -193,10 +216,17 @@ def load_splits(
     options: Mapping[str, Any],
     val_fraction: float,
     test_fraction: float,
+    worked: bool = False,
 ) -> dict[str, list[Conversation]]:
     """train/val/test conversations of generator `name`, `sizes[split]` problems each, with no
-    question (or, for templated generators, no template) in two splits."""
+    question (or, for templated generators, no template) in two splits. With `worked`, the
+    replies show their steps (generators in WORKED; gsm_symbolic's always do)."""
     _classes(name)  # an unknown generator or a missing package fails first, by key
+    if worked and name not in WORKED and not GENERATORS[name].by_template:
+        raise ConfigError(
+            f"invalid value for '{KEY}.worked': {name} has no worked replies (generators "
+            f"with them: {sorted(WORKED)}, and gsm_symbolic always)"
+        )
     for split in SPLITS:
         if sizes[split] < 1:
             raise ConfigError(f"invalid value for '{KEY}.{split}_size': {sizes[split]} "
@@ -204,7 +234,7 @@ def load_splits(
     if GENERATORS[name].by_template:
         splits = _by_template(name, sizes, seed, options, val_fraction, test_fraction)
     else:
-        splits = _by_question(name, sizes, seed, options)
+        splits = _by_question(name, sizes, seed, options, worked)
     log.info("reasoning_gym: %s, %s problems", name,
              "/".join(str(len(splits[s])) for s in SPLITS))  # fmt: skip
     return splits

@@ -63,7 +63,7 @@ def conversation_splits(f: FinetuneConfig) -> dict[str, list[sft.Conversation]]:
         g = f.reasoning_gym
         sizes = {"train": g.train_size, "val": g.val_size, "test": g.test_size}
         return reasoning_gym.load_splits(g.generator, sizes, g.seed, g.options, f.val_fraction,
-                                         f.test_fraction)  # fmt: skip
+                                         f.test_fraction, g.worked)  # fmt: skip
     return sft.split_conversations(sft.load_chatterbot(f.language), f.val_fraction,
                                    f.test_fraction)  # fmt: skip
 
