@@ -62,16 +62,22 @@ def test_the_lock_leaves_torch_to_the_makefile_pin() -> None:
     assert not [name for name in pins if name.startswith("nvidia-")]
 
 
-def test_the_running_environment_is_the_locked_one() -> None:
+def not_installed_as(pins: dict[str, Version], how: str) -> list[str]:
+    """Each pinned package that is missing or installed at another version, in words."""
     different = []
-    for name, version in locked().items():
+    for name, version in pins.items():
         try:
             installed = Version(importlib.metadata.version(name))
         except importlib.metadata.PackageNotFoundError:
-            different.append(f"{name}: not installed (locked {version})")
+            different.append(f"{name}: not installed ({how} {version})")
             continue
         if installed != version:
-            different.append(f"{name}: {installed} installed, {version} locked")
+            different.append(f"{name}: {installed} installed, {version} {how}")
+    return different
+
+
+def test_the_running_environment_is_the_locked_one() -> None:
+    different = not_installed_as(locked(), "locked")
     assert not different, "run `make install` (or `make lock`):\n" + "\n".join(different)
     assert Version(importlib.metadata.version("torch")).base_version == str(makefile_torch())
 
@@ -80,14 +86,6 @@ def test_the_packages_installed_without_dependencies_are_the_pinned_ones() -> No
     """The Makefile's NO_DEPS packages (data read as files) are outside the lock: pinned there."""
     match = re.search(r"^NO_DEPS := (.+)$", (REPO / "Makefile").read_text(), re.M)
     assert match, "the Makefile lists its --no-deps packages in NO_DEPS"
-    different = []
-    for pin in match[1].split():
-        name, version = pin.split("==")
-        try:
-            installed = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            different.append(f"{name}: not installed (pinned {version})")
-            continue
-        if installed != version:
-            different.append(f"{name}: {installed} installed, {version} pinned")
+    pins = {name: Version(version) for name, version in (p.split("==") for p in match[1].split())}
+    different = not_installed_as(pins, "pinned")
     assert not different, "run `make install`:\n" + "\n".join(different)

@@ -337,7 +337,8 @@ def test_finetune_on_a_selection_reuses_its_scores_across_an_lr_change(pipeline:
     import pandas as pd
     from mlflow.tracking import MlflowClient
 
-    selecting = [*SMOKE, "finetune.selection.steps=[dedup,quality,ifd,diversity]",
+    selecting = [*SMOKE, "finetune.dataset=chatterbot",
+                 "finetune.selection.steps=[dedup,quality,ifd,diversity]",
                  "finetune.selection.budget.share=0.25"]  # fmt: skip
     first = run(["python", "-m", "stages.finetune", *selecting], pipeline)
     table_path = pipeline / "outputs" / "finetune" / "selection.parquet"
@@ -454,7 +455,9 @@ def test_optuna_sweeper_gets_the_stage_objective(pipeline: Path) -> None:
 
 def test_stale_params_warn_with_the_fix(pipeline: Path) -> None:
     conf = pipeline / "conf" / "evaluate" / "default.yaml"
-    conf.write_text(conf.read_text().replace("batch_size: 8", "batch_size: 4"))
+    text = conf.read_text()
+    conf.write_text(text.replace("top_p: 1.0", "top_p: 0.9"))
+    assert conf.read_text() != text
     result = run(["python", "-m", "stages.clean", "--cfg", "job"], pipeline)
     assert "out of date" in result.stderr and "make params" in result.stderr
 

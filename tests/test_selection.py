@@ -186,6 +186,16 @@ def test_budgets_are_respected_with_diversity(unit: str, count: int) -> None:
         assert (rest["tokens"] > count - picked["tokens"].sum()).all()
 
 
+def test_a_selection_that_drops_everything_says_why_before_any_later_step() -> None:
+    """Arithmetic replies are no text: the quality rule drops them all, and diversity (which
+    would stack no embedding) never runs."""
+    candidates = [candidate(str(i), f"what is {i} + 1", f"#### {i + 1}") for i in range(6)]
+    scores = {c.id: (1.0, 2.0, [float(i), 1.0]) for i, c in enumerate(candidates)}
+    cfg = selection_cfg(steps=["quality", "diversity"])
+    with pytest.raises(ValueError, match=r"kept no training example of 6: \{'non_text': 6\}"):
+        select_examples(candidates, cfg, given_scores(scores), 0)
+
+
 def test_random_and_longest_fill_are_the_baselines() -> None:
     candidates = [candidate(str(i), f"p{i}", f"r{i}", tokens=i + 1) for i in range(10)]
     longest = select_examples(candidates, selection_cfg(**{"budget.count": 3, "budget.fill":
@@ -286,6 +296,9 @@ def saved_model(tiny_model, tiny_tokenizer, tmp_path: Path) -> Path:
 
 def finetune_cfg(**overrides):
     cfg = validate(OmegaConf.load(Path(__file__).parents[1] / "params.yaml")).finetune
+    cfg.dataset = (
+        "chatterbot"  # chat pairs: prompts repeat, replies are text (what selection judges)
+    )
     cfg.max_len = 64
     for key, value in overrides.items():
         OmegaConf.update(cfg, key, value)

@@ -123,6 +123,8 @@ def select_examples(
     chosen_order: list[int] | None = None
     distance = np.full(n, np.nan)
     for step in s.steps:
+        if not len(alive()):  # an earlier step dropped every example: the error below says why
+            break
         if step == "dedup":
             for on in s.dedup.fields:
                 rows = alive()
