@@ -75,6 +75,7 @@ def params() -> dict:
         ("finetune", "reasoning_gym", {"test_size": 0}, r"reasoning_gym\.test_size"),
         ("evaluate", "wikitext", {"max_bytes": 10}, r"evaluate\.wikitext\.max_bytes"),
         ("deploy", "gates", {"sft": {"significance": "high"}}, r"significance"),
+        ("deploy", "gates", {"sft": {"significance": 0.7}}, r"gates\.sft\.significance.*0\.5"),
         ("finetune", "peft", {"r": 0}, r"finetune\.peft\.r"),
         ("finetune", "freeze_layers", -1, r"finetune\.freeze_layers"),
         ("finetune", "max_per_class", 1, r"finetune\.max_per_class"),

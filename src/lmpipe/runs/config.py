@@ -657,6 +657,9 @@ def validate(cfg: DictConfig | dict) -> DictConfig:
             if not str(n).isdigit() or int(n) < 1:
                 raise ConfigError(f"invalid key '{key}.{n}': n-gram sizes are positive integers")
     for task, gate in merged.deploy.gates.items():
+        if gate.significance is not None and not 0 < gate.significance < 0.5:
+            raise ConfigError(f"invalid value for 'deploy.gates.{task}.significance': "
+                              f"{gate.significance} (must be in (0, 0.5))")  # fmt: skip
         if gate.mode not in ("min", "max"):
             raise ConfigError(
                 f"invalid value for 'deploy.gates.{task}.mode': {gate.mode!r} "
