@@ -11,13 +11,16 @@ stopping on the validation loss; only the training examples differ) on:
   random (xN)  seeded random subsets of the budget
   longest      the longest examples to the budget
 
-at two budgets: 25% of the training examples, and 25% of the training tokens. Each tuned
-model is scored on the held-out test split: response loss (nats/token) and chrF / ROUGE-L
-of its greedy replies, beside the model before tuning and the TF-IDF retrieval baseline.
+at two budgets: 25% of the training examples, and 25% of the training tokens (`--units`).
+Each tuned model is scored on the held-out test split: response loss (nats/token) and, on a
+task with checkable answers (the default, finetune=sft), exact match of the final answer
+with its 95% bootstrap interval beside retrieval and the most frequent answer; on chat
+(finetune=chat) chrF / ROUGE-L of its greedy replies beside the TF-IDF retrieval baseline.
 It also times IFD scoring against one plain forward pass over the same batches.
 
     python benchmarks/sft_selection.py --models tiny       # the demo model (after make demo)
     python benchmarks/sft_selection.py --models smollm2    # SmolLM2-135M-Instruct with LoRA
+    python benchmarks/sft_selection.py --models tiny finetune=chat   # Hydra overrides
 """
 
 from __future__ import annotations
@@ -26,50 +29,27 @@ import argparse
 import json
 import logging
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
+from models import DATA, base_model, config
 from omegaconf import DictConfig, OmegaConf
 
 from lmpipe import tasks
-from lmpipe.data.tokenizer import base_tokenizer, load_tokenizer
-from lmpipe.runs.config import validate
+from lmpipe.data.tokenizer import load_tokenizer
 from lmpipe.runs.processes import process_env
 from lmpipe.runs.tracking import MetricLogger
 from lmpipe.selection.run import select_for_task
 from lmpipe.selection.scoring import length_batches, score_candidates
 from lmpipe.training.loop import seed_everything, train
-from lmpipe.training.model import load_base, load_model, save_model
+from lmpipe.training.model import load_model
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "benchmarks" / ".data"
 log = logging.getLogger("sft_selection")
 
 # Per model: the experiment its fine-tuning config comes from, and its base.
 MODELS = {"tiny": [], "smollm2": ["experiment=smollm2-lora"]}
 SELECTION_STEPS = ["dedup", "quality", "ifd", "diversity"]
-
-
-def config(overrides: list[str]) -> DictConfig:
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return validate(compose("config", overrides))
-
-
-def base_model(name: str, cfg: DictConfig) -> Path:
-    """The starting model as a transformers directory."""
-    if name == "tiny":
-        path = ROOT / "outputs" / "pretrain" / "model"
-        if not path.is_dir():
-            sys.exit("no outputs/pretrain/model: run `make demo` first")
-        return path
-    path = DATA / "smollm2-135m"
-    if not (path / "model.safetensors").is_file():
-        tokenizer = base_tokenizer(cfg.model.init_from)
-        save_model(load_base(cfg.model.init_from), tokenizer, path)
-    return path
 
 
 def arms(share: float, seeds: int) -> list[tuple[str, str, dict]]:
@@ -127,30 +107,44 @@ def fine_tune_and_score(
                    setup.evaluate, desc="finetune", objective=setup.objective)  # fmt: skip
     model = setup.final_model()
     seconds = time.perf_counter() - start
-    splits = task.splits(f)
-    frame = task.predict({"tuned": model}, tokenizer, splits, f, cfg.evaluate)
-    scores = task.score(frame, ["tuned"], splits)
     return {
         "examples": len(ids),
         "tokens": int(chosen.table.loc[chosen.table["status"] == "selected", "tokens"].sum()),
         "best_step": result.best_step,
-        "test_loss": scores["tuned_sft_test_loss"],
-        "chrf": scores["tuned_chrf"],
-        "rougeL": scores["tuned_rougeL"],
-        "retrieval_chrf": scores["retrieval_chrf"],
-        "retrieval_rougeL": scores["retrieval_rougeL"],
+        **held_out(task, cfg, model, tokenizer, "tuned"),
         "seconds": seconds,
     }
 
 
-def before_tuning(task, cfg: DictConfig, base: Path, tokenizer) -> dict:
-    model = load_model(base)
+# Per kind of held-out reply score: the metrics of the model and of the baselines reported.
+QUALITY = {
+    "exact_match": ["exact_match", "exact_match_low", "exact_match_high"],
+    "chrf": ["chrf", "rougeL"],
+}
+
+
+def held_out(task, cfg: DictConfig, model, tokenizer, label: str) -> dict:
+    """Test loss and reply quality of `model`: exact match with its interval where answers
+    are checkable (beside retrieval and the most frequent answer), else chrF and ROUGE-L
+    (beside retrieval)."""
     splits = task.splits(cfg.finetune)
-    frame = task.predict({"base": model}, tokenizer, splits, cfg.finetune, cfg.evaluate)
-    scores = task.score(frame, ["base"], splits)
-    return {"test_loss": scores["base_sft_test_loss"], "chrf": scores["base_chrf"],
-            "rougeL": scores["base_rougeL"], "retrieval_chrf": scores["retrieval_chrf"],
-            "retrieval_rougeL": scores["retrieval_rougeL"]}  # fmt: skip
+    frame = task.predict({label: model}, tokenizer, splits, cfg.finetune, cfg.evaluate)
+    scores = task.score(frame, [label], splits)
+    kind = "exact_match" if f"{label}_exact_match" in scores else "chrf"
+    row = {"test_loss": scores[f"{label}_sft_test_loss"]}
+    row |= {key: scores[f"{label}_{key}"] for key in QUALITY[kind]}
+    for baseline in ("retrieval", "most_frequent"):
+        row |= {f"{baseline}_{key}": scores[f"{baseline}_{key}"] for key in QUALITY[kind]
+                if f"{baseline}_{key}" in scores}  # fmt: skip
+    return row
+
+
+def before_tuning(task, cfg: DictConfig, base: Path, tokenizer) -> dict:
+    return held_out(task, cfg, load_model(base), tokenizer, "base")
+
+
+def quality_kind(row: dict) -> str:
+    return "exact_match" if "exact_match" in row else "chrf"
 
 
 def summary(rows: list[dict]) -> list[dict]:
@@ -163,7 +157,7 @@ def summary(rows: list[dict]) -> list[dict]:
             out.append(row)
     for unit, group in randoms.items():
         folded = {"arm": f"random (x{len(group)})", "unit": unit}
-        for key in ("examples", "tokens", "test_loss", "chrf", "rougeL"):
+        for key in ("examples", "tokens", "test_loss", *QUALITY[quality_kind(group[0])]):
             values = [r[key] for r in group]
             folded[key] = statistics.mean(values)
             folded[f"{key}_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -179,7 +173,10 @@ def main() -> None:
     parser.add_argument(
         "--arms", default=None, help="comma-separated arm names to run (default: all)"
     )
+    parser.add_argument("--units", default="examples,tokens",
+                        help="budget units, comma-separated: examples, tokens")  # fmt: skip
     parser.add_argument("--out", type=Path, default=DATA / "sft_selection.json")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every model")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for noisy in ("lmpipe.training.loop", "lmpipe.data.sft", "httpx"):
@@ -187,7 +184,8 @@ def main() -> None:
     device = torch.device("cpu")
     report: dict = {"date": time.strftime("%Y-%m-%d"), "share": args.share, "models": {}}
     for name in args.models.split(","):
-        cfg = config([*MODELS[name], "evaluate.num_generations=null"])  # every test prompt
+        # every test prompt answered
+        cfg = config([*MODELS[name], "evaluate.num_generations=null", *args.overrides])
         base = base_model(name, cfg)
         tokenizer = load_tokenizer(base)
         task = tasks.finetuning("sft")
@@ -197,8 +195,9 @@ def main() -> None:
         log.info("%s before tuning: %s", name, entry["before_tuning"])
         rows = []
         wanted = set(args.arms.split(",")) if args.arms else None
+        units = args.units.split(",")
         for arm, unit, overrides in arms(args.share, args.seeds):
-            if wanted is not None and arm not in wanted:
+            if (wanted is not None and arm not in wanted) or unit not in ("-", *units):
                 continue
             scores = fine_tune_and_score(task, cfg, base, tokenizer, device, overrides)
             row = {"arm": arm, "unit": unit, **scores}
@@ -210,30 +209,46 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2))
     for name, entry in report["models"].items():
-        s = entry["scoring"]
-        print(
-            f"\n## {name}  (scoring {s['scoring_examples_per_s']:.0f} ex/s vs forward "
-            f"{s['forward_examples_per_s']:.0f} ex/s: ratio {s['ratio']:.2f}, target >= 0.4)"
-        )
-        b = entry["before_tuning"]
-        print(
-            f"before tuning: test loss {b['test_loss']:.3f}, chrF {b['chrf']:.1f}, "
-            f"ROUGE-L {b['rougeL']:.3f}; retrieval baseline chrF {b['retrieval_chrf']:.1f}, "
-            f"ROUGE-L {b['retrieval_rougeL']:.3f}"
-        )
+        print_model(name, entry)
+
+
+def print_model(name: str, entry: dict) -> None:
+    s = entry["scoring"]
+    print(
+        f"\n## {name}  (scoring {s['scoring_examples_per_s']:.0f} ex/s vs forward "
+        f"{s['forward_examples_per_s']:.0f} ex/s: ratio {s['ratio']:.2f}, target >= 0.4)"
+    )
+    b = entry["before_tuning"]
+    exact = quality_kind(b) == "exact_match"
+    if exact:
+        print(f"before tuning: test loss {b['test_loss']:.3f}, exact match "
+              f"{interval(b, 'exact_match')}; retrieval {interval(b, 'retrieval_exact_match')}, "
+              f"most frequent answer {interval(b, 'most_frequent_exact_match')}")  # fmt: skip
+        print("| budget | arm | examples | tokens | test loss | exact match [95% CI] |")
+        print("|---|---|---|---|---|---|")
+    else:
+        print(f"before tuning: test loss {b['test_loss']:.3f}, chrF {b['chrf']:.1f}, "
+              f"ROUGE-L {b['rougeL']:.3f}; retrieval baseline chrF {b['retrieval_chrf']:.1f}, "
+              f"ROUGE-L {b['retrieval_rougeL']:.3f}")  # fmt: skip
         print("| budget | arm | examples | tokens | test loss | chrF | ROUGE-L |")
         print("|---|---|---|---|---|---|---|")
-        for row in entry["summary"]:
+    for row in entry["summary"]:
 
-            def cell(key: str, fmt: str, row: dict = row) -> str:
-                value = format(row[key], fmt)
-                return f"{value} ± {format(row[key + '_sd'], fmt)}" if key + "_sd" in row else value
+        def cell(key: str, fmt: str, row: dict = row) -> str:
+            value = format(row[key], fmt)
+            return f"{value} ± {format(row[key + '_sd'], fmt)}" if key + "_sd" in row else value
 
-            print(
-                f"| {row['unit']} | {row['arm']} | {cell('examples', '.0f')} | "
-                f"{cell('tokens', '.0f')} | {cell('test_loss', '.3f')} | {cell('chrf', '.1f')} "
-                f"| {cell('rougeL', '.3f')} |"
-            )
+        quality = (
+            (interval(row, "exact_match") if "exact_match_sd" not in row
+             else cell("exact_match", ".3f"))
+            if exact else f"{cell('chrf', '.1f')} | {cell('rougeL', '.3f')}"
+        )  # fmt: skip
+        print(f"| {row['unit']} | {row['arm']} | {cell('examples', '.0f')} | "
+              f"{cell('tokens', '.0f')} | {cell('test_loss', '.3f')} | {quality} |")  # fmt: skip
+
+
+def interval(row: dict, key: str) -> str:
+    return f"{row[key]:.3f} [{row[key + '_low']:.3f}, {row[key + '_high']:.3f}]"
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import copy
 import gzip
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,11 +23,15 @@ from lmpipe.tasks.preference import (
     PairScores,
     Preference,
     PreferenceLoss,
+    judge_samples,
+    opening_pairs,
     pair_metrics,
     preference_losses,
     reference_logps,
     reply_logps,
+    sample_replies,
     spin_pairs,
+    verifier_pairs,
 )
 from tests.test_train import fresh_model
 
@@ -169,6 +174,25 @@ def test_loss_and_rewards_equal_trls_on_the_same_batch(
 ) -> None:
     """TRL's DPOTrainer computes its loss and metrics on a batch it tokenized itself; ours,
     on the same tokens, must agree."""
+    assert_trl_parity(PreferenceConfig(loss=loss, beta=0.2, **settings),
+                      {"loss_type": [loss], **settings}, 3, tiny_tokenizer, tmp_path)  # fmt: skip
+
+
+@pytest.mark.parametrize("weight", [1.0, 0.25])
+def test_the_sft_term_equals_trls_sigmoid_plus_sft_loss(
+    weight: float, tiny_tokenizer, tmp_path: Path
+) -> None:
+    """RPO: DPO plus the weighted mean token NLL of the chosen reply, TRL's loss_type
+    ["sigmoid", "sft"] with loss_weights [1, weight]. TRL averages the NLL over a micro-batch's
+    tokens and we per pair: the same on one pair."""
+    assert_trl_parity(PreferenceConfig(loss="sigmoid", beta=0.2, sft_weight=weight),
+                      {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, weight]}, 1,
+                      tiny_tokenizer, tmp_path)  # fmt: skip
+
+
+def assert_trl_parity(
+    p: PreferenceConfig, trl_settings: dict, pairs: int, tiny_tokenizer, tmp_path: Path
+) -> None:
     datasets = pytest.importorskip("datasets")
     trl = pytest.importorskip("trl")
     model = fresh_model(tiny_tokenizer)
@@ -180,11 +204,10 @@ def test_loss_and_rewards_equal_trls_on_the_same_batch(
     rows = [{"prompt": [{"role": "user", "content": p}],
              "chosen": [{"role": "assistant", "content": c}],
              "rejected": [{"role": "assistant", "content": r}]}
-            for p, c, r in zip(PROMPTS, CHOSEN, REJECTED, strict=True)]  # fmt: skip
-    beta = 0.2
-    args = trl.DPOConfig(output_dir=str(tmp_path), beta=beta, loss_type=[loss], report_to=[],
-                         use_cpu=True, per_device_train_batch_size=3, max_length=64,
-                         **settings)  # fmt: skip
+            for p, c, r in zip(PROMPTS, CHOSEN, REJECTED, strict=True)][:pairs]  # fmt: skip
+    args = trl.DPOConfig(output_dir=str(tmp_path), beta=p.beta, report_to=[], use_cpu=True,
+                         per_device_train_batch_size=pairs, max_length=64,
+                         **trl_settings)  # fmt: skip
     trainer = trl.DPOTrainer(model=model, ref_model=reference, args=args,
                              train_dataset=datasets.Dataset.from_list(rows),
                              processing_class=tiny_tokenizer)  # fmt: skip
@@ -201,7 +224,7 @@ def test_loss_and_rewards_equal_trls_on_the_same_batch(
     with torch.no_grad():
         ref_logps, _ = reply_logps(reference, ours)
     ours["ref_logps"] = ref_logps
-    objective = PreferenceLoss(PreferenceConfig(loss=loss, beta=beta, **settings))
+    objective = PreferenceLoss(p)
     loss_value = objective.loss_sum(model, ours) / objective.target_count(ours)
     sums = objective.take_metric_sums()
     pairs = objective.target_count(ours)
@@ -354,6 +377,111 @@ def test_prepared_pairs_are_cached_per_starting_model(
     assert setup.counts["train_pairs"] == (table["split"] == "train").sum()
 
 
+# --- verifier pairs ----------------------------------------------------------------------------
+
+
+def problem(answer: str, reference: str = "2 + 2 = 4\n#### 4") -> pref.Pair:
+    return pref.Pair("p", [{"role": "user", "content": "2 + 2 ="}], reference, "", answer=answer)
+
+
+def test_the_verifier_chooses_a_correct_sample_over_a_wrong_one() -> None:
+    pair, source = judge_samples(problem("4"), ["#### 5", "", "so #### 4", "#### 4", "3"])
+    assert source == "model"
+    assert (pair.chosen, pair.rejected, pair.answer) == ("so #### 4", "#### 5", "4")
+
+
+def test_the_verifier_falls_back_to_the_reference_solution() -> None:
+    pair, source = judge_samples(problem("4"), ["no answer", "#### 5"])
+    assert source == "reference"
+    assert (pair.chosen, pair.rejected) == ("2 + 2 = 4\n#### 4", "no answer")
+
+
+def test_a_problem_solved_in_every_sample_makes_no_pair() -> None:
+    assert judge_samples(problem("4"), ["#### 4", "4", ""]) == (None, "solved")
+    assert judge_samples(problem("4"), ["", ""]) == (None, "solved")  # nothing to reject
+
+
+def test_the_verifier_needs_an_answer_to_check() -> None:
+    with pytest.raises(ValueError, match="no answer"):
+        judge_samples(pref.Pair("p", [{"role": "user", "content": "x"}], "y", ""), ["z"])
+
+
+def arithmetic(n: int) -> list[Conversation]:
+    return [Conversation(f"q{i}", [{"role": "user", "content": f"{i} + 1 ="},
+                                   {"role": "assistant", "content": f"#### {i + 1}"}],
+                         answer=str(i + 1)) for i in range(n)]  # fmt: skip
+
+
+def test_verifier_pairs_are_deterministic_by_seed_and_leave_the_callers_stream(
+    tiny_tokenizer,
+) -> None:
+    model = talkative_model(tiny_tokenizer)
+    conversations = {"train": arithmetic(4), "val": arithmetic(2), "test": arithmetic(2)}
+    p = PreferenceConfig(pairs="verifier", samples=3, temperature=1.5, max_new_tokens=5,
+                         batch_size=4)  # fmt: skip
+    torch.manual_seed(7)
+    expected_next = torch.rand(3)
+    torch.manual_seed(7)
+    first, counts = verifier_pairs(model, tiny_tokenizer, conversations, p, CPU, seed=0)
+    torch.testing.assert_close(torch.rand(3), expected_next)  # the caller's stream is as it was
+    again, _ = verifier_pairs(model, tiny_tokenizer, conversations, p, CPU, seed=0)
+    assert again == first
+    # a random model never answers right: every pair has the reference solution chosen
+    assert counts == {"train_model": 0, "train_reference": 4, "train_solved": 0, "val_model": 0,
+                      "val_reference": 2, "val_solved": 0, "test_model": 0,
+                      "test_reference": 2, "test_solved": 0}  # fmt: skip
+    assert [pair.chosen for pair in first["train"]] == ["#### 1", "#### 2", "#### 3", "#### 4"]
+    assert all(pair.answer is not None and pair.rejected for pair in first["train"])
+    prompts = [c.prompt for c in conversations["train"]]
+    samples = sample_replies(model, tiny_tokenizer, prompts, p, CPU, seed=0)
+    assert [pair.rejected for pair in first["train"]] == [s[0] for s in samples]
+    other = sample_replies(model, tiny_tokenizer, prompts, p, CPU, seed=1)
+    assert other != samples and len(other) == 4 and all(len(s) == 3 for s in other)
+
+
+def test_verifier_models_are_scored_on_every_held_out_problem(
+    tiny_tokenizer, tmp_path: Path
+) -> None:
+    """A test problem the model solved in every sample made no pair; its answer still
+    counts, or dropping the easy problems would inflate the accuracy."""
+    import pandas as pd
+
+    from lmpipe.runs.config import EvaluateConfig
+    from lmpipe.tasks.sft import conversation_splits
+
+    settings = {"task": "preference", "dataset": "reasoning_gym", "max_len": 128,
+                "preference": {"pairs": "verifier"},
+                "reasoning_gym": {"train_size": 8, "val_size": 2, "test_size": 3}}  # fmt: skip
+    f = validate({"finetune": settings}).finetune
+    problems = conversation_splits(f)
+    model = talkative_model(tiny_tokenizer).eval()
+    paired = replace(opening_pairs(problems, None)["test"][0], rejected="#### 0")
+    examples = pref.encode_pairs(tiny_tokenizer, [paired], f.max_len)
+    splits = {
+        "train": [],
+        "val": [],
+        "test": reference_logps(model, examples, 2, tiny_tokenizer.pad_token_id, CPU),
+    }
+    task = Preference()
+    task._loss_config = f.preference
+    e = EvaluateConfig(max_new_tokens=4, batch_size=4)
+    frame = task.predict({"finetuned": model}, tiny_tokenizer, splits, f, e)
+    path = tmp_path / "predictions.csv"
+    frame.to_csv(path, index=False)
+    metrics = task.score(pd.read_csv(path, keep_default_na=False), ["finetuned"], splits)
+    assert metrics["sft_test_examples"] == 3 and metrics["preference_test_pairs"] == 1
+    assert {"finetuned_exact_match", "finetuned_exact_match_low", "most_frequent_exact_match",
+            "retrieval_exact_match", "finetuned_reward_accuracy"} <= set(metrics)  # fmt: skip
+
+
+def test_pairs_keep_their_answer_through_the_table() -> None:
+    pair = replace(problem("4"), rejected="#### 5", ref_chosen=-1.0, ref_rejected=-2.0)
+    back = pref.pairs_from_table(pref.pairs_table({"train": [pair], "val": [], "test": []}))
+    assert back["train"] == [pair]
+    old = pref.pairs_table({"train": [pair]}).drop(columns="answer")  # a table from before
+    assert pref.pairs_from_table(old)["train"][0].answer is None
+
+
 # --- config ------------------------------------------------------------------------------------
 
 
@@ -369,6 +497,11 @@ def test_prepared_pairs_are_cached_per_starting_model(
         ({"task": "preference", "preference": {"files": ["x.jsonl"]}},
          r"finetune\.preference\.pairs"),
         ({"task": "preference", "packing": True}, r"finetune\.packing"),
+        ({"task": "preference", "preference": {"pairs": "verifier"}},
+         r"finetune\.preference\.pairs.*finetune\.dataset=chatterbot"),
+        ({"task": "preference", "preference": {"samples": 0}}, r"finetune\.preference\.samples"),
+        ({"task": "preference", "preference": {"temperature": 0}},
+         r"finetune\.preference\.temperature"),
         ({"peft": {"method": "prefix"}}, r"finetune\.peft\.method"),
     ],
 )  # fmt: skip
@@ -476,3 +609,41 @@ def test_simpo_loss_and_rewards_equal_trls_cpo_simpo() -> None:
     ours = preference_losses(p, chosen, rejected, unused, unused, chosen_tokens, rejected_tokens)
     for got, want in zip(ours, expected, strict=True):
         torch.testing.assert_close(got, want)
+
+
+def test_verifier_pairs_are_cached_per_seed_and_sampling(tiny_tokenizer, tmp_path: Path) -> None:
+    from lmpipe.tasks.preference import _cache_path
+    from lmpipe.training.model import save_model
+
+    base = tmp_path / "base"
+    save_model(fresh_model(tiny_tokenizer), tiny_tokenizer, base)
+    f = validate({"finetune": {"task": "preference", "dataset": "reasoning_gym",
+                               "preference": {"pairs": "verifier"}}}).finetune  # fmt: skip
+    path = _cache_path(tmp_path, base, f, seed=0)
+    assert _cache_path(tmp_path, base, f, seed=1) != path
+    f.preference.temperature = 0.7
+    assert _cache_path(tmp_path, base, f, seed=0) != path
+    f.preference.temperature, f.reasoning_gym.test_size = 1.0, 7
+    assert _cache_path(tmp_path, base, f, seed=0) != path
+    f.reasoning_gym.test_size, f.preference.beta = 500, 0.5  # beta is not part of a pair
+    assert _cache_path(tmp_path, base, f, seed=0) == path
+    f.preference.pairs = "spin"  # spin draws nothing: the seed does not matter
+    assert _cache_path(tmp_path, base, f, seed=0) == _cache_path(tmp_path, base, f, seed=1)
+
+
+def test_the_sft_term_is_each_chosen_replys_own_mean_token_nll() -> None:
+    """Per pair (a pair weighs the same in any batch layout): DPO + w × (−log π(y_c) / |y_c|)."""
+    tokens = torch.tensor([1.0, 4.0, 10.0])
+    plain = PreferenceConfig(loss="sigmoid", beta=0.1)
+    mixed = PreferenceConfig(loss="sigmoid", beta=0.1, sft_weight=0.5)
+    args = (POLICY_CHOSEN, POLICY_REJECTED, REF_CHOSEN, REF_REJECTED, tokens, ONE_TOKEN)
+    dpo, chosen, rejected = preference_losses(plain, *args)
+    rpo, chosen_mixed, rejected_mixed = preference_losses(mixed, *args)
+    expected = dpo + 0.5 * torch.tensor([0.5 / 1, 10.0 / 4, 1.0 / 10])
+    torch.testing.assert_close(rpo, expected)
+    torch.testing.assert_close(chosen_mixed, chosen)  # the rewards do not change
+    torch.testing.assert_close(rejected_mixed, rejected)
+    simpo = PreferenceConfig(loss="simpo", beta=2.0, sft_weight=1.0)
+    base = preference_losses(PreferenceConfig(loss="simpo", beta=2.0), *args)[0]
+    torch.testing.assert_close(preference_losses(simpo, *args)[0],
+                               base + torch.tensor([0.5, 2.5, 0.1]))  # fmt: skip

@@ -43,11 +43,14 @@ class Pair:
     # the reference model's summed log-probs of each reply (filled in before training)
     ref_chosen: float | None = None
     ref_rejected: float | None = None
+    # the final answer a program checks replies against (verifiable tasks); None: none
+    answer: str | None = None
 
     @property
     def conversation(self) -> Conversation:
         """The prompt answered by the chosen reply (what SFT would train on)."""
-        return Conversation(self.id, [*self.prompt, {"role": "assistant", "content": self.chosen}])
+        return Conversation(self.id, [*self.prompt, {"role": "assistant", "content": self.chosen}],
+                            self.answer)  # fmt: skip
 
 
 class PreferenceDataError(ValueError):
@@ -237,13 +240,23 @@ def collate_pairs(
 
 # --- the pairs table (outputs/finetune/pairs.parquet) ---------------------------------------
 
-PAIR_COLUMNS = ["id", "split", "prompt", "chosen", "rejected", "ref_chosen", "ref_rejected"]
+PAIR_COLUMNS = [
+    "id",
+    "split",
+    "prompt",
+    "chosen",
+    "rejected",
+    "ref_chosen",
+    "ref_rejected",
+    "answer",
+]
 
 
 def pairs_table(splits: dict[str, Sequence[Pair]]) -> pd.DataFrame:
     rows = [
         {"id": p.id, "split": split, "prompt": json.dumps(p.prompt), "chosen": p.chosen,
-         "rejected": p.rejected, "ref_chosen": p.ref_chosen, "ref_rejected": p.ref_rejected}
+         "rejected": p.rejected, "ref_chosen": p.ref_chosen, "ref_rejected": p.ref_rejected,
+         "answer": p.answer}
         for split, pairs in splits.items() for p in pairs
     ]  # fmt: skip
     return pd.DataFrame(rows, columns=PAIR_COLUMNS)
@@ -251,8 +264,10 @@ def pairs_table(splits: dict[str, Sequence[Pair]]) -> pd.DataFrame:
 
 def pairs_from_table(table: pd.DataFrame) -> dict[str, list[Pair]]:
     splits: dict[str, list[Pair]] = {"train": [], "val": [], "test": []}
+    has_answers = "answer" in table  # tables written before answers were kept have none
     for row in table.itertuples(index=False):
-        pair = Pair(row.id, json.loads(row.prompt), row.chosen, row.rejected)
+        answer = row.answer if has_answers and isinstance(row.answer, str) else None
+        pair = Pair(row.id, json.loads(row.prompt), row.chosen, row.rejected, answer=answer)
         if pd.notna(row.ref_chosen):
             pair = replace(pair, ref_chosen=float(row.ref_chosen),
                            ref_rejected=float(row.ref_rejected))  # fmt: skip

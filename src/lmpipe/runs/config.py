@@ -300,14 +300,20 @@ class PreferenceConfig:
     beta: float = 0.1  # strength of the reference (DPO's beta, IPO's tau); simpo: reward scale
     label_smoothing: float = 0.0  # robust: the share of pairs assumed flipped, in [0, 0.5)
     simpo_gamma: float = 0.5  # simpo: the target reward margin
-    # Where pairs come from: spin (the chatterbot conversations: chosen = the human reply,
-    # rejected = the starting model's own greedy reply) or files (.jsonl records with
-    # prompt/chosen/rejected, as strings or chat messages).
+    # Weight of the chosen reply's mean token NLL added to each pair's loss (RPO; 0: none).
+    sft_weight: float = 0.0
+    # Where pairs come from: spin (finetune.dataset's conversations: chosen = the reference
+    # reply, rejected = the starting model's own greedy reply), verifier (checkable answers:
+    # `samples` replies of the starting model at `temperature`, judged by the answer
+    # checker; chosen = a correct one, else the reference solution, rejected = a wrong one)
+    # or files (.jsonl records with prompt/chosen/rejected, as strings or chat messages).
     pairs: str = "spin"
     files: list[str] = field(default_factory=list)  # pairs=files: paths or globs
     max_pairs: int | None = None  # training pairs kept (a stable hash order); null: all
-    max_new_tokens: int = 48  # spin: length of the model's own replies
-    batch_size: int = 16  # spin generation and reference log-prob batches
+    max_new_tokens: int = 48  # spin, verifier: length of the model's own replies
+    batch_size: int = 16  # generation and reference log-prob batches
+    samples: int = 4  # verifier: replies sampled per prompt
+    temperature: float = 1.0  # verifier: sampling temperature
     # Supervised fine-tuning first: this many SFT steps (on finetune.dataset, with this lr
     # and the rest of finetune.*) make the starting model and reference; 0: none.
     sft_steps: int = 0
@@ -517,7 +523,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "clean.normalize": (None, "NFC", "NFKC", "NFD", "NFKD"),
     "finetune.task": ("sft", "classify", "preference"),
     "finetune.preference.loss": PREFERENCE_LOSSES,
-    "finetune.preference.pairs": ("spin", "files"),
+    "finetune.preference.pairs": ("spin", "verifier", "files"),
     "finetune.dataset": ("chatterbot", "reasoning_gym", "trec", "wordnet"),
     "finetune.reasoning_gym.generator": ("chain_sum", "basic_arithmetic", "gsm_symbolic"),
     "hardware.device": ("cpu", "cuda", "auto"),
@@ -537,8 +543,12 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
 TASK_DATASETS: dict[str, tuple[str, ...]] = {
     "sft": ("chatterbot", "reasoning_gym"),
     "classify": ("trec", "wordnet"),
-    "preference": ("chatterbot",),
+    "preference": ("chatterbot", "reasoning_gym"),
 }
+
+
+# Datasets whose replies end in an answer a program can check (lmpipe.evaluation.answers).
+VERIFIABLE_DATASETS: tuple[str, ...] = ("reasoning_gym",)
 
 
 # Numeric keys with a valid range: key -> (check, the rule in words).
@@ -611,6 +621,9 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "finetune.preference.max_pairs": (lambda v: v >= 1, ">= 1"),
     "finetune.preference.max_new_tokens": (lambda v: v >= 1, ">= 1"),
     "finetune.preference.batch_size": (lambda v: v >= 1, ">= 1"),
+    "finetune.preference.samples": (lambda v: v >= 1, ">= 1"),
+    "finetune.preference.sft_weight": (lambda v: v >= 0, ">= 0"),
+    "finetune.preference.temperature": (lambda v: v > 0, "> 0"),
     "finetune.preference.sft_steps": (lambda v: v >= 0, ">= 0"),
     "finetune.preference.sft_lr": (lambda v: v > 0, "> 0"),
 }
@@ -720,9 +733,13 @@ def _validate_preference(f: DictConfig) -> None:
         return
     if p.pairs == "files" and not p.files:
         raise ConfigError(f"'{key}.pairs' is files but '{key}.files' lists none")
-    if p.pairs == "spin" and p.files:
-        raise ConfigError(f"'{key}.files' is set but '{key}.pairs' is spin: set "
+    if p.pairs != "files" and p.files:
+        raise ConfigError(f"'{key}.files' is set but '{key}.pairs' is {p.pairs}: set "
                           f"{key}.pairs=files to train on them")  # fmt: skip
+    if p.pairs == "verifier" and f.dataset not in VERIFIABLE_DATASETS:
+        raise ConfigError(f"'{key}.pairs' is verifier, which needs answers a program can "
+                          f"check: finetune.dataset={f.dataset} has none (allowed: "
+                          f"{VERIFIABLE_DATASETS})")  # fmt: skip
     if f.packing:
         raise ConfigError("finetune.packing: preference pairs are not packed (a pair's two "
                           "replies share a micro-batch); set finetune.packing=false")  # fmt: skip

@@ -187,9 +187,11 @@ class FinetuningTask(Objective):
         cache_dir: Path,
         env: DistEnv,
         precision: str = "fp32",
+        seed: int = 0,
     ) -> pd.DataFrame | None:
         """Data the task derives from the starting model `base` before training (cached
-        under `cache_dir`), as the table finetune saves; None: the task needs none."""
+        under `cache_dir`; `seed` draws any sampling), as the table finetune saves; None: the
+        task needs none."""
         return None
 
     def held_out(self, f: FinetuneConfig, finetune_dir: Path) -> dict[str, list]:

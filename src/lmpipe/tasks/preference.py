@@ -8,15 +8,21 @@ Losses (`finetune.preference.loss`), with Δ = (log π(y_c) − log π_ref(y_c))
   ipo      IPO: (Δ̄ − 1/(2β))², Δ̄ from per-token averages (TRL's normalisation)
   robust   rDPO: (−(1−ε) log σ(βΔ) + ε log σ(−βΔ)) / (1 − 2ε), ε = label_smoothing
   simpo    SimPO, reference-free: −log σ(β(ā_c − ā_r) − γ), ā = mean token log-prob
+each plus `sft_weight` × the chosen reply's mean token NLL (RPO) where that is set.
 The reference is the starting model, frozen: its log-probs are computed once, before
 training, and cached with the pairs (so LoRA needs no second model and no adapter
 switching). Log-probs are fp32. A pair's two replies share a micro-batch, and the loop
 weighs every pair the same across accumulation and processes (target = pair).
 
-Pairs (`finetune.preference.pairs`): `spin` builds them from the chatterbot conversations
-as SPIN does, chosen = the human reply, rejected = the starting model's own greedy reply;
-`files` reads users' .jsonl (lmpipe.data.preference). Either way the table, with the
-reference's log-probs, is cached per starting model and written to pairs.parquet.
+Pairs (`finetune.preference.pairs`): `spin` builds them from finetune.dataset's
+conversations as SPIN does, chosen = the reference reply, rejected = the starting model's own
+greedy reply; `verifier` (checkable answers) samples the starting model's replies and lets
+the answer checker judge them, chosen = a correct reply of the model's own (the reference
+solution where none is), rejected = a wrong one; `files` reads users' .jsonl
+(lmpipe.data.preference). Either way the table, with the reference's log-probs, is cached
+per starting model and written to pairs.parquet. Held out, spin and verifier models are
+scored on every held-out problem of the dataset (answer accuracy where answers are
+checkable), not only on those that made a pair.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections import Counter
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import replace
 from functools import partial
@@ -39,16 +46,22 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from lmpipe.data import preference as pref
 from lmpipe.data import sft
 from lmpipe.data.batches import ordered_examples, shuffled_examples
+from lmpipe.evaluation.answers import is_correct
 from lmpipe.evaluation.lm_metrics import eval_mode, next_token_losses
 from lmpipe.evaluation.plots import preference_figure
 from lmpipe.evaluation.scoring import generate_replies
 from lmpipe.runs import atomic
-from lmpipe.runs.config import EvaluateConfig, FinetuneConfig, PreferenceConfig
+from lmpipe.runs.config import (
+    VERIFIABLE_DATASETS,
+    EvaluateConfig,
+    FinetuneConfig,
+    PreferenceConfig,
+)
 from lmpipe.runs.processes import DistEnv
 from lmpipe.selection.candidates import Candidate
 from lmpipe.selection.scoring import directory_digest
 from lmpipe.tasks.base import FinetuningTask, Objective, Report, TrainingSetup, chosen
-from lmpipe.tasks.sft import SFT, selection_candidate
+from lmpipe.tasks.sft import SFT, conversation_splits, selection_candidate
 from lmpipe.training import distributed
 from lmpipe.training.loop import autocast
 from lmpipe.training.model import load_model, model_device
@@ -60,7 +73,7 @@ log = logging.getLogger(__name__)
 CACHE_DIR = "finetune/pairs-cache"
 PAIRS_FILE = "pairs.parquet"
 # Bump when what a cached table holds changes meaning.
-PAIRS_VERSION = 1
+PAIRS_VERSION = 2  # 2: pairs keep their checkable answer
 
 
 # --- the losses ----------------------------------------------------------------------------
@@ -99,10 +112,29 @@ def preference_losses(
         chosen_mean = chosen_logps / chosen_tokens.clamp(min=1)
         rejected_mean = rejected_logps / rejected_tokens.clamp(min=1)
         losses = -F.logsigmoid(beta * (chosen_mean - rejected_mean) - p.simpo_gamma)
-        return losses, beta * chosen_mean.detach(), beta * rejected_mean.detach()
+        return (with_sft_term(losses, p, chosen_logps, chosen_tokens),
+                beta * chosen_mean.detach(), beta * rejected_mean.detach())  # fmt: skip
     else:
         raise ValueError(f"invalid value for 'finetune.preference.loss': {p.loss!r}")
-    return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+    return (with_sft_term(losses, p, chosen_logps, chosen_tokens),
+            beta * chosen_ratio.detach(), beta * rejected_ratio.detach())  # fmt: skip
+
+
+def with_sft_term(
+    losses: torch.Tensor,
+    p: PreferenceConfig | DictConfig,
+    chosen_logps: torch.Tensor,
+    chosen_tokens: torch.Tensor,
+) -> torch.Tensor:
+    """The pair losses plus `p.sft_weight` × the chosen reply's mean token NLL (RPO, as in
+    Pang et al. 2024's iterative reasoning preference optimisation; TRL: loss_type
+    ["sigmoid", "sft"]). It keeps the chosen replies likely: without it DPO may lower both
+    replies' log-probs as long as their gap grows. Per pair, so that a pair weighs the same
+    in any batch layout (TRL averages the NLL over the micro-batch's tokens: the same when
+    the chosen replies are equally long)."""
+    if not p.sft_weight:
+        return losses
+    return losses + p.sft_weight * (-chosen_logps / chosen_tokens.clamp(min=1))
 
 
 def reply_logps(
@@ -252,12 +284,7 @@ def spin_pairs(
     """SPIN's pairs from each conversation's opening exchange: chosen = the human reply,
     rejected = the model's greedy reply of at least one token (each distinct prompt answered
     once)."""
-    splits = {
-        split: [pref.Pair(c.id, c.messages[:1], c.messages[1]["content"].strip(), "")
-                for c in items]
-        for split, items in conversations.items()
-    }  # fmt: skip
-    splits["train"] = pref.stable_sample(splits["train"], p.max_pairs)
+    splits = opening_pairs(conversations, p.max_pairs)
     prompts = sorted({pair.prompt[0]["content"] for pairs in splits.values() for pair in pairs})
     log.info("preference: the starting model answers %d distinct prompts (greedy, %d tokens)",
              len(prompts), p.max_new_tokens)  # fmt: skip
@@ -276,19 +303,133 @@ def spin_pairs(
     return result
 
 
-def _cache_path(cache_dir: Path, base: Path, f: FinetuneConfig | DictConfig) -> Path:
+def opening_pairs(
+    conversations: Mapping[str, Sequence[sft.Conversation]], max_pairs: int | None
+) -> dict[str, list[pref.Pair]]:
+    """Each conversation's opening exchange as a pair with its reference reply chosen and
+    no rejected reply yet; at most `max_pairs` training ones (a stable hash sample)."""
+    splits = {
+        split: [pref.Pair(c.id, c.messages[:1], c.messages[1]["content"].strip(), "",
+                          answer=c.answer) for c in items]
+        for split, items in conversations.items()
+    }  # fmt: skip
+    splits["train"] = pref.stable_sample(splits["train"], max_pairs)
+    return splits
+
+
+def judge_samples(pair: pref.Pair, replies: Sequence[str]) -> tuple[pref.Pair | None, str]:
+    """The pair the answer checker makes of a prompt's sampled replies, and where its chosen
+    reply came from: `model` (the first correct sample), `reference` (no sample is correct:
+    the reference solution) or `solved` (no sample is wrong: no pair, None). Empty replies
+    are no reply to prefer another to, and are skipped."""
+    if pair.answer is None:
+        raise ValueError(f"preference pair {pair.id}: no answer to check replies against")
+    replies = [r for r in replies if r]
+    correct = [r for r in replies if is_correct(r, pair.answer)]
+    wrong = [r for r in replies if not is_correct(r, pair.answer)]
+    if not wrong:
+        return None, "solved"
+    if correct:
+        return replace(pair, chosen=correct[0], rejected=wrong[0]), "model"
+    return replace(pair, rejected=wrong[0]), "reference"
+
+
+def sample_replies(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    p: PreferenceConfig | DictConfig,
+    device: torch.device,
+    seed: int,
+) -> list[list[str]]:
+    """`p.samples` replies per prompt at `p.temperature`, the same ones for the same seed
+    (a private generator state: the caller's random stream is left as it was)."""
+    repeated = [prompt for prompt in prompts for _ in range(p.samples)]
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        replies = generate_replies(model, tokenizer, repeated, p.max_new_tokens, do_sample=True,
+                                   temperature=p.temperature, device=device, min_new_tokens=1,
+                                   batch_size=p.batch_size)  # fmt: skip
+    return [replies[i : i + p.samples] for i in range(0, len(replies), p.samples)]
+
+
+def verifier_pairs(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    conversations: Mapping[str, Sequence[sft.Conversation]],
+    p: PreferenceConfig | DictConfig,
+    device: torch.device,
+    seed: int,
+) -> tuple[dict[str, list[pref.Pair]], dict[str, int]]:
+    """Pairs from the model's own sampled replies, judged by the answer checker
+    (`judge_samples`), in every split; and per split how many prompts gave each outcome
+    (`<split>_model`, `<split>_reference`, `<split>_solved`)."""
+    result: dict[str, list[pref.Pair]] = {}
+    counts: dict[str, int] = {}
+    for split, pairs in opening_pairs(conversations, p.max_pairs).items():
+        log.info("preference: %d replies to each of %d %s prompts (temperature %g, %d tokens)",
+                 p.samples, len(pairs), split, p.temperature, p.max_new_tokens)  # fmt: skip
+        samples = sample_replies(model, tokenizer, [q.prompt[0]["content"] for q in pairs], p,
+                                 device, seed)  # fmt: skip
+        outcomes = Counter[str]()
+        result[split] = []
+        for pair, replies in zip(pairs, samples, strict=True):
+            judged, outcome = judge_samples(pair, replies)
+            outcomes[outcome] += 1
+            if judged is not None:
+                result[split].append(judged)
+        counts |= {f"{split}_{o}": outcomes[o] for o in ("model", "reference", "solved")}
+        log.info("preference: %s: %d pairs with the model's own correct reply chosen, %d with "
+                 "the reference solution, %d prompts answered right in every sample (no pair)",
+                 split, outcomes["model"], outcomes["reference"], outcomes["solved"])  # fmt: skip
+    return result, counts
+
+
+def _cache_path(
+    cache_dir: Path, base: Path, f: FinetuneConfig | DictConfig, seed: int
+) -> Path:  # fmt: skip
     """The cached pairs of one starting model and one way of building them."""
     p = f.preference
     files = []
     if p.pairs == "files":
         files = [hashlib.md5(path.read_bytes()).hexdigest()
                  for path in pref.expand_paths(p.files)]  # fmt: skip
-    key = {"version": PAIRS_VERSION, "pairs": p.pairs, "files": files,
-           "max_pairs": p.max_pairs, "max_new_tokens": p.max_new_tokens, "max_len": f.max_len,
-           "language": f.language, "val_fraction": f.val_fraction,
-           "test_fraction": f.test_fraction}  # fmt: skip
+    key = {
+        "version": PAIRS_VERSION,
+        "pairs": p.pairs,
+        "files": files,
+        "max_pairs": p.max_pairs,
+        "max_new_tokens": p.max_new_tokens,
+        "max_len": f.max_len,
+    }
+    if p.pairs != "files":  # the conversations the pairs are built from
+        key |= {
+            "dataset": f.dataset,
+            "language": f.language,
+            "val_fraction": f.val_fraction,
+            "test_fraction": f.test_fraction,
+        }
+        if f.dataset == "reasoning_gym":
+            key["reasoning_gym"] = OmegaConf.to_container(OmegaConf.structured(f.reasoning_gym))
+    else:
+        key |= {"val_fraction": f.val_fraction, "test_fraction": f.test_fraction}
+    if p.pairs == "verifier":
+        key |= {"samples": p.samples, "temperature": p.temperature, "seed": seed}
     digest = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=6).hexdigest()
     return cache_dir / f"{directory_digest(base)}-{digest}.parquet"
+
+
+def held_out_conversations(
+    f: FinetuneConfig | DictConfig, pairs: Mapping[str, Sequence[pref.Pair]]
+) -> dict[str, list[sft.Conversation]]:
+    """What SFT's metrics score: with checkable answers, every problem of finetune.dataset
+    when the pairs were built from it (spin, verifier), also those that made no pair, so
+    that dropping the problems the model always solves cannot inflate its accuracy; else
+    the pairs' prompts with their chosen replies."""
+    if f.preference.pairs != "files" and f.dataset in VERIFIABLE_DATASETS:
+        return conversation_splits(f)
+    return {name: [p.conversation for p in items] for name, items in pairs.items()}
 
 
 class Preference(SFT):
@@ -334,12 +475,14 @@ class Preference(SFT):
         cache_dir: Path,
         env: DistEnv,
         precision: str = "fp32",
+        seed: int = 0,
     ) -> pd.DataFrame:
         """Build (or read from the cache) the pairs with the reference's log-probs of the
-        starting model `base`; returns the table for pairs.parquet."""
-        path = _cache_path(cache_dir, base, f)
+        starting model `base`; returns the table for pairs.parquet. `seed` draws the
+        verifier's samples."""
+        path = _cache_path(cache_dir, base, f, seed)
         if env.is_main and not path.is_file():
-            table = pref.pairs_table(self._build(f, base, tokenizer, device, precision))
+            table = pref.pairs_table(self._build(f, base, tokenizer, device, precision, seed))
             atomic.write_file(path, lambda tmp: table.to_parquet(tmp, index=False))
         elif env.is_main:
             log.info("preference: pairs and reference log-probs from the cache %s", path)
@@ -357,6 +500,7 @@ class Preference(SFT):
         tokenizer: PreTrainedTokenizerBase,
         device: torch.device,
         precision: str,
+        seed: int,
     ) -> dict[str, list[pref.Pair]]:
         p = f.preference
         model = load_model(base).to(device)
@@ -366,6 +510,8 @@ class Preference(SFT):
             splits["train"] = pref.stable_sample(splits["train"], p.max_pairs)
             log.info("preference: %d pairs read, %d bad records skipped", len(pairs),
                      sum(bad.values()))  # fmt: skip
+        elif p.pairs == "verifier":
+            splits, _ = verifier_pairs(model, tokenizer, SFT.splits(self, f), p, device, seed)
         else:
             splits = spin_pairs(model, tokenizer, SFT.splits(self, f), p, device)
         filled = {}
@@ -435,15 +581,19 @@ class Preference(SFT):
         """SFT's table on the held-out pairs' prompts and chosen replies (response loss,
         greedy replies, the retrieval baseline), plus each model's log-probs of both replies
         of every pair beside the reference's."""
-        conversations = {name: [p.conversation for p in pairs] for name, pairs in splits.items()}
-        frame = super().predict(models, tokenizer, conversations, f, e)
+        frame = super().predict(models, tokenizer, held_out_conversations(f, splits), f, e)
         by_id = {p.id: p for p in splits["test"]}
-        examples = pref.encode_pairs(tokenizer, [by_id[i] for i in frame["id"]], f.max_len)
+        paired = [by_id[i] for i in frame["id"] if i in by_id]
+        examples = pref.encode_pairs(tokenizer, paired, f.max_len)
         index = {ex.pair.id: row for row, ex in enumerate(examples)}
         rows = [index.get(i) for i in frame["id"]]
-        frame["rejected"] = [by_id[i].rejected for i in frame["id"]]
-        frame["ref_chosen_logp"] = [by_id[i].ref_chosen for i in frame["id"]]
-        frame["ref_rejected_logp"] = [by_id[i].ref_rejected for i in frame["id"]]
+        # A held-out problem without a pair (the model solved it in every sample) is scored
+        # like any other; its pair cells stay empty.
+        frame["rejected"] = [by_id[i].rejected if i in by_id else None for i in frame["id"]]
+        frame["ref_chosen_logp"] = [by_id[i].ref_chosen if i in by_id else None
+                                    for i in frame["id"]]  # fmt: skip
+        frame["ref_rejected_logp"] = [by_id[i].ref_rejected if i in by_id else None
+                                      for i in frame["id"]]  # fmt: skip
         collate = partial(pref.collate_pairs, pad_id=tokenizer.pad_token_id, with_reference=False)
         for label, model in models.items():
             columns = {"chosen_logp": [], "rejected_logp": [], "chosen_tokens": [],

@@ -158,8 +158,9 @@ class SFT(NextTokenLoss, FinetuningTask):
     ) -> pd.DataFrame:
         """Per test conversation: each model's summed response loss and, for the first
         `e.num_generations` (all by default), its greedy reply to the opening prompt beside
-        the retrieval baseline's (the reply to the most similar training prompt). Each model
-        runs on the device it is on (an int8 variant on the CPU beside a model on a GPU)."""
+        the retrieval baseline's (the reply to the most similar training prompt) and, with
+        checkable answers, the most frequent training answer. Each model runs on the device
+        it is on (an int8 variant on the CPU beside a model on a GPU)."""
         test = splits["test"]
         pairs = [(c, sft.encode_conversation(tokenizer, c.messages, f.max_len)) for c in test]
         pairs = [(c, ex) for c, ex in pairs if ex is not None]
@@ -194,6 +195,8 @@ class SFT(NextTokenLoss, FinetuningTask):
         replies_to = [c.messages[1]["content"] for c in train]
         retrieved = retrieval_replies([c.prompt for c in train], replies_to, prompts)
         frame[f"{RETRIEVAL}_reply"] = retrieved + [""] * (len(frame) - len(retrieved))
+        if "answer" in frame:
+            frame[f"{MOST_FREQUENT}_reply"] = most_frequent_answer(train)
         return frame
 
     def score(
@@ -212,7 +215,7 @@ class SFT(NextTokenLoss, FinetuningTask):
             metrics[f"{label}_sft_test_loss"] = loss
             metrics[f"{label}_sft_test_perplexity"] = perplexity(loss)
         if "answer" in frame:
-            most_frequent = most_frequent_answer(splits["train"])
+            most_frequent = str(frame[f"{MOST_FREQUENT}_reply"].iloc[0])
             return metrics | exact_match_scores(answered, [*models, RETRIEVAL], most_frequent)
         # The held-out split repeats conversations (121 of chatterbot's 194 test prompts are
         # one prompt): *_distinct scores each distinct prompt once, its first reply against

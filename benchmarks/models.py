@@ -1,0 +1,39 @@
+"""What the fine-tuning benchmarks share: the config they compose and the base models they
+start from (the demo's pretrained model, or SmolLM2-135M-Instruct saved once as a
+transformers directory under benchmarks/.data)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from lmpipe.data.tokenizer import base_tokenizer
+from lmpipe.runs.config import validate
+from lmpipe.training.model import load_base, save_model
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "benchmarks" / ".data"
+
+
+def config(overrides: list[str]) -> DictConfig:
+    """conf/ composed with `overrides` and checked against the schema."""
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return validate(compose("config", overrides))
+
+
+def base_model(name: str, cfg: DictConfig) -> Path:
+    """The starting model as a transformers directory: `tiny` is the demo's pretrained model
+    (outputs/pretrain/model), any other name `cfg.model.init_from`, saved once."""
+    if name == "tiny":
+        path = ROOT / "outputs" / "pretrain" / "model"
+        if not path.is_dir():
+            sys.exit("no outputs/pretrain/model: run `make demo` first")
+        return path
+    path = DATA / cfg.model.init_from
+    if not (path / "model.safetensors").is_file():
+        tokenizer = base_tokenizer(cfg.model.init_from)
+        save_model(load_base(cfg.model.init_from), tokenizer, path)
+    return path
