@@ -109,7 +109,7 @@ def scores(cfg: DictConfig, models: dict[str, Path]) -> tuple[dict, dict]:
     return table, hits
 
 
-def run(name: str, extra: list[str]) -> dict:
+def run(name: str, extra: list[str], plain_dpo: bool = True) -> dict:
     cfg = config([*MODELS[name], "evaluate.num_generations=null", *extra])
     f = cfg.finetune
     base = base_model(name, cfg)
@@ -130,7 +130,7 @@ def run(name: str, extra: list[str]) -> dict:
     start = paths[f"sft-{s}"]
     # DPO as configured, and (when it has an SFT term) plain DPO beside it.
     weights = {"rpo" if f.preference.sft_weight else "dpo": f.preference.sft_weight}
-    if f.preference.sft_weight:
+    if f.preference.sft_weight and plain_dpo:
         weights["dpo"] = 0.0
     for method, weight in weights.items():
         one = preference_round(f, d, weight)
@@ -155,6 +155,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="tiny", help="comma-separated: tiny, smollm2")
     parser.add_argument("--out", type=Path, default=DATA / "verifier_preference.json")
+    parser.add_argument(
+        "--skip-plain-dpo",
+        action="store_true",
+        help="with an SFT term configured, do not also run DPO without it",
+    )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every model")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -162,7 +167,7 @@ def main() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     report: dict = {"date": time.strftime("%Y-%m-%d"), "models": {}}
     for name in args.models.split(","):
-        report["models"][name] = run(name, args.overrides)
+        report["models"][name] = run(name, args.overrides, not args.skip_plain_dpo)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2))
     for name, entry in report["models"].items():

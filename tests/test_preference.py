@@ -647,3 +647,12 @@ def test_the_sft_term_is_each_chosen_replys_own_mean_token_nll() -> None:
     base = preference_losses(PreferenceConfig(loss="simpo", beta=2.0), *args)[0]
     torch.testing.assert_close(preference_losses(simpo, *args)[0],
                                base + torch.tensor([0.5, 2.5, 0.1]))  # fmt: skip
+
+
+def test_held_out_pairs_are_capped_per_split_by_a_stable_sample() -> None:
+    conversations = {"train": arithmetic(6), "val": arithmetic(5), "test": arithmetic(7)}
+    splits = opening_pairs(conversations, max_pairs=4, max_held_out_pairs=3)
+    assert [len(splits[s]) for s in ("train", "val", "test")] == [4, 3, 3]
+    assert opening_pairs(conversations, 4, 3) == splits  # the same ones every time
+    assert [len(v) for v in opening_pairs(conversations, None).values()] == [6, 5, 7]
+    assert {p.id for p in splits["test"]} <= {c.id for c in conversations["test"]}

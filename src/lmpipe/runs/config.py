@@ -310,6 +310,9 @@ class PreferenceConfig:
     pairs: str = "spin"
     files: list[str] = field(default_factory=list)  # pairs=files: paths or globs
     max_pairs: int | None = None  # training pairs kept (a stable hash order); null: all
+    # spin, verifier: val and test pairs built per split (answer accuracy is still scored on
+    # every held-out problem); null: all. Their replies are costly to sample on a CPU.
+    max_held_out_pairs: int | None = None
     max_new_tokens: int = 48  # spin, verifier: length of the model's own replies
     batch_size: int = 16  # generation and reference log-prob batches
     samples: int = 4  # verifier: replies sampled per prompt
@@ -619,6 +622,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "finetune.preference.beta": (lambda v: v > 0, "> 0"),
     "finetune.preference.label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
     "finetune.preference.max_pairs": (lambda v: v >= 1, ">= 1"),
+    "finetune.preference.max_held_out_pairs": (lambda v: v >= 1, ">= 1"),
     "finetune.preference.max_new_tokens": (lambda v: v >= 1, ">= 1"),
     "finetune.preference.batch_size": (lambda v: v >= 1, ">= 1"),
     "finetune.preference.samples": (lambda v: v >= 1, ">= 1"),

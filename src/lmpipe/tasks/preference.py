@@ -284,7 +284,7 @@ def spin_pairs(
     """SPIN's pairs from each conversation's opening exchange: chosen = the human reply,
     rejected = the model's greedy reply of at least one token (each distinct prompt answered
     once)."""
-    splits = opening_pairs(conversations, p.max_pairs)
+    splits = opening_pairs(conversations, p.max_pairs, p.max_held_out_pairs)
     prompts = sorted({pair.prompt[0]["content"] for pairs in splits.values() for pair in pairs})
     log.info("preference: the starting model answers %d distinct prompts (greedy, %d tokens)",
              len(prompts), p.max_new_tokens)  # fmt: skip
@@ -304,17 +304,22 @@ def spin_pairs(
 
 
 def opening_pairs(
-    conversations: Mapping[str, Sequence[sft.Conversation]], max_pairs: int | None
+    conversations: Mapping[str, Sequence[sft.Conversation]],
+    max_pairs: int | None,
+    max_held_out_pairs: int | None = None,
 ) -> dict[str, list[pref.Pair]]:
     """Each conversation's opening exchange as a pair with its reference reply chosen and
-    no rejected reply yet; at most `max_pairs` training ones (a stable hash sample)."""
+    no rejected reply yet; at most `max_pairs` training ones and `max_held_out_pairs` per
+    held-out split (stable hash samples)."""
     splits = {
         split: [pref.Pair(c.id, c.messages[:1], c.messages[1]["content"].strip(), "",
                           answer=c.answer) for c in items]
         for split, items in conversations.items()
     }  # fmt: skip
-    splits["train"] = pref.stable_sample(splits["train"], max_pairs)
-    return splits
+    return {
+        split: pref.stable_sample(pairs, max_pairs if split == "train" else max_held_out_pairs)
+        for split, pairs in splits.items()
+    }
 
 
 def judge_samples(pair: pref.Pair, replies: Sequence[str]) -> tuple[pref.Pair | None, str]:
@@ -367,7 +372,7 @@ def verifier_pairs(
     (`<split>_model`, `<split>_reference`, `<split>_solved`)."""
     result: dict[str, list[pref.Pair]] = {}
     counts: dict[str, int] = {}
-    for split, pairs in opening_pairs(conversations, p.max_pairs).items():
+    for split, pairs in opening_pairs(conversations, p.max_pairs, p.max_held_out_pairs).items():
         log.info("preference: %d replies to each of %d %s prompts (temperature %g, %d tokens)",
                  p.samples, len(pairs), split, p.temperature, p.max_new_tokens)  # fmt: skip
         samples = sample_replies(model, tokenizer, [q.prompt[0]["content"] for q in pairs], p,
@@ -400,6 +405,7 @@ def _cache_path(
         "pairs": p.pairs,
         "files": files,
         "max_pairs": p.max_pairs,
+        "max_held_out_pairs": p.max_held_out_pairs,
         "max_new_tokens": p.max_new_tokens,
         "max_len": f.max_len,
     }
