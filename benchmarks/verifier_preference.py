@@ -13,9 +13,9 @@ On the verifiable task of `finetune=verifier` (chain sums with worked replies), 
                   added (RPO; when the config sets it)
 
 Each is scored by exact match of the final answer on every held-out test problem, with its
-95% bootstrap interval and the paired bootstrap interval of its difference from the
-control, beside the most frequent training answer and retrieval (the answer of the most
-similar training question).
+95% bootstrap interval and the paired bootstrap intervals of its difference from the
+control and (preference arms) from sft-S, beside the most frequent training answer and
+retrieval (the answer of the most similar training question).
 
     python benchmarks/verifier_preference.py --models tiny      # after make demo
     python benchmarks/verifier_preference.py --models smollm2   # SmolLM2-135M-Instruct, LoRA
@@ -140,14 +140,18 @@ def run(name: str, extra: list[str], plain_dpo: bool = True) -> dict:
         paths[f"{method} x2"], second_seconds = trained(half, cfg, first, home, preference)
         seconds[f"{method} x2"] = first_seconds + second_seconds
     table, hits = scores(cfg, paths)
-    control = hits[label]
+    # Paired differences on the same problems: from SFT alone for the same steps (the
+    # control) and, for the preference arms, from the model they started from.
+    against = {"vs_control": hits[label], "vs_start": hits[f"sft-{s}"]}
     for arm, row in table.items():
-        if arm in hits and arm != label:
-            diff = float(hits[arm].mean() - control.mean())
-            low, high = paired_difference_interval(hits[arm], control)
-            row |= {"vs_control": diff, "vs_control_low": low, "vs_control_high": high}
+        for name, other in against.items():
+            if arm not in hits or arm == label or (name == "vs_start" and "x" not in arm):
+                continue
+            low, high = paired_difference_interval(hits[arm], other)
+            row |= {name: float(hits[arm].mean() - other.mean()), f"{name}_low": low,
+                    f"{name}_high": high}  # fmt: skip
         row["seconds"] = seconds.get(arm)
-    return {"sft_steps": s, "preference_steps": d, "test_problems": len(control),
+    return {"sft_steps": s, "preference_steps": d, "test_problems": len(hits[label]),
             "config": OmegaConf.to_container(f, resolve=True), "arms": table}  # fmt: skip
 
 
@@ -173,14 +177,20 @@ def main() -> None:
     for name, entry in report["models"].items():
         print(f"\n## {name}: {entry['sft_steps']} SFT steps, then {entry['preference_steps']} "
               f"preference steps; {entry['test_problems']} test problems")  # fmt: skip
-        print("| arm | exact match [95% CI] | minus the control [95% CI] | CPU s |")
-        print("|---|---|---|---|")
+        print("| arm | exact match [95% CI] | minus the control [95% CI] | minus its start "
+              "[95% CI] | CPU s |")  # fmt: skip
+        print("|---|---|---|---|---|")
         for arm, row in entry["arms"].items():
-            diff = (f"{row['vs_control']:+.3f} [{row['vs_control_low']:+.3f}, "
-                    f"{row['vs_control_high']:+.3f}]" if "vs_control" in row else "")  # fmt: skip
+            control, start = (difference(row, name) for name in ("vs_control", "vs_start"))
             secs = "" if row["seconds"] is None else f"{row['seconds']:.0f}"
-            print(f"| {arm} | {row['']:.3f} [{row['_low']:.3f}, {row['_high']:.3f}] | {diff} "
-                  f"| {secs} |")  # fmt: skip
+            print(f"| {arm} | {row['']:.3f} [{row['_low']:.3f}, {row['_high']:.3f}] | {control} "
+                  f"| {start} | {secs} |")  # fmt: skip
+
+
+def difference(row: dict, name: str) -> str:
+    if name not in row:
+        return ""
+    return f"{row[name]:+.3f} [{row[name + '_low']:+.3f}, {row[name + '_high']:+.3f}]"
 
 
 if __name__ == "__main__":
