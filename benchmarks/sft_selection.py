@@ -5,7 +5,8 @@ For each base model, the same fine-tuning run (the config's steps, batch, lr and
 stopping on the validation loss; only the training examples differ) on:
 
   full         every training example
-  dedup+rules  the examples dedup and the quality rules keep (no budget)
+  dedup+rules  the examples dedup and the quality rules keep (no budget; no dedup on
+               generated problems, see `filters`)
   selection    finetune.selection: dedup, quality, IFD, k-center diversity, to the budget
   ifd-rank     dedup, quality, IFD, then the most difficult first to the budget (no diversity)
   random (xN)  seeded random subsets of the budget
@@ -38,6 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lmpipe import tasks
 from lmpipe.data.tokenizer import load_tokenizer
+from lmpipe.runs.config import VERIFIABLE_DATASETS
 from lmpipe.runs.processes import process_env
 from lmpipe.runs.tracking import MetricLogger
 from lmpipe.selection.run import select_for_task
@@ -49,20 +51,29 @@ log = logging.getLogger("sft_selection")
 
 # Per model: the experiment its fine-tuning config comes from, and its base.
 MODELS = {"tiny": [], "smollm2": ["experiment=smollm2-lora"]}
-SELECTION_STEPS = ["dedup", "quality", "ifd", "diversity"]
 
 
-def arms(share: float, seeds: int) -> list[tuple[str, str, dict]]:
+def filters(f: DictConfig) -> list[str]:
+    """The selection steps before ranking. Not dedup on generated problems: their prompts
+    share a template and differ in a digit ("... 7 + 5 - 3 =" and "... 7 + 5 - 2 ="), so
+    near-duplicate detection (3-gram MinHash at 0.8) calls 91% of chain sums duplicates of
+    another, different problem; the generator's splits already hold each question once."""
+    steps = ["dedup", "quality"]
+    return steps[1:] if f.dataset in VERIFIABLE_DATASETS else steps
+
+
+def arms(f: DictConfig, share: float, seeds: int) -> list[tuple[str, str, dict]]:
     """(arm, budget unit, selection overrides) of every run."""
+    steps = filters(f)
     runs: list[tuple[str, str, dict]] = [
         ("full", "-", {}),
-        ("dedup+rules", "-", {"steps": ["dedup", "quality"]}),
+        ("dedup+rules", "-", {"steps": steps}),
     ]
     for unit in ("examples", "tokens"):
         budget = {"budget.unit": unit, "budget.share": share}
         runs += [
-            ("selection", unit, {"steps": SELECTION_STEPS, **budget}),
-            ("ifd-rank", unit, {"steps": ["dedup", "quality", "ifd"], **budget}),
+            ("selection", unit, {"steps": [*steps, "ifd", "diversity"], **budget}),
+            ("ifd-rank", unit, {"steps": [*steps, "ifd"], **budget}),
             *[(f"random-{s}", unit, {**budget, "budget.fill": "random", "seed": s})
               for s in range(seeds)],
             ("longest", unit, {**budget, "budget.fill": "longest"}),
@@ -196,7 +207,7 @@ def main() -> None:
         rows = []
         wanted = set(args.arms.split(",")) if args.arms else None
         units = args.units.split(",")
-        for arm, unit, overrides in arms(args.share, args.seeds):
+        for arm, unit, overrides in arms(cfg.finetune, args.share, args.seeds):
             if (wanted is not None and arm not in wanted) or unit not in ("-", *units):
                 continue
             scores = fine_tune_and_score(task, cfg, base, tokenizer, device, overrides)
