@@ -196,12 +196,14 @@ def test_exact_match_scores_each_label_and_the_most_frequent_answer() -> None:
         "answer": [3, 14, -2, 3],  # as read back from predictions.csv: numbers
         "finetuned_reply": ["3", "1 + 13 = 14", "", "#### 4"],
         "retrieval_reply": ["3", "41", "-2", "3"],
+        f"{MOST_FREQUENT}_reply": [3, 3, 3, 3],
     })  # fmt: skip
-    metrics = exact_match_scores(frame, ["finetuned", "retrieval"], most_frequent="3")
+    metrics = exact_match_scores(frame, ["finetuned", "retrieval", MOST_FREQUENT])
     assert metrics["finetuned_exact_match"] == 0.5
     assert metrics["finetuned_answered"] == 0.75  # the empty reply has no answer
     assert metrics["retrieval_exact_match"] == 0.75
     assert metrics[f"{MOST_FREQUENT}_exact_match"] == 0.5
+    assert f"{MOST_FREQUENT}_answered" not in metrics  # a constant: no reply to parse
     for label in ("finetuned", "retrieval", MOST_FREQUENT):
         low, high = metrics[f"{label}_exact_match_low"], metrics[f"{label}_exact_match_high"]
         assert low <= metrics[f"{label}_exact_match"] <= high

@@ -77,16 +77,14 @@ def most_frequent_answer(conversations: Sequence[sft.Conversation]) -> str:
     return min(counts, key=lambda answer: (-counts[answer], answer))
 
 
-def exact_match_scores(
-    frame: pd.DataFrame, labels: Sequence[str], most_frequent: str
-) -> dict[str, float]:
-    """Per label: the share of rows whose reply's final answer is the row's answer, and its
-    95% bootstrap interval (`_low`, `_high`); the most frequent answer scored alike."""
+def exact_match_scores(frame: pd.DataFrame, labels: Sequence[str]) -> dict[str, float]:
+    """Per label (a model or a baseline, its replies in `<label>_reply`): the share of rows
+    whose reply's final answer is the row's answer, and its 95% bootstrap interval (`_low`,
+    `_high`); for all but the most frequent answer, the share of replies with an answer."""
     answers = frame["answer"].astype(str).tolist()
     metrics: dict[str, float] = {}
-    columns = {label: frame[f"{label}_reply"].astype(str).tolist() for label in labels}
-    columns[MOST_FREQUENT] = [most_frequent] * len(answers)
-    for label, replies in columns.items():
+    for label in labels:
+        replies = frame[f"{label}_reply"].astype(str).tolist()
         hits = np.array([is_correct(r, a) for r, a in zip(replies, answers, strict=True)], float)
         low, high = mean_interval(hits)
         metrics |= {
@@ -215,8 +213,7 @@ class SFT(NextTokenLoss, FinetuningTask):
             metrics[f"{label}_sft_test_loss"] = loss
             metrics[f"{label}_sft_test_perplexity"] = perplexity(loss)
         if "answer" in frame:
-            most_frequent = str(frame[f"{MOST_FREQUENT}_reply"].iloc[0])
-            return metrics | exact_match_scores(answered, [*models, RETRIEVAL], most_frequent)
+            return metrics | exact_match_scores(answered, [*models, RETRIEVAL, MOST_FREQUENT])
         # The held-out split repeats conversations (121 of chatterbot's 194 test prompts are
         # one prompt): *_distinct scores each distinct prompt once, its first reply against
         # every reference it has.
