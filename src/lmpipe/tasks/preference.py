@@ -366,12 +366,10 @@ def verifier_pairs(
     p: PreferenceConfig | DictConfig,
     device: torch.device,
     seed: int,
-) -> tuple[dict[str, list[pref.Pair]], dict[str, int]]:
+) -> dict[str, list[pref.Pair]]:
     """Pairs from the model's own sampled replies, judged by the answer checker
-    (`judge_samples`), in every split; and per split how many prompts gave each outcome
-    (`<split>_model`, `<split>_reference`, `<split>_solved`)."""
+    (`judge_samples`), in every split; how many prompts took each route is logged."""
     result: dict[str, list[pref.Pair]] = {}
-    counts: dict[str, int] = {}
     for split, pairs in opening_pairs(conversations, p.max_pairs, p.max_held_out_pairs).items():
         log.info("preference: %d replies to each of %d %s prompts (temperature %g, %d tokens)",
                  p.samples, len(pairs), split, p.temperature, p.max_new_tokens)  # fmt: skip
@@ -384,11 +382,10 @@ def verifier_pairs(
             outcomes[outcome] += 1
             if judged is not None:
                 result[split].append(judged)
-        counts |= {f"{split}_{o}": outcomes[o] for o in ("model", "reference", "solved")}
         log.info("preference: %s: %d pairs with the model's own correct reply chosen, %d with "
                  "the reference solution, %d prompts answered right in every sample (no pair)",
                  split, outcomes["model"], outcomes["reference"], outcomes["solved"])  # fmt: skip
-    return result, counts
+    return result
 
 
 def _cache_path(
@@ -408,18 +405,13 @@ def _cache_path(
         "max_held_out_pairs": p.max_held_out_pairs,
         "max_new_tokens": p.max_new_tokens,
         "max_len": f.max_len,
+        "val_fraction": f.val_fraction,
+        "test_fraction": f.test_fraction,
     }
     if p.pairs != "files":  # the conversations the pairs are built from
-        key |= {
-            "dataset": f.dataset,
-            "language": f.language,
-            "val_fraction": f.val_fraction,
-            "test_fraction": f.test_fraction,
-        }
+        key |= {"dataset": f.dataset, "language": f.language}
         if f.dataset == "reasoning_gym":
             key["reasoning_gym"] = OmegaConf.to_container(OmegaConf.structured(f.reasoning_gym))
-    else:
-        key |= {"val_fraction": f.val_fraction, "test_fraction": f.test_fraction}
     if p.pairs == "verifier":
         key |= {"samples": p.samples, "temperature": p.temperature, "seed": seed}
     digest = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=6).hexdigest()
@@ -517,7 +509,7 @@ class Preference(SFT):
             log.info("preference: %d pairs read, %d bad records skipped", len(pairs),
                      sum(bad.values()))  # fmt: skip
         elif p.pairs == "verifier":
-            splits, _ = verifier_pairs(model, tokenizer, SFT.splits(self, f), p, device, seed)
+            splits = verifier_pairs(model, tokenizer, SFT.splits(self, f), p, device, seed)
         else:
             splits = spin_pairs(model, tokenizer, SFT.splits(self, f), p, device)
         filled = {}
@@ -589,17 +581,15 @@ class Preference(SFT):
         of every pair beside the reference's."""
         frame = super().predict(models, tokenizer, held_out_conversations(f, splits), f, e)
         by_id = {p.id: p for p in splits["test"]}
-        paired = [by_id[i] for i in frame["id"] if i in by_id]
-        examples = pref.encode_pairs(tokenizer, paired, f.max_len)
-        index = {ex.pair.id: row for row, ex in enumerate(examples)}
-        rows = [index.get(i) for i in frame["id"]]
         # A held-out problem without a pair (the model solved it in every sample) is scored
         # like any other; its pair cells stay empty.
-        frame["rejected"] = [by_id[i].rejected if i in by_id else None for i in frame["id"]]
-        frame["ref_chosen_logp"] = [by_id[i].ref_chosen if i in by_id else None
-                                    for i in frame["id"]]  # fmt: skip
-        frame["ref_rejected_logp"] = [by_id[i].ref_rejected if i in by_id else None
-                                      for i in frame["id"]]  # fmt: skip
+        pair_of = [by_id.get(i) for i in frame["id"]]
+        examples = pref.encode_pairs(tokenizer, [p for p in pair_of if p is not None], f.max_len)
+        index = {ex.pair.id: row for row, ex in enumerate(examples)}
+        rows = [index.get(i) for i in frame["id"]]
+        for column, field in (("rejected", "rejected"), ("ref_chosen_logp", "ref_chosen"),
+                              ("ref_rejected_logp", "ref_rejected")):  # fmt: skip
+            frame[column] = [getattr(p, field) if p is not None else None for p in pair_of]
         collate = partial(pref.collate_pairs, pad_id=tokenizer.pad_token_id, with_reference=False)
         for label, model in models.items():
             columns = {"chosen_logp": [], "rejected_logp": [], "chosen_tokens": [],
