@@ -132,6 +132,7 @@ def run(name: str, extra: list[str], plain_dpo: bool = True) -> dict:
     weights = {"rpo" if f.preference.sft_weight else "dpo": f.preference.sft_weight}
     if f.preference.sft_weight and plain_dpo:
         weights["dpo"] = 0.0
+    preference_arms = [f"{method} x{rounds}" for method in weights for rounds in (1, 2)]
     for method, weight in weights.items():
         one = preference_round(f, d, weight)
         paths[f"{method} x1"], seconds[f"{method} x1"] = trained(one, cfg, start, home, preference)
@@ -145,7 +146,11 @@ def run(name: str, extra: list[str], plain_dpo: bool = True) -> dict:
     against = {"vs_control": hits[label], "vs_start": hits[f"sft-{s}"]}
     for arm, row in table.items():
         for name, other in against.items():
-            if arm not in hits or arm == label or (name == "vs_start" and "x" not in arm):
+            if (
+                arm not in hits
+                or arm == label
+                or (name == "vs_start" and arm not in preference_arms)
+            ):
                 continue
             low, high = paired_difference_interval(hits[arm], other)
             row |= {name: float(hits[arm].mean() - other.mean()), f"{name}_low": low,
