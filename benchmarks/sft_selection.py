@@ -37,13 +37,13 @@ import torch
 from models import DATA, base_model, config
 from omegaconf import DictConfig, OmegaConf
 
-from lmpipe import tasks
 from lmpipe.data.tokenizer import load_tokenizer
 from lmpipe.runs.config import VERIFIABLE_DATASETS
 from lmpipe.runs.processes import process_env
 from lmpipe.runs.tracking import MetricLogger
 from lmpipe.selection.run import select_for_task
 from lmpipe.selection.scoring import length_batches, score_candidates
+from lmpipe.tasks.finetuning import finetuning_task, prepare_finetuning
 from lmpipe.training.loop import seed_everything, train
 from lmpipe.training.model import load_model
 
@@ -113,7 +113,7 @@ def fine_tune_and_score(
     chosen = select_for_task(task, f, base, tokenizer, device, cfg.seed,
                              DATA / "selection-scores", process_env())  # fmt: skip
     ids = chosen.selected_ids
-    setup = tasks.prepare_finetuning(f, base, tokenizer, cfg.seed, device, train_ids=ids)
+    setup = prepare_finetuning(f, base, tokenizer, cfg.seed, device, train_ids=ids)
     result = train(setup.model, setup.batches, f, cfg.hardware, device, MetricLogger(None),
                    setup.evaluate, desc="finetune", objective=setup.objective)  # fmt: skip
     model = setup.final_model()
@@ -199,7 +199,7 @@ def main() -> None:
         cfg = config([*MODELS[name], "evaluate.num_generations=null", *args.overrides])
         base = base_model(name, cfg)
         tokenizer = load_tokenizer(base)
-        task = tasks.finetuning("sft")
+        task = finetuning_task("sft")
         entry: dict = {"scoring": scoring_rate(task, cfg.finetune, base, tokenizer, device)}
         log.info("%s scoring: %s", name, entry["scoring"])
         entry["before_tuning"] = before_tuning(task, cfg, base, tokenizer)

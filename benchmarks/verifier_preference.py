@@ -33,12 +33,13 @@ import torch
 from models import DATA, base_model, config
 from omegaconf import DictConfig, OmegaConf
 
-from lmpipe import tasks
 from lmpipe.data.tokenizer import load_tokenizer
 from lmpipe.evaluation.intervals import paired_difference_interval
 from lmpipe.runs.processes import process_env
 from lmpipe.runs.tracking import MetricLogger
 from lmpipe.selection.scoring import directory_digest
+from lmpipe.tasks.base import FinetuningTask
+from lmpipe.tasks.finetuning import finetuning_task, prepare_finetuning
 from lmpipe.tasks.preference import Preference
 from lmpipe.tasks.sft import MOST_FREQUENT, RETRIEVAL
 from lmpipe.training.checkpoint import fingerprint
@@ -53,7 +54,7 @@ CPU = torch.device("cpu")
 
 
 def trained(
-    f: DictConfig, cfg: DictConfig, base: Path, home: Path, task: tasks.FinetuningTask
+    f: DictConfig, cfg: DictConfig, base: Path, home: Path, task: FinetuningTask
 ) -> tuple[Path, float]:
     """`task` trained by `f` from `base` into a directory under `home` named by the config
     and the starting model (reused when there), and its seconds."""
@@ -69,7 +70,7 @@ def trained(
     if isinstance(task, Preference):
         task.prepare(f, base, tokenizer, CPU, DATA / "verifier-pairs", process_env(),
                      seed=cfg.seed)  # fmt: skip
-    setup = tasks.prepare_finetuning(f, base, tokenizer, cfg.seed, CPU, task=task)
+    setup = prepare_finetuning(f, base, tokenizer, cfg.seed, CPU, task=task)
     train(setup.model, setup.batches, f, cfg.hardware, CPU, MetricLogger(None), setup.evaluate,
           desc=f"{f.task} {out.name}", objective=setup.objective)  # fmt: skip
     seconds = time.perf_counter() - start
@@ -90,7 +91,7 @@ def preference_round(f: DictConfig, steps: int, sft_weight: float) -> DictConfig
 def scores(cfg: DictConfig, models: dict[str, Path]) -> tuple[dict, dict]:
     """Exact match with interval of each model and baseline on the test split, and each
     model's per-problem hits (for paired differences)."""
-    sft = tasks.finetuning("sft")
+    sft = finetuning_task("sft")
     f = cfg.finetune
     splits = sft.splits(f)
     tokenizer = load_tokenizer(next(iter(models.values())))
@@ -114,14 +115,14 @@ def run(name: str, extra: list[str], plain_dpo: bool = True) -> dict:
     f = cfg.finetune
     base = base_model(name, cfg)
     home = DATA / "verifier" / name
-    preference = tasks.finetuning("preference")
+    preference = finetuning_task("preference")
     sft_f = preference.sft_first(f)
     if sft_f is None:
         raise SystemExit("finetune.preference.sft_steps is 0: there is no SFT phase to compare")
     s, d = sft_f.steps, f.steps
     control_f = sft_f.copy()
     control_f.steps = s + d
-    sft = tasks.finetuning("sft")
+    sft = finetuning_task("sft")
     seconds: dict[str, float] = {}
     paths: dict[str, Path] = {"base": base}
     paths[f"sft-{s}"], seconds[f"sft-{s}"] = trained(sft_f, cfg, base, home, sft)

@@ -17,7 +17,6 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
-from lmpipe import tasks
 from lmpipe.deploy.compress import compress, curve_table
 from lmpipe.deploy.release import deploy
 from lmpipe.deploy.serving import INPUT_COLUMN
@@ -25,6 +24,7 @@ from lmpipe.deploy.variants import frontier_figure, frontier_table
 from lmpipe.runs import lineage
 from lmpipe.runs.tracking import MetricLogger
 from lmpipe.stage import Stage, prepare_cli
+from lmpipe.tasks.finetuning import finetuning_task
 from lmpipe.training.loop import seed_everything, select_device
 
 
@@ -43,7 +43,7 @@ def main(cfg: DictConfig) -> None:
         pruned_dir = None
         if d.prune.enabled:
             seed_everything(c.seed)
-            task = tasks.finetuning(f.task)
+            task = finetuning_task(f.task)
             splits = task.held_out(f, stage.input("finetune", "pairs.parquet").parent)
             compressed = compress(
                 model_dir, task, splits, f, c.evaluate, d.prune, list(d.sparsity.levels),
@@ -61,7 +61,7 @@ def main(cfg: DictConfig) -> None:
         # The version's run carries the metrics it was gated on (the next champion check).
         stage.log_metrics(metrics)
         gate = d.gates[f.task]
-        examples = tasks.finetuning(f.task).example_scores(predictions, gate.metric)
+        examples = finetuning_task(f.task).example_scores(predictions, gate.metric)
         result = deploy(model_dir, f.task, metrics, d, tags, requests, pruned_dir, examples)
         # What pruning kept, and the validation loss before and after it (and recovery).
         pruning = {k[len("prune.") :]: v for k, v in metrics.items() if k.startswith("prune.")}

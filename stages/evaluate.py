@@ -16,7 +16,6 @@ import hydra
 import pandas as pd
 from omegaconf import DictConfig
 
-from lmpipe import tasks
 from lmpipe.data.tokenizer import base_tokenizer, load_tokenizer
 from lmpipe.data.tokens import load_tokens
 from lmpipe.deploy import registry
@@ -24,6 +23,8 @@ from lmpipe.deploy.quantize import quantize_int8
 from lmpipe.evaluation.held_out_lm import wikitext_scores
 from lmpipe.evaluation.lm_metrics import perplexity, unigram_entropy
 from lmpipe.stage import Stage, prepare_cli
+from lmpipe.tasks.finetuning import finetuning_task
+from lmpipe.tasks.pretraining import pretraining_task
 from lmpipe.training.loop import autocast, enable_tf32, seed_everything, select_device
 from lmpipe.training.model import load_base
 
@@ -38,8 +39,8 @@ def main(cfg: DictConfig) -> None:
         device = select_device(c.hardware)
         # The int8 variants stay on the CPU (fbgemm): each model is scored where it lives.
         enable_tf32(device, c.hardware.precision)
-        pretraining = tasks.pretraining(c.model.family, c.pretrain, c.seed)
-        task = tasks.finetuning(f.task)
+        pretraining = pretraining_task(c.model.family, c.pretrain, c.seed)
+        task = finetuning_task(f.task)
         with autocast(device, c.hardware.precision):
             finetuned_dir = stage.input("finetune", "model")
             tokenizer = load_tokenizer(finetuned_dir)

@@ -21,7 +21,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedTokenizerBase
 
-from lmpipe import tasks
 from lmpipe.data.preference import pairs_table
 from lmpipe.data.tokenizer import load_tokenizer
 from lmpipe.evaluation.lm_metrics import perplexity
@@ -32,6 +31,8 @@ from lmpipe.runs.tracking import MetricLogger
 from lmpipe.selection.run import CACHE_DIR, select_for_task
 from lmpipe.selection.scoring import directory_digest
 from lmpipe.stage import Stage, prepare_cli
+from lmpipe.tasks.base import FinetuningTask, TrainingSetup
+from lmpipe.tasks.finetuning import finetuning_task, prepare_finetuning
 from lmpipe.tasks.preference import CACHE_DIR as PAIRS_CACHE_DIR
 from lmpipe.tasks.preference import PAIRS_FILE
 from lmpipe.training import distributed
@@ -56,10 +57,10 @@ def run_training(
     metrics: MetricLogger,
     checkpoints: Checkpoints | None,
     train_ids: Collection[str] | None = None,
-    task: tasks.FinetuningTask | None = None,
-) -> tuple[tasks.TrainingSetup, TrainResult]:
+    task: FinetuningTask | None = None,
+) -> tuple[TrainingSetup, TrainResult]:
     """`f`'s task trained from `base` in the shared loop (with its adapters' step hook)."""
-    setup = tasks.prepare_finetuning(f, base, tokenizer, stage.cfg.seed, device, env.rank,
+    setup = prepare_finetuning(f, base, tokenizer, stage.cfg.seed, device, env.rank,
                                      env.world_size, train_ids, task)  # fmt: skip
     result = train(
         setup.model,
@@ -119,7 +120,7 @@ def main(cfg: DictConfig) -> float:
         seed_everything(c.seed)
         base = stage.input("pretrain", "model")
         tokenizer = load_tokenizer(base)
-        task = tasks.finetuning(f.task)
+        task = finetuning_task(f.task)
         sft_first = task.sft_first(f)
         if sft_first is not None:
             base = sft_phase(stage, sft_first, base, tokenizer, env, device)

@@ -9,12 +9,12 @@ does that).
 import hydra
 from omegaconf import DictConfig
 
-from lmpipe import tasks
 from lmpipe.data.tokenizer import load_tokenizer
 from lmpipe.data.tokens import load_tokens
 from lmpipe.evaluation.lm_metrics import perplexity
 from lmpipe.runs.config import ConfigError
 from lmpipe.stage import Stage, prepare_cli
+from lmpipe.tasks.pretraining import pretraining_task
 from lmpipe.training.loop import seed_everything, setup_hardware, train
 from lmpipe.training.model import build_model, count_parameters, save_model
 
@@ -33,7 +33,7 @@ def main(cfg: DictConfig) -> float:
         tokenizer = load_tokenizer(stage.input("tokenize", "tokenizer"))
         tokens = stage.input("tokenize", "tokens")
         train_tokens, val_tokens = load_tokens(tokens, "train"), load_tokens(tokens, "val")
-        task = tasks.pretraining(c.model.family, p, c.seed)
+        task = pretraining_task(c.model.family, p, c.seed)
         tokenizer = task.prepare_tokenizer(tokenizer)
         model = build_model(c.model, tokenizer)
         setup = task.setup(p, model, tokenizer, train_tokens, val_tokens, c.seed, device,

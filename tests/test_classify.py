@@ -235,7 +235,7 @@ def test_epochs_decide_the_steps(epochs, batch_size, grad_accum, world_size, ste
     """finetune.epochs: full global batches per pass (a partial last batch is skipped, as
     the data order skips it), times the passes, over the micro-batches per step."""
     from lmpipe.runs.config import FinetuneConfig
-    from lmpipe.tasks import steps_for_epochs
+    from lmpipe.tasks.finetuning import steps_for_epochs
 
     f = FinetuneConfig(epochs=epochs, batch_size=batch_size, grad_accum=grad_accum)
     assert steps_for_epochs(f, 2040, world_size) == steps

@@ -218,8 +218,9 @@ def test_finetune_param_change_leaves_upstream_cached(pipeline: Path) -> None:
     ("source", "stages"),
     [
         ("src/lmpipe/evaluation/scoring.py", {"finetune", "evaluate", "deploy"}),  # not pretrain
-        # clean's and finetune's figures only go to MLflow
-        ("src/lmpipe/evaluation/plots.py", {"evaluate"}),
+        # the SFT loss: pretraining's next-token loss too
+        ("src/lmpipe/tasks/causal_lm.py", {"pretrain", "finetune", "evaluate", "deploy"}),
+        ("src/lmpipe/tasks/sft.py", {"finetune", "evaluate", "deploy"}),  # not pretrain
         ("src/lmpipe/runs/lineage.py", set()),  # bookkeeping changes no output
     ],
 )

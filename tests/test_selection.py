@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from lmpipe import tasks
 from lmpipe.data import sft
 from lmpipe.data.batches import IGNORE_INDEX
 from lmpipe.runs.config import ConfigError, SelectionConfig, validate
@@ -26,6 +25,7 @@ from lmpipe.selection.rules import rule_reason
 from lmpipe.selection.run import select_for_task
 from lmpipe.selection.scoring import ScoreCache, cached_scores, example_key, score_candidates
 from lmpipe.selection.steps import OVER_BUDGET, SELECTED, fill_budget, select_examples
+from lmpipe.tasks.finetuning import finetuning_task
 from lmpipe.tasks.sft import selection_candidate
 
 
@@ -310,7 +310,7 @@ def test_sft_selection_is_deterministic_cached_and_never_sees_val_or_test(
 ) -> None:
     f = finetune_cfg(**{"selection.steps": ["dedup", "quality", "ifd", "diversity"],
                         "selection.budget.share": 0.25})  # fmt: skip
-    task = tasks.finetuning("sft")
+    task = finetuning_task("sft")
     cache = tmp_path / "cache"
 
     def run_selection(cfg):
@@ -388,7 +388,7 @@ def test_classify_selection_uses_dedup_quality_and_diversity(
                      max_per_class=20, max_len=32,
                      **{"selection.steps": ["dedup", "quality", "diversity"],
                         "selection.budget.count": 10})  # fmt: skip
-    chosen = select_for_task(tasks.finetuning("classify"), f, saved_model, tiny_tokenizer,
+    chosen = select_for_task(finetuning_task("classify"), f, saved_model, tiny_tokenizer,
                              torch.device("cpu"), 1, tmp_path, process_env())  # fmt: skip
     assert len(chosen.selected_ids) == 10
     assert chosen.table["ifd"].isna().all()  # no responses, no IFD

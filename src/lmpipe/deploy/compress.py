@@ -21,7 +21,6 @@ from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedModel
 
-from lmpipe import tasks
 from lmpipe.data.tokenizer import load_tokenizer
 from lmpipe.deploy.prune import Pruned, input_norms, prune_structured
 from lmpipe.deploy.quantize import quantize_int8
@@ -29,6 +28,8 @@ from lmpipe.deploy.sparsity import SparsityPoint, sparsity_curve, sparsity_figur
 from lmpipe.deploy.variants import METRIC_PREFIX
 from lmpipe.runs.config import EvaluateConfig, FinetuneConfig, HardwareConfig, PruneConfig
 from lmpipe.runs.tracking import MetricLogger
+from lmpipe.tasks.base import FinetuningTask
+from lmpipe.tasks.finetuning import prepare_finetuning
 from lmpipe.training.loop import autocast, train
 from lmpipe.training.model import save_model
 
@@ -71,7 +72,7 @@ class Compression:
 
 def compress(
     model_dir: Path,
-    task: tasks.FinetuningTask,
+    task: FinetuningTask,
     splits: Mapping[str, list],
     f: FinetuneConfig | DictConfig,
     e: EvaluateConfig | DictConfig,
@@ -89,7 +90,7 @@ def compress(
     tokenizer = load_tokenizer(model_dir)
     supervised = task.supervised_task()
     r = recovery_config(f, p, supervised.name)
-    setup = tasks.prepare_finetuning(r, model_dir, tokenizer, seed, device, task=supervised)
+    setup = prepare_finetuning(r, model_dir, tokenizer, seed, device, task=supervised)
     model = setup.model.to(device)
 
     def val_loss(m: PreTrainedModel) -> float:

@@ -1,104 +1,14 @@
 """Training objectives, one module each, behind one interface (tasks/base.py).
 
+The package imports nothing, so a stage runs (and DVC tracks) only the objectives it
+uses: tasks/pretraining.py picks one by `model.family`, tasks/finetuning.py by
+`finetune.task`.
+
 pretraining, chosen by `model.family`:
   causal_lm  decoders: next-token prediction on the token stream
   masked_lm  encoders: BERT's masked-LM objective
 fine-tuning, chosen by `finetune.task`:
-  sft        chat pairs (chatterbot), a causal LM with the loss on assistant turns only
-  classify   WordNet glosses -> lexicographer category (...ForSequenceClassification)
+  sft        conversations (reasoning-gym problems, chatterbot), loss on assistant turns
+  classify   text -> label (TREC, WordNet glosses), ...ForSequenceClassification
   preference pairs of a chosen and a rejected reply: DPO, IPO, hinge, robust DPO, SimPO
 """
-
-from __future__ import annotations
-
-import logging
-import math
-from collections.abc import Collection
-from pathlib import Path
-
-import torch
-from transformers import PreTrainedTokenizerBase
-
-from lmpipe.runs.config import ConfigError, FinetuneConfig, PretrainConfig
-from lmpipe.tasks.base import FinetuningTask, Objective, PretrainingTask, TrainingSetup
-from lmpipe.tasks.causal_lm import CausalLM
-from lmpipe.tasks.classify import Classify
-from lmpipe.tasks.masked_lm import MaskedLM
-from lmpipe.tasks.preference import Preference
-from lmpipe.tasks.sft import SFT
-from lmpipe.training import adapters
-
-__all__ = [
-    "FinetuningTask",
-    "Objective",
-    "PretrainingTask",
-    "TrainingSetup",
-    "finetuning",
-    "prepare_finetuning",
-    "pretraining",
-]  # fmt: skip
-
-log = logging.getLogger(__name__)
-
-FINETUNING: dict[str, type[FinetuningTask]] = {
-    task.name: task for task in (SFT, Classify, Preference)
-}
-
-
-def pretraining(family: str, p: PretrainConfig, seed: int) -> PretrainingTask:
-    """The pretraining objective of a model family."""
-    if family == MaskedLM.family:
-        return MaskedLM(p.mlm, seed)
-    if family == CausalLM.family:
-        return CausalLM()
-    raise ConfigError(f"invalid value for 'model.family': {family!r}")
-
-
-def finetuning(name: str) -> FinetuningTask:
-    try:
-        return FINETUNING[name]()
-    except KeyError:
-        raise ConfigError(f"invalid value for 'finetune.task': {name!r} "
-                          f"(allowed: {sorted(FINETUNING)})") from None  # fmt: skip
-
-
-def prepare_finetuning(
-    f: FinetuneConfig,
-    base: Path,
-    tokenizer: PreTrainedTokenizerBase,
-    seed: int,
-    device: torch.device,
-    rank: int = 0,
-    world_size: int = 1,
-    train_ids: Collection[str] | None = None,
-    task: FinetuningTask | None = None,
-) -> TrainingSetup:
-    """The task's model and data (the selected training examples, with `train_ids`), with
-    peft adapters or frozen layers as configured. `f.steps` must be final (AdaLoRA plans
-    its rank budget over them)."""
-    task = task or finetuning(f.task)
-    setup = task.setup(f, base, tokenizer, seed, device, rank, world_size, train_ids)
-    if f.max_len > setup.model.config.max_position_embeddings:
-        raise ConfigError(
-            f"finetune.max_len={f.max_len} exceeds the base model's "
-            f"max_position_embeddings={setup.model.config.max_position_embeddings}"
-        )
-    if f.epochs is not None:
-        f.steps = steps_for_epochs(f, setup.batches.num_items, world_size)
-        log.info("finetune: %s epochs of %d items = %d steps", f.epochs, setup.batches.num_items,
-                 f.steps)  # fmt: skip
-    if f.peft.method != "none":
-        head = task.head_modules(setup.model)
-        setup.adapters = adapters.add_adapters(setup.model, f.peft, f.steps,
-                                               trainable_modules=head)  # fmt: skip
-    if task.disables_dropout(f):
-        adapters.disable_dropout(setup.model)
-    adapters.freeze_layers(setup.model, f.freeze_layers, f.freeze_embeddings)
-    return setup
-
-
-def steps_for_epochs(f: FinetuneConfig, num_items: int, world_size: int) -> int:
-    """Optimizer steps for `f.epochs` passes over `num_items` training items."""
-    assert f.epochs is not None
-    per_epoch = num_items // (f.batch_size * world_size)
-    return max(1, math.floor(f.epochs * per_epoch / f.grad_accum))

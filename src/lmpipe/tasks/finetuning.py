@@ -1,0 +1,75 @@
+"""The fine-tuning tasks by name (`finetune.task`), and their model and data made ready to
+train: adapters, frozen layers and the step count of `finetune.epochs`."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Collection
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from lmpipe.runs.config import ConfigError, FinetuneConfig
+from lmpipe.tasks.base import FinetuningTask, TrainingSetup
+from lmpipe.tasks.classify import Classify
+from lmpipe.tasks.preference import Preference
+from lmpipe.tasks.sft import SFT
+from lmpipe.training import adapters
+
+log = logging.getLogger(__name__)
+
+FINETUNING: dict[str, type[FinetuningTask]] = {
+    task.name: task for task in (SFT, Classify, Preference)
+}
+
+
+def finetuning_task(name: str) -> FinetuningTask:
+    try:
+        return FINETUNING[name]()
+    except KeyError:
+        raise ConfigError(f"invalid value for 'finetune.task': {name!r} "
+                          f"(allowed: {sorted(FINETUNING)})") from None  # fmt: skip
+
+
+def prepare_finetuning(
+    f: FinetuneConfig,
+    base: Path,
+    tokenizer: PreTrainedTokenizerBase,
+    seed: int,
+    device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
+    train_ids: Collection[str] | None = None,
+    task: FinetuningTask | None = None,
+) -> TrainingSetup:
+    """The task's model and data (the selected training examples, with `train_ids`), with
+    peft adapters or frozen layers as configured. `f.steps` must be final (AdaLoRA plans
+    its rank budget over them)."""
+    task = task or finetuning_task(f.task)
+    setup = task.setup(f, base, tokenizer, seed, device, rank, world_size, train_ids)
+    if f.max_len > setup.model.config.max_position_embeddings:
+        raise ConfigError(
+            f"finetune.max_len={f.max_len} exceeds the base model's "
+            f"max_position_embeddings={setup.model.config.max_position_embeddings}"
+        )
+    if f.epochs is not None:
+        f.steps = steps_for_epochs(f, setup.batches.num_items, world_size)
+        log.info("finetune: %s epochs of %d items = %d steps", f.epochs, setup.batches.num_items,
+                 f.steps)  # fmt: skip
+    if f.peft.method != "none":
+        head = task.head_modules(setup.model)
+        setup.adapters = adapters.add_adapters(setup.model, f.peft, f.steps,
+                                               trainable_modules=head)  # fmt: skip
+    if task.disables_dropout(f):
+        adapters.disable_dropout(setup.model)
+    adapters.freeze_layers(setup.model, f.freeze_layers, f.freeze_embeddings)
+    return setup
+
+
+def steps_for_epochs(f: FinetuneConfig, num_items: int, world_size: int) -> int:
+    """Optimizer steps for `f.epochs` passes over `num_items` training items."""
+    assert f.epochs is not None
+    per_epoch = num_items // (f.batch_size * world_size)
+    return max(1, math.floor(f.epochs * per_epoch / f.grad_accum))

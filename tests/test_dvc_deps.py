@@ -1,0 +1,111 @@
+"""dvc.yaml's deps cover every module a stage runs: the closure of each stage's imports inside
+src/lmpipe, less the bookkeeping its header names as unable to change a stage's outputs.
+A module missing from a stage's deps means an edit to it would not rerun the stage."""
+
+import ast
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCE = ROOT / "src"
+# dvc.yaml's header: shared bookkeeping that cannot change what a stage produces.
+BOOKKEEPING = ("lmpipe/stage.py", "lmpipe/runs/", "lmpipe/training/checkpoint.py",
+               "lmpipe/training/host_memory.py")  # fmt: skip
+STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def _module_file(name: str) -> Path | None:
+    """The file of module `name` (a package's __init__.py), or None outside src/lmpipe."""
+    base = SOURCE.joinpath(*name.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def _is_type_checking(node: ast.AST) -> bool:
+    return isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+
+
+def _imported_modules(path: Path, package: str) -> set[str]:
+    """Every lmpipe module `path` imports (at any depth, TYPE_CHECKING blocks excepted), with
+    the packages Python imports on the way (lmpipe.data for lmpipe.data.sft)."""
+    names: set[str] = set()
+    stack = [ast.parse(path.read_text())]
+    while stack:
+        node = stack.pop()
+        if _is_type_checking(node):
+            continue
+        stack.extend(ast.iter_child_nodes(node))
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level:  # relative: from . import x / from .x import y
+                anchor = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                module = f"{anchor}.{module}" if module else anchor
+            names.add(module)
+            # `from lmpipe.data import sft` imports the submodule when there is one.
+            names |= {f"{module}.{alias.name}" for alias in node.names}
+    modules = set()
+    for name in names:
+        parts = name.split(".")
+        modules |= {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
+    return {m for m in modules if m.startswith("lmpipe") and _module_file(m)}
+
+
+def _inert(path: Path) -> bool:
+    """A package __init__ holding only a docstring and constants runs nothing that matters."""
+    body = ast.parse(path.read_text()).body
+    return path.name == "__init__.py" and all(
+        isinstance(node, ast.Expr | ast.Assign) and isinstance(node.value, ast.Constant)
+        for node in body
+    )
+
+
+def _bookkeeping(path: Path) -> bool:
+    return str(path.relative_to(SOURCE)).startswith(BOOKKEEPING)
+
+
+def code_closure(entry: Path) -> set[Path]:
+    """The files under src/lmpipe that running `entry` executes, bookkeeping excepted (its
+    own imports are bookkeeping too, so they are not followed)."""
+    seen: set[Path] = set()
+    todo = [(entry, "stages")]
+    while todo:
+        path, package = todo.pop()
+        for module in _imported_modules(path, package):
+            found = _module_file(module)
+            if found is None or found in seen or _bookkeeping(found):
+                continue
+            seen.add(found)
+            todo.append((found, module if found.name == "__init__.py" else
+                         module.rpartition(".")[0]))  # fmt: skip
+    return {path for path in seen if not _inert(path)}
+
+
+def _covered(path: Path, deps: list[str]) -> bool:
+    relative = path.relative_to(ROOT)
+    return any(relative == Path(dep) or Path(dep) in relative.parents for dep in deps)
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_each_stage_depends_on_every_module_it_runs(stage: str) -> None:
+    entry = ROOT / "stages" / f"{stage}.py"
+    deps = [dep for dep in STAGES[stage]["deps"] if isinstance(dep, str)]
+    assert f"stages/{stage}.py" in deps
+    missing = sorted(str(p.relative_to(ROOT)) for p in code_closure(entry) if not _covered(p, deps))
+    assert not missing, f"dvc.yaml: stage {stage} runs modules it does not depend on: {missing}"
+
+
+def test_the_closure_follows_imports_through_packages_and_functions() -> None:
+    closure = {str(p.relative_to(SOURCE)) for p in code_closure(ROOT / "stages" / "finetune.py")}
+    # stages/finetune.py -> tasks/finetuning.py -> tasks/sft.py -> tasks/causal_lm.py (the
+    # SFT loss), and a function-level import in tasks/preference.py.
+    assert {"lmpipe/tasks/finetuning.py", "lmpipe/tasks/sft.py",
+            "lmpipe/tasks/causal_lm.py"} <= closure  # fmt: skip
+    assert not any(p.startswith(BOOKKEEPING) for p in closure)
+    # Packages that hold only a docstring (or a version string) run nothing.
+    assert not {"lmpipe/__init__.py", "lmpipe/tasks/__init__.py"} & closure
