@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import copy_project, run
+from tests.conftest import copy_project, run, tool_env
 
 pytestmark = pytest.mark.slow
 
@@ -58,12 +58,23 @@ def sweep_runs(project: Path) -> list[tuple[str, list[str]]]:
 SMOKE = ["experiment=smoke"]
 
 
+CONFIG_READS = Path(__file__).parent / "config_reads"
+
+
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def config_reads(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where each stage of the pipeline build writes the config keys it read."""
+    return tmp_path_factory.mktemp("config-reads")
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory: pytest.TempPathFactory, config_reads: Path) -> Path:
     project = copy_project(tmp_path_factory.mktemp("e2e") / "project")
     run(["lmpipe", "params", *SMOKE], project)
     run(["git", "commit", "-qam", "smoke params"], project)
-    run(["dvc", "repro"], project, timeout=900)
+    env = tool_env(project) | {"LMPIPE_CONFIG_READS": str(config_reads),
+                               "PYTHONPATH": str(CONFIG_READS)}  # fmt: skip
+    run(["dvc", "repro"], project, timeout=900, env=env)
     return project
 
 
@@ -196,6 +207,47 @@ def test_clean_run_logs_counts_samples_and_length_histogram(pipeline: Path) -> N
 def test_dvc_sees_the_pipeline_up_to_date(pipeline: Path) -> None:
     status = run(["dvc", "status"], pipeline).stdout
     assert "up to date" in status
+
+
+# Config a stage reads that cannot change its outputs, so it is no DVC param of the stage:
+# where and how it runs, and where it logs.
+UNTRACKED_READS = (
+    "outputs_dir",
+    "tracking.",
+    "clean.executor", "clean.workers", "clean.slurm.",  # the data engine's executor
+    "hardware.launch", "hardware.launcher",  # how the stage is started
+    "hardware.retain_host_memory", "hardware.peak_flops",  # memory handling, the MFU metric
+)  # fmt: skip
+
+
+def _leaf_keys(tree: dict, prefix: str = "") -> list[str]:
+    return [leaf for key, value in tree.items()
+            for leaf in (_leaf_keys(value, f"{prefix}{key}.") if isinstance(value, dict) and value
+                         else [f"{prefix}{key}"])]  # fmt: skip
+
+
+def test_every_config_key_a_stage_reads_is_a_param_of_that_stage(
+    pipeline: Path, config_reads: Path
+) -> None:
+    stages = yaml.safe_load((pipeline / "dvc.yaml").read_text())["stages"]
+    leaves = _leaf_keys(yaml.safe_load((pipeline / "params.yaml").read_text()))
+    reads: dict[str, set[str]] = {}
+    for path in config_reads.glob("*.json"):
+        # A node read whole (converted or iterated) reads every key under it.
+        keys = {leaf for key in json.loads(path.read_text())
+                for leaf in leaves if leaf == key or leaf.startswith(f"{key}.")}  # fmt: skip
+        reads.setdefault(path.name.split(".")[0], set()).update(keys)
+    assert set(reads) == set(STAGES)  # every stage recorded its reads
+    assert "finetune.optim.lr" in reads["finetune"]
+    assert "clean.dedup.threshold" in reads["clean"]  # its node is converted whole
+    for stage, keys in reads.items():
+        params = [str(p) for p in stages[stage]["params"]]
+        untracked = sorted(
+            key for key in keys
+            if not key.startswith(UNTRACKED_READS)
+            and not any(key == p or key.startswith(f"{p}.") for p in params)
+        )  # fmt: skip
+        assert not untracked, f"dvc.yaml: stage {stage} reads config it does not track: {untracked}"
 
 
 def test_finetune_param_change_leaves_upstream_cached(pipeline: Path) -> None:

@@ -539,6 +539,8 @@ def clean_corpus(
     interrupted after some tasks completed resumes there."""
     cfg, data = as_dataclass(cfg), as_dataclass(data)
     check_settings(cfg)
+    if cfg.shards < 1:
+        raise ValueError(f"clean.shards={cfg.shards}: needs at least 1")
     DocumentFilter(cfg)  # a bad blocklist fails before any task starts
     units = input_units(data)  # a missing path or unknown source too
     tasks = cfg.shards

@@ -60,8 +60,6 @@ class _SlurmWithoutStatsJob(SlurmPipelineExecutor):
 def check_settings(settings: CleanConfig) -> None:
     if settings.executor not in EXECUTORS:
         raise ValueError(f"clean.executor={settings.executor!r}: expected one of {EXECUTORS}")
-    if settings.shards < 1:
-        raise ValueError(f"clean.shards={settings.shards}: needs at least 1")
 
 
 def run_step(

@@ -1,0 +1,104 @@
+"""Test-only: with LMPIPE_CONFIG_READS=<dir> and this folder on PYTHONPATH, each stage process
+writes the config keys its own code read (after validation) to <dir>/<stage>.<pid>.json, so
+tests/test_pipeline.py can check that each is a tracked DVC param of that stage.
+
+A read is a leaf read by attribute or item (`f.optim.lr`), or a whole node consumed at once
+(converted by OmegaConf.to_object / to_container, or iterated): its key then stands for every
+key under it. Reads by the bookkeeping (lmpipe/stage.py, lmpipe/runs/: the run's params logged
+to MLflow, checkpoint fingerprints) and by OmegaConf itself are not the stage's.
+
+Every Python process on the path loads this (dvc's too), so it does nothing until
+lmpipe.stage is imported, then wraps its `validate` to start recording once the config is
+validated."""
+
+import atexit
+import importlib.abc
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+OUT = os.environ.get("LMPIPE_CONFIG_READS")
+BOOKKEEPING = (os.sep + os.path.join("lmpipe", "stage.py"), os.sep + os.path.join("lmpipe", "runs"))
+
+
+def _stage_code(frame) -> bool:
+    filename = frame.f_code.co_filename
+    in_project = (os.sep + "lmpipe" + os.sep in filename
+                  or os.sep + "stages" + os.sep in filename)  # fmt: skip
+    return in_project and not any(part in filename for part in BOOKKEEPING)
+
+
+def _start_recording(stage_module) -> None:
+    from omegaconf import DictConfig, OmegaConf
+
+    reads: set[str] = set()
+    recording = [False]
+
+    def record(key: str) -> None:
+        if recording[0] and _stage_code(sys._getframe(2)):
+            reads.add(key)
+
+    def leaf_read(original):
+        def read(self, key):
+            value = original(self, key)
+            if not isinstance(value, DictConfig) and isinstance(key, str):
+                record(self._get_full_key(key))
+            return value
+
+        return read
+
+    def node_read(original):
+        def read(*args, **kwargs):
+            node = args[0] if args else kwargs.get("cfg")  # OmegaConf's own calls: cfg=
+            if isinstance(node, DictConfig):
+                record(node._get_full_key(None))
+            return original(*args, **kwargs)
+
+        return read
+
+    DictConfig.__getattr__ = leaf_read(DictConfig.__getattr__)
+    DictConfig.__getitem__ = leaf_read(DictConfig.__getitem__)
+    for name in ("items", "keys", "values", "__iter__"):
+        setattr(DictConfig, name, node_read(getattr(DictConfig, name)))
+    for name in ("to_object", "to_container"):
+        setattr(OmegaConf, name, staticmethod(node_read(getattr(OmegaConf, name))))
+
+    validate = stage_module.validate
+
+    def validate_then_record(cfg):
+        merged = validate(cfg)
+        recording[0] = True
+        return merged
+
+    stage_module.validate = validate_then_record
+
+    @atexit.register
+    def write() -> None:
+        entry = Path(sys.argv[0])  # stages/<name>.py by now (`python -m` sets it late)
+        if recording[0] and entry.parent.name == "stages":
+            path = Path(OUT) / f"{entry.stem}.{os.getpid()}.json"
+            path.write_text(json.dumps(sorted(reads)))
+
+
+class _StageHook(importlib.abc.MetaPathFinder):
+    """Runs _start_recording right after lmpipe.stage is executed."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != "lmpipe.stage":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        exec_module = spec.loader.exec_module
+
+        def exec_and_hook(module) -> None:
+            exec_module(module)
+            _start_recording(module)
+
+        spec.loader.exec_module = exec_and_hook
+        return spec
+
+
+if OUT:
+    sys.meta_path.insert(0, _StageHook())
