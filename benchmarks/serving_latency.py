@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,9 +21,12 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
-from lmpipe.deploy.server import sequential_latency, serve
 from lmpipe.deploy.serving import INPUT_COLUMN
 from lmpipe.runs import tracking
+
+# The MLflow server harness is shared with the serving tests (not library code).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.servers import sequential_latency, serve
 
 INPUTS = {"sft": "What is AI?", "classify": "a large wild animal of the cat family"}
 

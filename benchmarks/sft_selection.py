@@ -114,8 +114,9 @@ def fine_tune_and_score(
                              DATA / "selection-scores", process_env())  # fmt: skip
     ids = chosen.selected_ids
     setup = prepare_finetuning(f, base, tokenizer, cfg.seed, device, train_ids=ids)
-    result = train(setup.model, setup.batches, f, cfg.hardware, device, MetricLogger(None),
-                   setup.evaluate, desc="finetune", objective=setup.objective)  # fmt: skip
+    result = train(setup.model, setup.batches, setup.config, cfg.hardware, device,
+                   MetricLogger(None), setup.evaluate, desc="finetune",
+                   objective=setup.objective)  # fmt: skip
     model = setup.final_model()
     seconds = time.perf_counter() - start
     return {

@@ -71,8 +71,8 @@ def trained(
         task.prepare(f, base, tokenizer, CPU, DATA / "verifier-pairs", process_env(),
                      seed=cfg.seed)  # fmt: skip
     setup = prepare_finetuning(f, base, tokenizer, cfg.seed, CPU, task=task)
-    train(setup.model, setup.batches, f, cfg.hardware, CPU, MetricLogger(None), setup.evaluate,
-          desc=f"{f.task} {out.name}", objective=setup.objective)  # fmt: skip
+    train(setup.model, setup.batches, setup.config, cfg.hardware, CPU, MetricLogger(None),
+          setup.evaluate, desc=f"{f.task} {out.name}", objective=setup.objective)  # fmt: skip
     seconds = time.perf_counter() - start
     save_model(setup.final_model(), tokenizer, out)
     return out, seconds

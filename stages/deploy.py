@@ -46,9 +46,9 @@ def main(cfg: DictConfig) -> None:
             task = finetuning_task(f.task)
             splits = task.held_out(f, stage.input("finetune", "pairs.parquet").parent)
             compressed = compress(
-                model_dir, task, splits, f, c.evaluate, d.prune, list(d.sparsity.levels),
-                list(d.sparsity.methods), c.hardware, c.seed, select_device(c.hardware),
-                stage.output("pruned"), MetricLogger(stage.run_id, prefix="prune_recovery/"),
+                model_dir, task, splits, c, device=select_device(c.hardware),
+                out_dir=stage.output("pruned"),
+                metrics=MetricLogger(stage.run_id, prefix="prune_recovery/"),
             )  # fmt: skip
             pruned_dir = compressed.pruned_dir
             metrics |= compressed.metrics

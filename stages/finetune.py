@@ -65,7 +65,7 @@ def run_training(
     result = train(
         setup.model,
         setup.batches,
-        f,
+        setup.config,  # f, with the step count of finetune.epochs
         stage.cfg.hardware,
         device,
         metrics,

@@ -239,3 +239,21 @@ def test_epochs_decide_the_steps(epochs, batch_size, grad_accum, world_size, ste
 
     f = FinetuneConfig(epochs=epochs, batch_size=batch_size, grad_accum=grad_accum)
     assert steps_for_epochs(f, 2040, world_size) == steps
+
+
+def test_epochs_give_a_config_copy_and_leave_the_callers_alone(
+    classifier_base: Path, tiny_tokenizer
+) -> None:
+    """prepare_finetuning trains with a copy that counts finetune.epochs in steps; the
+    config it was given keeps its own step count (a caller may reuse it)."""
+    from omegaconf import OmegaConf
+
+    from lmpipe.runs.config import FinetuneConfig
+    from lmpipe.tasks.finetuning import prepare_finetuning
+
+    f = OmegaConf.structured(FinetuneConfig(task="classify", dataset="wordnet", epochs=1,
+                                            steps=7, batch_size=8, max_len=32))  # fmt: skip
+    setup = prepare_finetuning(f, classifier_base, tiny_tokenizer, 0, CPU)
+    per_epoch = setup.batches.num_items // 8
+    assert setup.config.steps == per_epoch != 7
+    assert f.steps == 7

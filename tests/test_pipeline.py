@@ -537,8 +537,8 @@ def test_tracking_server_stopped_mid_run(pipeline: Path, tmp_path: Path) -> None
     import subprocess
     import time
 
-    from lmpipe.deploy.server import free_port, tracking_server
     from tests.conftest import tool_env
+    from tests.servers import free_port, tracking_server
 
     steps, port = 1000, free_port()
     backend = f"sqlite:///{tmp_path / 'server.db'}"
@@ -695,7 +695,7 @@ def test_mlflow_ui_lists_every_stage_and_a_sweeps_children(
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from lmpipe.deploy.server import tracking_server
+    from tests.servers import tracking_server
 
     if not sweep_runs(pipeline):  # run on its own, without the sweep tests before it
         run(["python", "-m", "stages.finetune", "-m", *SMOKE, "finetune.optim.lr=0.001,0.004"],

@@ -10,9 +10,9 @@ import mlflow
 import pytest
 
 from lmpipe.deploy.release import deploy
-from lmpipe.deploy.server import post, sequential_latency, serve
 from lmpipe.runs.config import DeployConfig, GateConfig
 from lmpipe.training.model import load_classifier, save_model
+from tests.servers import post, sequential_latency, serve
 
 log = logging.getLogger(__name__)
 pytestmark = pytest.mark.slow

@@ -8,7 +8,8 @@ A stage reads like a recipe:
         with Stage("tokenize", cfg, upstream=("clean",)) as stage:
             corpus = stage.input("clean", "corpus")
             ...make files under stage.output("tokenizer")...
-            stage.finish(metrics)
+            stage.write_json("stats.json", stats)  # a DVC metric
+            stage.log_metrics(stats)
 
     if __name__ == "__main__":
         prepare_cli("tokenize")

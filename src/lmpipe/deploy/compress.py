@@ -26,7 +26,7 @@ from lmpipe.deploy.prune import Pruned, input_norms, prune_structured
 from lmpipe.deploy.quantize import quantize_int8
 from lmpipe.deploy.sparsity import SparsityPoint, sparsity_curve, sparsity_figure
 from lmpipe.deploy.variants import METRIC_PREFIX
-from lmpipe.runs.config import EvaluateConfig, FinetuneConfig, HardwareConfig, PruneConfig
+from lmpipe.runs.config import FinetuneConfig, LmpipeConfig, PruneConfig
 from lmpipe.runs.tracking import MetricLogger
 from lmpipe.tasks.base import FinetuningTask
 from lmpipe.tasks.finetuning import prepare_finetuning
@@ -74,19 +74,17 @@ def compress(
     model_dir: Path,
     task: FinetuningTask,
     splits: Mapping[str, list],
-    f: FinetuneConfig | DictConfig,
-    e: EvaluateConfig | DictConfig,
-    p: PruneConfig | DictConfig,
-    levels: list[float],
-    methods: list[str],
-    hardware: HardwareConfig | DictConfig,
-    seed: int,
+    c: LmpipeConfig | DictConfig,
+    *,
     device: torch.device,
     out_dir: Path,
     metrics: MetricLogger,
 ) -> Compression:
-    """Prune the model in `model_dir` into `out_dir`, with its held-out scores (`splits`: the
-    held-out data evaluate scored) and the sparsity curve (`levels` of each of `methods`)."""
+    """Prune the model in `model_dir` into `out_dir` as `deploy.prune` says, with its held-out
+    scores (`splits`: the held-out data evaluate scored) and the sparsity curve of
+    `deploy.sparsity`."""
+    f, e, p, hardware, seed = c.finetune, c.evaluate, c.deploy.prune, c.hardware, c.seed
+    levels, methods = list(c.deploy.sparsity.levels), list(c.deploy.sparsity.methods)
     tokenizer = load_tokenizer(model_dir)
     supervised = task.supervised_task()
     r = recovery_config(f, p, supervised.name)

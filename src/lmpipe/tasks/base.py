@@ -1,17 +1,18 @@
-"""The one interface every training objective implements.
+"""The base classes of the tasks: pretraining and fine-tuning objectives.
 
-The training loop sees a task only as an `Objective`: the summed loss of a micro-batch and
-how many prediction targets it holds. The loop divides every micro-batch's sum by the
-target count of the whole global batch (all micro-batches, all processes), so every target
-weighs the same however accumulation and processes split the batch. Beyond that a task
-gives its data and batches (`TrainingSetup`), and, for fine-tuning, its held-out
-predictions and their scores. A new objective is a new module here, never a loop branch.
+The training loop sees a task only as an `Objective` (lmpipe.training.loop): the summed
+loss of a micro-batch and how many prediction targets it holds. The loop divides every
+micro-batch's sum by the target count of the whole global batch (all micro-batches, all
+processes), so every target weighs the same however accumulation and processes split the
+batch. Beyond that a task gives its data and batches (`TrainingSetup`), and, for
+fine-tuning, its held-out predictions and their scores. A new objective is a new module
+here, never a loop branch.
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection, Mapping, Sequence
+from abc import abstractmethod
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -22,34 +23,11 @@ import torch
 from matplotlib.figure import Figure
 from transformers import AutoModel, PreTrainedModel, PreTrainedTokenizerBase
 
-from lmpipe.data.batches import Batch
 from lmpipe.runs.config import EvaluateConfig, FinetuneConfig, PretrainConfig
 from lmpipe.runs.processes import DistEnv
 from lmpipe.selection.candidates import Candidate
 from lmpipe.training.adapters import Adapters
-
-EvalFn = Callable[[torch.nn.Module], float | Mapping[str, float]]
-
-
-class Objective(ABC):
-    """What the training loop asks of a task (lmpipe.training.loop.Objective)."""
-
-    name: ClassVar[str]
-    # The loss is a cross-entropy per target token (exp(loss) is a perplexity).
-    loss_is_per_token: ClassVar[bool] = True
-
-    @abstractmethod
-    def target_count(self, batch: Batch) -> int:
-        """Prediction targets in `batch` (labelled tokens, masked tokens, rows, ...)."""
-
-    @abstractmethod
-    def loss_sum(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        """The loss summed over the batch's targets (fp32)."""
-
-    def take_metric_sums(self) -> dict[str, torch.Tensor]:
-        """Sums over the targets seen since the last call of values worth logging per step
-        (the loop averages them over the step's targets); none by default."""
-        return {}
+from lmpipe.training.loop import EvalFn, Objective
 
 
 @dataclass
@@ -62,6 +40,7 @@ class TrainingSetup:
     evaluate: EvalFn
     counts: dict[str, int] = field(default_factory=dict)
     adapters: Adapters | None = None
+    config: Any = None  # the finetune config to train with (its final step count)
 
     def final_model(self) -> PreTrainedModel:
         """What gets saved: adapters merged into the weights, so it loads without peft."""

@@ -3,12 +3,14 @@ train: adapters, frozen layers and the step count of `finetune.epochs`."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Collection
 from pathlib import Path
 
 import torch
+from omegaconf import DictConfig
 from transformers import PreTrainedTokenizerBase
 
 from lmpipe.runs.config import ConfigError, FinetuneConfig
@@ -45,8 +47,9 @@ def prepare_finetuning(
     task: FinetuningTask | None = None,
 ) -> TrainingSetup:
     """The task's model and data (the selected training examples, with `train_ids`), with
-    peft adapters or frozen layers as configured. `f.steps` must be final (AdaLoRA plans
-    its rank budget over them)."""
+    peft adapters or frozen layers as configured. `setup.config` is what to train with: `f`,
+    or with `f.epochs` a copy whose `steps` count them (AdaLoRA plans its rank budget over
+    the final count); `f` itself is left as it was."""
     task = task or finetuning_task(f.task)
     setup = task.setup(f, base, tokenizer, seed, device, rank, world_size, train_ids)
     if f.max_len > setup.model.config.max_position_embeddings:
@@ -55,9 +58,10 @@ def prepare_finetuning(
             f"max_position_embeddings={setup.model.config.max_position_embeddings}"
         )
     if f.epochs is not None:
-        f.steps = steps_for_epochs(f, setup.batches.num_items, world_size)
+        f = with_steps(f, steps_for_epochs(f, setup.batches.num_items, world_size))
         log.info("finetune: %s epochs of %d items = %d steps", f.epochs, setup.batches.num_items,
                  f.steps)  # fmt: skip
+    setup.config = f
     if f.peft.method != "none":
         head = task.head_modules(setup.model)
         setup.adapters = adapters.add_adapters(setup.model, f.peft, f.steps,
@@ -66,6 +70,15 @@ def prepare_finetuning(
         adapters.disable_dropout(setup.model)
     adapters.freeze_layers(setup.model, f.freeze_layers, f.freeze_embeddings)
     return setup
+
+
+def with_steps(f: FinetuneConfig | DictConfig, steps: int) -> FinetuneConfig | DictConfig:
+    """A copy of `f` that trains for `steps` optimizer steps."""
+    if isinstance(f, DictConfig):
+        copy = f.copy()
+        copy.steps = steps
+        return copy
+    return dataclasses.replace(f, steps=steps)
 
 
 def steps_for_epochs(f: FinetuneConfig, num_items: int, world_size: int) -> int:

@@ -17,10 +17,11 @@ import math
 import random
 import resource
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import numpy as np
 import torch
@@ -46,20 +47,28 @@ class Batches(Protocol):
     def __next__(self) -> dict[str, torch.Tensor]: ...
 
 
-class Objective(Protocol):
+class Objective(ABC):
     """What the loop asks of a task (lmpipe.tasks): the summed loss of a micro-batch and its
     number of prediction targets, and the sums of any per-target values it tracks (e.g. a
     preference pair's rewards), which the loop averages over the step's targets and logs.
-    `loss_is_per_token`: the loss is a cross-entropy per token, so exp(loss) is a
-    perplexity. The loop knows nothing else about tasks."""
+    The loop knows nothing else about tasks."""
 
-    loss_is_per_token: bool
+    name: ClassVar[str]
+    # The loss is a cross-entropy per target token (exp(loss) is a perplexity).
+    loss_is_per_token: ClassVar[bool] = True
 
-    def target_count(self, batch: dict[str, torch.Tensor]) -> int: ...
+    @abstractmethod
+    def target_count(self, batch: dict[str, torch.Tensor]) -> int:
+        """Prediction targets in `batch` (labelled tokens, masked tokens, rows, ...)."""
 
-    def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
+    @abstractmethod
+    def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The loss summed over the batch's targets (fp32)."""
 
-    def take_metric_sums(self) -> dict[str, torch.Tensor]: ...
+    def take_metric_sums(self) -> dict[str, torch.Tensor]:
+        """Sums over the targets seen since the last call of values worth logging per step
+        (the loop averages them over the step's targets); none by default."""
+        return {}
 
 
 class StepHook(Protocol):

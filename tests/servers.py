@@ -2,7 +2,8 @@
 
 MLflow's scoring server is the serving engine; this module starts it on 127.0.0.1 with the
 current environment (`--env-manager local`: no virtualenv is built), waits until it
-answers, and measures request latency. Used by the serving test and benchmark.
+answers, and measures request latency. Used by the serving and pipeline tests and by
+benchmarks/serving_latency.py; it is no part of the library.
 """
 
 from __future__ import annotations
