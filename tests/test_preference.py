@@ -656,3 +656,82 @@ def test_held_out_pairs_are_capped_per_split_by_a_stable_sample() -> None:
     assert opening_pairs(conversations, 4, 3) == splits  # the same ones every time
     assert [len(v) for v in opening_pairs(conversations, None).values()] == [6, 5, 7]
     assert {p.id for p in splits["test"]} <= {c.id for c in conversations["test"]}
+
+
+# --- ORPO --------------------------------------------------------------------------------------
+
+
+def test_orpo_loss_of_the_hand_worked_case() -> None:
+    """One reply token each: ā_c = −0.5, ā_r = −2. odds(a) = e^a / (1 − e^a), so the log
+    odds ratio is −0.5 + 2 − ln(1 − e^−0.5) + ln(1 − e^−2), and the loss is the chosen NLL
+    0.5 − β log σ(that)."""
+    p = PreferenceConfig(loss="orpo", beta=0.1)
+    chosen, rejected, one = torch.tensor([-0.5]), torch.tensor([-2.0]), torch.ones(1)
+    losses, chosen_reward, rejected_reward = preference_losses(
+        p, chosen, rejected, torch.zeros(1), torch.zeros(1), one, one
+    )
+    log_odds = 1.5 - math.log(1 - math.exp(-0.5)) + math.log(1 - math.exp(-2.0))
+    expected = 0.5 - 0.1 * math.log(1 / (1 + math.exp(-log_odds)))
+    assert float(losses) == pytest.approx(expected, rel=1e-6)
+    assert (float(chosen_reward), float(rejected_reward)) == pytest.approx((-0.05, -0.2))
+
+
+def test_orpo_odds_ratio_term_and_rewards_equal_trls() -> None:
+    """TRL's ORPOTrainer.odds_ratio_loss on the same mean token log-probs (it needs only β,
+    so it is called on a stand-in trainer): our loss less the chosen reply's mean NLL is
+    minus TRL's per-pair term, and the rewards are TRL's. (TRL's NLL also covers the prompt
+    tokens; ours only the reply's, as SFT's does.)"""
+    from types import SimpleNamespace
+
+    orpo = pytest.importorskip("trl.experimental.orpo.orpo_trainer")
+    generator = torch.Generator().manual_seed(2)
+    chosen, rejected = -3 * torch.rand(2, 6, generator=generator) - 0.01  # summed log-probs
+    # both sides of −ln 2 per token, where TRL's log(1 − e^x) switches formula
+    chosen_tokens = torch.tensor([1.0, 3, 5, 2, 7, 4])
+    rejected_tokens = torch.tensor([2.0, 1, 6, 1, 3, 9])
+    stand_in = SimpleNamespace(beta=0.25, accelerator=SimpleNamespace(device="cpu"))
+    trl_losses, trl_chosen, trl_rejected, _, _ = orpo.ORPOTrainer.odds_ratio_loss(
+        stand_in, chosen / chosen_tokens, rejected / rejected_tokens
+    )
+    p = PreferenceConfig(loss="orpo", beta=0.25)
+    unused = torch.full((6,), float("nan"))  # ORPO has no reference
+    losses, ours_chosen, ours_rejected = preference_losses(
+        p, chosen, rejected, unused, unused, chosen_tokens, rejected_tokens
+    )
+    torch.testing.assert_close(losses - (-chosen / chosen_tokens), -trl_losses)
+    torch.testing.assert_close(ours_chosen, trl_chosen)
+    torch.testing.assert_close(ours_rejected, trl_rejected)
+
+
+def test_reference_free_losses_build_no_reference_and_train_without_one(
+    tiny_tokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """orpo and simpo say they need no reference: the pairs are built without its pass (its
+    columns stay empty, under their own cache key), and training batches carry none."""
+    from lmpipe.tasks.preference import PAIR_LOSSES
+    from lmpipe.training.model import save_model
+
+    assert {name for name, loss in PAIR_LOSSES.items() if not loss.needs_reference} == {
+        "simpo", "orpo"}  # fmt: skip
+    base = tmp_path / "base"
+    save_model(talkative_model(tiny_tokenizer), tiny_tokenizer, base)
+    settings = {"task": "preference", "max_len": 48, "batch_size": 2,
+                "preference": {"loss": "orpo", "max_pairs": 8, "max_new_tokens": 4}}  # fmt: skip
+    f = validate({"finetune": settings}).finetune
+    monkeypatch.setattr("lmpipe.tasks.preference.reference_logps",
+                        lambda *a, **k: pytest.fail("a reference pass for ORPO"))  # fmt: skip
+    task = Preference()
+    table = task.prepare(f, base, tiny_tokenizer, CPU, tmp_path / "cache", DistEnv())
+    assert table["ref_chosen"].isna().all() and table["ref_rejected"].isna().all()
+    setup = task.setup(f, base, tiny_tokenizer, 0, CPU)
+    batch = next(setup.batches)
+    assert "ref_logps" not in batch
+    loss = setup.objective.loss_sum(setup.model, batch)
+    assert torch.isfinite(loss) and loss > 0
+    assert 0 <= setup.evaluate(setup.model)["rewards/accuracies"] <= 1
+    monkeypatch.undo()
+    f.preference.loss = "sigmoid"  # the DPO family reads another table, with the reference
+    with_reference = Preference().prepare(f, base, tiny_tokenizer, CPU, tmp_path / "cache",
+                                          DistEnv())  # fmt: skip
+    assert with_reference["ref_chosen"].notna().all()
+    assert len(list((tmp_path / "cache").glob("*.parquet"))) == 2

@@ -286,9 +286,9 @@ class SelectionConfig:
     seed: int | None = None  # budget.fill=random; null: the run's seed
 
 
-# finetune.preference.loss: the DPO family (against the frozen reference) and SimPO
-# (reference-free, length-normalised).
-PREFERENCE_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "simpo")
+# finetune.preference.loss (lmpipe.tasks.preference.PAIR_LOSSES): the DPO family (against
+# the frozen reference), SimPO and ORPO (reference-free, on mean token log-probs).
+PREFERENCE_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "simpo", "orpo")
 
 
 @dataclass
@@ -297,7 +297,8 @@ class PreferenceConfig:
     preference). The reference is the starting model, frozen; its log-probs are cached."""
 
     loss: str = "sigmoid"  # of PREFERENCE_LOSSES
-    beta: float = 0.1  # strength of the reference (DPO's beta, IPO's tau); simpo: reward scale
+    beta: float = 0.1  # the reference's strength (DPO's beta, IPO's tau); simpo: reward scale;
+    # orpo: the odds-ratio term's weight
     label_smoothing: float = 0.0  # robust: the share of pairs assumed flipped, in [0, 0.5)
     simpo_gamma: float = 0.5  # simpo: the target reward margin
     # Weight of the chosen reply's mean token NLL added to each pair's loss (RPO; 0: none).

@@ -8,6 +8,8 @@ Losses (`finetune.preference.loss`), with Δ = (log π(y_c) − log π_ref(y_c))
   ipo      IPO: (Δ̄ − 1/(2β))², Δ̄ from per-token averages (TRL's normalisation)
   robust   rDPO: (−(1−ε) log σ(βΔ) + ε log σ(−βΔ)) / (1 − 2ε), ε = label_smoothing
   simpo    SimPO, reference-free: −log σ(β(ā_c − ā_r) − γ), ā = mean token log-prob
+  orpo     ORPO, reference-free: −ā_c − β log σ(log odds(ā_c) − log odds(ā_r))
+(PAIR_LOSSES: each a function, and whether it needs the reference)
 each plus `sft_weight` × the chosen reply's mean token NLL (RPO) where that is set.
 The reference is the starting model, frozen: its log-probs are computed once, before
 training, and cached with the pairs (so LoRA needs no second model and no adapter
@@ -30,11 +32,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from collections import Counter
-from collections.abc import Collection, Iterable, Mapping, Sequence
-from dataclasses import replace
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -79,6 +83,114 @@ PAIRS_VERSION = 2  # 2: pairs keep their checkable answer
 # --- the losses ----------------------------------------------------------------------------
 
 
+class PairLogps(NamedTuple):
+    """A micro-batch's summed reply log-probs under the policy and the reference, per pair,
+    and each reply's token count."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    ref_chosen: torch.Tensor
+    ref_rejected: torch.Tensor
+    chosen_tokens: torch.Tensor
+    rejected_tokens: torch.Tensor
+
+    @property
+    def chosen_ratio(self) -> torch.Tensor:
+        return self.chosen - self.ref_chosen
+
+    @property
+    def rejected_ratio(self) -> torch.Tensor:
+        return self.rejected - self.ref_rejected
+
+    @property
+    def chosen_mean(self) -> torch.Tensor:
+        return self.chosen / self.chosen_tokens.clamp(min=1)
+
+    @property
+    def rejected_mean(self) -> torch.Tensor:
+        return self.rejected / self.rejected_tokens.clamp(min=1)
+
+
+# Per-pair losses, the chosen rewards and the rejected rewards (the last two detached).
+LossValues = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class PairLoss:
+    """One `finetune.preference.loss`. `needs_reference`: it reads the frozen reference's
+    log-probs (the DPO family); a reference-free loss rewards the policy's own mean token
+    log-prob."""
+
+    compute: Callable[[PairLogps, PreferenceConfig | DictConfig], LossValues]
+    needs_reference: bool = True
+
+
+def _ratio_rewards(x: PairLogps, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return beta * x.chosen_ratio.detach(), beta * x.rejected_ratio.detach()
+
+
+def _mean_rewards(x: PairLogps, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return beta * x.chosen_mean.detach(), beta * x.rejected_mean.detach()
+
+
+def dpo_loss(x: PairLogps, p: PreferenceConfig | DictConfig) -> LossValues:
+    """DPO: −log σ(βΔ)."""
+    delta = x.chosen_ratio - x.rejected_ratio
+    return -F.logsigmoid(p.beta * delta), *_ratio_rewards(x, p.beta)
+
+
+def hinge_loss(x: PairLogps, p: PreferenceConfig | DictConfig) -> LossValues:
+    """SLiC / RSO: max(0, 1 − βΔ)."""
+    delta = x.chosen_ratio - x.rejected_ratio
+    return torch.relu(1 - p.beta * delta), *_ratio_rewards(x, p.beta)
+
+
+def ipo_loss(x: PairLogps, p: PreferenceConfig | DictConfig) -> LossValues:
+    """IPO: (Δ̄ − 1/(2β))², Δ̄ from per-token averages (TRL's normalisation)."""
+    mean_delta = x.chosen_ratio / x.chosen_tokens.clamp(min=1) - \
+        x.rejected_ratio / x.rejected_tokens.clamp(min=1)  # fmt: skip
+    return (mean_delta - 1 / (2 * p.beta)) ** 2, *_ratio_rewards(x, p.beta)
+
+
+def robust_loss(x: PairLogps, p: PreferenceConfig | DictConfig) -> LossValues:
+    """rDPO: (−(1−ε) log σ(βΔ) + ε log σ(−βΔ)) / (1 − 2ε), ε = label_smoothing."""
+    delta, eps = x.chosen_ratio - x.rejected_ratio, p.label_smoothing
+    losses = (-(1 - eps) * F.logsigmoid(p.beta * delta)
+              + eps * F.logsigmoid(-p.beta * delta)) / (1 - 2 * eps)  # fmt: skip
+    return losses, *_ratio_rewards(x, p.beta)
+
+
+def simpo_loss(x: PairLogps, p: PreferenceConfig | DictConfig) -> LossValues:
+    """SimPO: −log σ(β(ā_c − ā_r) − γ), ā = mean token log-prob."""
+    losses = -F.logsigmoid(p.beta * (x.chosen_mean - x.rejected_mean) - p.simpo_gamma)
+    return losses, *_mean_rewards(x, p.beta)
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 − exp(x)) for x < 0, accurate on both sides of −ln 2."""
+    return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def orpo_loss(x: PairLogps, p: PreferenceConfig | DictConfig) -> LossValues:
+    """ORPO (Hong et al. 2024): the chosen reply's mean token NLL − β log σ(log odds ratio),
+    odds = P/(1 − P) of each reply's mean token log-prob. TRL's NLL also covers the prompt
+    tokens; ours, like SFT's, only the reply's."""
+    log_odds = (x.chosen_mean - x.rejected_mean) - (_log1mexp(x.chosen_mean)
+                                                    - _log1mexp(x.rejected_mean))  # fmt: skip
+    losses = -x.chosen_mean - p.beta * F.logsigmoid(log_odds)
+    return losses, *_mean_rewards(x, p.beta)
+
+
+PAIR_LOSSES: dict[str, PairLoss] = {
+    "sigmoid": PairLoss(dpo_loss),
+    "hinge": PairLoss(hinge_loss),
+    "ipo": PairLoss(ipo_loss),
+    "robust": PairLoss(robust_loss),
+    "simpo": PairLoss(simpo_loss, needs_reference=False),
+    "orpo": PairLoss(orpo_loss, needs_reference=False),
+}
+
+
 def preference_losses(
     p: PreferenceConfig | DictConfig,
     chosen_logps: torch.Tensor,
@@ -87,37 +199,19 @@ def preference_losses(
     ref_rejected_logps: torch.Tensor,
     chosen_tokens: torch.Tensor,
     rejected_tokens: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-pair losses and the chosen and rejected rewards (detached) of `p.loss`.
-
-    Rewards are β × the log-ratio to the reference (DPO family), or β × the mean token
-    log-prob for SimPO, which has no reference."""
-    beta = p.beta
-    chosen_ratio = chosen_logps - ref_chosen_logps
-    rejected_ratio = rejected_logps - ref_rejected_logps
-    delta = chosen_ratio - rejected_ratio
-    if p.loss == "sigmoid":
-        losses = -F.logsigmoid(beta * delta)
-    elif p.loss == "hinge":
-        losses = torch.relu(1 - beta * delta)
-    elif p.loss == "ipo":
-        mean_delta = chosen_ratio / chosen_tokens.clamp(min=1) - rejected_ratio / \
-            rejected_tokens.clamp(min=1)  # fmt: skip
-        losses = (mean_delta - 1 / (2 * beta)) ** 2
-    elif p.loss == "robust":
-        eps = p.label_smoothing
-        losses = (-(1 - eps) * F.logsigmoid(beta * delta)
-                  + eps * F.logsigmoid(-beta * delta)) / (1 - 2 * eps)  # fmt: skip
-    elif p.loss == "simpo":
-        chosen_mean = chosen_logps / chosen_tokens.clamp(min=1)
-        rejected_mean = rejected_logps / rejected_tokens.clamp(min=1)
-        losses = -F.logsigmoid(beta * (chosen_mean - rejected_mean) - p.simpo_gamma)
-        return (with_sft_term(losses, p, chosen_logps, chosen_tokens),
-                beta * chosen_mean.detach(), beta * rejected_mean.detach())  # fmt: skip
-    else:
-        raise ValueError(f"invalid value for 'finetune.preference.loss': {p.loss!r}")
-    return (with_sft_term(losses, p, chosen_logps, chosen_tokens),
-            beta * chosen_ratio.detach(), beta * rejected_ratio.detach())  # fmt: skip
+) -> LossValues:
+    """Per-pair losses and the chosen and rejected rewards (detached) of `p.loss`, plus its
+    SFT term (`with_sft_term`). Rewards are β × the log-ratio to the reference (DPO family),
+    or β × the mean token log-prob for a reference-free loss."""
+    try:
+        loss = PAIR_LOSSES[p.loss]
+    except KeyError:
+        raise ValueError(f"invalid value for 'finetune.preference.loss': {p.loss!r} "
+                         f"(allowed: {sorted(PAIR_LOSSES)})") from None  # fmt: skip
+    x = PairLogps(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                  chosen_tokens, rejected_tokens)  # fmt: skip
+    losses, chosen_rewards, rejected_rewards = loss.compute(x, p)
+    return with_sft_term(losses, p, chosen_logps, chosen_tokens), chosen_rewards, rejected_rewards
 
 
 def with_sft_term(
@@ -150,10 +244,14 @@ def reply_logps(
 class PairScores:
     """The policy's and reference's log-probs of a micro-batch of pairs, split in halves."""
 
-    def __init__(self, logps: torch.Tensor, tokens: torch.Tensor, ref_logps: torch.Tensor) -> None:
+    def __init__(
+        self, logps: torch.Tensor, tokens: torch.Tensor, ref_logps: torch.Tensor | None
+    ) -> None:
+        """`ref_logps` None: a reference-free loss, which never reads them."""
         self.chosen, self.rejected = logps.chunk(2)
         self.chosen_tokens, self.rejected_tokens = tokens.chunk(2)
-        self.ref_chosen, self.ref_rejected = ref_logps.to(logps).chunk(2)
+        ref_logps = torch.zeros_like(logps) if ref_logps is None else ref_logps.to(logps)
+        self.ref_chosen, self.ref_rejected = ref_logps.chunk(2)
 
     def losses(self, p: PreferenceConfig | DictConfig):
         return preference_losses(p, self.chosen, self.rejected, self.ref_chosen,
@@ -211,7 +309,7 @@ class PreferenceLoss(Objective):
         return batch["input_ids"].shape[0] // 2
 
     def loss_sum(self, model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        scores = PairScores(*reply_logps(model, batch), batch["ref_logps"])
+        scores = PairScores(*reply_logps(model, batch), batch.get("ref_logps"))
         losses, chosen_rewards, rejected_rewards = scores.losses(self.p)
         for name, value in pair_metric_sums(scores, chosen_rewards, rejected_rewards).items():
             self._sums[name] = self._sums.get(name, 0) + value
@@ -235,7 +333,7 @@ def pair_metrics(
     with eval_mode(model):
         for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
-            scores = PairScores(*reply_logps(model, batch), batch["ref_logps"])
+            scores = PairScores(*reply_logps(model, batch), batch.get("ref_logps"))
             losses, chosen_rewards, rejected_rewards = scores.losses(p)
             sums = {"loss": losses.sum(), **pair_metric_sums(scores, chosen_rewards,
                                                              rejected_rewards)}  # fmt: skip
@@ -414,6 +512,8 @@ def _cache_path(
             key["reasoning_gym"] = OmegaConf.to_container(OmegaConf.structured(f.reasoning_gym))
     if p.pairs == "verifier":
         key |= {"samples": p.samples, "temperature": p.temperature, "seed": seed}
+    if not PAIR_LOSSES[p.loss].needs_reference:  # a table without the reference's log-probs
+        key["reference"] = False
     digest = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=6).hexdigest()
     return cache_dir / f"{directory_digest(base)}-{digest}.parquet"
 
@@ -512,6 +612,8 @@ class Preference(SFT):
             splits = verifier_pairs(model, tokenizer, SFT.splits(self, f), p, device, seed)
         else:
             splits = spin_pairs(model, tokenizer, SFT.splits(self, f), p, device)
+        if not PAIR_LOSSES[p.loss].needs_reference:
+            return splits  # the reference log-probs stay empty
         filled = {}
         for split, pairs in splits.items():
             examples = pref.encode_pairs(tokenizer, pairs, f.max_len)
@@ -554,8 +656,9 @@ class Preference(SFT):
         splits = self.splits(f)
         train = pref.encode_pairs(tokenizer, chosen(splits["train"], train_ids), f.max_len)
         val = pref.encode_pairs(tokenizer, splits["val"], f.max_len)
-        collate = partial(pref.collate_pairs, pad_id=tokenizer.pad_token_id)
         p = f.preference
+        collate = partial(pref.collate_pairs, pad_id=tokenizer.pad_token_id,
+                          with_reference=PAIR_LOSSES[p.loss].needs_reference)  # fmt: skip
 
         def validate(m: torch.nn.Module) -> dict[str, float]:
             batches = ordered_examples(val, f.batch_size, collate)
@@ -617,10 +720,11 @@ class Preference(SFT):
         chosen reply the higher log-prob itself (no reference); beside them the accuracy of
         preferring the shorter reply."""
         metrics = super().score(frame, models, splits)
-        # A pair with a reply cut away by max_len has empty cells (the CSV keeps them empty).
+        # A pair with a reply cut away by max_len has empty cells (the CSV keeps them empty),
+        # and so do the reference's log-probs for a loss that needs none.
+        references = PAIR_LOSSES[self._loss_config.loss].needs_reference
         names = [
-            "ref_chosen_logp",
-            "ref_rejected_logp",
+            *(["ref_chosen_logp", "ref_rejected_logp"] if references else []),
             "chosen_tokens",
             "rejected_tokens",
             *(f"{m}_{side}_logp" for m in models for side in ("chosen", "rejected")),
@@ -631,6 +735,8 @@ class Preference(SFT):
             raise ValueError("no held-out preference pair fits finetune.max_len")
 
         def column(name: str) -> torch.Tensor:
+            if name not in numbers:  # an empty reference column: never read by the loss
+                return torch.zeros(len(numbers), dtype=torch.float64)
             return torch.tensor(numbers[name].to_numpy(dtype=np.float64))
 
         # The skeptic's baseline: prefer the shorter reply (ties half), no model at all.
