@@ -35,14 +35,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from lmpipe.data.tokenizer import load_tokenizer
 from lmpipe.evaluation.intervals import paired_difference_interval
+from lmpipe.runs.keys import directory_digest, key_of
 from lmpipe.runs.processes import process_env
 from lmpipe.runs.tracking import MetricLogger
-from lmpipe.selection.scoring import directory_digest
 from lmpipe.tasks.base import FinetuningTask
 from lmpipe.tasks.finetuning import finetuning_task, prepare_finetuning
 from lmpipe.tasks.preference import Preference
 from lmpipe.tasks.sft import MOST_FREQUENT, RETRIEVAL
-from lmpipe.training.checkpoint import fingerprint
 from lmpipe.training.loop import seed_everything, train
 from lmpipe.training.model import load_model, save_model
 
@@ -58,8 +57,8 @@ def trained(
 ) -> tuple[Path, float]:
     """`task` trained by `f` from `base` into a directory under `home` named by the config
     and the starting model (reused when there), and its seconds."""
-    key = fingerprint({"f": OmegaConf.to_container(f, resolve=True), "seed": cfg.seed,
-                       "base": directory_digest(base)})[:12]  # fmt: skip
+    key = key_of({"f": OmegaConf.to_container(f, resolve=True), "seed": cfg.seed,
+                  "base": directory_digest(base)})  # fmt: skip
     out = home / f"{f.task}-{f.steps}-{key}"
     if (out / "config.json").is_file():
         log.info("reusing %s", out)

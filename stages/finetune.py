@@ -26,17 +26,17 @@ from lmpipe.data.tokenizer import load_tokenizer
 from lmpipe.evaluation.lm_metrics import perplexity
 from lmpipe.evaluation.plots import selection_figures
 from lmpipe.runs import atomic, lineage
+from lmpipe.runs.keys import directory_digest, key_of
 from lmpipe.runs.processes import DistEnv
 from lmpipe.runs.tracking import MetricLogger
 from lmpipe.selection.run import CACHE_DIR, select_for_task
-from lmpipe.selection.scoring import directory_digest
 from lmpipe.stage import Stage, prepare_cli
 from lmpipe.tasks.base import FinetuningTask, TrainingSetup
 from lmpipe.tasks.finetuning import finetuning_task, prepare_finetuning
 from lmpipe.tasks.preference import CACHE_DIR as PAIRS_CACHE_DIR
 from lmpipe.tasks.preference import PAIRS_FILE
 from lmpipe.training import distributed
-from lmpipe.training.checkpoint import Checkpoints, fingerprint
+from lmpipe.training.checkpoint import Checkpoints
 from lmpipe.training.loop import TrainResult, seed_everything, setup_hardware, train
 from lmpipe.training.model import save_model
 
@@ -91,7 +91,7 @@ def sft_phase(
     settings = OmegaConf.to_container(f, resolve=True)
     identity = {"seed": c.seed, "finetune": settings,
                 "base": directory_digest(base) if env.is_main else None}  # fmt: skip
-    key = distributed.broadcast_object(fingerprint(identity)[:16] if env.is_main else None)
+    key = distributed.broadcast_object(key_of(identity) if env.is_main else None)
     home = stage.inputs_root / SFT_PHASE_DIR / key
     model_dir = home / "model"
     if model_dir.is_dir():

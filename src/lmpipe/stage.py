@@ -46,6 +46,7 @@ from lmpipe.runs.config import (
     stale_params_message,
     validate,
 )
+from lmpipe.runs.keys import key_of
 from lmpipe.runs.processes import process_env
 
 if TYPE_CHECKING:
@@ -272,11 +273,9 @@ class Stage:
             identity["inputs"] = self._input_digests() if self.env.is_main else None
             identity["processes"] = self.env.world_size
             # imported here: torch is for training stages only (clean and tokenize start faster)
-            from lmpipe.training.checkpoint import Checkpoints, fingerprint
+            from lmpipe.training.checkpoint import Checkpoints
 
-            self.checkpoints = Checkpoints(
-                self.out_dir / "checkpoints", fingerprint(identity), self.env
-            )
+            self.checkpoints = Checkpoints(self.out_dir / "checkpoints", key_of(identity), self.env)
         self._pending: dict[Path, Path] = {}
         self._scratch: Path | None = None
         self._run_ctx: Any = None

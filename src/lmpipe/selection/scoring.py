@@ -26,6 +26,7 @@ from transformers import PreTrainedModel
 from lmpipe.data.sft import collate
 from lmpipe.evaluation.lm_metrics import eval_mode, next_token_losses
 from lmpipe.runs import atomic
+from lmpipe.runs.keys import directory_digest, keyed_path
 from lmpipe.selection.candidates import Candidate
 
 log = logging.getLogger(__name__)
@@ -40,17 +41,6 @@ def ifd(conditional_loss: np.ndarray, response_loss: np.ndarray) -> np.ndarray:
     """Instruction-Following Difficulty: the response's loss given its prompt over its loss
     alone. Below 1 the prompt helps the model predict the response."""
     return np.asarray(conditional_loss) / np.asarray(response_loss)
-
-
-def directory_digest(path: Path) -> str:
-    """blake2b of a model directory's file names and contents."""
-    digest = hashlib.blake2b(digest_size=16)
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        digest.update(str(file.relative_to(path)).encode() + b"\0")
-        with file.open("rb") as handle:
-            while chunk := handle.read(1 << 22):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 def example_key(candidate: Candidate) -> str:
@@ -139,9 +129,8 @@ class ScoreCache:
     """Scores of one starting model, by example key, in `<directory>/<digest>.parquet`."""
 
     def __init__(self, directory: Path, model_dir: Path) -> None:
-        config = hashlib.blake2b(json.dumps(SCORING_VERSION, sort_keys=True).encode(),
-                                 digest_size=6).hexdigest()  # fmt: skip
-        self.path = directory / f"{directory_digest(model_dir)}-{config}.parquet"
+        identity = {"model": directory_digest(model_dir), "scoring": SCORING_VERSION}
+        self.path = keyed_path(directory, identity, ".parquet")
 
     def load(self) -> pd.DataFrame:
         if not self.path.is_file():

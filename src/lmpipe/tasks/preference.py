@@ -30,7 +30,6 @@ checkable), not only on those that made a pair.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 from collections import Counter
@@ -61,9 +60,9 @@ from lmpipe.runs.config import (
     FinetuneConfig,
     PreferenceConfig,
 )
+from lmpipe.runs.keys import directory_digest, keyed_path
 from lmpipe.runs.processes import DistEnv
 from lmpipe.selection.candidates import Candidate
-from lmpipe.selection.scoring import directory_digest
 from lmpipe.tasks.base import FinetuningTask, Objective, Report, TrainingSetup, chosen
 from lmpipe.tasks.sft import SFT, conversation_splits, selection_candidate
 from lmpipe.training import distributed
@@ -514,8 +513,7 @@ def _cache_path(
         key |= {"samples": p.samples, "temperature": p.temperature, "seed": seed}
     if not PAIR_LOSSES[p.loss].needs_reference:  # a table without the reference's log-probs
         key["reference"] = False
-    digest = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=6).hexdigest()
-    return cache_dir / f"{directory_digest(base)}-{digest}.parquet"
+    return keyed_path(cache_dir, {"base": directory_digest(base), **key}, ".parquet")
 
 
 def held_out_conversations(

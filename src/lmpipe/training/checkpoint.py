@@ -17,7 +17,6 @@ rank 0 writes and every rank reads.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import random
@@ -46,13 +45,6 @@ LAST, BEST = "last", "best"
 STATE_FILE = "state.json"
 TRAINER_FILE = "trainer.pt"
 WEIGHTS_FILE = "model.safetensors"
-
-
-def fingerprint(payload: Mapping[str, Any]) -> str:
-    """A stable digest of what determines a training run's result."""
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[
-        :16
-    ]
 
 
 # --- RNG states ----------------------------------------------------------------------------
