@@ -12,6 +12,7 @@ lmpipe.stage is imported, then wraps its `validate` to start recording once the 
 validated."""
 
 import atexit
+import functools
 import importlib.abc
 import importlib.util
 import json
@@ -20,24 +21,30 @@ import sys
 from pathlib import Path
 
 OUT = os.environ.get("LMPIPE_CONFIG_READS")
-BOOKKEEPING = (os.sep + os.path.join("lmpipe", "stage.py"), os.sep + os.path.join("lmpipe", "runs"))
-
-
-def _stage_code(frame) -> bool:
-    filename = frame.f_code.co_filename
-    in_project = (os.sep + "lmpipe" + os.sep in filename
-                  or os.sep + "stages" + os.sep in filename)  # fmt: skip
-    return in_project and not any(part in filename for part in BOOKKEEPING)
 
 
 def _start_recording(stage_module) -> None:
     from omegaconf import DictConfig, OmegaConf
 
+    # By location, not by a name in the path: a checkout in a folder called lmpipe holds the
+    # venv (and OmegaConf) too.
+    package = Path(stage_module.__file__).resolve().parent
+    bookkeeping = (package / "stage.py", package / "runs")
+
+    @functools.cache
+    def stage_file(filename: str) -> bool:
+        path = Path(filename).resolve()
+        if path.parent.name == "stages":
+            return True
+        return path.is_relative_to(package) and not any(
+            path == part or path.is_relative_to(part) for part in bookkeeping
+        )
+
     reads: set[str] = set()
     recording = [False]
 
     def record(key: str) -> None:
-        if recording[0] and _stage_code(sys._getframe(2)):
+        if recording[0] and stage_file(sys._getframe(2).f_code.co_filename):
             reads.add(key)
 
     def leaf_read(original):

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
+from omegaconf import DictConfig
 from transformers import AutoModel, PreTrainedModel, PreTrainedTokenizerBase
 
 from lmpipe.runs.config import EvaluateConfig, FinetuneConfig, PretrainConfig
@@ -40,7 +41,8 @@ class TrainingSetup:
     evaluate: EvalFn
     counts: dict[str, int] = field(default_factory=dict)
     adapters: Adapters | None = None
-    config: Any = None  # the finetune config to train with (its final step count)
+    # The finetune config to train with, its step count final (set by prepare_finetuning).
+    config: FinetuneConfig | DictConfig | None = None
 
     def final_model(self) -> PreTrainedModel:
         """What gets saved: adapters merged into the weights, so it loads without peft."""

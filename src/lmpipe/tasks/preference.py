@@ -190,6 +190,15 @@ PAIR_LOSSES: dict[str, PairLoss] = {
 }
 
 
+def pair_loss(name: str) -> PairLoss:
+    """The registered loss `finetune.preference.loss` names."""
+    try:
+        return PAIR_LOSSES[name]
+    except KeyError:
+        raise ValueError(f"invalid value for 'finetune.preference.loss': {name!r} "
+                         f"(allowed: {sorted(PAIR_LOSSES)})") from None  # fmt: skip
+
+
 def preference_losses(
     p: PreferenceConfig | DictConfig,
     chosen_logps: torch.Tensor,
@@ -202,11 +211,7 @@ def preference_losses(
     """Per-pair losses and the chosen and rejected rewards (detached) of `p.loss`, plus its
     SFT term (`with_sft_term`). Rewards are β × the log-ratio to the reference (DPO family),
     or β × the mean token log-prob for a reference-free loss."""
-    try:
-        loss = PAIR_LOSSES[p.loss]
-    except KeyError:
-        raise ValueError(f"invalid value for 'finetune.preference.loss': {p.loss!r} "
-                         f"(allowed: {sorted(PAIR_LOSSES)})") from None  # fmt: skip
+    loss = pair_loss(p.loss)
     x = PairLogps(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
                   chosen_tokens, rejected_tokens)  # fmt: skip
     losses, chosen_rewards, rejected_rewards = loss.compute(x, p)
@@ -511,7 +516,7 @@ def _cache_path(
             key["reasoning_gym"] = OmegaConf.to_container(OmegaConf.structured(f.reasoning_gym))
     if p.pairs == "verifier":
         key |= {"samples": p.samples, "temperature": p.temperature, "seed": seed}
-    if not PAIR_LOSSES[p.loss].needs_reference:  # a table without the reference's log-probs
+    if not pair_loss(p.loss).needs_reference:  # a table without the reference's log-probs
         key["reference"] = False
     return keyed_path(cache_dir, {"base": directory_digest(base), **key}, ".parquet")
 
@@ -610,7 +615,7 @@ class Preference(SFT):
             splits = verifier_pairs(model, tokenizer, SFT.splits(self, f), p, device, seed)
         else:
             splits = spin_pairs(model, tokenizer, SFT.splits(self, f), p, device)
-        if not PAIR_LOSSES[p.loss].needs_reference:
+        if not pair_loss(p.loss).needs_reference:
             return splits  # the reference log-probs stay empty
         filled = {}
         for split, pairs in splits.items():
@@ -656,7 +661,7 @@ class Preference(SFT):
         val = pref.encode_pairs(tokenizer, splits["val"], f.max_len)
         p = f.preference
         collate = partial(pref.collate_pairs, pad_id=tokenizer.pad_token_id,
-                          with_reference=PAIR_LOSSES[p.loss].needs_reference)  # fmt: skip
+                          with_reference=pair_loss(p.loss).needs_reference)  # fmt: skip
 
         def validate(m: torch.nn.Module) -> dict[str, float]:
             batches = ordered_examples(val, f.batch_size, collate)
@@ -720,7 +725,7 @@ class Preference(SFT):
         metrics = super().score(frame, models, splits)
         # A pair with a reply cut away by max_len has empty cells (the CSV keeps them empty),
         # and so do the reference's log-probs for a loss that needs none.
-        references = PAIR_LOSSES[self._loss_config.loss].needs_reference
+        references = pair_loss(self._loss_config.loss).needs_reference
         names = [
             *(["ref_chosen_logp", "ref_rejected_logp"] if references else []),
             "chosen_tokens",
