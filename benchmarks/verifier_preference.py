@@ -172,7 +172,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every model")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    for noisy in ("lmpipe.training.loop", "lmpipe.data.sft", "httpx"):
+    for noisy in ("lmpipe.training.loop", "lmpipe.taskdata.conversations", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     report: dict = {"date": time.strftime("%Y-%m-%d"), "models": {}}
     for name in args.models.split(","):

@@ -21,7 +21,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedTokenizerBase
 
-from lmpipe.data.preference import pairs_table
 from lmpipe.data.tokenizer import load_tokenizer
 from lmpipe.evaluation.lm_metrics import perplexity
 from lmpipe.evaluation.plots import selection_figures
@@ -31,6 +30,7 @@ from lmpipe.runs.processes import DistEnv
 from lmpipe.runs.tracking import MetricLogger
 from lmpipe.selection.run import CACHE_DIR, select_for_task
 from lmpipe.stage import Stage, prepare_cli
+from lmpipe.taskdata.pairs import pairs_table
 from lmpipe.tasks.base import FinetuningTask, TrainingSetup
 from lmpipe.tasks.finetuning import finetuning_task, prepare_finetuning
 from lmpipe.tasks.preference import CACHE_DIR as PAIRS_CACHE_DIR

@@ -24,8 +24,6 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from lmpipe.data.batches import shuffled_examples
-from lmpipe.data.preference import Pair, PairExample, collate_pairs
-from lmpipe.data.sft import IGNORE_INDEX, shuffled_batches
 from lmpipe.runs.config import (
     HardwareConfig,
     OptimConfig,
@@ -34,6 +32,8 @@ from lmpipe.runs.config import (
     TrainConfig,
 )
 from lmpipe.runs.tracking import MetricLogger
+from lmpipe.taskdata.conversations import IGNORE_INDEX, shuffled_batches
+from lmpipe.taskdata.pairs import Pair, PairExample, collate_pairs
 from lmpipe.tasks.causal_lm import CausalLM
 from lmpipe.tasks.preference import PreferenceLoss, reference_logps
 from lmpipe.training import adapters, checkpoint

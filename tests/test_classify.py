@@ -13,9 +13,9 @@ import pytest
 import torch
 from sklearn import metrics as sk
 
-from lmpipe.data import classify
 from lmpipe.evaluation.scoring import classification_report, confusion_matrix, predict_classes
 from lmpipe.runs.config import HardwareConfig, OptimConfig, TrainConfig
+from lmpipe.taskdata import labelled, wordnet
 from lmpipe.tasks.classify import Classify
 from lmpipe.training.loop import seed_everything, train
 from lmpipe.training.model import load_classifier, save_model
@@ -28,33 +28,33 @@ CATEGORIES = ["noun.animal", "noun.food", "noun.plant"]
 
 
 @pytest.fixture(scope="module")
-def glosses() -> list[classify.LabelledText]:
-    return classify.load_wordnet_glosses(CATEGORIES, max_per_class=60)
+def glosses() -> list[labelled.LabelledText]:
+    return wordnet.load_wordnet_glosses(CATEGORIES, max_per_class=60)
 
 
 def test_wordnet_glosses_carry_their_lexicographer_category(glosses) -> None:
     counts = Counter(item.label for item in glosses)
     assert counts == {name: 60 for name in CATEGORIES}
     assert len({item.text for item in glosses}) == len(glosses)  # no duplicate text
-    tiger = classify.load_wordnet_glosses(["noun.animal"])
+    tiger = wordnet.load_wordnet_glosses(["noun.animal"])
     assert len(tiger) > 7000  # the whole category without a cap
     assert any("feline" in t.text or "cat" in t.text for t in tiger)
 
 
 def test_unknown_category_is_named() -> None:
     with pytest.raises(ValueError, match=r"noun\.dragons"):
-        classify.load_wordnet_glosses(["noun.animal", "noun.dragons"])
+        wordnet.load_wordnet_glosses(["noun.animal", "noun.dragons"])
 
 
 def test_split_is_stratified_disjoint_and_stable(glosses) -> None:
-    splits = classify.stratified_split(glosses, 0.1, 0.2)
+    splits = labelled.stratified_split(glosses, 0.1, 0.2)
     for name in CATEGORIES:
         per_split = {s: sum(t.label == name for t in items) for s, items in splits.items()}
         assert per_split == {"train": 42, "val": 6, "test": 12}
     ids = [{t.id for t in items} for items in splits.values()]
     assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
     # Another sample of the data leaves every kept text in the same split.
-    again = classify.stratified_split(list(reversed(glosses)), 0.1, 0.2)
+    again = labelled.stratified_split(list(reversed(glosses)), 0.1, 0.2)
     assert {t.id for t in again["test"]} == {t.id for t in splits["test"]}
 
 
@@ -95,7 +95,7 @@ def test_scores_come_from_the_predictions_table_with_both_baselines() -> None:
     frame = pd.DataFrame(
         {"actual": actual, "finetuned_predicted": predicted, "tfidf_predicted": tfidf}
     )
-    train = [classify.LabelledText(str(i), "t", label) for i, label in enumerate("xyyz")]
+    train = [labelled.LabelledText(str(i), "t", label) for i, label in enumerate("xyyz")]
     metrics = CLASSIFY.score(frame, ["finetuned"], {"train": train})
     assert metrics["finetuned_accuracy"] == pytest.approx(sk.accuracy_score(actual, predicted))
     baseline = ["y"] * len(actual)  # the training split's majority
@@ -139,8 +139,8 @@ def classifier_base(tmp_path: Path, tiny_model, tiny_tokenizer) -> Path:
 def keyword_examples(tokenizer, n: int) -> list[dict]:
     """Two classes told apart by one word: learnable in a few dozen steps."""
     texts = {0: "the quick brown fox", 1: "what is the state of the union"}
-    items = [classify.LabelledText(str(i), texts[i % 2], str(i % 2)) for i in range(n)]
-    return classify.encode_texts(tokenizer, items, ["0", "1"], 16)
+    items = [labelled.LabelledText(str(i), texts[i % 2], str(i % 2)) for i in range(n)]
+    return labelled.encode_texts(tokenizer, items, ["0", "1"], 16)
 
 
 def test_classifier_trains_in_the_shared_loop_and_saves(
@@ -154,11 +154,11 @@ def test_classifier_trains_in_the_shared_loop_and_saves(
                       optim=OptimConfig(lr=5e-3, warmup_steps=2))  # fmt: skip
 
     def accuracy(m) -> dict[str, float]:
-        result = predict_classes(m, classify.ordered_batches(examples, 8, pad), CPU)
+        result = predict_classes(m, labelled.ordered_batches(examples, 8, pad), CPU)
         return {"loss": result.loss, "accuracy": float((result.actual == result.predicted).mean())}
 
     logger = NullLogger()
-    train(model, classify.shuffled_batches(examples, 8, pad, 0), cfg, HardwareConfig(), CPU,
+    train(model, labelled.shuffled_batches(examples, 8, pad, 0), cfg, HardwareConfig(), CPU,
           logger, accuracy, objective=CLASSIFY)  # fmt: skip
     val = [row for row, _, series in logger.rows if series == "val"][-1]
     assert val["val_accuracy"] == 1.0 and val["val_loss"] < 0.2
@@ -169,7 +169,7 @@ def test_classifier_trains_in_the_shared_loop_and_saves(
     assert base["architectures"] == ["LlamaForCausalLM"]
     reloaded = load_classifier(tmp_path / "clf")
     assert reloaded.config.id2label == {0: "0", 1: "1"}
-    again = predict_classes(reloaded, classify.ordered_batches(examples, 8, pad), CPU)
+    again = predict_classes(reloaded, labelled.ordered_batches(examples, 8, pad), CPU)
     assert (again.actual == again.predicted).all()
 
 
@@ -182,7 +182,7 @@ def test_classification_micro_batches_add_up_to_the_full_batch_gradient(
     model = load_classifier(classifier_base, ["0", "1"])
     examples = keyword_examples(tiny_tokenizer, 6)
     pad = model.config.pad_token_id
-    full = classify.collate(examples, pad)
+    full = labelled.collate(examples, pad)
     count = torch.tensor(float(CLASSIFY.target_count(full)))
     assert count == 6
     torch.nn.functional.cross_entropy(
@@ -192,7 +192,7 @@ def test_classification_micro_batches_add_up_to_the_full_batch_gradient(
     expected = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     for half in (examples[:2], examples[2:]):
-        (CLASSIFY.loss_sum(model, classify.collate(half, pad)) / count).backward()
+        (CLASSIFY.loss_sum(model, labelled.collate(half, pad)) / count).backward()
     for name, param in model.named_parameters():
         torch.testing.assert_close(param.grad, expected[name], rtol=1e-4, atol=1e-6)
 

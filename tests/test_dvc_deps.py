@@ -31,7 +31,7 @@ def _is_type_checking(node: ast.AST) -> bool:
 
 def _imported_modules(path: Path, package: str) -> set[str]:
     """Every lmpipe module `path` imports (at any depth, TYPE_CHECKING blocks excepted), with
-    the packages Python imports on the way (lmpipe.data for lmpipe.data.sft)."""
+    the packages Python imports on the way (lmpipe.taskdata for lmpipe.taskdata.trec)."""
     names: set[str] = set()
     stack = [ast.parse(path.read_text())]
     while stack:
@@ -47,7 +47,7 @@ def _imported_modules(path: Path, package: str) -> set[str]:
                 anchor = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
                 module = f"{anchor}.{module}" if module else anchor
             names.add(module)
-            # `from lmpipe.data import sft` imports the submodule when there is one.
+            # `from lmpipe.taskdata import trec` imports the submodule when there is one.
             names |= {f"{module}.{alias.name}" for alias in node.names}
     modules = set()
     for name in names:
@@ -109,3 +109,14 @@ def test_the_closure_follows_imports_through_packages_and_functions() -> None:
     assert not any(p.startswith(BOOKKEEPING) for p in closure)
     # Packages that hold only a docstring (or a version string) run nothing.
     assert not {"lmpipe/__init__.py", "lmpipe/tasks/__init__.py"} & closure
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_each_stage_depends_on_no_module_it_does_not_run(stage: str) -> None:
+    """A stale entry (a module the stage stopped importing) reruns the stage for nothing."""
+    closure = code_closure(ROOT / "stages" / f"{stage}.py")
+    deps = [dep for dep in STAGES[stage]["deps"]
+            if isinstance(dep, str) and dep.startswith("src/lmpipe/")]  # fmt: skip
+    stale = [dep for dep in deps if not any(
+        (ROOT / dep) == path or (ROOT / dep) in path.parents for path in closure)]  # fmt: skip
+    assert not stale, f"dvc.yaml: stage {stage} depends on modules it does not run: {stale}"

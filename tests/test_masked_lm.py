@@ -10,7 +10,6 @@ import pytest
 import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer, DataCollatorForLanguageModeling
 
-from lmpipe.data import classify
 from lmpipe.data.batches import IGNORE_INDEX
 from lmpipe.data.tokenizer import document_frame, load_tokenizer, train_tokenizer
 from lmpipe.runs.config import (
@@ -20,6 +19,7 @@ from lmpipe.runs.config import (
     OptimConfig,
     PretrainConfig,
 )
+from lmpipe.taskdata import labelled
 from lmpipe.tasks.masked_lm import MaskedLM, Vocabulary, mask_generator, mask_tokens
 from lmpipe.training.checkpoint import Checkpoints
 from lmpipe.training.loop import seed_everything, train
@@ -212,8 +212,8 @@ def test_a_local_encoder_directory_is_a_base(encoder_tokenizer, tmp_path: Path) 
         assert torch.equal(loaded.state_dict()[name], tensor), name
     classifier = load_classifier(tmp_path / "bert", ["a", "b"])
     assert type(classifier).__name__ == "BertForSequenceClassification"
-    item = classify.LabelledText("1", "the fox", "a")
-    (example,) = classify.encode_texts(tokenizer, [item], ["a", "b"], max_len=16)
+    item = labelled.LabelledText("1", "the fox", "a")
+    (example,) = labelled.encode_texts(tokenizer, [item], ["a", "b"], max_len=16)
     assert example["input_ids"][0] == tokenizer.cls_token_id
     assert example["input_ids"][-1] == tokenizer.sep_token_id
     assert AutoTokenizer.from_pretrained(tmp_path / "bert").cls_token == "<|cls|>"

@@ -15,10 +15,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmpipe.data import preference as pref
-from lmpipe.data.sft import Conversation
 from lmpipe.runs.config import ConfigError, FinetuneConfig, PreferenceConfig, validate
 from lmpipe.runs.processes import DistEnv
+from lmpipe.taskdata import pairs as pref
+from lmpipe.taskdata.conversations import Conversation
 from lmpipe.tasks.preference import (
     PairScores,
     Preference,

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from lmpipe.data import sft
 from lmpipe.data.batches import IGNORE_INDEX
 from lmpipe.runs.config import ConfigError, SelectionConfig, validate
 from lmpipe.runs.processes import process_env
@@ -25,6 +24,7 @@ from lmpipe.selection.rules import rule_reason
 from lmpipe.selection.run import select_for_task
 from lmpipe.selection.scoring import ScoreCache, cached_scores, example_key, score_candidates
 from lmpipe.selection.steps import OVER_BUDGET, SELECTED, fill_budget, select_examples
+from lmpipe.taskdata import conversations
 from lmpipe.tasks.finetuning import finetuning_task
 from lmpipe.tasks.sft import selection_candidate
 
@@ -36,9 +36,9 @@ def selection_cfg(**overrides):
     return cfg
 
 
-def chat(id_: str, *turns: str) -> sft.Conversation:
+def chat(id_: str, *turns: str) -> conversations.Conversation:
     roles = itertools.cycle(["user", "assistant"])
-    return sft.Conversation(
+    return conversations.Conversation(
         id_, [{"role": r, "content": t} for r, t in zip(roles, turns, strict=False)]
     )
 
@@ -320,8 +320,8 @@ def test_sft_selection_is_deterministic_cached_and_never_sees_val_or_test(
     first = run_selection(f)
     splits = task.splits(f)
     held_out = {c.id for c in splits["val"] + splits["test"]}
-    trainable = [c for c in splits["train"]
-                 if sft.encode_conversation(tiny_tokenizer, c.messages, f.max_len)]  # fmt: skip
+    encode = conversations.encode_conversation
+    trainable = [c for c in splits["train"] if encode(tiny_tokenizer, c.messages, f.max_len)]
     assert first.table["id"].tolist() == [c.id for c in trainable]
     assert not set(first.table["id"]) & held_out
     assert first.table["ifd"].notna().all() and first.table["pca_x"].notna().all()

@@ -7,12 +7,12 @@ import itertools
 import pytest
 import torch
 
-from lmpipe.data.sft import (
+from lmpipe.taskdata.chatterbot import load_chatterbot
+from lmpipe.taskdata.conversations import (
     IGNORE_INDEX,
     collate,
     collate_packed,
     encode_all,
-    load_chatterbot,
     ordered_batches,
     pack,
     split_conversations,

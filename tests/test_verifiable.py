@@ -11,11 +11,11 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from lmpipe.data.sft import Conversation
 from lmpipe.evaluation.answers import final_answer, is_correct, normalize
 from lmpipe.evaluation.intervals import mean_interval, paired_difference_interval
 from lmpipe.runs.config import ConfigError
 from lmpipe.taskdata import reasoning_gym
+from lmpipe.taskdata.conversations import Conversation
 from lmpipe.taskdata.packages import MissingPackageError, bare_packages
 from lmpipe.tasks.sft import MOST_FREQUENT, exact_match_scores, most_frequent_answer
 

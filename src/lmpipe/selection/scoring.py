@@ -23,11 +23,11 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
-from lmpipe.data.sft import collate
 from lmpipe.evaluation.lm_metrics import eval_mode, next_token_losses
 from lmpipe.runs import atomic
 from lmpipe.runs.keys import directory_digest, keyed_path
 from lmpipe.selection.candidates import Candidate
+from lmpipe.taskdata.conversations import collate
 
 log = logging.getLogger(__name__)
 

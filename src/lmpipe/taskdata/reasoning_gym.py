@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from random import Random
 from typing import Any
 
-from lmpipe.data.sft import Conversation
 from lmpipe.runs.config import ConfigError
+from lmpipe.taskdata.conversations import Conversation
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import csv
 import logging
 
-from lmpipe.data.classify import LabelledText, stratified_split
+from lmpipe.taskdata.labelled import LabelledText, stratified_split
 from lmpipe.taskdata.packages import package_file
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lmpipe.data import classify
 from lmpipe.data.batches import IGNORE_INDEX, Batch
 from lmpipe.evaluation.baselines import tfidf_predictions
 from lmpipe.evaluation.intervals import macro_f1, mean_interval, statistic_interval
@@ -23,20 +22,20 @@ from lmpipe.evaluation.plots import confusion_matrix_figure
 from lmpipe.evaluation.scoring import classification_report, confusion_matrix, predict_classes
 from lmpipe.runs.config import EvaluateConfig, FinetuneConfig
 from lmpipe.selection.candidates import Candidate
-from lmpipe.taskdata import trec
+from lmpipe.taskdata import labelled, trec, wordnet
 from lmpipe.tasks.base import FinetuningTask, Report, TrainingSetup, chosen
 from lmpipe.training.model import load_classifier, model_device
 
 
 def selection_candidates(
-    tokenizer: PreTrainedTokenizerBase, items: Sequence[classify.LabelledText], max_len: int
+    tokenizer: PreTrainedTokenizerBase, items: Sequence[labelled.LabelledText], max_len: int
 ) -> list[Candidate]:
     """Texts with any tokens, as data selection judges them: the text is the one turn and
     no token is a response. The label is part of the example for dedup (the same gloss
     under two categories is not a copy)."""
     labels = sorted({item.label for item in items})
-    kept = [item for item in items if classify.has_tokens(tokenizer, item.text)]
-    encoded = classify.encode_texts(tokenizer, kept, labels, max_len)
+    kept = [item for item in items if labelled.has_tokens(tokenizer, item.text)]
+    encoded = labelled.encode_texts(tokenizer, kept, labels, max_len)
     return [
         Candidate(item.id, (item.text, item.label), (),
                   {"input_ids": ex["input_ids"], "labels": [IGNORE_INDEX] * len(ex["input_ids"])})
@@ -80,11 +79,11 @@ class Classify(FinetuningTask):
         """The new classification head: trained in full under LoRA."""
         return [name for name in ("score", "classifier") if hasattr(model, name)]
 
-    def splits(self, f: FinetuneConfig) -> dict[str, list[classify.LabelledText]]:
+    def splits(self, f: FinetuneConfig) -> dict[str, list[labelled.LabelledText]]:
         if f.dataset == "trec":  # its standard test split; val carved from train
             return trec.trec_splits(f.val_fraction)
-        items = classify.load_wordnet_glosses(list(f.categories), f.max_per_class)
-        return classify.stratified_split(items, f.val_fraction, f.test_fraction)
+        items = wordnet.load_wordnet_glosses(list(f.categories), f.max_per_class)
+        return labelled.stratified_split(items, f.val_fraction, f.test_fraction)
 
     def candidates(self, f: FinetuneConfig, tokenizer: PreTrainedTokenizerBase) -> list[Candidate]:
         return selection_candidates(tokenizer, self.splits(f)["train"], f.max_len)
@@ -102,22 +101,22 @@ class Classify(FinetuningTask):
     ) -> TrainingSetup:
         splits = self.splits(f)
         # The classes are those of the whole training split, selected or not.
-        labels = classify.label_names(splits["train"])
+        labels = labelled.label_names(splits["train"])
         model = load_classifier(base, labels)
         train = chosen(splits["train"], train_ids)
-        train_examples = classify.encode_texts(tokenizer, train, labels, f.max_len)
-        val_examples = classify.encode_texts(tokenizer, splits["val"], labels, f.max_len)
+        train_examples = labelled.encode_texts(tokenizer, train, labels, f.max_len)
+        val_examples = labelled.encode_texts(tokenizer, splits["val"], labels, f.max_len)
         pad = model.config.pad_token_id
 
         def val_metrics(m: torch.nn.Module) -> dict[str, float]:
             result = predict_classes(
-                m, classify.ordered_batches(val_examples, f.batch_size, pad), device,
+                m, labelled.ordered_batches(val_examples, f.batch_size, pad), device,
                 f.eval_batches,
             )  # fmt: skip
             accuracy = float((result.actual == result.predicted).mean())
             return {"loss": result.loss, "accuracy": accuracy}
 
-        batches = classify.shuffled_batches(train_examples, f.batch_size, pad, seed, rank,
+        batches = labelled.shuffled_batches(train_examples, f.batch_size, pad, seed, rank,
                                             world_size)  # fmt: skip
         counts = {
             "train_examples": len(train_examples),
@@ -133,7 +132,7 @@ class Classify(FinetuningTask):
         self,
         models: Mapping[str, PreTrainedModel],
         tokenizer: PreTrainedTokenizerBase,
-        splits: Mapping[str, Sequence[classify.LabelledText]],
+        splits: Mapping[str, Sequence[labelled.LabelledText]],
         f: FinetuneConfig,
         e: EvaluateConfig,
     ) -> pd.DataFrame:
@@ -142,15 +141,15 @@ class Classify(FinetuningTask):
         first = next(iter(models.values()))
         labels = [first.config.id2label[i] for i in range(first.config.num_labels)]
         test = splits["test"]
-        examples = classify.encode_texts(tokenizer, test, labels, f.max_len)
-        kept = [t for t in test if classify.has_tokens(tokenizer, t.text)]
+        examples = labelled.encode_texts(tokenizer, test, labels, f.max_len)
+        kept = [t for t in test if labelled.has_tokens(tokenizer, t.text)]
         frame = pd.DataFrame(
             {"id": [t.id for t in kept], "text": [t.text for t in kept],
              "actual": [t.label for t in kept]}
         )  # fmt: skip
         for label, model in models.items():
             result = predict_classes(
-                model, classify.ordered_batches(examples, e.batch_size, first.config.pad_token_id),
+                model, labelled.ordered_batches(examples, e.batch_size, first.config.pad_token_id),
                 model_device(model),
             )  # fmt: skip
             frame[f"{label}_predicted"] = [labels[i] for i in result.predicted]
@@ -166,8 +165,8 @@ class Classify(FinetuningTask):
     ) -> dict[str, float]:
         """Accuracy, macro-F1 and per-class scores of each model, of always answering the
         training split's majority class, and of TF-IDF + logistic regression."""
-        labels = classify.label_names(splits["train"])
-        majority = classify.majority_label(splits["train"])
+        labels = labelled.label_names(splits["train"])
+        majority = labelled.majority_label(splits["train"])
         actual = frame["actual"].tolist()
         columns = {label: frame[f"{label}_predicted"].tolist() for label in models}
         columns[MAJORITY] = [majority] * len(frame)

@@ -21,7 +21,7 @@ conversations as SPIN does, chosen = the reference reply, rejected = the startin
 greedy reply; `verifier` (checkable answers) samples the starting model's replies and lets
 the answer checker judge them, chosen = a correct reply of the model's own (the reference
 solution where none is), rejected = a wrong one; `files` reads users' .jsonl
-(lmpipe.data.preference). Either way the table, with the reference's log-probs, is cached
+(lmpipe.taskdata.pairs). Either way the table, with the reference's log-probs, is cached
 per starting model and written to pairs.parquet. Held out, spin and verifier models are
 scored on every held-out problem of the dataset (answer accuracy where answers are
 checkable), not only on those that made a pair.
@@ -46,8 +46,6 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lmpipe.data import preference as pref
-from lmpipe.data import sft
 from lmpipe.data.batches import ordered_examples, shuffled_examples
 from lmpipe.evaluation.answers import is_correct
 from lmpipe.evaluation.lm_metrics import eval_mode, next_token_losses
@@ -63,6 +61,8 @@ from lmpipe.runs.config import (
 from lmpipe.runs.keys import directory_digest, keyed_path
 from lmpipe.runs.processes import DistEnv
 from lmpipe.selection.candidates import Candidate
+from lmpipe.taskdata import conversations
+from lmpipe.taskdata import pairs as pref
 from lmpipe.tasks.base import FinetuningTask, Objective, Report, TrainingSetup, chosen
 from lmpipe.tasks.sft import SFT, conversation_splits, selection_candidate
 from lmpipe.training import distributed
@@ -379,7 +379,7 @@ def reference_logps(
 def spin_pairs(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    conversations: Mapping[str, Sequence[sft.Conversation]],
+    conversations: Mapping[str, Sequence[conversations.Conversation]],
     p: PreferenceConfig | DictConfig,
     device: torch.device,
 ) -> dict[str, list[pref.Pair]]:
@@ -406,7 +406,7 @@ def spin_pairs(
 
 
 def opening_pairs(
-    conversations: Mapping[str, Sequence[sft.Conversation]],
+    conversations: Mapping[str, Sequence[conversations.Conversation]],
     max_pairs: int | None,
     max_held_out_pairs: int | None = None,
 ) -> dict[str, list[pref.Pair]]:
@@ -464,7 +464,7 @@ def sample_replies(
 def verifier_pairs(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    conversations: Mapping[str, Sequence[sft.Conversation]],
+    conversations: Mapping[str, Sequence[conversations.Conversation]],
     p: PreferenceConfig | DictConfig,
     device: torch.device,
     seed: int,
@@ -523,7 +523,7 @@ def _cache_path(
 
 def held_out_conversations(
     f: FinetuneConfig | DictConfig, pairs: Mapping[str, Sequence[pref.Pair]]
-) -> dict[str, list[sft.Conversation]]:
+) -> dict[str, list[conversations.Conversation]]:
     """What SFT's metrics score: with checkable answers, every problem of finetune.dataset
     when the pairs were built from it (spin, verifier), also those that made no pair, so
     that dropping the problems the model always solves cannot inflate its accuracy; else

@@ -18,7 +18,6 @@ import pandas as pd
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lmpipe.data import sft
 from lmpipe.evaluation.answers import final_answer, is_correct, normalize
 from lmpipe.evaluation.baselines import retrieval_replies
 from lmpipe.evaluation.intervals import mean_interval
@@ -27,17 +26,17 @@ from lmpipe.evaluation.plots import loss_comparison_figure
 from lmpipe.evaluation.scoring import example_losses, generate_replies, reply_scores
 from lmpipe.runs.config import EvaluateConfig, FinetuneConfig
 from lmpipe.selection.candidates import Candidate
-from lmpipe.taskdata import reasoning_gym
+from lmpipe.taskdata import chatterbot, conversations, reasoning_gym
 from lmpipe.tasks.base import FinetuningTask, Report, TrainingSetup, chosen
 from lmpipe.tasks.causal_lm import NextTokenLoss
 from lmpipe.training.model import load_model, model_device
 
 
 def selection_candidate(
-    tokenizer: PreTrainedTokenizerBase, conversation: sft.Conversation, max_len: int
+    tokenizer: PreTrainedTokenizerBase, conversation: conversations.Conversation, max_len: int
 ) -> Candidate | None:
     """The conversation as data selection judges it; None if it has no target in max_len."""
-    example = sft.encode_conversation(tokenizer, conversation.messages, max_len)
+    example = conversations.encode_conversation(tokenizer, conversation.messages, max_len)
     if example is None:
         return None
     turns = tuple(m["content"] for m in conversation.messages)
@@ -46,8 +45,8 @@ def selection_candidate(
         for m, reply in zip(conversation.messages, conversation.messages[1:], strict=False)
         if m["role"] == "user" and reply["role"] == "assistant"
     )
-    return Candidate(conversation.id, turns, exchanges, example,
-                     sft.responses_alone(tokenizer, conversation.messages, example))  # fmt: skip
+    alone = conversations.responses_alone(tokenizer, conversation.messages, example)
+    return Candidate(conversation.id, turns, exchanges, example, alone)
 
 
 # The baselines' column prefixes in the predictions table and their metrics: the reply to
@@ -56,7 +55,7 @@ RETRIEVAL = "retrieval"
 MOST_FREQUENT = "most_frequent"
 
 
-def conversation_splits(f: FinetuneConfig) -> dict[str, list[sft.Conversation]]:
+def conversation_splits(f: FinetuneConfig) -> dict[str, list[conversations.Conversation]]:
     """train/val/test conversations of `f.dataset`, disjoint by prompt (chatterbot) or by
     question and template (reasoning_gym)."""
     if f.dataset == "reasoning_gym":
@@ -64,11 +63,11 @@ def conversation_splits(f: FinetuneConfig) -> dict[str, list[sft.Conversation]]:
         sizes = {"train": g.train_size, "val": g.val_size, "test": g.test_size}
         return reasoning_gym.load_splits(g.generator, sizes, g.seed, g.options, f.val_fraction,
                                          f.test_fraction, g.worked)  # fmt: skip
-    return sft.split_conversations(sft.load_chatterbot(f.language), f.val_fraction,
+    return conversations.split_conversations(chatterbot.load_chatterbot(f.language), f.val_fraction,
                                    f.test_fraction)  # fmt: skip
 
 
-def most_frequent_answer(conversations: Sequence[sft.Conversation]) -> str:
+def most_frequent_answer(conversations: Sequence[conversations.Conversation]) -> str:
     """The commonest normalised answer of `conversations` (ties: the smallest, for a
     deterministic pick)."""
     counts = Counter(normalize(c.answer) for c in conversations if c.answer is not None)
@@ -102,7 +101,7 @@ class SFT(NextTokenLoss, FinetuningTask):
     name = "sft"
     before_tuning_is_comparable = True
 
-    def splits(self, f: FinetuneConfig) -> dict[str, list[sft.Conversation]]:
+    def splits(self, f: FinetuneConfig) -> dict[str, list[conversations.Conversation]]:
         return conversation_splits(f)
 
     def candidates(self, f: FinetuneConfig, tokenizer: PreTrainedTokenizerBase) -> list[Candidate]:
@@ -126,15 +125,15 @@ class SFT(NextTokenLoss, FinetuningTask):
         model = load_model(base)
         splits = self.splits(f)
         train = chosen(splits["train"], train_ids)
-        train_examples = sft.encode_all(tokenizer, train, f.max_len)
-        val_examples = sft.encode_all(tokenizer, splits["val"], f.max_len)
+        train_examples = conversations.encode_all(tokenizer, train, f.max_len)
+        val_examples = conversations.encode_all(tokenizer, splits["val"], f.max_len)
         pad = tokenizer.pad_token_id
 
         def val_loss(m: torch.nn.Module) -> float:
-            return mean_loss(m, sft.ordered_batches(val_examples, f.batch_size, pad), device,
-                             f.eval_batches)[0]  # fmt: skip
+            val_batches = conversations.ordered_batches(val_examples, f.batch_size, pad)
+            return mean_loss(m, val_batches, device, f.eval_batches)[0]
 
-        batches = sft.shuffled_batches(
+        batches = conversations.shuffled_batches(
             train_examples, f.batch_size, pad, seed, rank, world_size,
             packing_len=f.max_len if f.packing else None,
         )  # fmt: skip
@@ -150,7 +149,7 @@ class SFT(NextTokenLoss, FinetuningTask):
         self,
         models: Mapping[str, PreTrainedModel],
         tokenizer: PreTrainedTokenizerBase,
-        splits: Mapping[str, Sequence[sft.Conversation]],
+        splits: Mapping[str, Sequence[conversations.Conversation]],
         f: FinetuneConfig,
         e: EvaluateConfig,
     ) -> pd.DataFrame:
@@ -160,7 +159,8 @@ class SFT(NextTokenLoss, FinetuningTask):
         checkable answers, the most frequent training answer. Each model runs on the device
         it is on (an int8 variant on the CPU beside a model on a GPU)."""
         test = splits["test"]
-        pairs = [(c, sft.encode_conversation(tokenizer, c.messages, f.max_len)) for c in test]
+        encode = conversations.encode_conversation
+        pairs = [(c, encode(tokenizer, c.messages, f.max_len)) for c in test]
         pairs = [(c, ex) for c, ex in pairs if ex is not None]
         if not pairs:
             raise ValueError("no held-out SFT examples with a response within finetune.max_len")
@@ -183,7 +183,9 @@ class SFT(NextTokenLoss, FinetuningTask):
         for label, model in models.items():
             device = model_device(model)
             sums, counts = example_losses(
-                model, sft.ordered_batches(examples, e.batch_size, tokenizer.pad_token_id), device
+                model,
+                conversations.ordered_batches(examples, e.batch_size, tokenizer.pad_token_id),
+                device,
             )
             frame[f"{label}_loss"] = sums
             frame["target_tokens"] = counts

@@ -28,8 +28,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from lmpipe.data.batches import IGNORE_INDEX
-from lmpipe.data.sft import Conversation, Messages, collate, split_of
 from lmpipe.data.sources import SourceError, decode, expand_paths
+from lmpipe.taskdata.conversations import Conversation, Messages, collate, split_of
 
 log = logging.getLogger(__name__)
 

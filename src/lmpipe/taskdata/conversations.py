@@ -1,4 +1,4 @@
-"""Supervised fine-tuning data: chat conversations, split, tokenised with a loss mask.
+"""Conversations for supervised fine-tuning, from any source: split, tokenised with a loss mask.
 
 Loss is on assistant tokens only: the chat template marks them ({% generation %}), and
 every other position gets label -100.
@@ -11,10 +11,8 @@ import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
 import torch
-import yaml
 from transformers import PreTrainedTokenizerBase
 
 from lmpipe.data.batches import IGNORE_INDEX, ShuffledBatches, ordered_examples, shuffled_examples
@@ -34,39 +32,6 @@ class Conversation:
     @property
     def prompt(self) -> str:
         return self.messages[0]["content"]
-
-
-def chatterbot_dir(language: str) -> Path:
-    try:
-        import chatterbot_corpus
-    except ImportError as exc:
-        raise FileNotFoundError(
-            "finetune.dataset=chatterbot needs `pip install chatterbot-corpus`"
-        ) from exc
-    path = Path(chatterbot_corpus.__file__).parent / "data" / language
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"finetune.language: chatterbot-corpus has no '{language}' data ({path})"
-        )
-    return path
-
-
-def load_chatterbot(language: str = "english") -> list[Conversation]:
-    """Each chatterbot conversation [q, a, q2, a2, ...] becomes alternating user/assistant turns."""
-    conversations = []
-    for path in sorted(chatterbot_dir(language).glob("*.yml")):
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        for index, turns in enumerate(data.get("conversations") or []):
-            texts = [str(t).strip() for t in turns if t is not None and str(t).strip()]
-            if len(texts) < 2:
-                continue
-            texts = texts[: len(texts) // 2 * 2]  # end on an assistant turn
-            messages = [
-                {"role": "user" if i % 2 == 0 else "assistant", "content": text}
-                for i, text in enumerate(texts)
-            ]
-            conversations.append(Conversation(f"chatterbot:{path.stem}:{index}", messages))
-    return conversations
 
 
 def split_of(conversation: Conversation, val_fraction: float, test_fraction: float) -> str:
