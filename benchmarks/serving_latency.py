@@ -21,8 +21,8 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
-from lmpipe.deploy.serving import INPUT_COLUMN
 from lmpipe.runs import tracking
+from lmpipe.tasks.finetuning import finetuning_task
 
 # The MLflow server harness is shared with the serving tests (not library code).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -43,8 +43,9 @@ def main() -> None:
     model_uri = f"models:/{args.model}@{args.alias}"
     model = mlflow.pyfunc.load_model(model_uri)
     task = (model.model_config or {}).get("task", "sft")
-    row = {INPUT_COLUMN[task]: INPUTS[task]}
-    params = None if task == "classify" else {"max_new_tokens": args.max_new_tokens}
+    serving = finetuning_task(task).serving
+    row = {serving.input_column: INPUTS[task]}
+    params = {"max_new_tokens": args.max_new_tokens} if serving.generates else None
     payload = {"dataframe_records": [row], **({"params": params} if params else {})}
 
     frame = pd.DataFrame([row])

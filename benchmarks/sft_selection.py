@@ -38,12 +38,12 @@ from models import DATA, base_model, config
 from omegaconf import DictConfig, OmegaConf
 
 from lmpipe.data.tokenizer import load_tokenizer
-from lmpipe.runs.config import VERIFIABLE_DATASETS
 from lmpipe.runs.processes import process_env
 from lmpipe.runs.tracking import MetricLogger
 from lmpipe.selection.run import select_for_task
 from lmpipe.selection.scoring import length_batches, score_candidates
 from lmpipe.tasks.finetuning import finetuning_task, prepare_finetuning
+from lmpipe.tasks.sft import VERIFIABLE_DATASETS
 from lmpipe.training.loop import seed_everything, train
 from lmpipe.training.model import load_model
 

@@ -67,8 +67,8 @@ def trained(
     seed_everything(cfg.seed)
     start = time.perf_counter()
     if isinstance(task, Preference):
-        task.prepare(f, base, tokenizer, CPU, DATA / "verifier-pairs", process_env(),
-                     seed=cfg.seed)  # fmt: skip
+        task, _ = task.prepare(f, base, tokenizer, CPU, DATA / "verifier-pairs",
+                               process_env(), seed=cfg.seed)  # fmt: skip
     setup = prepare_finetuning(f, base, tokenizer, cfg.seed, CPU, task=task)
     train(setup.model, setup.batches, setup.config, cfg.hardware, CPU, MetricLogger(None),
           setup.evaluate, desc=f"{f.task} {out.name}", objective=setup.objective)  # fmt: skip

@@ -19,12 +19,11 @@ from omegaconf import DictConfig
 
 from lmpipe.deploy.compress import compress, curve_table
 from lmpipe.deploy.release import deploy
-from lmpipe.deploy.serving import INPUT_COLUMN
 from lmpipe.deploy.variants import frontier_figure, frontier_table
 from lmpipe.runs import lineage
 from lmpipe.runs.tracking import MetricLogger
 from lmpipe.stage import Stage, prepare_cli
-from lmpipe.tasks.finetuning import finetuning_task
+from lmpipe.tasks.finetuning import checked_task
 from lmpipe.training.loop import seed_everything, select_device
 
 
@@ -32,21 +31,21 @@ from lmpipe.training.loop import seed_everything, select_device
 def main(cfg: DictConfig) -> None:
     with Stage("deploy", cfg, upstream=("evaluate", "finetune")) as stage:
         c, d, f = stage.cfg, stage.cfg.deploy, stage.cfg.finetune
+        task = checked_task(c)
         metrics = json.loads(stage.input("evaluate", "metrics.json").read_text())
         predictions = pd.read_csv(stage.input("evaluate", "predictions.csv"),
                                   keep_default_na=False)  # fmt: skip
         # Held-out inputs are the latency workload of every variant.
-        requests = predictions[INPUT_COLUMN[f.task]].astype(str).tolist()
+        requests = predictions[task.serving.input_column].astype(str).tolist()
         model_dir = stage.input("finetune", "model")
         plots = stage.output("plots")
         plots.mkdir()
         pruned_dir = None
         if d.prune.enabled:
             seed_everything(c.seed)
-            task = finetuning_task(f.task)
-            splits = task.held_out(f, stage.input("finetune", "pairs.parquet").parent)
+            held_out = task.held_out(f, stage.input("finetune", "pairs.parquet").parent)
             compressed = compress(
-                model_dir, task, splits, c, device=select_device(c.hardware),
+                model_dir, held_out, held_out.splits(f), c, device=select_device(c.hardware),
                 out_dir=stage.output("pruned"),
                 metrics=MetricLogger(stage.run_id, prefix="prune_recovery/"),
             )  # fmt: skip
@@ -60,9 +59,9 @@ def main(cfg: DictConfig) -> None:
         tags = lineage.version_tags(stage.run_id, MlflowClient())
         # The version's run carries the metrics it was gated on (the next champion check).
         stage.log_metrics(metrics)
-        gate = d.gates[f.task]
-        examples = finetuning_task(f.task).example_scores(predictions, gate.metric)
-        result = deploy(model_dir, f.task, metrics, d, tags, requests, pruned_dir, examples)
+        gate = task.gate(d)
+        examples = task.example_scores(predictions, gate.metric)
+        result = deploy(model_dir, task, metrics, d, tags, requests, pruned_dir, examples)
         # What pruning kept, and the validation loss before and after it (and recovery).
         pruning = {k[len("prune.") :]: v for k, v in metrics.items() if k.startswith("prune.")}
         stage.write_json("deploy.json", {**asdict(result), "pruning": pruning})

@@ -23,7 +23,7 @@ from lmpipe.deploy.quantize import quantize_int8
 from lmpipe.evaluation.held_out_lm import wikitext_scores
 from lmpipe.evaluation.lm_metrics import perplexity, unigram_entropy
 from lmpipe.stage import Stage, prepare_cli
-from lmpipe.tasks.finetuning import finetuning_task
+from lmpipe.tasks.finetuning import checked_task
 from lmpipe.tasks.pretraining import pretraining_task
 from lmpipe.training.loop import autocast, enable_tf32, seed_everything, select_device
 from lmpipe.training.model import load_base
@@ -40,7 +40,7 @@ def main(cfg: DictConfig) -> None:
         # The int8 variants stay on the CPU (fbgemm): each model is scored where it lives.
         enable_tf32(device, c.hardware.precision)
         pretraining = pretraining_task(c.model.family, c.pretrain, c.seed)
-        task = finetuning_task(f.task)
+        task = checked_task(c)
         with autocast(device, c.hardware.precision):
             finetuned_dir = stage.input("finetune", "model")
             tokenizer = load_tokenizer(finetuned_dir)
@@ -87,7 +87,8 @@ def main(cfg: DictConfig) -> None:
                 corpus |= wikitext_scores(e.wikitext, {"finetuned": finetuned}, tokenizer, seq_len,
                                           e.batch_size, device)  # fmt: skip
                 models = {"pretrained": pretrained, **models}  # the model before tuning
-            splits = task.held_out(f, stage.input("finetune", "pairs.parquet").parent)
+            task = task.held_out(f, stage.input("finetune", "pairs.parquet").parent)
+            splits = task.splits(f)
             frame = task.predict(models, tokenizer, splits, f, e)
             frame.to_csv(predictions_path, index=False)
             # The metrics come from the saved file.

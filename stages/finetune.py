@@ -32,7 +32,7 @@ from lmpipe.selection.run import CACHE_DIR, select_for_task
 from lmpipe.stage import Stage, prepare_cli
 from lmpipe.taskdata.pairs import pairs_table
 from lmpipe.tasks.base import FinetuningTask, TrainingSetup
-from lmpipe.tasks.finetuning import finetuning_task, prepare_finetuning
+from lmpipe.tasks.finetuning import checked_task, prepare_finetuning
 from lmpipe.tasks.preference import CACHE_DIR as PAIRS_CACHE_DIR
 from lmpipe.tasks.preference import PAIRS_FILE
 from lmpipe.training import distributed
@@ -120,13 +120,13 @@ def main(cfg: DictConfig) -> float:
         seed_everything(c.seed)
         base = stage.input("pretrain", "model")
         tokenizer = load_tokenizer(base)
-        task = finetuning_task(f.task)
+        task = checked_task(c)
         sft_first = task.sft_first(f)
         if sft_first is not None:
             base = sft_phase(stage, sft_first, base, tokenizer, env, device)
             seed_everything(c.seed)  # the preference phase draws as it would without one
-        pairs = task.prepare(f, base, tokenizer, device, stage.inputs_root / PAIRS_CACHE_DIR,
-                             env, c.hardware.precision, c.seed)  # fmt: skip
+        task, pairs = task.prepare(f, base, tokenizer, device, stage.inputs_root /
+                                   PAIRS_CACHE_DIR, env, c.hardware.precision, c.seed)  # fmt: skip
         (pairs if pairs is not None else pairs_table({})).to_parquet(
             stage.output(PAIRS_FILE), index=False
         )

@@ -26,6 +26,7 @@ from lmpipe.deploy.release import deploy
 from lmpipe.deploy.sparsity import sparsify, sparsity_curve, wanda_mask, zero_share
 from lmpipe.deploy.variants import fastest_within, quality_loss
 from lmpipe.runs.config import ConfigError, DeployConfig, GateConfig, validate
+from lmpipe.tasks.finetuning import finetuning_task
 from lmpipe.training.model import save_model
 
 
@@ -276,7 +277,8 @@ def test_each_variant_is_gated_on_its_own_held_out_score(
     metrics = {"loss": 4.0, **scores}
     with mlflow.start_run():
         mlflow.log_metrics(metrics)
-        result = deploy(dense, "sft", metrics, cfg, {}, ["hi", "what is AI?"], small)
+        requests = ["hi", "what is AI?"]
+        result = deploy(dense, finetuning_task("sft"), metrics, cfg, {}, requests, small)
     assert result.alias == "champion"
     assert set(result.variants) == {"fp32", "int8", "pruned", "pruned-int8"}
     client = MlflowClient()
@@ -311,7 +313,7 @@ def test_a_variant_without_its_own_score_is_only_the_challenger(
                        max_new_tokens=2, latency_requests=1, forward_tokens=8,
                        forward_repeats=1, quantized_variant=False)  # fmt: skip
     with mlflow.start_run():
-        result = deploy(dense, "sft", {"loss": 4.0}, cfg, {}, ["hi"], small)
+        result = deploy(dense, finetuning_task("sft"), {"loss": 4.0}, cfg, {}, ["hi"], small)
     assert set(result.variants) == {"fp32", "pruned"}
     assert result.variants["pruned"]["alias"] == "challenger"
     assert result.variants["pruned"]["quality_loss"] is None

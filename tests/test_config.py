@@ -17,6 +17,7 @@ from lmpipe.runs.config import (
     validate,
 )
 from lmpipe.stage import CONFIG_BASE_ENV, is_sweep, prepare_cli, split_argv
+from lmpipe.tasks.finetuning import checked_task
 from tests.conftest import REPO
 
 
@@ -90,7 +91,7 @@ def test_bad_value_fails_naming_the_key(section: str, key: str, value, named: st
     else:
         bad[section][key] = value
     with pytest.raises(ConfigError, match=named):
-        validate(bad)
+        checked_task(validate(bad))  # the schema's rules, then the task's (as stages run them)
 
 
 def test_missing_required_value_fails_naming_key() -> None:

@@ -3,6 +3,7 @@ through the Model Registry with tiny models."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import mlflow
@@ -14,7 +15,8 @@ from mlflow.tracking import MlflowClient
 from lmpipe.deploy import registry
 from lmpipe.deploy.quantize import quantize_int8, state_size_bytes
 from lmpipe.deploy.release import check_gate, deploy, gate_reason
-from lmpipe.runs.config import ConfigError, DeployConfig, GateConfig
+from lmpipe.runs.config import ConfigError, DeployConfig, GateConfig, validate
+from lmpipe.tasks.finetuning import finetuning_task
 from lmpipe.training.model import load_classifier, save_model
 
 
@@ -26,6 +28,25 @@ from lmpipe.training.model import load_classifier, save_model
 def test_gate(mode: str, threshold: float, passed: bool) -> None:
     result = check_gate({"loss": 4.0}, GateConfig(metric="loss", mode=mode, threshold=threshold))
     assert result.passed is passed and result.value == 4.0
+
+
+@pytest.mark.parametrize(
+    ("task", "gate", "metric", "mode"),
+    [
+        ("sft", GateConfig(), "finetuned_sft_test_loss", "min"),  # the task's own
+        ("classify", GateConfig(threshold=0.3), "finetuned_macro_f1", "max"),
+        ("preference", GateConfig(), "finetuned_sft_test_loss", "min"),
+        ("sft", GateConfig("finetuned_exact_match", "max", 0.5), "finetuned_exact_match", "max"),
+    ],
+)
+def test_a_gate_takes_the_tasks_metric_and_mode_unless_the_config_sets_them(
+    task: str, gate: GateConfig, metric: str, mode: str
+) -> None:
+    composed = validate({"deploy": {"gates": {task: asdict(gate)}}}).deploy  # as stages see it
+    for deploy_config in (DeployConfig(gates={task: gate}), composed):
+        resolved = finetuning_task(task).gate(deploy_config)
+        assert (resolved.metric, resolved.mode) == (metric, mode)
+        assert resolved.threshold == gate.threshold
 
 
 def test_gate_on_unknown_metric_names_it() -> None:
@@ -190,7 +211,7 @@ def test_champion_challenger_and_int8_variant(
     def run(metrics: dict[str, float], tags: dict[str, str]):
         with mlflow.start_run():
             mlflow.log_metrics(metrics)  # as the deploy stage does: the version's run has them
-            return deploy(model_dir, "sft", metrics, cfg, tags, requests)
+            return deploy(model_dir, finetuning_task("sft"), metrics, cfg, tags, requests)
 
     first = run({"loss": 4.0, "int8_loss": 4.01}, {"lmpipe.run.finetune": "r1"})
     worse = run({"loss": 4.5}, {})  # passes the threshold, worse than the champion
@@ -240,7 +261,8 @@ def test_classifier_deploys_and_answers_labels(
     def run(f1: float):
         with mlflow.start_run():
             mlflow.log_metrics({"f1": f1})  # the version's run has its metrics
-            return deploy(model_dir, "classify", {"f1": f1}, cfg, {}, ["a dog", "a pie"])
+            requests = ["a dog", "a pie"]
+            return deploy(model_dir, finetuning_task("classify"), {"f1": f1}, cfg, {}, requests)
 
     result = run(0.7)
     assert result.alias == "champion" and result.smoke_output["label"] in ("noun.animal",
@@ -276,7 +298,7 @@ def test_int8_variant_failing_its_own_threshold_is_only_the_challenger(
     model_dir = tmp_path / "model"
     save_model(tiny_model, tiny_tokenizer, model_dir)
     with mlflow.start_run():
-        result = deploy(model_dir, "sft", {"loss": 3.0, "int8_loss": 7.0},
+        result = deploy(model_dir, finetuning_task("sft"), {"loss": 3.0, "int8_loss": 7.0},
                         deploy_config("gated"), {}, ["hi"])  # fmt: skip
     assert result.alias == "champion" and result.variants["int8"]["alias"] == "challenger"
     assert registry.aliased("gated-int8", registry.CHAMPION) is None

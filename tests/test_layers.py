@@ -61,3 +61,32 @@ def test_layers_import_only_downward(path: Path) -> None:
         if LAYERS.index(_layer(module)) > own
     ]
     assert not upward, f"{relative} imports from a higher layer: {upward}"
+
+
+TASK_NAMES = ("sft", "classify", "preference")
+
+
+def _task_name_tests(path: Path) -> list[str]:
+    """Comparisons of a value with a task's name (`task == "classify"`, `f.task in (...)`)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(node, ast.Compare):
+            continue
+        for side in (node.left, *node.comparators):
+            names = side.elts if isinstance(side, ast.Tuple | ast.List | ast.Set) else [side]
+            if any(isinstance(n, ast.Constant) and n.value in TASK_NAMES for n in names):
+                found.append(f"line {node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted(p for p in [*PACKAGE.rglob("*.py"), *(PACKAGE.parents[1] / "stages").glob("*.py")]
+           if "tasks" not in p.relative_to(PACKAGE.parents[1]).parts),
+    ids=lambda p: p.name,
+)  # fmt: skip
+def test_no_code_outside_tasks_branches_on_a_task_name(path: Path) -> None:
+    """What differs by task is declared in the task's module (FinetuningTask: datasets,
+    check, gate, serving), so nothing else tells tasks apart by name."""
+    found = _task_name_tests(path)
+    assert not found, f"{path.name} branches on a task's name: {found}"

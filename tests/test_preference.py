@@ -19,6 +19,7 @@ from lmpipe.runs.config import ConfigError, FinetuneConfig, PreferenceConfig, va
 from lmpipe.runs.processes import DistEnv
 from lmpipe.taskdata import pairs as pref
 from lmpipe.taskdata.conversations import Conversation
+from lmpipe.tasks.finetuning import checked_task
 from lmpipe.tasks.preference import (
     PairScores,
     Preference,
@@ -360,8 +361,8 @@ def test_prepared_pairs_are_cached_per_starting_model(
     settings = {"task": "preference", "max_len": 48, "batch_size": 2,
                 "preference": {"max_pairs": 8, "max_new_tokens": 4}}  # fmt: skip
     f = validate({"finetune": settings}).finetune
-    task = Preference()
-    table = task.prepare(f, base, tiny_tokenizer, CPU, tmp_path / "cache", DistEnv())
+    task, table = Preference().prepare(f, base, tiny_tokenizer, CPU, tmp_path / "cache",
+                                       DistEnv())  # fmt: skip
     assert set(table["split"]) == {"train", "val", "test"}
     assert (table["split"] == "train").sum() <= 8
     assert table["ref_chosen"].notna().all() and table["ref_rejected"].notna().all()
@@ -369,7 +370,7 @@ def test_prepared_pairs_are_cached_per_starting_model(
     monkeypatch.setattr("lmpipe.tasks.preference.spin_pairs",
                         lambda *a, **k: pytest.fail("the cache was not used"))  # fmt: skip
     f.preference.beta = 0.5  # not part of what a pair is
-    again = Preference().prepare(f, base, tiny_tokenizer, CPU, tmp_path / "cache", DistEnv())
+    _, again = Preference().prepare(f, base, tiny_tokenizer, CPU, tmp_path / "cache", DistEnv())
     assert again.equals(table)
     setup = task.setup(f, base, tiny_tokenizer, 0, CPU)
     batch = next(setup.batches)
@@ -462,8 +463,7 @@ def test_verifier_models_are_scored_on_every_held_out_problem(
         "val": [],
         "test": reference_logps(model, examples, 2, tiny_tokenizer.pad_token_id, CPU),
     }
-    task = Preference()
-    task._loss_config = f.preference
+    task = Preference(splits, f.preference)
     e = EvaluateConfig(max_new_tokens=4, batch_size=4)
     frame = task.predict({"finetuned": model}, tiny_tokenizer, splits, f, e)
     path = tmp_path / "predictions.csv"
@@ -507,7 +507,7 @@ def test_pairs_keep_their_answer_through_the_table() -> None:
 )  # fmt: skip
 def test_bad_preference_and_peft_configs_name_the_key(finetune: dict, pattern: str) -> None:
     with pytest.raises(ConfigError, match=pattern):
-        validate({"finetune": finetune})
+        checked_task(validate({"finetune": finetune}))  # the schema's rules, then the task's
 
 
 def test_the_preference_loss_matches_its_formula_on_random_values() -> None:
@@ -557,9 +557,8 @@ def test_held_out_scores_come_from_the_saved_predictions(tiny_tokenizer, tmp_pat
     with torch.no_grad():
         tuned.lm_head.weight.add_(0.3)  # shifts every log-prob
         tuned.model.layers[0].mlp.down_proj.weight.mul_(1.5)
-    task = Preference()
     f = FinetuneConfig(task="preference", max_len=40)
-    task._loss_config = f.preference
+    task = Preference(loss=f.preference)
     e = EvaluateConfig(num_generations=2, max_new_tokens=4, batch_size=2)
     splits = {"train": test, "val": [], "test": [*test, too_long]}
     frame = task.predict({"pretrained": reference, "finetuned": tuned}, tiny_tokenizer, splits,
@@ -720,8 +719,8 @@ def test_reference_free_losses_build_no_reference_and_train_without_one(
     f = validate({"finetune": settings}).finetune
     monkeypatch.setattr("lmpipe.tasks.preference.reference_logps",
                         lambda *a, **k: pytest.fail("a reference pass for ORPO"))  # fmt: skip
-    task = Preference()
-    table = task.prepare(f, base, tiny_tokenizer, CPU, tmp_path / "cache", DistEnv())
+    task, table = Preference().prepare(f, base, tiny_tokenizer, CPU, tmp_path / "cache",
+                                       DistEnv())  # fmt: skip
     assert table["ref_chosen"].isna().all() and table["ref_rejected"].isna().all()
     setup = task.setup(f, base, tiny_tokenizer, 0, CPU)
     batch = next(setup.batches)
@@ -731,7 +730,7 @@ def test_reference_free_losses_build_no_reference_and_train_without_one(
     assert 0 <= setup.evaluate(setup.model)["rewards/accuracies"] <= 1
     monkeypatch.undo()
     f.preference.loss = "sigmoid"  # the DPO family reads another table, with the reference
-    with_reference = Preference().prepare(f, base, tiny_tokenizer, CPU, tmp_path / "cache",
-                                          DistEnv())  # fmt: skip
+    _, with_reference = Preference().prepare(f, base, tiny_tokenizer, CPU, tmp_path / "cache",
+                                             DistEnv())  # fmt: skip
     assert with_reference["ref_chosen"].notna().all()
     assert len(list((tmp_path / "cache").glob("*.parquet"))) == 2

@@ -25,7 +25,7 @@ from lmpipe.selection.run import select_for_task
 from lmpipe.selection.scoring import ScoreCache, cached_scores, example_key, score_candidates
 from lmpipe.selection.steps import OVER_BUDGET, SELECTED, fill_budget, select_examples
 from lmpipe.taskdata import conversations
-from lmpipe.tasks.finetuning import finetuning_task
+from lmpipe.tasks.finetuning import checked_task, finetuning_task
 from lmpipe.tasks.sft import selection_candidate
 
 
@@ -280,7 +280,7 @@ def test_bad_selection_config_names_the_key(overrides: dict, message: str) -> No
     for key, value in overrides.items():
         OmegaConf.update(cfg, key, value)
     with pytest.raises(ConfigError, match=message):
-        validate(cfg)
+        checked_task(validate(cfg))  # the schema's rules, then the task's
 
 
 # --- a task's selection: splits, determinism, the cache --------------------------------------

@@ -11,6 +11,7 @@ import pytest
 
 from lmpipe.deploy.release import deploy
 from lmpipe.runs.config import DeployConfig, GateConfig
+from lmpipe.tasks.finetuning import finetuning_task
 from lmpipe.training.model import load_classifier, save_model
 from tests.servers import post, sequential_latency, serve
 
@@ -40,7 +41,7 @@ def test_served_champion_answers_rejects_malformed_and_stays_up(
     cfg = DeployConfig(registered_model_name=name, gates={task: GateConfig("score", "max", 0.0)},
                        quantized_variant=False, max_new_tokens=4)  # fmt: skip
     with mlflow.start_run():
-        deploy(model_dir, task, {"score": 1.0}, cfg, {}, [])
+        deploy(model_dir, finetuning_task(task), {"score": 1.0}, cfg, {}, [])
 
     column = "text" if task == "classify" else "prompt"
     good = {"dataframe_records": [{column: "a small dog"}, {column: "an apple pie"}]}

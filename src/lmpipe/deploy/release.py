@@ -25,10 +25,11 @@ from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
 from lmpipe.deploy import registry
-from lmpipe.deploy.serving import DEFAULT_PARAMS, INPUT_COLUMN
+from lmpipe.deploy.serving import DEFAULT_PARAMS
 from lmpipe.deploy.variants import fastest_within, measure, own_metric, quality_loss
 from lmpipe.evaluation.intervals import statistic_interval
 from lmpipe.runs.config import ConfigError, DeployConfig, GateConfig
+from lmpipe.tasks.base import FinetuningTask
 from lmpipe.training.model import count_parameters
 
 log = logging.getLogger(__name__)
@@ -181,33 +182,40 @@ def requirements() -> list[str]:
 
 def log_and_register(
     model_dir: Path,
-    task: str,
+    task: FinetuningTask,
     name: str,
     cfg: DeployConfig,
     artifact: str = "model",
     quantize: str | None = None,
 ) -> str:
     """Log the pyfunc in the active run and register it as `name`; returns the version."""
-    column = INPUT_COLUMN[task]
-    if task == "classify":
-        example = pd.DataFrame({column: [cfg.smoke_text]})
-        signature = infer_signature(example, pd.DataFrame({"label": ["x"], "confidence": [0.5]}))
-    else:
-        example = pd.DataFrame({column: [cfg.smoke_prompt]})
-        params = {**DEFAULT_PARAMS, "max_new_tokens": cfg.max_new_tokens}
-        signature = infer_signature(example, ["a reply"], params=params)
+    serving = task.serving
+    example = pd.DataFrame({serving.input_column: [smoke_input(task, cfg)]})
+    params = ({**DEFAULT_PARAMS, "max_new_tokens": cfg.max_new_tokens} if serving.generates
+              else None)  # fmt: skip
+    signature = infer_signature(example, serving.output_example, params=params)
     info = mlflow.pyfunc.log_model(
         name=artifact,
         python_model=str(Path(__file__).with_name("serving.py")),
         artifacts={"model": str(model_dir)},
         code_paths=[str(Path(__file__).parents[1])],
-        model_config={"task": task, **({"quantize": quantize} if quantize else {})},
+        model_config={"task": task.name, **({"quantize": quantize} if quantize else {})},
         signature=signature,
         input_example=example,
         pip_requirements=requirements(),
         registered_model_name=name,
     )
     return str(info.registered_model_version)
+
+
+def smoke_input(task: FinetuningTask, cfg: DeployConfig) -> str:
+    """The one request every registered model answers after registration."""
+    return cfg.smoke_prompt if task.serving.generates else cfg.smoke_text
+
+
+def request_params(task: FinetuningTask, cfg: DeployConfig, **extra: int) -> dict | None:
+    """The params of a request to `task`'s served model: generation settings, or none."""
+    return {"max_new_tokens": cfg.max_new_tokens, **extra} if task.serving.generates else None
 
 
 @dataclass
@@ -229,7 +237,7 @@ class Deployment:
 
 def deploy(
     model_dir: Path,
-    task: str,
+    task: FinetuningTask,
     metrics: Mapping[str, float],
     cfg: DeployConfig,
     tags: Mapping[str, str],
@@ -244,9 +252,10 @@ def deploy(
     name = cfg.registered_model_name
     champion = registry.aliased(name, registry.CHAMPION)
     champion_examples = None
-    if champion is not None and cfg.gates[task].significance is not None:
+    gate_config = task.gate(cfg)
+    if champion is not None and gate_config.significance is not None:
         champion_examples = registry.run_table(champion.run_id, EXAMPLES_ARTIFACT)
-    gate = check_gate(metrics, cfg.gates[task], champion, cfg.champion_tolerance, examples,
+    gate = check_gate(metrics, gate_config, champion, cfg.champion_tolerance, examples,
                       champion_examples)  # fmt: skip
     if examples is not None:  # for the next challenger's paired comparison
         mlflow.log_text(examples.to_csv(index=False), EXAMPLES_ARTIFACT)
@@ -266,14 +275,13 @@ def deploy(
 
     uri = f"models:/{name}@{alias}"
     served = mlflow.pyfunc.load_model(uri)
-    column = INPUT_COLUMN[task]
-    smoke_input = cfg.smoke_text if task == "classify" else cfg.smoke_prompt
-    params = None if task == "classify" else {"max_new_tokens": cfg.max_new_tokens}
+    smoke = smoke_input(task, cfg)
     start = time.perf_counter()
-    output = served.predict(pd.DataFrame({column: [smoke_input]}), params=params)
+    output = served.predict(pd.DataFrame({task.serving.input_column: [smoke]}),
+                            params=request_params(task, cfg))  # fmt: skip
     latency = time.perf_counter() - start
     smoke_output = output.to_dict("records")[0] if isinstance(output, pd.DataFrame) else output[0]
-    log.info("smoke test through %s: %r -> %r (%.3fs)", uri, smoke_input, smoke_output, latency)
+    log.info("smoke test through %s: %r -> %r (%.3fs)", uri, smoke, smoke_output, latency)
 
     builds = {}
     if cfg.quantized_variant:
@@ -287,7 +295,7 @@ def deploy(
     for variant, (directory, quantize) in builds.items():
         variants[variant] = register_variant(variant, directory, quantize, task, metrics, cfg,
                                              alias, f"{name}/{model_version}", tags)  # fmt: skip
-    measure_variants(variants, served, task, metrics, cfg, requests or [smoke_input])
+    measure_variants(variants, served, task, metrics, cfg, requests or [smoke])
     fastest = fastest_within(variants, cfg.max_quality_loss, "request_p50_seconds")
     log.info("fastest variant within %.1f%% of fp32's %s: %s", 100 * cfg.max_quality_loss,
              gate.metric, fastest)  # fmt: skip
@@ -297,7 +305,7 @@ def deploy(
         model_uri=uri,
         alias=alias,
         gate={**asdict(gate), "passed": gate.passed},
-        smoke_input=smoke_input,
+        smoke_input=smoke,
         smoke_output=smoke_output,
         smoke_latency_seconds=latency,
         variants=variants,
@@ -331,7 +339,7 @@ def register_variant(
     variant: str,
     model_dir: Path,
     quantize: str | None,
-    task: str,
+    task: FinetuningTask,
     metrics: Mapping[str, float],
     cfg: DeployConfig,
     alias: str,
@@ -342,7 +350,7 @@ def register_variant(
     score: passing, it takes the fp32 model's alias; failing (or unscored), the challenger."""
     name = f"{cfg.registered_model_name}-{variant}"
     model_version = log_and_register(model_dir, task, name, cfg, f"model_{variant}", quantize)
-    gate = cfg.gates[task]
+    gate = task.gate(cfg)
     metric = own_metric(variant, gate.metric)
     value = metrics.get(metric)
     # The fp32 gate (threshold, baseline) on the variant's own score; no champion check.
@@ -374,7 +382,7 @@ def forward_input(tokenizer: Any, requests: list[str], tokens: int) -> torch.Ten
 def measure_variants(
     variants: dict[str, dict[str, Any]],
     served: Any,
-    task: str,
+    task: FinetuningTask,
     metrics: Mapping[str, float],
     cfg: DeployConfig,
     requests: list[str],
@@ -382,13 +390,12 @@ def measure_variants(
     """Add size, latency and held-out quality to each registered variant (in place), each
     loaded from the registry as it is served (`served`: the fp32 model, loaded already)."""
     workload = requests[: cfg.latency_requests]
-    inputs = pd.DataFrame({INPUT_COLUMN[task]: workload})
+    inputs = pd.DataFrame({task.serving.input_column: workload})
     # Replies of the same length everywhere: a model that stops early is not faster.
-    params = None if task == "classify" else {"max_new_tokens": cfg.max_new_tokens,
-                                              "min_new_tokens": cfg.max_new_tokens}  # fmt: skip
+    params = request_params(task, cfg, min_new_tokens=cfg.max_new_tokens)
     input_ids = forward_input(served.unwrap_python_model().tokenizer, workload,
                               cfg.forward_tokens)  # fmt: skip
-    gate = cfg.gates[task]
+    gate = task.gate(cfg)
     reference = metrics.get(gate.metric)
     float_params: dict[str, int] = {}  # an int8 model's packed weights are no parameters
     for variant, entry in variants.items():

@@ -286,17 +286,14 @@ class SelectionConfig:
     seed: int | None = None  # budget.fill=random; null: the run's seed
 
 
-# finetune.preference.loss (lmpipe.tasks.preference.PAIR_LOSSES): the DPO family (against
-# the frozen reference), SimPO and ORPO (reference-free, on mean token log-probs).
-PREFERENCE_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "simpo", "orpo")
-
-
 @dataclass
 class PreferenceConfig:
     """finetune.task=preference: pairs of a preferred and a rejected reply (lmpipe.tasks.
     preference). The reference is the starting model, frozen; its log-probs are cached."""
 
-    loss: str = "sigmoid"  # of PREFERENCE_LOSSES
+    # A loss of lmpipe.tasks.preference.PAIR_LOSSES: the DPO family (sigmoid, ipo, hinge,
+    # robust; against the frozen reference), simpo and orpo (reference-free).
+    loss: str = "sigmoid"
     beta: float = 0.1  # the reference's strength (DPO's beta, IPO's tau); simpo: reward scale;
     # orpo: the odds-ratio term's weight
     label_smoothing: float = 0.0  # robust: the share of pairs assumed flipped, in [0, 0.5)
@@ -396,8 +393,10 @@ class EvaluateConfig:
 
 @dataclass
 class GateConfig:
-    metric: str = "finetuned_sft_test_loss"
-    mode: str = "min"  # min | max
+    # A key of evaluate's metrics.json and min | max; null: the task's own (its module's
+    # gate_metric and gate_mode).
+    metric: str | None = None
+    mode: str | None = None
     threshold: float = 6.0
     # Another evaluate metric the model must beat by `margin`, e.g. the TF-IDF baseline's
     # tfidf_macro_f1 for a classifier; null: no such check.
@@ -438,7 +437,7 @@ class DeployConfig:
         default_factory=lambda: {
             "sft": GateConfig(),
             "preference": GateConfig(),
-            "classify": GateConfig("finetuned_macro_f1", "max", 0.3),
+            "classify": GateConfig(threshold=0.3),
         }
     )
     # A candidate worse than the champion by more than this fails the gate; null: no check.
@@ -525,10 +524,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "data.text_unit": ("file", "paragraph", "line"),
     "tokenize.engine": ("auto", "tokenizers"),
     "clean.normalize": (None, "NFC", "NFKC", "NFD", "NFKD"),
-    "finetune.task": ("sft", "classify", "preference"),
-    "finetune.preference.loss": PREFERENCE_LOSSES,
     "finetune.preference.pairs": ("spin", "verifier", "files"),
-    "finetune.dataset": ("chatterbot", "reasoning_gym", "trec", "wordnet"),
     "finetune.reasoning_gym.generator": ("chain_sum", "basic_arithmetic", "gsm_symbolic"),
     "hardware.device": ("cpu", "cuda", "auto"),
     "hardware.precision": ("fp32", "bf16"),
@@ -541,18 +537,6 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "finetune.selection.budget.unit": ("examples", "tokens"),
     "finetune.selection.budget.fill": ("rank", "random", "longest"),
 }
-
-
-# finetune.task -> the datasets it can train on.
-TASK_DATASETS: dict[str, tuple[str, ...]] = {
-    "sft": ("chatterbot", "reasoning_gym"),
-    "classify": ("trec", "wordnet"),
-    "preference": ("chatterbot", "reasoning_gym"),
-}
-
-
-# Datasets whose replies end in an answer a program can check (lmpipe.evaluation.answers).
-VERIFIABLE_DATASETS: tuple[str, ...] = ("reasoning_gym",)
 
 
 # Numeric keys with a valid range: key -> (check, the rule in words).
@@ -678,19 +662,11 @@ def validate(cfg: DictConfig | dict) -> DictConfig:
         if gate.significance is not None and not 0 < gate.significance < 0.5:
             raise ConfigError(f"invalid value for 'deploy.gates.{task}.significance': "
                               f"{gate.significance} (must be in (0, 0.5))")  # fmt: skip
-        if gate.mode not in ("min", "max"):
+        if gate.mode not in (None, "min", "max"):
             raise ConfigError(
                 f"invalid value for 'deploy.gates.{task}.mode': {gate.mode!r} "
                 "(allowed: ('min', 'max'))"
             )
-    task, dataset = merged.finetune.task, merged.finetune.dataset
-    if task not in merged.deploy.gates:
-        raise ConfigError(f"deploy.gates has no gate for finetune.task={task}")
-    if dataset not in TASK_DATASETS[task]:
-        raise ConfigError(
-            f"invalid value for 'finetune.dataset': {dataset!r} is not a {task} dataset "
-            f"(allowed for finetune.task={task}: {TASK_DATASETS[task]})"
-        )
     for level in merged.deploy.sparsity.levels:
         if not 0 < level < 1:
             raise ConfigError(f"invalid value in 'deploy.sparsity.levels': {level} "
@@ -699,8 +675,7 @@ def validate(cfg: DictConfig | dict) -> DictConfig:
         if method not in SPARSITY_METHODS:
             raise ConfigError(f"invalid value in 'deploy.sparsity.methods': {method!r} "
                               f"(allowed: {SPARSITY_METHODS})")  # fmt: skip
-    _validate_selection(merged.finetune.selection, task)
-    _validate_preference(merged.finetune)
+    _validate_selection(merged.finetune.selection)
     mlm = merged.pretrain.mlm
     if mlm.mask_share + mlm.random_share > 1:
         raise ConfigError(
@@ -710,7 +685,7 @@ def validate(cfg: DictConfig | dict) -> DictConfig:
     return merged
 
 
-def _validate_selection(s: DictConfig, task: str) -> None:
+def _validate_selection(s: DictConfig) -> None:
     key = "finetune.selection"
     unknown = [step for step in s.steps if step not in SELECTION_STEPS]
     if unknown:
@@ -727,27 +702,6 @@ def _validate_selection(s: DictConfig, task: str) -> None:
     if bad_fields:
         raise ConfigError(f"invalid value(s) in '{key}.dedup.fields': {bad_fields} "
                           "(allowed: ['prompt', 'example'])")  # fmt: skip
-    if "ifd" in s.steps and task == "classify":
-        raise ConfigError(f"'{key}.steps' has ifd, which scores responses: finetune.task="
-                          "classify has none (use dedup, quality and diversity)")  # fmt: skip
-
-
-def _validate_preference(f: DictConfig) -> None:
-    p, key = f.preference, "finetune.preference"
-    if f.task != "preference":
-        return
-    if p.pairs == "files" and not p.files:
-        raise ConfigError(f"'{key}.pairs' is files but '{key}.files' lists none")
-    if p.pairs != "files" and p.files:
-        raise ConfigError(f"'{key}.files' is set but '{key}.pairs' is {p.pairs}: set "
-                          f"{key}.pairs=files to train on them")  # fmt: skip
-    if p.pairs == "verifier" and f.dataset not in VERIFIABLE_DATASETS:
-        raise ConfigError(f"'{key}.pairs' is verifier, which needs answers a program can "
-                          f"check: finetune.dataset={f.dataset} has none (allowed: "
-                          f"{VERIFIABLE_DATASETS})")  # fmt: skip
-    if f.packing:
-        raise ConfigError("finetune.packing: preference pairs are not packed (a pair's two "
-                          "replies share a micro-batch); set finetune.packing=false")  # fmt: skip
 
 
 # --- composition and freshness -------------------------------------------------------------

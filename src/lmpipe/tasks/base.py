@@ -7,13 +7,18 @@ processes), so every target weighs the same however accumulation and processes s
 batch. Beyond that a task gives its data and batches (`TrainingSetup`), and, for
 fine-tuning, its held-out predictions and their scores. A new objective is a new module
 here, never a loop branch.
+
+A fine-tuning task also declares, in its own module, what the rest of the code would
+otherwise keep in tables: its name, the datasets it reads (`datasets`, loaded by `splits`),
+the config rules beyond the schema (`check`), its deploy gate's metric and mode, how its
+served model is called (`serving`, `serve`) and its loader (`load`).
 """
 
 from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -21,10 +26,17 @@ import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from transformers import AutoModel, PreTrainedModel, PreTrainedTokenizerBase
 
-from lmpipe.runs.config import EvaluateConfig, FinetuneConfig, PretrainConfig
+from lmpipe.runs.config import (
+    ConfigError,
+    DeployConfig,
+    EvaluateConfig,
+    FinetuneConfig,
+    GateConfig,
+    PretrainConfig,
+)
 from lmpipe.runs.processes import DistEnv
 from lmpipe.selection.candidates import Candidate
 from lmpipe.training.adapters import Adapters
@@ -126,6 +138,17 @@ def chosen(items: Sequence[Any], train_ids: Collection[str] | None) -> list[Any]
     return kept
 
 
+@dataclass(frozen=True)
+class Serving:
+    """How a task's served model is called (lmpipe.deploy.serving): each request row holds
+    a text in `input_column`; a generating task answers one reply per row and takes
+    generation params, any other one row of outputs shaped like `output_example`."""
+
+    input_column: str
+    generates: bool
+    output_example: Any
+
+
 class FinetuningTask(Objective):
     """A fine-tuning objective on a labelled dataset with fixed train/val/test splits.
 
@@ -133,9 +156,45 @@ class FinetuningTask(Objective):
     metrics are computed from that table alone, so they can be recomputed and audited.
     """
 
+    datasets: ClassVar[tuple[str, ...]]  # the finetune.dataset values `splits` reads
+    # The deploy gate's metric (a key of evaluate's metrics.json) and mode, unless
+    # deploy.gates.<task> sets its own.
+    gate_metric: ClassVar[str]
+    gate_mode: ClassVar[str]  # min | max
+    serving: ClassVar[Serving]
+
     # Whether the pretrained model itself can be scored on the task (a causal LM on replies:
     # yes; a classifier needs the head that tuning trains): evaluate then scores it too.
     before_tuning_is_comparable: ClassVar[bool] = False
+
+    def check(self, cfg: DictConfig) -> None:
+        """The task's rules for the whole config beyond the schema's: a ConfigError that
+        names the key (finetune, evaluate and deploy run it before anything else)."""
+        f = cfg.finetune
+        if f.dataset not in self.datasets:
+            raise ConfigError(
+                f"invalid value for 'finetune.dataset': {f.dataset!r} is not a {self.name} "
+                f"dataset (allowed for finetune.task={self.name}: {self.datasets})"
+            )
+        if self.name not in cfg.deploy.gates:
+            raise ConfigError(f"deploy.gates has no gate for finetune.task={self.name}")
+
+    def gate(self, d: DeployConfig | DictConfig) -> GateConfig:
+        """deploy.gates.<task>, its metric and mode the task's own where it sets none."""
+        gate = OmegaConf.to_object(d.gates[self.name]) if isinstance(d, DictConfig) else (
+            d.gates[self.name])  # fmt: skip
+        return replace(gate, metric=gate.metric or self.gate_metric,
+                       mode=gate.mode or self.gate_mode)  # fmt: skip
+
+    @abstractmethod
+    def serve(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        texts: list[str],
+        params: Mapping[str, Any],
+    ) -> list[str] | pd.DataFrame:
+        """The served model's answer to `texts` (one per row; see `serving`)."""
 
     def sft_first(self, f: FinetuneConfig) -> FinetuneConfig | None:
         """The supervised fine-tuning to run before this task's own training (its model is
@@ -169,15 +228,17 @@ class FinetuningTask(Objective):
         env: DistEnv,
         precision: str = "fp32",
         seed: int = 0,
-    ) -> pd.DataFrame | None:
-        """Data the task derives from the starting model `base` before training (cached
-        under `cache_dir`; `seed` draws any sampling), as the table finetune saves; None: the
-        task needs none."""
-        return None
+    ) -> tuple[FinetuningTask, pd.DataFrame | None]:
+        """The task ready to train from the starting model `base`: a task whose data derive
+        from that model (preference pairs) is returned made with that data (cached under
+        `cache_dir`; `seed` draws any sampling), beside the table finetune saves of it;
+        any other task is itself, and None."""
+        return self, None
 
-    def held_out(self, f: FinetuneConfig, finetune_dir: Path) -> dict[str, list]:
-        """The splits evaluate scores, given finetune's outputs."""
-        return self.splits(f)
+    def held_out(self, f: FinetuneConfig, finetune_dir: Path) -> FinetuningTask:
+        """The task as evaluate and deploy score it, given finetune's outputs: its `splits`
+        are the held-out data (a task made from data finetune derived reads it back)."""
+        return self
 
     @abstractmethod
     def candidates(self, f: FinetuneConfig, tokenizer: PreTrainedTokenizerBase) -> list[Candidate]:

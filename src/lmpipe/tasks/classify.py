@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lmpipe.data.batches import IGNORE_INDEX, Batch
@@ -20,10 +22,10 @@ from lmpipe.evaluation.baselines import tfidf_predictions
 from lmpipe.evaluation.intervals import macro_f1, mean_interval, statistic_interval
 from lmpipe.evaluation.plots import confusion_matrix_figure
 from lmpipe.evaluation.scoring import classification_report, confusion_matrix, predict_classes
-from lmpipe.runs.config import EvaluateConfig, FinetuneConfig
+from lmpipe.runs.config import ConfigError, EvaluateConfig, FinetuneConfig
 from lmpipe.selection.candidates import Candidate
 from lmpipe.taskdata import labelled, trec, wordnet
-from lmpipe.tasks.base import FinetuningTask, Report, TrainingSetup, chosen
+from lmpipe.tasks.base import FinetuningTask, Report, Serving, TrainingSetup, chosen
 from lmpipe.training.model import load_classifier, model_device
 
 
@@ -62,8 +64,52 @@ def headline_intervals(
             f"{label}_macro_f1_low": f1_low, f"{label}_macro_f1_high": f1_high}  # fmt: skip
 
 
+def _trec(f: FinetuneConfig) -> dict[str, list[labelled.LabelledText]]:
+    return trec.trec_splits(f.val_fraction)  # its standard test split; val carved from train
+
+
+def _wordnet(f: FinetuneConfig) -> dict[str, list[labelled.LabelledText]]:
+    items = wordnet.load_wordnet_glosses(list(f.categories), f.max_per_class)
+    return labelled.stratified_split(items, f.val_fraction, f.test_fraction)
+
+
+# finetune.dataset -> its train/val/test labelled texts.
+LABELLED_SOURCES = {"trec": _trec, "wordnet": _wordnet}
+
+
 class Classify(FinetuningTask):
     name = "classify"
+    datasets = tuple(LABELLED_SOURCES)
+    gate_metric = "finetuned_macro_f1"
+    gate_mode = "max"
+    serving = Serving(
+        "text", generates=False, output_example=pd.DataFrame({"label": ["x"], "confidence": [0.5]})
+    )
+
+    def check(self, cfg: DictConfig) -> None:
+        super().check(cfg)
+        if "ifd" in cfg.finetune.selection.steps:
+            raise ConfigError("'finetune.selection.steps' has ifd, which scores responses: "
+                              "finetune.task=classify has none (use dedup, quality and "
+                              "diversity)")  # fmt: skip
+
+    def serve(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        texts: list[str],
+        params: Mapping[str, Any],
+    ) -> pd.DataFrame:
+        """The most probable label of each text and its probability."""
+        labels, confidences = [], []
+        for text in texts:  # one at a time: no padding, so the last token is the text's own
+            ids = tokenizer(text or " ", add_special_tokens=False, return_tensors="pt")
+            with torch.no_grad():
+                probs = model(input_ids=ids["input_ids"]).logits.float().softmax(-1)[0]
+            best = int(probs.argmax())
+            labels.append(model.config.id2label[best])
+            confidences.append(float(probs[best]))
+        return pd.DataFrame({"label": labels, "confidence": confidences})
 
     def target_count(self, batch: Batch) -> int:
         return batch["labels"].numel()  # one label per row
@@ -80,10 +126,7 @@ class Classify(FinetuningTask):
         return [name for name in ("score", "classifier") if hasattr(model, name)]
 
     def splits(self, f: FinetuneConfig) -> dict[str, list[labelled.LabelledText]]:
-        if f.dataset == "trec":  # its standard test split; val carved from train
-            return trec.trec_splits(f.val_fraction)
-        items = wordnet.load_wordnet_glosses(list(f.categories), f.max_per_class)
-        return labelled.stratified_split(items, f.val_fraction, f.test_fraction)
+        return LABELLED_SOURCES[f.dataset](f)
 
     def candidates(self, f: FinetuneConfig, tokenizer: PreTrainedTokenizerBase) -> list[Candidate]:
         return selection_candidates(tokenizer, self.splits(f)["train"], f.max_len)

@@ -35,6 +35,14 @@ def finetuning_task(name: str) -> FinetuningTask:
                           f"(allowed: {sorted(FINETUNING)})") from None  # fmt: skip
 
 
+def checked_task(cfg: DictConfig) -> FinetuningTask:
+    """The task of `cfg.finetune.task`, after its own rules for `cfg` (a ConfigError names
+    the key): what finetune, evaluate and deploy start with."""
+    task = finetuning_task(cfg.finetune.task)
+    task.check(cfg)
+    return task
+
+
 def prepare_finetuning(
     f: FinetuneConfig,
     base: Path,

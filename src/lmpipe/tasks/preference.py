@@ -52,19 +52,14 @@ from lmpipe.evaluation.lm_metrics import eval_mode, next_token_losses
 from lmpipe.evaluation.plots import preference_figure
 from lmpipe.evaluation.scoring import generate_replies
 from lmpipe.runs import atomic
-from lmpipe.runs.config import (
-    VERIFIABLE_DATASETS,
-    EvaluateConfig,
-    FinetuneConfig,
-    PreferenceConfig,
-)
+from lmpipe.runs.config import ConfigError, EvaluateConfig, FinetuneConfig, PreferenceConfig
 from lmpipe.runs.keys import directory_digest, keyed_path
 from lmpipe.runs.processes import DistEnv
 from lmpipe.selection.candidates import Candidate
 from lmpipe.taskdata import conversations
 from lmpipe.taskdata import pairs as pref
 from lmpipe.tasks.base import FinetuningTask, Objective, Report, TrainingSetup, chosen
-from lmpipe.tasks.sft import SFT, conversation_splits, selection_candidate
+from lmpipe.tasks.sft import SFT, VERIFIABLE_DATASETS, conversation_splits, selection_candidate
 from lmpipe.training import distributed
 from lmpipe.training.loop import autocast
 from lmpipe.training.model import load_model, model_device
@@ -195,8 +190,8 @@ def pair_loss(name: str) -> PairLoss:
     try:
         return PAIR_LOSSES[name]
     except KeyError:
-        raise ValueError(f"invalid value for 'finetune.preference.loss': {name!r} "
-                         f"(allowed: {sorted(PAIR_LOSSES)})") from None  # fmt: skip
+        raise ConfigError(f"invalid value for 'finetune.preference.loss': {name!r} "
+                          f"(allowed: {sorted(PAIR_LOSSES)})") from None  # fmt: skip
 
 
 def preference_losses(
@@ -535,14 +530,42 @@ def held_out_conversations(
 
 class Preference(SFT):
     """Preference optimisation of a causal LM; evaluated like SFT (held-out response loss,
-    chrF and ROUGE-L of greedy replies) plus reward accuracy and margin on held-out pairs."""
+    chrF and ROUGE-L of greedy replies) plus reward accuracy and margin on held-out pairs.
+
+    Its data are pairs that may derive from the starting model (spin, verifier), so the task
+    is made with them: `prepare` (finetune) builds them and `held_out` (evaluate, deploy)
+    reads them back, each returning a Preference made with its pairs and the loss whose
+    rewards are reported; `Preference()` alone is the task before it has any."""
 
     name = "preference"
 
-    def __init__(self) -> None:
-        self._pairs: dict[str, list[pref.Pair]] | None = None
-        # the loss whose rewards evaluate reports (set with the pairs)
-        self._loss_config: PreferenceConfig | DictConfig = PreferenceConfig()
+    def __init__(
+        self,
+        pairs: Mapping[str, list[pref.Pair]] | None = None,
+        loss: PreferenceConfig | DictConfig | None = None,
+    ) -> None:
+        self.pairs = dict(pairs) if pairs is not None else None
+        self.loss = loss if loss is not None else PreferenceConfig()
+
+    def check(self, cfg: DictConfig) -> None:
+        super().check(cfg)
+        f = cfg.finetune
+        p, key = f.preference, "finetune.preference"
+        if p.pairs == "files" and not p.files:
+            raise ConfigError(f"'{key}.pairs' is files but '{key}.files' lists none")
+        if p.pairs != "files" and p.files:
+            raise ConfigError(f"'{key}.files' is set but '{key}.pairs' is {p.pairs}: set "
+                              f"{key}.pairs=files to train on them")  # fmt: skip
+        if p.pairs == "verifier" and f.dataset not in VERIFIABLE_DATASETS:
+            raise ConfigError(f"'{key}.pairs' is verifier, which needs answers a program can "
+                              f"check: finetune.dataset={f.dataset} has none (allowed: "
+                              f"{VERIFIABLE_DATASETS})")  # fmt: skip
+        pair_loss(p.loss)  # names the key and the known losses when unknown
+        if f.packing:
+            raise ConfigError(
+                "finetune.packing: preference pairs are not packed (a pair's two replies "
+                "share a micro-batch); set finetune.packing=false"
+            )
 
     def supervised_task(self) -> FinetuningTask:
         """SFT on the same conversations: a pair loss needs a reference for every reply."""
@@ -577,10 +600,10 @@ class Preference(SFT):
         env: DistEnv,
         precision: str = "fp32",
         seed: int = 0,
-    ) -> pd.DataFrame:
+    ) -> tuple[Preference, pd.DataFrame]:
         """Build (or read from the cache) the pairs with the reference's log-probs of the
-        starting model `base`; returns the table for pairs.parquet. `seed` draws the
-        verifier's samples."""
+        starting model `base`: the task made with them, and their table for pairs.parquet.
+        `seed` draws the verifier's samples."""
         path = _cache_path(cache_dir, base, f, seed)
         if env.is_main and not path.is_file():
             table = pref.pairs_table(self._build(f, base, tokenizer, device, precision, seed))
@@ -589,10 +612,9 @@ class Preference(SFT):
             log.info("preference: pairs and reference log-probs from the cache %s", path)
         distributed.barrier()  # the main process wrote the table: every process reads it
         table = pd.read_parquet(path)
-        self._pairs = pref.pairs_from_table(table)
-        self._loss_config = f.preference
-        log.info("preference: %s pairs", ", ".join(f"{len(v)} {k}" for k, v in self._pairs.items()))
-        return table
+        pairs = pref.pairs_from_table(table)
+        log.info("preference: %s pairs", ", ".join(f"{len(v)} {k}" for k, v in pairs.items()))
+        return Preference(pairs, f.preference), table
 
     def _build(
         self,
@@ -626,15 +648,13 @@ class Preference(SFT):
         return filled
 
     def splits(self, f: FinetuneConfig) -> dict[str, list[pref.Pair]]:
-        if self._pairs is None:
-            raise RuntimeError("preference pairs are built by Preference.prepare (finetune) "
-                               "or read by Preference.held_out (evaluate) first")  # fmt: skip
-        return self._pairs
+        if self.pairs is None:
+            raise RuntimeError("Preference() has no pairs: use the task that prepare "
+                               "(finetune) or held_out (evaluate) returns")  # fmt: skip
+        return self.pairs
 
-    def held_out(self, f: FinetuneConfig, finetune_dir: Path) -> dict[str, list[pref.Pair]]:
-        self._pairs = pref.read_pairs_table(finetune_dir / PAIRS_FILE)
-        self._loss_config = f.preference
-        return self._pairs
+    def held_out(self, f: FinetuneConfig, finetune_dir: Path) -> Preference:
+        return Preference(pref.read_pairs_table(finetune_dir / PAIRS_FILE), f.preference)
 
     def candidates(self, f: FinetuneConfig, tokenizer: PreTrainedTokenizerBase) -> list[Candidate]:
         """Selection judges a pair by its prompt and chosen reply."""
@@ -725,7 +745,7 @@ class Preference(SFT):
         metrics = super().score(frame, models, splits)
         # A pair with a reply cut away by max_len has empty cells (the CSV keeps them empty),
         # and so do the reference's log-probs for a loss that needs none.
-        references = pair_loss(self._loss_config.loss).needs_reference
+        references = pair_loss(self.loss.loss).needs_reference
         names = [
             *(["ref_chosen_logp", "ref_rejected_logp"] if references else []),
             "chosen_tokens",
@@ -749,7 +769,7 @@ class Preference(SFT):
 
         for label in models:
             _, chosen_rewards, rejected_rewards = preference_losses(
-                self._loss_config, column(f"{label}_chosen_logp"),
+                self.loss, column(f"{label}_chosen_logp"),
                 column(f"{label}_rejected_logp"), column("ref_chosen_logp"),
                 column("ref_rejected_logp"), column("chosen_tokens"), column("rejected_tokens"),
             )  # fmt: skip

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -27,13 +28,14 @@ from lmpipe.evaluation.scoring import example_losses, generate_replies, reply_sc
 from lmpipe.runs.config import EvaluateConfig, FinetuneConfig
 from lmpipe.selection.candidates import Candidate
 from lmpipe.taskdata import chatterbot, conversations, reasoning_gym
-from lmpipe.tasks.base import FinetuningTask, Report, TrainingSetup, chosen
+from lmpipe.taskdata.conversations import Conversation
+from lmpipe.tasks.base import FinetuningTask, Report, Serving, TrainingSetup, chosen
 from lmpipe.tasks.causal_lm import NextTokenLoss
 from lmpipe.training.model import load_model, model_device
 
 
 def selection_candidate(
-    tokenizer: PreTrainedTokenizerBase, conversation: conversations.Conversation, max_len: int
+    tokenizer: PreTrainedTokenizerBase, conversation: Conversation, max_len: int
 ) -> Candidate | None:
     """The conversation as data selection judges it; None if it has no target in max_len."""
     example = conversations.encode_conversation(tokenizer, conversation.messages, max_len)
@@ -55,19 +57,34 @@ RETRIEVAL = "retrieval"
 MOST_FREQUENT = "most_frequent"
 
 
-def conversation_splits(f: FinetuneConfig) -> dict[str, list[conversations.Conversation]]:
-    """train/val/test conversations of `f.dataset`, disjoint by prompt (chatterbot) or by
-    question and template (reasoning_gym)."""
-    if f.dataset == "reasoning_gym":
-        g = f.reasoning_gym
-        sizes = {"train": g.train_size, "val": g.val_size, "test": g.test_size}
-        return reasoning_gym.load_splits(g.generator, sizes, g.seed, g.options, f.val_fraction,
-                                         f.test_fraction, g.worked)  # fmt: skip
-    return conversations.split_conversations(chatterbot.load_chatterbot(f.language), f.val_fraction,
-                                   f.test_fraction)  # fmt: skip
+# The datasets of conversations whose replies end in an answer a program can check
+# (lmpipe.evaluation.answers): scored by exact match, and judged by the verifier's pairs.
+VERIFIABLE_DATASETS = ("reasoning_gym",)
 
 
-def most_frequent_answer(conversations: Sequence[conversations.Conversation]) -> str:
+def _reasoning_gym(f: FinetuneConfig) -> dict[str, list[Conversation]]:
+    g = f.reasoning_gym
+    sizes = {"train": g.train_size, "val": g.val_size, "test": g.test_size}
+    return reasoning_gym.load_splits(g.generator, sizes, g.seed, g.options, f.val_fraction,
+                                     f.test_fraction, g.worked)  # fmt: skip
+
+
+def _chatterbot(f: FinetuneConfig) -> dict[str, list[Conversation]]:
+    return conversations.split_conversations(chatterbot.load_chatterbot(f.language),
+                                             f.val_fraction, f.test_fraction)  # fmt: skip
+
+
+# finetune.dataset -> its train/val/test conversations, disjoint by prompt (chatterbot) or
+# by question and template (reasoning_gym).
+CONVERSATION_SOURCES = {"chatterbot": _chatterbot, "reasoning_gym": _reasoning_gym}
+
+
+def conversation_splits(f: FinetuneConfig) -> dict[str, list[Conversation]]:
+    """train/val/test conversations of `f.dataset`."""
+    return CONVERSATION_SOURCES[f.dataset](f)
+
+
+def most_frequent_answer(conversations: Sequence[Conversation]) -> str:
     """The commonest normalised answer of `conversations` (ties: the smallest, for a
     deterministic pick)."""
     counts = Counter(normalize(c.answer) for c in conversations if c.answer is not None)
@@ -99,9 +116,32 @@ def exact_match_scores(frame: pd.DataFrame, labels: Sequence[str]) -> dict[str, 
 
 class SFT(NextTokenLoss, FinetuningTask):
     name = "sft"
+    datasets = tuple(CONVERSATION_SOURCES)
+    gate_metric = "finetuned_sft_test_loss"
+    gate_mode = "min"
+    serving = Serving("prompt", generates=True, output_example=["a reply"])
     before_tuning_is_comparable = True
 
-    def splits(self, f: FinetuneConfig) -> dict[str, list[conversations.Conversation]]:
+    def serve(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        texts: list[str],
+        params: Mapping[str, Any],
+    ) -> list[str]:
+        """One reply per prompt (a single user turn), as `params` set the generation."""
+        return generate_replies(
+            model,
+            tokenizer,
+            texts,
+            max_new_tokens=int(params["max_new_tokens"]),
+            do_sample=bool(params["do_sample"]),
+            temperature=float(params["temperature"]),
+            top_p=float(params["top_p"]),
+            min_new_tokens=int(params["min_new_tokens"]),
+        )
+
+    def splits(self, f: FinetuneConfig) -> dict[str, list[Conversation]]:
         return conversation_splits(f)
 
     def candidates(self, f: FinetuneConfig, tokenizer: PreTrainedTokenizerBase) -> list[Candidate]:
@@ -149,7 +189,7 @@ class SFT(NextTokenLoss, FinetuningTask):
         self,
         models: Mapping[str, PreTrainedModel],
         tokenizer: PreTrainedTokenizerBase,
-        splits: Mapping[str, Sequence[conversations.Conversation]],
+        splits: Mapping[str, Sequence[Conversation]],
         f: FinetuneConfig,
         e: EvaluateConfig,
     ) -> pd.DataFrame:
