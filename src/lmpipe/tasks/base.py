@@ -176,11 +176,11 @@ class FinetuningTask(Objective):
                 f"invalid value for 'finetune.dataset': {f.dataset!r} is not a {self.name} "
                 f"dataset (allowed for finetune.task={self.name}: {self.datasets})"
             )
-        if self.name not in cfg.deploy.gates:
-            raise ConfigError(f"deploy.gates has no gate for finetune.task={self.name}")
 
     def gate(self, d: DeployConfig | DictConfig) -> GateConfig:
         """deploy.gates.<task>, its metric and mode the task's own where it sets none."""
+        if self.name not in d.gates:
+            raise ConfigError(f"deploy.gates has no gate for finetune.task={self.name}")
         gate = OmegaConf.to_object(d.gates[self.name]) if isinstance(d, DictConfig) else (
             d.gates[self.name])  # fmt: skip
         return replace(gate, metric=gate.metric or self.gate_metric,
