@@ -120,3 +120,25 @@ def test_each_stage_depends_on_no_module_it_does_not_run(stage: str) -> None:
     stale = [dep for dep in deps if not any(
         (ROOT / dep) == path or (ROOT / dep) in path.parents for path in closure)]  # fmt: skip
     assert not stale, f"dvc.yaml: stage {stage} depends on modules it does not run: {stale}"
+
+
+def write_deps(path: Path = ROOT / "dvc.yaml") -> None:
+    """Rewrite each stage's src/lmpipe deps in dvc.yaml as its closure, in order (a new or
+    moved module): `python -m tests.test_dvc_deps`."""
+    lines, out, stage, i = path.read_text().split("\n"), [], None, 0
+    while i < len(lines):
+        if lines[i].startswith("  ") and not lines[i].startswith("   ") and lines[i].endswith(":"):
+            stage = lines[i].strip().rstrip(":")
+        if lines[i].startswith("      - src/lmpipe/"):
+            while i < len(lines) and lines[i].startswith("      - src/lmpipe/"):
+                i += 1
+            closure = code_closure(ROOT / "stages" / f"{stage}.py")
+            out += sorted(f"      - {p.relative_to(ROOT)}" for p in closure)
+            continue
+        out.append(lines[i])
+        i += 1
+    path.write_text("\n".join(out))
+
+
+if __name__ == "__main__":
+    write_deps()

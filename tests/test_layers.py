@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from lmpipe.tasks.finetuning import FINETUNING
+
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "lmpipe"
 LAYERS = [
     "runs",
@@ -63,7 +65,7 @@ def test_layers_import_only_downward(path: Path) -> None:
     assert not upward, f"{relative} imports from a higher layer: {upward}"
 
 
-TASK_NAMES = ("sft", "classify", "preference")
+TASK_NAMES = tuple(FINETUNING)  # sft, classify, preference, kto
 
 
 def _task_name_tests(path: Path) -> list[str]:

@@ -323,6 +323,29 @@ class PreferenceConfig:
 
 
 @dataclass
+class KtoConfig:
+    """finetune.task=kto: replies judged desirable or not, one at a time (lmpipe.tasks.kto).
+    The reference is the starting model, frozen; its log-probs are cached."""
+
+    beta: float = 0.1
+    desirable_weight: float = 1.0  # λ_D: weight of a desirable example's loss
+    undesirable_weight: float = 1.0  # λ_U
+    # Where the examples come from: verifier (checkable answers: `samples` replies of the
+    # starting model per prompt at `temperature`, each labelled by the answer checker; the
+    # reference solution is added as desirable where no sample is right) or files (.jsonl
+    # records in TRL's format: prompt, completion, label).
+    examples: str = "verifier"
+    files: list[str] = field(default_factory=list)  # examples=files: paths or globs
+    max_prompts: int | None = None  # verifier: training prompts (a stable sample); null: all
+    max_held_out_prompts: int | None = None  # verifier: val and test prompts each
+    max_new_tokens: int = 48
+    batch_size: int = 16  # generation and reference log-prob batches
+    samples: int = 4
+    temperature: float = 1.0
+    disable_dropout: bool = True  # policy = reference at step 0, as in TRL
+
+
+@dataclass
 class ReasoningGymConfig:
     """finetune.dataset=reasoning_gym: procedural problems with checkable answers
     (lmpipe.taskdata.reasoning_gym)."""
@@ -363,6 +386,7 @@ class FinetuneConfig(TrainConfig):
     peft: PeftSettings = field(default_factory=PeftSettings)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
+    kto: KtoConfig = field(default_factory=KtoConfig)
     reasoning_gym: ReasoningGymConfig = field(default_factory=ReasoningGymConfig)
 
 
@@ -525,6 +549,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "tokenize.engine": ("auto", "tokenizers"),
     "clean.normalize": (None, "NFC", "NFKC", "NFD", "NFKD"),
     "finetune.preference.pairs": ("spin", "verifier", "files"),
+    "finetune.kto.examples": ("verifier", "files"),
     "finetune.reasoning_gym.generator": ("chain_sum", "basic_arithmetic", "gsm_symbolic"),
     "hardware.device": ("cpu", "cuda", "auto"),
     "hardware.precision": ("fp32", "bf16"),
@@ -615,6 +640,15 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "finetune.preference.temperature": (lambda v: v > 0, "> 0"),
     "finetune.preference.sft_steps": (lambda v: v >= 0, ">= 0"),
     "finetune.preference.sft_lr": (lambda v: v > 0, "> 0"),
+    "finetune.kto.beta": (lambda v: v > 0, "> 0"),
+    "finetune.kto.desirable_weight": (lambda v: v > 0, "> 0"),
+    "finetune.kto.undesirable_weight": (lambda v: v > 0, "> 0"),
+    "finetune.kto.max_prompts": (lambda v: v >= 1, ">= 1"),
+    "finetune.kto.max_held_out_prompts": (lambda v: v >= 1, ">= 1"),
+    "finetune.kto.max_new_tokens": (lambda v: v >= 1, ">= 1"),
+    "finetune.kto.batch_size": (lambda v: v >= 1, ">= 1"),
+    "finetune.kto.samples": (lambda v: v >= 1, ">= 1"),
+    "finetune.kto.temperature": (lambda v: v > 0, "> 0"),
 }
 
 

@@ -57,7 +57,7 @@ class PreferenceDataError(ValueError):
     """Preference files with no usable record."""
 
 
-def _messages(value: Any, field: str) -> Messages:
+def messages_of(value: Any, field: str) -> Messages:
     if isinstance(value, str):
         return [{"role": "user" if field == "prompt" else "assistant", "content": value}]
     if not isinstance(value, list) or not value:
@@ -70,7 +70,7 @@ def _messages(value: Any, field: str) -> Messages:
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
-def _reply(messages: Messages, field: str) -> str:
+def reply_of(messages: Messages, field: str) -> str:
     if len(messages) != 1 or messages[0]["role"] != "assistant":
         raise ValueError(f"'{field}' must be one assistant message")
     return messages[0]["content"].strip()
@@ -83,11 +83,11 @@ def parse_record(record: Any) -> tuple[Messages, str, str]:
     missing = [key for key in ("chosen", "rejected") if key not in record]
     if missing:
         raise ValueError(f"missing field(s) {missing}")
-    chosen = _messages(record["chosen"], "chosen")
-    rejected = _messages(record["rejected"], "rejected")
+    chosen = messages_of(record["chosen"], "chosen")
+    rejected = messages_of(record["rejected"], "rejected")
     if "prompt" in record:
-        prompt = _messages(record["prompt"], "prompt")
-        chosen_reply, rejected_reply = _reply(chosen, "chosen"), _reply(rejected, "rejected")
+        prompt = messages_of(record["prompt"], "prompt")
+        chosen_reply, rejected_reply = reply_of(chosen, "chosen"), reply_of(rejected, "rejected")
     else:  # implicit prompt: the conversations' shared turns
         if isinstance(record["chosen"], str):
             raise ValueError("no 'prompt': string replies need one")
@@ -95,8 +95,8 @@ def parse_record(record: Any) -> tuple[Messages, str, str]:
             raise ValueError("no 'prompt', and 'chosen' and 'rejected' do not share all "
                              "turns but the last")  # fmt: skip
         prompt = chosen[:-1]
-        chosen_reply = _reply(chosen[-1:], "chosen")
-        rejected_reply = _reply(rejected[-1:], "rejected")
+        chosen_reply = reply_of(chosen[-1:], "chosen")
+        rejected_reply = reply_of(rejected[-1:], "rejected")
     if prompt[-1]["role"] != "user":
         raise ValueError("the prompt does not end with a user turn")
     if not chosen_reply or not rejected_reply:

@@ -161,6 +161,7 @@ class FinetuningTask(Objective):
     # deploy.gates.<task> sets its own.
     gate_metric: ClassVar[str]
     gate_mode: ClassVar[str]  # min | max
+    gate_threshold: ClassVar[float]  # where deploy.gates has no entry for the task
     serving: ClassVar[Serving]
 
     # Whether the pretrained model itself can be scored on the task (a causal LM on replies:
@@ -178,9 +179,10 @@ class FinetuningTask(Objective):
             )
 
     def gate(self, d: DeployConfig | DictConfig) -> GateConfig:
-        """deploy.gates.<task>, its metric and mode the task's own where it sets none."""
+        """deploy.gates.<task>, its metric and mode the task's own where it sets none (and
+        the task's whole gate where deploy.gates has no entry for it)."""
         if self.name not in d.gates:
-            raise ConfigError(f"deploy.gates has no gate for finetune.task={self.name}")
+            return GateConfig(self.gate_metric, self.gate_mode, self.gate_threshold)
         gate = OmegaConf.to_object(d.gates[self.name]) if isinstance(d, DictConfig) else (
             d.gates[self.name])  # fmt: skip
         return replace(gate, metric=gate.metric or self.gate_metric,

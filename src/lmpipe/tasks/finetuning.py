@@ -16,6 +16,7 @@ from transformers import PreTrainedTokenizerBase
 from lmpipe.runs.config import ConfigError, FinetuneConfig
 from lmpipe.tasks.base import FinetuningTask, TrainingSetup
 from lmpipe.tasks.classify import Classify
+from lmpipe.tasks.kto import KTO
 from lmpipe.tasks.preference import Preference
 from lmpipe.tasks.sft import SFT
 from lmpipe.training import adapters
@@ -23,7 +24,7 @@ from lmpipe.training import adapters
 log = logging.getLogger(__name__)
 
 FINETUNING: dict[str, type[FinetuningTask]] = {
-    task.name: task for task in (SFT, Classify, Preference)
+    task.name: task for task in (SFT, Classify, Preference, KTO)
 }
 
 

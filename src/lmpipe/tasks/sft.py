@@ -119,6 +119,7 @@ class SFT(NextTokenLoss, FinetuningTask):
     datasets = tuple(CONVERSATION_SOURCES)
     gate_metric = "finetuned_sft_test_loss"
     gate_mode = "min"
+    gate_threshold = 6.0
     serving = Serving("prompt", generates=True, output_example=["a reply"])
     before_tuning_is_comparable = True
 
