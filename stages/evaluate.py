@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from lmpipe.data.tokenizer import base_tokenizer, load_tokenizer
 from lmpipe.data.tokens import load_tokens
 from lmpipe.deploy import registry
-from lmpipe.deploy.quantize import quantize_int8
+from lmpipe.deploy.variants import VARIANTS, variant_models
 from lmpipe.evaluation.held_out_lm import wikitext_scores
 from lmpipe.evaluation.lm_metrics import perplexity, unigram_entropy
 from lmpipe.stage import Stage, prepare_cli
@@ -77,8 +77,9 @@ def main(cfg: DictConfig) -> None:
             predictions_path = stage.output(PREDICTIONS)
             plots = stage.output("plots")
             plots.mkdir()
-            finetuned = task.load(finetuned_dir).to(device)
-            models = {"finetuned": finetuned, "int8": quantize_int8(task.load(finetuned_dir))}
+            # The fine-tuned model and the variants made from it (int8): lmpipe.deploy.variants.
+            models = variant_models(lambda: task.load(finetuned_dir), "finetuned", device)
+            finetuned = models["finetuned"]
             if task.before_tuning_is_comparable:
                 # What fine-tuning did to language modelling of the held-out corpus (forgetting).
                 tuned_loss, _ = corpus_loss(finetuned)
@@ -101,11 +102,13 @@ def main(cfg: DictConfig) -> None:
             for name, table in report.tables.items():
                 stage.log_table(table, name)
         metrics = {**corpus, **metrics}
-        # What int8 quantization costs: int8 minus fp32 for each headline metric.
+        # What quantization costs: each quantized variant minus fp32, per headline metric.
+        quantized = [v.label for v in VARIANTS if v.source == "finetuned" and v.quantize]
         for key in [k for k in metrics if k.startswith("finetuned_") and "." not in k]:
-            twin = "int8_" + key.removeprefix("finetuned_")
-            if twin in metrics:
-                metrics[f"{twin}_change"] = metrics[twin] - metrics[key]
+            for label in quantized:
+                twin = f"{label}_" + key.removeprefix("finetuned_")
+                if twin in metrics:
+                    metrics[f"{twin}_change"] = metrics[twin] - metrics[key]
         stage.write_json("metrics.json", metrics)
         stage.log_metrics(metrics)
         stage.log_artifact(predictions_path, "predictions")

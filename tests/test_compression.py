@@ -24,7 +24,14 @@ from lmpipe.deploy.prune import (
 )
 from lmpipe.deploy.release import deploy
 from lmpipe.deploy.sparsity import sparsify, sparsity_curve, wanda_mask, zero_share
-from lmpipe.deploy.variants import fastest_within, quality_loss
+from lmpipe.deploy.variants import (
+    BY_NAME,
+    VARIANTS,
+    fastest_within,
+    own_metric,
+    quality_loss,
+    variant_models,
+)
 from lmpipe.runs.config import ConfigError, DeployConfig, GateConfig, validate
 from lmpipe.tasks.finetuning import finetuning_task
 from lmpipe.training.model import save_model
@@ -318,3 +325,22 @@ def test_a_variant_without_its_own_score_is_only_the_challenger(
     assert result.variants["pruned"]["alias"] == "challenger"
     assert result.variants["pruned"]["quality_loss"] is None
     assert result.fastest_within_quality_budget == "fp32"
+
+
+def test_each_variant_is_one_entry_made_and_scored_from_its_source(tiny_model) -> None:
+    """evaluate scores the variants of finetune's model and deploy those of its pruned one,
+    both through `variant_models`: one entry each in VARIANTS, nowhere else."""
+    cpu = torch.device("cpu")
+    from_finetune = variant_models(lambda: copy.deepcopy(tiny_model), "finetuned", cpu)
+    from_pruned = variant_models(lambda: copy.deepcopy(tiny_model), "pruned", cpu)
+    assert list(from_finetune) == ["finetuned", "int8"]
+    assert list(from_pruned) == ["pruned", "pruned_int8"]
+    quantized = torch.ao.nn.quantized.dynamic.Linear
+    assert isinstance(from_pruned["pruned_int8"].model.layers[0].mlp.down_proj, quantized)
+    assert isinstance(from_pruned["pruned"].model.layers[0].mlp.down_proj, torch.nn.Linear)
+    assert own_metric("pruned-int8", "finetuned_sft_test_loss") == "pruned_int8_sft_test_loss"
+    assert own_metric("int8", "finetuned_macro_f1") == "int8_macro_f1"
+    assert own_metric("fp32", "loss") == "loss"  # the gate's own metric
+    for variant in VARIANTS:
+        twin = BY_NAME.get(variant.float_twin) if variant.float_twin else variant
+        assert twin is not None and twin.source == variant.source and not twin.quantize

@@ -23,9 +23,8 @@ from transformers import PreTrainedModel
 
 from lmpipe.data.tokenizer import load_tokenizer
 from lmpipe.deploy.prune import Pruned, input_norms, prune_structured
-from lmpipe.deploy.quantize import quantize_int8
 from lmpipe.deploy.sparsity import SparsityPoint, sparsity_curve, sparsity_figure
-from lmpipe.deploy.variants import METRIC_PREFIX
+from lmpipe.deploy.variants import variant_models
 from lmpipe.runs.config import FinetuneConfig, LmpipeConfig, PruneConfig
 from lmpipe.runs.tracking import MetricLogger
 from lmpipe.tasks.base import FinetuningTask
@@ -36,7 +35,6 @@ from lmpipe.training.model import save_model
 log = logging.getLogger(__name__)
 
 # The variants scored here, labelled as their held-out metrics are prefixed (pruned_*, ...).
-PRUNED, PRUNED_INT8 = (METRIC_PREFIX[v].removesuffix("_") for v in ("pruned", "pruned-int8"))
 
 
 def recovery_config(f: FinetuneConfig | DictConfig, p: PruneConfig, task: str) -> DictConfig:
@@ -116,9 +114,8 @@ def compress(
         facts["pruned_val_loss"] = val_loss(pruned)
     save_model(pruned.cpu(), tokenizer, out_dir)
 
-    # Held-out scores, as evaluate computes the fine-tuned model's and int8's.
-    variants = {PRUNED: task.load(out_dir).to(device),
-                PRUNED_INT8: quantize_int8(task.load(out_dir))}  # fmt: skip
+    # Held-out scores of the pruned variants, as evaluate scores the fine-tuned model's.
+    variants = variant_models(lambda: task.load(out_dir), "pruned", device)
     with autocast(device, hardware.precision):
         frame = task.predict(variants, tokenizer, splits, f, e)
     scores = task.score(frame, list(variants), splits)

@@ -26,7 +26,14 @@ from mlflow.tracking import MlflowClient
 
 from lmpipe.deploy import registry
 from lmpipe.deploy.serving import DEFAULT_PARAMS
-from lmpipe.deploy.variants import fastest_within, measure, own_metric, quality_loss
+from lmpipe.deploy.variants import (
+    BY_NAME,
+    VARIANTS,
+    fastest_within,
+    measure,
+    own_metric,
+    quality_loss,
+)
 from lmpipe.evaluation.intervals import statistic_interval
 from lmpipe.runs.config import ConfigError, DeployConfig, GateConfig
 from lmpipe.tasks.base import FinetuningTask
@@ -283,13 +290,10 @@ def deploy(
     smoke_output = output.to_dict("records")[0] if isinstance(output, pd.DataFrame) else output[0]
     log.info("smoke test through %s: %r -> %r (%.3fs)", uri, smoke, smoke_output, latency)
 
-    builds = {}
-    if cfg.quantized_variant:
-        builds["int8"] = (model_dir, "int8")
-    if pruned_dir is not None:
-        builds["pruned"] = (pruned_dir, None)
-        if cfg.quantized_variant:
-            builds["pruned-int8"] = (pruned_dir, "int8")
+    sources = {"finetuned": model_dir, "pruned": pruned_dir}
+    wanted = [v for v in VARIANTS if v.name != "fp32" and sources[v.source] is not None
+              and (cfg.quantized_variant or not v.quantize)]  # fmt: skip
+    builds = {v.name: (sources[v.source], v.quantize) for v in wanted}
     variants = {"fp32": {"model_name": name, "version": model_version, "alias": alias,
                          "gate_passed": gate.passed}}  # fmt: skip
     for variant, (directory, quantize) in builds.items():
@@ -405,7 +409,7 @@ def measure_variants(
             else mlflow.pyfunc.load_model(f"models:/{entry['model_name']}/{entry['version']}")
         )
         model = loaded.unwrap_python_model().model
-        float_twin = {"int8": "fp32", "pruned-int8": "pruned"}.get(variant)
+        float_twin = BY_NAME[variant].float_twin
         count = float_params[float_twin] if float_twin in float_params else count_parameters(model)
         float_params[variant] = count
         entry |= asdict(measure(loaded, count, input_ids, cfg.forward_repeats, inputs, params))

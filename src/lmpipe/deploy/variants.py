@@ -9,7 +9,7 @@ a model that stops early is not faster). Quality is the gate metric on the held-
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,18 +18,59 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
-from lmpipe.deploy.quantize import state_size_bytes
+from lmpipe.deploy.quantize import quantize_int8, state_size_bytes
 
-# Variant -> the prefix of its held-out metrics (evaluate: finetuned_, int8_; deploy: pruned_).
-METRIC_PREFIX = {"fp32": "finetuned_", "int8": "int8_", "pruned": "pruned_",
-                 "pruned-int8": "pruned_int8_"}  # fmt: skip
+
+@dataclass(frozen=True)
+class Variant:
+    """One way to serve the fine-tuned model: registered as <registered_model_name>-<name>
+    (fp32 as the name itself), made from a saved `source` model (finetune's `finetuned`, or
+    deploy's `pruned`) by `quantize` (rebuilt at load time by the pyfunc), scored on the
+    held-out split under `label` (its metrics `<label>_...`), and counted with the
+    parameters of its `float_twin` (a quantized model's packed weights are no parameters)."""
+
+    name: str
+    source: str  # finetuned | pruned
+    quantize: str | None = None  # int8: dynamic int8 (lmpipe.deploy.quantize)
+    float_twin: str | None = None
+
+    @property
+    def label(self) -> str:
+        """The model's column prefix in the predictions and the prefix of its metrics."""
+        return "finetuned" if self.name == "fp32" else self.name.replace("-", "_")
+
+    def build(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The served model made from the saved float model."""
+        return quantize_int8(model) if self.quantize == "int8" else model
+
+
+# Every variant, in the order the frontier lists them.
+VARIANTS = (
+    Variant("fp32", "finetuned"),
+    Variant("int8", "finetuned", quantize="int8", float_twin="fp32"),
+    Variant("pruned", "pruned"),
+    Variant("pruned-int8", "pruned", quantize="int8", float_twin="pruned"),
+)
+BY_NAME = {variant.name: variant for variant in VARIANTS}
+
+
+def variant_models(
+    load: Callable[[], torch.nn.Module], source: str, device: torch.device
+) -> dict[str, torch.nn.Module]:
+    """The variants of the saved `source` model (`load` reads it), by label, ready to be
+    scored: float ones on `device`, quantized ones on the CPU, where they are served."""
+    return {
+        v.label: v.build(load()) if v.quantize else load().to(device)
+        for v in VARIANTS
+        if v.source == source
+    }
 
 
 def own_metric(variant: str, gate_metric: str) -> str:
     """The variant's own held-out score behind the gate's (fp32) metric."""
     if variant == "fp32":
         return gate_metric
-    return METRIC_PREFIX[variant] + gate_metric.removeprefix("finetuned_")
+    return f"{BY_NAME[variant].label}_{gate_metric.removeprefix('finetuned_')}"
 
 
 def percentiles(seconds: Sequence[float]) -> tuple[float, float]:
