@@ -78,7 +78,8 @@ def main(cfg: DictConfig) -> None:
             plots = stage.output("plots")
             plots.mkdir()
             # The fine-tuned model and the variants made from it (int8): lmpipe.deploy.variants.
-            models = variant_models(lambda: task.load(finetuned_dir), "finetuned", device)
+            models = variant_models(lambda: task.load(finetuned_dir), "finetuned", device,
+                                    c.deploy.quantize)  # fmt: skip
             finetuned = models["finetuned"]
             if task.before_tuning_is_comparable:
                 # What fine-tuning did to language modelling of the held-out corpus (forgetting).

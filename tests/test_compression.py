@@ -22,6 +22,7 @@ from lmpipe.deploy.prune import (
     wanda_scores,
     zero_pruned_units,
 )
+from lmpipe.deploy.quantize import Int4Linear
 from lmpipe.deploy.release import deploy
 from lmpipe.deploy.sparsity import sparsify, sparsity_curve, wanda_mask, zero_share
 from lmpipe.deploy.variants import (
@@ -30,9 +31,10 @@ from lmpipe.deploy.variants import (
     fastest_within,
     own_metric,
     quality_loss,
+    selected,
     variant_models,
 )
-from lmpipe.runs.config import ConfigError, DeployConfig, GateConfig, validate
+from lmpipe.runs.config import ConfigError, DeployConfig, GateConfig, QuantizeConfig, validate
 from lmpipe.tasks.finetuning import finetuning_task
 from lmpipe.training.model import save_model
 
@@ -318,7 +320,7 @@ def test_a_variant_without_its_own_score_is_only_the_challenger(
     dense, small = pruned_dirs
     cfg = DeployConfig(registered_model_name="chat", gates={"sft": GateConfig("loss", "min", 5.0)},
                        max_new_tokens=2, latency_requests=1, forward_tokens=8,
-                       forward_repeats=1, quantized_variant=False)  # fmt: skip
+                       forward_repeats=1, quantize=QuantizeConfig(variants=[]))  # fmt: skip
     with mlflow.start_run():
         result = deploy(dense, finetuning_task("sft"), {"loss": 4.0}, cfg, {}, ["hi"], small)
     assert set(result.variants) == {"fp32", "pruned"}
@@ -329,17 +331,23 @@ def test_a_variant_without_its_own_score_is_only_the_challenger(
 
 def test_each_variant_is_one_entry_made_and_scored_from_its_source(tiny_model) -> None:
     """evaluate scores the variants of finetune's model and deploy those of its pruned one,
-    both through `variant_models`: one entry each in VARIANTS, nowhere else."""
+    both through `variant_models`: one entry each in VARIANTS, chosen by deploy.quantize."""
     cpu = torch.device("cpu")
-    from_finetune = variant_models(lambda: copy.deepcopy(tiny_model), "finetuned", cpu)
-    from_pruned = variant_models(lambda: copy.deepcopy(tiny_model), "pruned", cpu)
-    assert list(from_finetune) == ["finetuned", "int8"]
-    assert list(from_pruned) == ["pruned", "pruned_int8"]
-    quantized = torch.ao.nn.quantized.dynamic.Linear
-    assert isinstance(from_pruned["pruned_int8"].model.layers[0].mlp.down_proj, quantized)
-    assert isinstance(from_pruned["pruned"].model.layers[0].mlp.down_proj, torch.nn.Linear)
+    q = QuantizeConfig(variants=["int8", "int4"], group_size=16)
+    from_finetune = variant_models(lambda: copy.deepcopy(tiny_model), "finetuned", cpu, q)
+    from_pruned = variant_models(lambda: copy.deepcopy(tiny_model), "pruned", cpu, q)
+    assert list(from_finetune) == ["finetuned", "int8", "int4"]
+    assert list(from_pruned) == ["pruned", "pruned_int8", "pruned_int4"]
+    layer = from_pruned["pruned_int4"].model.layers[0].mlp.down_proj
+    assert isinstance(layer, Int4Linear) and layer.group_size == 16
+    assert type(from_pruned["pruned"].model.layers[0].mlp.down_proj) is torch.nn.Linear
+    only_float = variant_models(lambda: copy.deepcopy(tiny_model), "finetuned", cpu,
+                                QuantizeConfig(variants=[]))  # fmt: skip
+    assert list(only_float) == ["finetuned"]
+    assert [v.name for v in selected(QuantizeConfig(variants=["int8-dynamic"]))] == [
+        "fp32", "int8-dynamic", "pruned", "pruned-int8-dynamic"]  # fmt: skip
     assert own_metric("pruned-int8", "finetuned_sft_test_loss") == "pruned_int8_sft_test_loss"
-    assert own_metric("int8", "finetuned_macro_f1") == "int8_macro_f1"
+    assert own_metric("int8-dynamic", "finetuned_macro_f1") == "int8_dynamic_macro_f1"
     assert own_metric("fp32", "loss") == "loss"  # the gate's own metric
     for variant in VARIANTS:
         twin = BY_NAME.get(variant.float_twin) if variant.float_twin else variant

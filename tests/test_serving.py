@@ -10,7 +10,7 @@ import mlflow
 import pytest
 
 from lmpipe.deploy.release import deploy
-from lmpipe.runs.config import DeployConfig, GateConfig
+from lmpipe.runs.config import DeployConfig, GateConfig, QuantizeConfig
 from lmpipe.tasks.finetuning import finetuning_task
 from lmpipe.training.model import load_classifier, save_model
 from tests.servers import post, sequential_latency, serve
@@ -39,7 +39,7 @@ def test_served_champion_answers_rejects_malformed_and_stays_up(
         save_model(tiny_model, tiny_tokenizer, model_dir)
     name = f"served-{task}"
     cfg = DeployConfig(registered_model_name=name, gates={task: GateConfig("score", "max", 0.0)},
-                       quantized_variant=False, max_new_tokens=4)  # fmt: skip
+                       quantize=QuantizeConfig(variants=[]), max_new_tokens=4)  # fmt: skip
     with mlflow.start_run():
         deploy(model_dir, finetuning_task(task), {"score": 1.0}, cfg, {}, [])
 

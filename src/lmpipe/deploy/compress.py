@@ -115,7 +115,7 @@ def compress(
     save_model(pruned.cpu(), tokenizer, out_dir)
 
     # Held-out scores of the pruned variants, as evaluate scores the fine-tuned model's.
-    variants = variant_models(lambda: task.load(out_dir), "pruned", device)
+    variants = variant_models(lambda: task.load(out_dir), "pruned", device, c.deploy.quantize)
     with autocast(device, hardware.precision):
         frame = task.predict(variants, tokenizer, splits, f, e)
     scores = task.score(frame, list(variants), splits)

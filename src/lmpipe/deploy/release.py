@@ -28,11 +28,11 @@ from lmpipe.deploy import registry
 from lmpipe.deploy.serving import DEFAULT_PARAMS
 from lmpipe.deploy.variants import (
     BY_NAME,
-    VARIANTS,
     fastest_within,
     measure,
     own_metric,
     quality_loss,
+    selected,
 )
 from lmpipe.evaluation.intervals import statistic_interval
 from lmpipe.runs.config import ConfigError, DeployConfig, GateConfig
@@ -206,13 +206,21 @@ def log_and_register(
         python_model=str(Path(__file__).with_name("serving.py")),
         artifacts={"model": str(model_dir)},
         code_paths=[str(Path(__file__).parents[1])],
-        model_config={"task": task.name, **({"quantize": quantize} if quantize else {})},
+        model_config={"task": task.name, **recipe(quantize, cfg)},
         signature=signature,
         input_example=example,
         pip_requirements=requirements(),
         registered_model_name=name,
     )
     return str(info.registered_model_version)
+
+
+def recipe(quantize: str | None, cfg: DeployConfig) -> dict[str, Any]:
+    """What the pyfunc needs to rebuild a quantized variant at load time (serving.py)."""
+    if quantize is None:
+        return {}
+    q = cfg.quantize
+    return {"quantize": quantize, "group_size": int(q.group_size), "symmetric": bool(q.symmetric)}
 
 
 def smoke_input(task: FinetuningTask, cfg: DeployConfig) -> str:
@@ -291,8 +299,8 @@ def deploy(
     log.info("smoke test through %s: %r -> %r (%.3fs)", uri, smoke, smoke_output, latency)
 
     sources = {"finetuned": model_dir, "pruned": pruned_dir}
-    wanted = [v for v in VARIANTS if v.name != "fp32" and sources[v.source] is not None
-              and (cfg.quantized_variant or not v.quantize)]  # fmt: skip
+    wanted = [v for v in selected(cfg.quantize)
+              if v.name != "fp32" and sources[v.source] is not None]  # fmt: skip
     builds = {v.name: (sources[v.source], v.quantize) for v in wanted}
     variants = {"fp32": {"model_name": name, "version": model_version, "alias": alias,
                          "gate_passed": gate.passed}}  # fmt: skip

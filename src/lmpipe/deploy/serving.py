@@ -6,7 +6,9 @@ declares the rest (`FinetuningTask.serving`, `load`, `serve`):
                          per row (params: max_new_tokens, min_new_tokens, do_sample,
                          temperature, top_p)
   task: classify         input: a `text` column; output: `label` and `confidence` per row
-  quantize: int8         rebuild the int8 dynamic-quantized variant at load time (CPU)
+  quantize: <method>     rebuild that quantized variant at load time, on the CPU (lmpipe.
+                         deploy.quantize: int8, int8-dynamic, or int4 with group_size and
+                         symmetric)
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ class ServedModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         from lmpipe.data.tokenizer import load_tokenizer
-        from lmpipe.deploy.quantize import quantize_int8
+        from lmpipe.deploy.quantize import quantizer
         from lmpipe.tasks.finetuning import finetuning_task
 
         config = context.model_config or {}
@@ -38,8 +40,10 @@ class ServedModel(mlflow.pyfunc.PythonModel):
         path = context.artifacts["model"]
         self.tokenizer = load_tokenizer(path)
         self.model = self.task.load(path).eval()
-        if config.get("quantize") == "int8":
-            self.model = quantize_int8(self.model)
+        if config.get("quantize"):
+            make = quantizer(config["quantize"], int(config.get("group_size", 32)),
+                             bool(config.get("symmetric", True)))  # fmt: skip
+            self.model = make(self.model)
 
     def predict(
         self,

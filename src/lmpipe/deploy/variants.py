@@ -17,8 +17,10 @@ import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
+from omegaconf import DictConfig
 
-from lmpipe.deploy.quantize import quantize_int8, state_size_bytes
+from lmpipe.deploy.quantize import quantizer, state_size_bytes
+from lmpipe.runs.config import QUANTIZATIONS, QuantizeConfig
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,7 @@ class Variant:
 
     name: str
     source: str  # finetuned | pruned
-    quantize: str | None = None  # int8: dynamic int8 (lmpipe.deploy.quantize)
+    quantize: str | None = None  # one of lmpipe.deploy.quantize's methods; None: float
     float_twin: str | None = None
 
     @property
@@ -39,29 +41,44 @@ class Variant:
         """The model's column prefix in the predictions and the prefix of its metrics."""
         return "finetuned" if self.name == "fp32" else self.name.replace("-", "_")
 
-    def build(self, model: torch.nn.Module) -> torch.nn.Module:
+    def build(self, model: torch.nn.Module, q: QuantizeConfig | DictConfig) -> torch.nn.Module:
         """The served model made from the saved float model."""
-        return quantize_int8(model) if self.quantize == "int8" else model
+        if self.quantize is None:
+            return model
+        return quantizer(self.quantize, q.group_size, q.symmetric)(model)
 
 
-# Every variant, in the order the frontier lists them.
-VARIANTS = (
-    Variant("fp32", "finetuned"),
-    Variant("int8", "finetuned", quantize="int8", float_twin="fp32"),
-    Variant("pruned", "pruned"),
-    Variant("pruned-int8", "pruned", quantize="int8", float_twin="pruned"),
-)
+def _variants() -> tuple[Variant, ...]:
+    found = []
+    for source, float_name, prefix in (("finetuned", "fp32", ""), ("pruned", "pruned", "pruned-")):
+        found.append(Variant(float_name, source))
+        found += [Variant(f"{prefix}{method}", source, method, float_name)
+                  for method in QUANTIZATIONS]  # fmt: skip
+    return tuple(found)
+
+
+# Every variant, in the order the frontier lists them: fp32, int8, int8-dynamic, int4,
+# pruned, pruned-int8, ...
+VARIANTS = _variants()
 BY_NAME = {variant.name: variant for variant in VARIANTS}
 
 
+def selected(q: QuantizeConfig | DictConfig) -> list[Variant]:
+    """The variants deploy.quantize asks for: the float ones and its quantizations."""
+    return [v for v in VARIANTS if v.quantize is None or v.quantize in q.variants]
+
+
 def variant_models(
-    load: Callable[[], torch.nn.Module], source: str, device: torch.device
+    load: Callable[[], torch.nn.Module],
+    source: str,
+    device: torch.device,
+    q: QuantizeConfig | DictConfig,
 ) -> dict[str, torch.nn.Module]:
-    """The variants of the saved `source` model (`load` reads it), by label, ready to be
-    scored: float ones on `device`, quantized ones on the CPU, where they are served."""
+    """The selected variants of the saved `source` model (`load` reads it), by label, ready
+    to be scored: float ones on `device`, quantized ones on the CPU, where they are served."""
     return {
-        v.label: v.build(load()) if v.quantize else load().to(device)
-        for v in VARIANTS
+        v.label: v.build(load(), q) if v.quantize else load().to(device)
+        for v in selected(q)
         if v.source == source
     }
 

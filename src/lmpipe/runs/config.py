@@ -191,6 +191,8 @@ class PretrainConfig(TrainConfig):
 
 # deploy.sparsity.methods: how the zeros are chosen (lmpipe.deploy.sparsity).
 SPARSITY_METHODS = ("magnitude", "wanda")
+# deploy.quantize.variants: the quantized variants lmpipe.deploy.quantize makes.
+QUANTIZATIONS = ("int8", "int8-dynamic", "int4")
 
 # finetune.peft.method -> peft's tuner; "none" trains the model's own weights.
 PEFT_METHODS = ("none", "lora", "adalora", "ia3", "loha", "lokr")
@@ -455,6 +457,17 @@ class SparsityConfig:
 
 
 @dataclass
+class QuantizeConfig:
+    """The quantized variants deploy registers beside the fp32 model and beside the pruned
+    one (lmpipe.deploy.quantize): int8 (weight-only, per output channel), int8-dynamic
+    (activations too, per tensor at run time) and int4 (weight-only, group-wise)."""
+
+    variants: list[str] = field(default_factory=lambda: ["int8"])
+    group_size: int = 32  # int4: input weights per scale
+    symmetric: bool = True  # int4: codes -8..7 around 0, else 0..15 with a zero point
+
+
+@dataclass
 class DeployConfig:
     registered_model_name: str = "lmpipe-sft"
     gates: dict[str, GateConfig] = field(
@@ -466,7 +479,7 @@ class DeployConfig:
     )
     # A candidate worse than the champion by more than this fails the gate; null: no check.
     champion_tolerance: float | None = 0.0
-    quantized_variant: bool = True
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     latency_requests: int = 20
     smoke_prompt: str = "What is AI?"
     smoke_text: str = "a large wild animal of the cat family with a striped coat"
@@ -619,6 +632,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "deploy.forward_tokens": (lambda v: v >= 1, ">= 1"),
     "deploy.forward_repeats": (lambda v: v >= 1, ">= 1"),
     "deploy.max_quality_loss": (lambda v: v >= 0, ">= 0"),
+    "deploy.quantize.group_size": (lambda v: v >= 2 and v % 2 == 0, "even and >= 2"),
     "deploy.prune.mlp_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "deploy.prune.head_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "deploy.prune.calibration_batches": (lambda v: v >= 1, ">= 1"),
@@ -670,6 +684,10 @@ def validate(cfg: DictConfig | dict) -> DictConfig:
     given = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
     if OmegaConf.select(given, "finetune.lora", default=None) is not None:
         raise ConfigError(LORA_MOVED)
+    if OmegaConf.select(given, "deploy.quantized_variant", default=None) is not None:
+        raise ConfigError("'deploy.quantized_variant' was replaced by 'deploy.quantize."
+                          "variants': true is now [int8] (weight-only int8; the old dynamic "
+                          "int8 is int8-dynamic), false is []")  # fmt: skip
     missing = sorted(OmegaConf.missing_keys(given) - {"conf_digest"})
     if missing:
         raise ConfigError(f"required config key(s) not set: {', '.join(missing)}")
@@ -705,6 +723,10 @@ def validate(cfg: DictConfig | dict) -> DictConfig:
         if not 0 < level < 1:
             raise ConfigError(f"invalid value in 'deploy.sparsity.levels': {level} "
                               "(each must be in (0, 1))")  # fmt: skip
+    for variant in merged.deploy.quantize.variants:
+        if variant not in QUANTIZATIONS:
+            raise ConfigError(f"invalid value in 'deploy.quantize.variants': {variant!r} "
+                              f"(allowed: {QUANTIZATIONS})")  # fmt: skip
     for method in merged.deploy.sparsity.methods:
         if method not in SPARSITY_METHODS:
             raise ConfigError(f"invalid value in 'deploy.sparsity.methods': {method!r} "
