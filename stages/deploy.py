@@ -9,6 +9,7 @@ the held-out split as evaluate scores the fine-tuned model.
 """
 
 import json
+import logging
 from dataclasses import asdict
 
 import hydra
@@ -17,6 +18,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
+from lmpipe.deploy import gguf_export
 from lmpipe.deploy.compress import compress, curve_table
 from lmpipe.deploy.release import deploy
 from lmpipe.deploy.variants import frontier_figure, frontier_table
@@ -25,6 +27,8 @@ from lmpipe.runs.tracking import MetricLogger
 from lmpipe.stage import Stage, prepare_cli
 from lmpipe.tasks.finetuning import checked_task
 from lmpipe.training.loop import seed_everything, select_device
+
+log = logging.getLogger(__name__)
 
 
 @hydra.main(version_base="1.3", config_path="..", config_name="params")
@@ -76,6 +80,16 @@ def main(cfg: DictConfig) -> None:
             summary |= {f"{variant}.{k}": v for k, v in entry.items()
                         if isinstance(v, int | float) and not isinstance(v, bool)}  # fmt: skip
         stage.log_metrics(summary)
+        # The fine-tuned model for llama.cpp and Ollama, beside the registered pyfunc.
+        gguf_dir = stage.output("gguf")
+        gguf_dir.mkdir()
+        reason = gguf_export.unsupported(model_dir) if d.gguf else None
+        if reason:
+            log.info("gguf: not written: %s", reason)
+        for kind in d.gguf if not reason else []:
+            path = gguf_export.export_gguf(model_dir, gguf_dir / f"{d.registered_model_name}-"
+                                           f"{kind}.gguf", kind)  # fmt: skip
+            stage.log_artifact(path, "gguf")
         mlflow.set_tag("lmpipe.deploy.alias", result.alias)
         mlflow.set_tag("lmpipe.deploy.fastest_within_quality_budget",
                        str(result.fastest_within_quality_budget))  # fmt: skip

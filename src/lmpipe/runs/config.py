@@ -193,6 +193,8 @@ class PretrainConfig(TrainConfig):
 SPARSITY_METHODS = ("magnitude", "wanda")
 # deploy.quantize.variants: the quantized variants lmpipe.deploy.quantize makes.
 QUANTIZATIONS = ("int8", "int8-dynamic", "int4")
+# deploy.gguf: the GGUF types lmpipe.deploy.gguf_export writes.
+GGUF_TYPES = ("F16", "Q8_0", "Q4_0")
 
 # finetune.peft.method -> peft's tuner; "none" trains the model's own weights.
 PEFT_METHODS = ("none", "lora", "adalora", "ia3", "loha", "lokr")
@@ -480,6 +482,9 @@ class DeployConfig:
     # A candidate worse than the champion by more than this fails the gate; null: no check.
     champion_tolerance: float | None = 0.0
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    # The champion written as GGUF for llama.cpp and Ollama (Llama-style causal LMs), in
+    # these types: F16, Q8_0, Q4_0; empty: none.
+    gguf: list[str] = field(default_factory=lambda: ["F16", "Q8_0"])
     latency_requests: int = 20
     smoke_prompt: str = "What is AI?"
     smoke_text: str = "a large wild animal of the cat family with a striped coat"
@@ -723,6 +728,9 @@ def validate(cfg: DictConfig | dict) -> DictConfig:
         if not 0 < level < 1:
             raise ConfigError(f"invalid value in 'deploy.sparsity.levels': {level} "
                               "(each must be in (0, 1))")  # fmt: skip
+    for kind in merged.deploy.gguf:
+        if kind not in GGUF_TYPES:
+            raise ConfigError(f"invalid value in 'deploy.gguf': {kind!r} (allowed: {GGUF_TYPES})")
     for variant in merged.deploy.quantize.variants:
         if variant not in QUANTIZATIONS:
             raise ConfigError(f"invalid value in 'deploy.quantize.variants': {variant!r} "

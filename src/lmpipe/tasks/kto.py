@@ -171,9 +171,13 @@ def verifier_examples(
     device: torch.device,
     seed: int,
 ) -> dict[str, list[Judged]]:
-    """Every split's examples from the model's own sampled replies, judged by the checker."""
-    result: dict[str, list[Judged]] = {}
-    for split, items in conversations.items():
+    """The training and validation examples: the model's own sampled replies to the
+    split's problems, judged by the checker."""
+    # The test split is scored on every held-out problem (`KTO.held_out_conversations`),
+    # never on judged replies: none are sampled for it.
+    result: dict[str, list[Judged]] = {"test": []}
+    for split in ("train", "val"):
+        items = conversations[split]
         limit = k.max_prompts if split == "train" else k.max_held_out_prompts
         items = _stable_sample(items, limit)
         samples = sample_replies(model, tokenizer, [c.prompt for c in items], k, device, seed)

@@ -1,0 +1,79 @@
+"""GGUF export (lmpipe.deploy.gguf_export): the file loads back with transformers' own GGUF
+reader, with the source model's logits (tight for F16, loose for Q8_0) and tokenizer; bad
+input fails with a message that says what the exporter maps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, BertConfig, BertForMaskedLM
+
+from lmpipe.deploy.gguf_export import GGML_TYPES, GgufExportError, export_gguf, unsupported
+from lmpipe.runs.config import GGUF_TYPES, ConfigError, validate
+from lmpipe.training.model import load_classifier, save_model
+
+TEXT = "What is AI? The study of thinking machines."
+
+
+@pytest.fixture
+def saved(tmp_path: Path, tiny_model, tiny_tokenizer) -> Path:
+    model_dir = tmp_path / "model"
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # weights of a trained model's scale: logits worth comparing
+        for param in tiny_model.parameters():
+            if param.dim() == 2:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+    save_model(tiny_model, tiny_tokenizer, model_dir)
+    return model_dir
+
+
+@pytest.mark.parametrize(("kind", "tolerance"), [("F16", 2e-3), ("Q8_0", 3e-2)])
+def test_the_gguf_file_loads_back_with_the_source_models_logits_and_tokenizer(
+    saved: Path, tmp_path: Path, tiny_tokenizer, kind: str, tolerance: float
+) -> None:
+    out = export_gguf(saved, tmp_path / "gguf" / f"model-{kind}.gguf", kind)
+    source = AutoModelForCausalLM.from_pretrained(saved).eval()
+    loaded = AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name).eval()
+    ids = tiny_tokenizer(TEXT, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected, got = source(ids).logits, loaded(ids).logits
+    assert float((expected - got).norm() / expected.norm()) < tolerance
+    if kind == "F16":
+        assert torch.equal(expected.argmax(-1), got.argmax(-1))
+    tokenizer = AutoTokenizer.from_pretrained(out.parent, gguf_file=out.name)
+    assert tokenizer(TEXT)["input_ids"] == ids[0].tolist()
+    assert tokenizer.chat_template == tiny_tokenizer.chat_template
+
+
+def test_q8_0_is_smaller_than_f16_and_f16_than_fp32(saved: Path, tmp_path: Path) -> None:
+    sizes = {kind: export_gguf(saved, tmp_path / f"m-{kind}.gguf", kind).stat().st_size
+             for kind in ("F16", "Q8_0")}  # fmt: skip
+    fp32 = sum(p.stat().st_size for p in saved.glob("*.safetensors"))
+    assert sizes["Q8_0"] < sizes["F16"] < fp32
+
+
+def test_an_encoder_and_a_classifier_head_fail_naming_what_the_exporter_maps(
+    tmp_path: Path, saved: Path, tiny_tokenizer
+) -> None:
+    bert = tmp_path / "bert"
+    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                        num_attention_heads=2, intermediate_size=64)  # fmt: skip
+    BertForMaskedLM(config).save_pretrained(bert)
+    with pytest.raises(GgufExportError, match=r"a bert model \(BertForMaskedLM\).*Llama"):
+        export_gguf(bert, tmp_path / "bert.gguf")
+    classifier = tmp_path / "classifier"
+    save_model(load_classifier(saved, ["a", "b"]), tiny_tokenizer, classifier)
+    assert "LlamaForSequenceClassification has a task head" in unsupported(classifier)
+    with pytest.raises(GgufExportError, match="LlamaForSequenceClassification"):
+        export_gguf(classifier, tmp_path / "classifier.gguf")
+    assert not (tmp_path / "classifier.gguf").exists()
+    with pytest.raises(GgufExportError, match="Q3_K"):
+        export_gguf(saved, tmp_path / "x.gguf", "Q3_K")
+
+
+def test_the_config_names_the_gguf_types_the_exporter_writes() -> None:
+    assert set(GGUF_TYPES) == set(GGML_TYPES)
+    with pytest.raises(ConfigError, match=r"deploy\.gguf.*'Q3_K'"):
+        validate({"deploy": {"gguf": ["F16", "Q3_K"]}})
