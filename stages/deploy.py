@@ -33,7 +33,9 @@ log = logging.getLogger(__name__)
 
 @hydra.main(version_base="1.3", config_path="..", config_name="params")
 def main(cfg: DictConfig) -> None:
-    with Stage("deploy", cfg, upstream=("evaluate", "finetune")) as stage:
+    # What a pruning recovery's checkpoints resume under (an interrupted recovery continues).
+    resume_keys = ("seed", "finetune", "deploy.prune", "hardware.precision")
+    with Stage("deploy", cfg, upstream=("evaluate", "finetune"), resume_keys=resume_keys) as stage:
         c, d, f = stage.cfg, stage.cfg.deploy, stage.cfg.finetune
         task = checked_task(c)
         metrics = json.loads(stage.input("evaluate", "metrics.json").read_text())
@@ -52,6 +54,7 @@ def main(cfg: DictConfig) -> None:
                 model_dir, held_out, held_out.splits(f), c, device=select_device(c.hardware),
                 out_dir=stage.output("pruned"),
                 metrics=MetricLogger(stage.run_id, prefix="prune_recovery/"),
+                checkpoints=stage.checkpoints, run_id=stage.run_id,
             )  # fmt: skip
             pruned_dir = compressed.pruned_dir
             metrics |= compressed.metrics

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedModel
 
 from lmpipe.data.tokenizer import load_tokenizer
+from lmpipe.deploy.distill import Distillation
 from lmpipe.deploy.prune import Pruned, input_norms, prune_structured
 from lmpipe.deploy.sparsity import SparsityPoint, sparsity_curve, sparsity_figure
 from lmpipe.deploy.variants import variant_models
@@ -29,6 +30,7 @@ from lmpipe.runs.config import FinetuneConfig, LmpipeConfig, PruneConfig
 from lmpipe.runs.tracking import MetricLogger
 from lmpipe.tasks.base import FinetuningTask
 from lmpipe.tasks.finetuning import prepare_finetuning
+from lmpipe.training.checkpoint import Checkpoints
 from lmpipe.training.loop import autocast, train
 from lmpipe.training.model import save_model
 
@@ -39,12 +41,14 @@ log = logging.getLogger(__name__)
 
 def recovery_config(f: FinetuneConfig | DictConfig, p: PruneConfig, task: str) -> DictConfig:
     """finetune.* for the recovery fine-tune: `p.recovery_steps` full-weight steps at
-    `p.recovery_lr` on the whole training split, evaluated once at the end."""
+    `p.recovery_lr` on the whole training split, evaluated once at the end, checkpointed as
+    finetune is."""
     settings = OmegaConf.to_container(OmegaConf.structured(f), resolve=True)
     steps = max(p.recovery_steps, 1)  # 0 steps: the setup still gives calibration batches
     settings |= {
         "task": task, "steps": steps, "epochs": None, "eval_every": steps,
-        "checkpoint_every": steps, "early_stopping_patience": None, "final_weights": "last",
+        "checkpoint_every": min(settings["checkpoint_every"], steps),
+        "early_stopping_patience": None, "final_weights": "last",
         "freeze_layers": 0, "freeze_embeddings": False,
     }  # fmt: skip
     settings["peft"]["method"] = "none"
@@ -77,10 +81,12 @@ def compress(
     device: torch.device,
     out_dir: Path,
     metrics: MetricLogger,
+    checkpoints: Checkpoints | None = None,
+    run_id: str = "",
 ) -> Compression:
     """Prune the model in `model_dir` into `out_dir` as `deploy.prune` says, with its held-out
     scores (`splits`: the held-out data evaluate scored) and the sparsity curve of
-    `deploy.sparsity`."""
+    `deploy.sparsity`. With `checkpoints`, an interrupted recovery resumes."""
     f, e, p, hardware, seed = c.finetune, c.evaluate, c.deploy.prune, c.hardware, c.seed
     levels, methods = list(c.deploy.sparsity.levels), list(c.deploy.sparsity.methods)
     tokenizer = load_tokenizer(model_dir)
@@ -108,9 +114,15 @@ def compress(
     facts |= kept.summary
     facts["pruned_val_loss_before_recovery"] = val_loss(pruned)
     if p.recovery_steps:
-        log.info("prune: recovery fine-tune, %d steps at lr %g", r.steps, r.optim.lr)
+        log.info("prune: recovery fine-tune, %d steps at lr %g, distillation weight %g at "
+                 "temperature %g", r.steps, r.optim.lr, p.distill_weight,
+                 p.distill_temperature)  # fmt: skip
+        objective = setup.objective
+        if p.distill_weight > 0:  # the dense model, unpruned, is the teacher
+            objective = Distillation(objective, model, p.distill_temperature, p.distill_weight)
         train(pruned, setup.batches, r, hardware, device, metrics, setup.evaluate,
-              objective=setup.objective, desc="prune: recovery")  # fmt: skip
+              checkpoints=checkpoints, run_id=run_id, objective=objective,
+              desc="prune: recovery")  # fmt: skip
         facts["pruned_val_loss"] = val_loss(pruned)
     save_model(pruned.cpu(), tokenizer, out_dir)
 

@@ -447,6 +447,11 @@ class PruneConfig:
     calibration_batches: int = 8  # training-split batches of finetune.batch_size
     recovery_steps: int = 0  # fine-tuning steps after pruning (the finetune loop); 0: none
     recovery_lr: float = 5.0e-5
+    # Recovery learns the dense model's distribution too (lmpipe.deploy.distill): this share
+    # of the loss is T² × KL(dense_T ‖ pruned_T) at temperature T, the rest the task's
+    # labels; 0: the labels alone.
+    distill_weight: float = 0.5
+    distill_temperature: float = 2.0
 
 
 @dataclass
@@ -643,6 +648,8 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "deploy.prune.calibration_batches": (lambda v: v >= 1, ">= 1"),
     "deploy.prune.recovery_steps": (lambda v: v >= 0, ">= 0"),
     "deploy.prune.recovery_lr": (lambda v: v > 0, "> 0"),
+    "deploy.prune.distill_weight": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "deploy.prune.distill_temperature": (lambda v: v > 0, "> 0"),
     "evaluate.num_generations": (lambda v: v >= 1, ">= 1"),
     "evaluate.wikitext.max_bytes": (lambda v: v >= 1024, ">= 1024"),
     "finetune.reasoning_gym.train_size": (lambda v: v >= 1, ">= 1"),
