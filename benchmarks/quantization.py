@@ -31,10 +31,10 @@ CPU = torch.device("cpu")
 VARIANTS = [  # (label, method, group size, symmetric)
     ("int8 (weight-only)", "int8", 32, True),
     ("int8-dynamic", "int8-dynamic", 32, True),
-    ("int4 g32 sym", "int4", 32, True),
-    ("int4 g32 asym", "int4", 32, False),
-    ("int4 g64 sym", "int4", 64, True),
-    ("int4 g128 sym", "int4", 128, True),
+    ("int4 g32 asym (Q4_1)", "int4", 32, False),
+    ("int4 g32 sym (Q4_0)", "int4", 32, True),
+    ("int4 g64 asym", "int4", 64, False),
+    ("int4 g128 asym", "int4", 128, False),
 ]
 
 

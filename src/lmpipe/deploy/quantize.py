@@ -10,10 +10,10 @@ time, so nothing quantized is pickled.
                 time (PyTorch's fbgemm kernels: the fastest CPU path here, and the lossiest on
                 models with outlier activations: SmolLM2-135M's held-out loss 2.47 -> 3.91).
   int4          weight-only int4 in groups of `group_size` input weights, each group with its
-                own scale (and, asymmetric, its own zero point), like llama.cpp's Q4_0 / Q4_1.
-                torchao's int4 layouts need CUDA or a kernel package here, so `Int4Linear`
-                is ours: torchao's affine quantization primitives make the codes, two codes
-                share a byte, and the forward pass dequantizes them.
+                own scale (and, asymmetric, its own minimum), by llama.cpp's Q4_0 / Q4_1
+                rules. torchao's int4 layouts need CUDA or its `mslk` kernels here, so
+                `Int4Linear` is ours (tested against the gguf package's Q4_0 and Q4_1): two
+                codes share a byte, and the forward pass dequantizes them.
 
 Every Linear of the transformer blocks is quantized; the output head is not (it is tied to
 the input embeddings in our models, so a quantized copy would add its bytes, not save them).
@@ -68,62 +68,53 @@ def quantize_weight_only_int8(model: torch.nn.Module) -> torch.nn.Module:
 
 
 class Int4Linear(torch.nn.Module):
-    """A Linear whose weight is int4 codes in groups of `group_size` input weights, two codes
-    per byte, with a float scale per group (and, asymmetric, a zero point per group)."""
+    """A Linear whose weight is 4-bit codes in groups of `group_size` input weights, two
+    codes per byte, by llama.cpp's rules. Symmetric (Q4_0): the group's largest-magnitude
+    weight w* maps to code -8, a step d = w* / -8 (finer than the max|w| / 7.5 of one scale for
+    both signs), w = d x code for codes -8..7. Asymmetric (Q4_1): d = (max - min) / 15 and
+    w = min + d x code for codes 0..15, the group's minimum kept as a float: a model that was
+    itself Q4_1 (SmolLM2's GGUF) comes back on its own grid."""
 
     def __init__(self, linear: torch.nn.Linear, group_size: int, symmetric: bool) -> None:
-        from torchao.quantization.quant_primitives import (
-            MappingType,
-            choose_qparams_affine,
-            quantize_affine,
-        )
-
         super().__init__()
         out_features, in_features = linear.weight.shape
         if group_size < 2 or group_size % 2:
             raise ValueError(f"deploy.quantize.group_size={group_size}: it must be even")
         self.in_features, self.out_features = in_features, out_features
         self.group_size, self.symmetric = group_size, symmetric
-        self.quant_min, self.quant_max = (-8, 7) if symmetric else (0, 15)
         # A width that is no multiple of the group (688 = 21.5 x 32) ends in a group padded
         # with zero weights, which no input ever meets.
         weight = F.pad(linear.weight.detach().float(), (0, -in_features % group_size))
-        block = (1, group_size)
-        eps = torch.finfo(torch.float32).eps
+        groups = weight.reshape(out_features, -1, group_size)
+        tiny = torch.finfo(torch.float32).tiny
         if symmetric:
-            # llama.cpp's Q4_0 rule: the group's largest-magnitude weight maps to code -8 (the
-            # scale takes its sign), so all 16 codes span it: a step of max|w| / 8, finer
-            # than the max|w| / 7.5 of a scale shared by both signs.
-            groups = weight.reshape(out_features, -1, group_size)
-            extreme = groups.gather(-1, groups.abs().argmax(-1, keepdim=True)).squeeze(-1)
-            scale = torch.where(extreme.abs() < eps, eps, extreme / self.quant_min)
-            zero = torch.zeros_like(scale, dtype=torch.int32)
+            extreme = groups.gather(-1, groups.abs().argmax(-1, keepdim=True))
+            scale = extreme / -8
+            codes = (groups / torch.where(scale == 0, tiny, scale)).round().clamp(-8, 7) + 8
+            offset = None
         else:
-            scale, zero = choose_qparams_affine(weight, MappingType.ASYMMETRIC, block,
-                                                torch.int8, self.quant_min, self.quant_max,
-                                                eps=eps)  # fmt: skip
-        codes = quantize_affine(weight, block, scale, zero, torch.int8, self.quant_min,
-                                self.quant_max)  # fmt: skip
-        nibbles = (codes.to(torch.int16) - self.quant_min).to(torch.uint8)  # 0..15
+            low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+            scale = (high - low) / 15
+            codes = ((groups - low) / torch.where(scale == 0, tiny, scale)).round().clamp(0, 15)
+            offset = low.squeeze(-1)
+        nibbles = codes.to(torch.uint8).reshape(out_features, -1)  # 0..15
         self.register_buffer("packed", nibbles[:, 0::2] | (nibbles[:, 1::2] << 4))
-        self.register_buffer("scale", scale.reshape(out_features, -1))
-        self.register_buffer("zero_point", None if symmetric else
-                             zero.reshape(out_features, -1).to(torch.uint8))  # fmt: skip
+        self.register_buffer("scale", scale.squeeze(-1))
+        self.register_buffer("offset", offset)
         self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach())
 
-    def codes(self) -> torch.Tensor:
-        """The int4 codes, unpacked, as int8 (out_features, in_features)."""
-        nibbles = torch.stack([self.packed & 0xF, self.packed >> 4], dim=-1).flatten(1)
-        return nibbles.to(torch.int8) + self.quant_min
+    def nibbles(self) -> torch.Tensor:
+        """The stored 4-bit values, unpacked: 0..15 (symmetric codes + 8)."""
+        return torch.stack([self.packed & 0xF, self.packed >> 4], dim=-1).flatten(1)
 
     def dequantized(self) -> torch.Tensor:
-        from torchao.quantization.quant_primitives import dequantize_affine
-
-        zero = None if self.zero_point is None else self.zero_point.to(torch.int32)
-        weight = dequantize_affine(self.codes(), (1, self.group_size), self.scale, zero,
-                                   torch.int8, self.quant_min, self.quant_max,
-                                   output_dtype=self.scale.dtype)  # fmt: skip
-        return weight[:, : self.in_features]
+        values = self.nibbles().float().reshape(self.out_features, -1, self.group_size)
+        scale = self.scale.unsqueeze(-1)
+        if self.offset is None:
+            weight = (values - 8) * scale
+        else:
+            weight = values * scale + self.offset.unsqueeze(-1)
+        return weight.reshape(self.out_features, -1)[:, : self.in_features]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dequantized().to(x.dtype), self.bias)

@@ -471,7 +471,9 @@ class QuantizeConfig:
 
     variants: list[str] = field(default_factory=lambda: ["int8"])
     group_size: int = 32  # int4: input weights per scale
-    symmetric: bool = True  # int4: codes -8..7 around 0, else 0..15 with a zero point
+    # int4: false: each group's minimum and a step, as llama.cpp's Q4_1 (a model that was
+    # Q4_1 keeps its weights); true: a signed step alone, as Q4_0
+    symmetric: bool = False
 
 
 @dataclass
