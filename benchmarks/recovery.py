@@ -38,7 +38,8 @@ def dense_arm(task, c, steps: int) -> dict[str, float]:
     model_dir = ROOT / "outputs" / "finetune" / "model"
     tokenizer = load_tokenizer(model_dir)
     splits = task.splits(c.finetune)
-    r = recovery_config(c.finetune, c.deploy.prune, task.supervised_task().name)
+    prune = OmegaConf.merge(c.deploy.prune, {"recovery_steps": steps})
+    r = recovery_config(c.finetune, prune, task.supervised_task().name)
     setup = prepare_finetuning(r, model_dir, tokenizer, c.seed, CPU, task=task.supervised_task())
     rows = {"dense": {"val_loss": loss_of(setup.evaluate(setup.model)),
                       **held_out(task, c, setup.model, tokenizer, splits)}}  # fmt: skip
