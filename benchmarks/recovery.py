@@ -7,12 +7,15 @@ split and on the held-out test split (response loss, and exact match with its in
 
     python benchmarks/recovery.py                         # after `make demo`
     python benchmarks/recovery.py --steps 200 deploy.prune.mlp_ratio=0.75
+    python benchmarks/recovery.py --model-dir <a project's outputs/finetune/model> \
+        --steps 40 experiment=smollm2-lora deploy.prune.mlp_ratio=0.1
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 from models import ROOT, config
@@ -33,9 +36,8 @@ def held_out(task, c, model, tokenizer, splits) -> dict[str, float]:
     return {k.removeprefix("model_"): v for k, v in scores.items() if k.startswith("model_")}
 
 
-def dense_arm(task, c, steps: int) -> dict[str, float]:
+def dense_arm(task, c, steps: int, model_dir: Path) -> dict[str, float]:
     """The dense model, and fine-tuned `steps` more steps as recovery would be."""
-    model_dir = ROOT / "outputs" / "finetune" / "model"
     tokenizer = load_tokenizer(model_dir)
     splits = task.splits(c.finetune)
     prune = OmegaConf.merge(c.deploy.prune, {"recovery_steps": steps})
@@ -55,11 +57,12 @@ def dense_arm(task, c, steps: int) -> dict[str, float]:
     return rows
 
 
-def pruned_arm(task, c, weight: float | None, steps: int, out: str) -> dict[str, float]:
+def pruned_arm(
+    task, c, weight: float | None, steps: int, out: str, model_dir: Path
+) -> dict[str, float]:
     recovery = {"recovery_steps": steps if weight is not None else 0,
                 "distill_weight": weight or 0.0}  # fmt: skip
     c = OmegaConf.merge(c, {"deploy": {"prune": recovery}})
-    model_dir = ROOT / "outputs" / "finetune" / "model"
     start = time.perf_counter()
     result = compress(model_dir, task, task.splits(c.finetune), c, device=CPU,
                       out_dir=ROOT / "benchmarks" / ".data" / "recovery" / out,
@@ -74,20 +77,26 @@ def pruned_arm(task, c, weight: float | None, steps: int, out: str) -> dict[str,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument(
+        "--model-dir",
+        type=Path,
+        default=ROOT / "outputs" / "finetune" / "model",
+        help="the fine-tuned model (default: the demo's)",
+    )
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     c = config(["deploy.sparsity.levels=[]", "deploy.quantize.variants=[]",
                 "deploy.prune.recovery_lr=5e-4", *args.overrides])  # fmt: skip
     task = checked_task(c)
     seed_everything(c.seed)
-    rows = dense_arm(task, c, args.steps)
+    rows = dense_arm(task, c, args.steps, args.model_dir)
     p = c.deploy.prune
     for label, weight in (("pruned, no recovery", None),
                           (f"pruned + {args.steps} steps, labels alone", 0.0),
                           (f"pruned + {args.steps} steps, distilled (w {p.distill_weight}, "
                            f"T {p.distill_temperature})", p.distill_weight)):  # fmt: skip
         seed_everything(c.seed)
-        rows[label] = pruned_arm(task, c, weight, args.steps, label.split(",")[0])
+        rows[label] = pruned_arm(task, c, weight, args.steps, label.split(",")[0], args.model_dir)
     print(f"\nMLP {p.mlp_ratio:.0%} pruned, recovery lr {p.recovery_lr:g}, "
           f"{args.steps} steps of {c.finetune.batch_size}")  # fmt: skip
     print("| model | val loss | test loss | exact match [95% CI] | seconds |")
