@@ -241,3 +241,22 @@ def test_adalora_reallocates_ranks_every_step(peft_runs) -> None:
     ranks = result["ranks"]
     assert ranks and max(ranks.values()) <= 12
     assert sum(ranks.values()) < 12 * len(ranks)
+
+
+def test_adalora_state_loads_onto_the_adapters_device(tiny_tokenizer) -> None:
+    """A checkpoint is read onto the CPU; on a GPU run peft then adds the saved sensitivity
+    averages to the parameters' CUDA tensors. Here the adapters sit on another device
+    ("meta", which CPU-only machines have) and the CPU-loaded state must follow them."""
+    settings = PeftSettings(method="adalora", target_modules=["q_proj", "v_proj"],
+                            adalora=AdaLoraSettings(tinit=0, tfinal=0, delta_t=1))  # fmt: skip
+    hook = adapters.add_adapters(fresh_model(tiny_tokenizer), settings, total_steps=10).step_hook
+    lora = [n for n, _ in hook.model.named_parameters() if "lora_A" in n]
+    state = {"ipt": {n: torch.ones(2) for n in lora},
+             "exp_avg_ipt": {n: torch.ones(2) for n in lora},
+             "exp_avg_unc": {n: torch.ones(2) for n in lora},
+             "rank_pattern": None}  # fmt: skip
+    hook.model.to("meta")
+    hook.load_state_dict(state)
+    allocator = hook.model.rankallocator
+    for values in (allocator.ipt, allocator.exp_avg_ipt, allocator.exp_avg_unc):
+        assert {v.device.type for v in values.values()} == {"meta"}

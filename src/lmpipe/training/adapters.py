@@ -110,10 +110,18 @@ class AdaLoraHook:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The saved sensitivities, on the adapters' device: a checkpoint is read onto the
+        CPU, and peft's next update adds them to the parameters' own (CUDA) tensors."""
         allocator = self.model.rankallocator
-        allocator.ipt = dict(state["ipt"])
-        allocator.exp_avg_ipt = dict(state["exp_avg_ipt"])
-        allocator.exp_avg_unc = dict(state["exp_avg_unc"])
+        device = next(p.device for n, p in self.model.named_parameters() if "lora_" in n)
+
+        def placed(values: dict[str, Any]) -> dict[str, Any]:
+            return {name: value.to(device) if torch.is_tensor(value) else value
+                    for name, value in values.items()}  # fmt: skip
+
+        allocator.ipt = placed(state["ipt"])
+        allocator.exp_avg_ipt = placed(state["exp_avg_ipt"])
+        allocator.exp_avg_unc = placed(state["exp_avg_unc"])
         self.model.peft_config[self.adapter].rank_pattern = state["rank_pattern"]
 
     def ranks(self) -> dict[str, int]:
