@@ -16,8 +16,9 @@ served model is called (`serving`, `serve`) and its loader (`load`).
 
 from __future__ import annotations
 
+import logging
 from abc import abstractmethod
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -29,6 +30,7 @@ from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoModel, PreTrainedModel, PreTrainedTokenizerBase
 
+from lmpipe.runs import atomic
 from lmpipe.runs.config import (
     ConfigError,
     DeployConfig,
@@ -39,8 +41,25 @@ from lmpipe.runs.config import (
 )
 from lmpipe.runs.processes import DistEnv
 from lmpipe.selection.candidates import Candidate
+from lmpipe.training import distributed
 from lmpipe.training.adapters import Adapters
 from lmpipe.training.loop import EvalFn, Objective
+
+log = logging.getLogger(__name__)
+
+
+def cached_table(
+    path: Path, build: Callable[[], pd.DataFrame], env: DistEnv, what: str
+) -> pd.DataFrame:
+    """Data a task derives from its starting model (`build`), built once by the main process
+    into the cache file `path` (or read from it) and read by every process."""
+    if env.is_main and not path.is_file():
+        table = build()
+        atomic.write_file(path, lambda tmp: table.to_parquet(tmp, index=False))
+    elif env.is_main:
+        log.info("%s from the cache %s", what, path)
+    distributed.barrier()  # the main process wrote the table: every process reads it
+    return pd.read_parquet(path)
 
 
 @dataclass

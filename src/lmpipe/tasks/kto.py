@@ -30,7 +30,6 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from lmpipe.data.batches import ordered_examples, shuffled_examples
 from lmpipe.evaluation.answers import is_correct
 from lmpipe.evaluation.lm_metrics import eval_mode
-from lmpipe.runs import atomic
 from lmpipe.runs.config import ConfigError, EvaluateConfig, FinetuneConfig, KtoConfig
 from lmpipe.runs.keys import directory_digest, keyed_path
 from lmpipe.runs.processes import DistEnv
@@ -38,7 +37,7 @@ from lmpipe.selection.candidates import Candidate
 from lmpipe.taskdata import unpaired
 from lmpipe.taskdata.conversations import Conversation
 from lmpipe.taskdata.unpaired import Judged, JudgedExample
-from lmpipe.tasks.base import FinetuningTask, Objective, TrainingSetup, chosen
+from lmpipe.tasks.base import FinetuningTask, Objective, TrainingSetup, cached_table, chosen
 from lmpipe.tasks.preference import reply_logps, sample_replies
 from lmpipe.tasks.sft import SFT, VERIFIABLE_DATASETS, conversation_splits, selection_candidate
 from lmpipe.training import distributed
@@ -256,15 +255,12 @@ class KTO(SFT):
     ) -> tuple[KTO, pd.DataFrame]:
         """Build (or read from the cache) the judged examples with the reference's
         log-probs of the starting model `base`: the task made with them, and their table."""
-        path = _cache_path(cache_dir, base, f, seed)
-        if env.is_main and not path.is_file():
-            table = unpaired.judged_table(self._build(f, base, tokenizer, device, precision,
-                                                      seed))  # fmt: skip
-            atomic.write_file(path, lambda tmp: table.to_parquet(tmp, index=False))
-        elif env.is_main:
-            log.info("kto: examples and reference log-probs from the cache %s", path)
-        distributed.barrier()  # the main process wrote the table: every process reads it
-        table = pd.read_parquet(path)
+        table = cached_table(
+            _cache_path(cache_dir, base, f, seed),
+            lambda: unpaired.judged_table(self._build(f, base, tokenizer, device, precision,
+                                                      seed)),
+            env, "kto: examples and reference log-probs",
+        )  # fmt: skip
         return KTO(unpaired.judged_from_table(table)), table
 
     def _build(

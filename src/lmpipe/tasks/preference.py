@@ -51,16 +51,21 @@ from lmpipe.evaluation.answers import is_correct
 from lmpipe.evaluation.lm_metrics import eval_mode, next_token_losses
 from lmpipe.evaluation.plots import preference_figure
 from lmpipe.evaluation.scoring import generate_replies
-from lmpipe.runs import atomic
 from lmpipe.runs.config import ConfigError, EvaluateConfig, FinetuneConfig, PreferenceConfig
 from lmpipe.runs.keys import directory_digest, keyed_path
 from lmpipe.runs.processes import DistEnv
 from lmpipe.selection.candidates import Candidate
 from lmpipe.taskdata import conversations
 from lmpipe.taskdata import pairs as pref
-from lmpipe.tasks.base import FinetuningTask, Objective, Report, TrainingSetup, chosen
+from lmpipe.tasks.base import (
+    FinetuningTask,
+    Objective,
+    Report,
+    TrainingSetup,
+    cached_table,
+    chosen,
+)
 from lmpipe.tasks.sft import SFT, VERIFIABLE_DATASETS, conversation_splits, selection_candidate
-from lmpipe.training import distributed
 from lmpipe.training.loop import autocast
 from lmpipe.training.model import load_model, model_device
 
@@ -604,14 +609,11 @@ class Preference(SFT):
         """Build (or read from the cache) the pairs with the reference's log-probs of the
         starting model `base`: the task made with them, and their table for pairs.parquet.
         `seed` draws the verifier's samples."""
-        path = _cache_path(cache_dir, base, f, seed)
-        if env.is_main and not path.is_file():
-            table = pref.pairs_table(self._build(f, base, tokenizer, device, precision, seed))
-            atomic.write_file(path, lambda tmp: table.to_parquet(tmp, index=False))
-        elif env.is_main:
-            log.info("preference: pairs and reference log-probs from the cache %s", path)
-        distributed.barrier()  # the main process wrote the table: every process reads it
-        table = pd.read_parquet(path)
+        table = cached_table(
+            _cache_path(cache_dir, base, f, seed),
+            lambda: pref.pairs_table(self._build(f, base, tokenizer, device, precision, seed)),
+            env, "preference: pairs and reference log-probs",
+        )  # fmt: skip
         pairs = pref.pairs_from_table(table)
         log.info("preference: %s pairs", ", ".join(f"{len(v)} {k}" for k, v in pairs.items()))
         return Preference(pairs, f.preference), table
