@@ -589,6 +589,14 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
 }
 
 
+# List keys whose every item is one of these.
+_LIST_CHOICES: dict[str, tuple[str, ...]] = {
+    "deploy.gguf": GGUF_TYPES,
+    "deploy.quantize.variants": QUANTIZATIONS,
+    "deploy.sparsity.methods": SPARSITY_METHODS,
+}
+
+
 # Numeric keys with a valid range: key -> (check, the rule in words).
 _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "clean.dedup.threshold": (lambda v: 0 < v <= 1, "in (0, 1]"),
@@ -737,17 +745,10 @@ def validate(cfg: DictConfig | dict) -> DictConfig:
         if not 0 < level < 1:
             raise ConfigError(f"invalid value in 'deploy.sparsity.levels': {level} "
                               "(each must be in (0, 1))")  # fmt: skip
-    for kind in merged.deploy.gguf:
-        if kind not in GGUF_TYPES:
-            raise ConfigError(f"invalid value in 'deploy.gguf': {kind!r} (allowed: {GGUF_TYPES})")
-    for variant in merged.deploy.quantize.variants:
-        if variant not in QUANTIZATIONS:
-            raise ConfigError(f"invalid value in 'deploy.quantize.variants': {variant!r} "
-                              f"(allowed: {QUANTIZATIONS})")  # fmt: skip
-    for method in merged.deploy.sparsity.methods:
-        if method not in SPARSITY_METHODS:
-            raise ConfigError(f"invalid value in 'deploy.sparsity.methods': {method!r} "
-                              f"(allowed: {SPARSITY_METHODS})")  # fmt: skip
+    for key, allowed in _LIST_CHOICES.items():
+        for value in OmegaConf.select(merged, key):
+            if value not in allowed:
+                raise ConfigError(f"invalid value in '{key}': {value!r} (allowed: {allowed})")
     _validate_selection(merged.finetune.selection)
     mlm = merged.pretrain.mlm
     if mlm.mask_share + mlm.random_share > 1:
