@@ -126,7 +126,7 @@ def main(cfg: DictConfig) -> float:
             base = sft_phase(stage, sft_first, base, tokenizer, env, device)
             seed_everything(c.seed)  # the preference phase draws as it would without one
         task, pairs = task.prepare(f, base, tokenizer, device, stage.inputs_root /
-                                   PAIRS_CACHE_DIR, env, c.hardware.precision, c.seed)  # fmt: skip
+                                   PAIRS_CACHE_DIR, env, c.hardware, c.seed)  # fmt: skip
         (pairs if pairs is not None else pairs_table({})).to_parquet(
             stage.output(PAIRS_FILE), index=False
         )

@@ -15,7 +15,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmpipe.runs.config import ConfigError, FinetuneConfig, PreferenceConfig, validate
+from lmpipe.runs.config import (
+    ConfigError,
+    FinetuneConfig,
+    HardwareConfig,
+    PreferenceConfig,
+    validate,
+)
 from lmpipe.runs.processes import DistEnv
 from lmpipe.taskdata import pairs as pref
 from lmpipe.taskdata.conversations import Conversation
@@ -23,6 +29,7 @@ from lmpipe.tasks.finetuning import checked_task
 from lmpipe.tasks.preference import (
     PairScores,
     Preference,
+    TIE_MARGIN,
     PreferenceLoss,
     judge_samples,
     opening_pairs,
@@ -34,6 +41,7 @@ from lmpipe.tasks.preference import (
     spin_pairs,
     verifier_pairs,
 )
+from lmpipe.training.loop import policy_numerics, seed_everything
 from tests.test_train import fresh_model
 
 CPU = torch.device("cpu")
@@ -378,6 +386,43 @@ def test_prepared_pairs_are_cached_per_starting_model(
     assert setup.counts["train_pairs"] == (table["split"] == "train").sum()
 
 
+def test_the_policy_at_step_0_equals_its_reference_in_bf16(tiny_tokenizer, tmp_path: Path) -> None:
+    """Under bf16 autocast (CPU here, as on CUDA) the reference's log-probs, computed before
+    training, equal the policy's in its shuffled training batches: a tie, not a preference.
+    With each batch padded to its own longest reply they differ by ~1e-3."""
+    from lmpipe.training.model import save_model
+
+    from lmpipe.runs.config import ModelConfig
+    from lmpipe.training.model import build_model
+
+    seed_everything(0)
+    # Wide enough that CPU bf16 kernels round differently by padded width (hidden 32 is not)
+    model = build_model(ModelConfig(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=4,
+                                    intermediate_size=256, max_seq_len=64), tiny_tokenizer)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # replies of more than whitespace (talkative_model)
+        for param in model.parameters():
+            param.add_(0.5 * torch.randn(param.shape, generator=generator))
+    base = tmp_path / "base"
+    save_model(model, tiny_tokenizer, base)
+    settings = {"task": "preference", "max_len": 60, "batch_size": 3,
+                "preference": {"max_pairs": 12, "max_new_tokens": 24}}  # fmt: skip
+    f = validate({"finetune": settings}).finetune
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        task, _ = Preference().prepare(f, base, tiny_tokenizer, CPU, tmp_path / "cache",
+                                       DistEnv())  # fmt: skip
+        setup = task.setup(f, base, tiny_tokenizer, seed=5, device=CPU)
+        gaps = []
+        with torch.no_grad():
+            for _ in range(4):
+                batch = next(setup.batches)
+                logps, _ = reply_logps(setup.model.eval(), batch)
+                gaps.append((logps - batch["ref_logps"]).abs())
+    gaps = torch.cat(gaps)
+    assert len(gaps) >= 16
+    assert float(gaps.max()) < TIE_MARGIN
+
+
 # --- verifier pairs ----------------------------------------------------------------------------
 
 
@@ -618,16 +663,40 @@ def test_verifier_pairs_are_cached_per_seed_and_sampling(tiny_tokenizer, tmp_pat
     save_model(fresh_model(tiny_tokenizer), tiny_tokenizer, base)
     f = validate({"finetune": {"task": "preference", "dataset": "reasoning_gym",
                                "preference": {"pairs": "verifier"}}}).finetune  # fmt: skip
-    path = _cache_path(tmp_path, base, f, seed=0)
-    assert _cache_path(tmp_path, base, f, seed=1) != path
+    fp32 = policy_numerics(HardwareConfig(), CPU)
+    path = _cache_path(tmp_path, base, f, 0, fp32)
+    assert _cache_path(tmp_path, base, f, 1, fp32) != path
     f.preference.temperature = 0.7
-    assert _cache_path(tmp_path, base, f, seed=0) != path
+    assert _cache_path(tmp_path, base, f, 0, fp32) != path
     f.preference.temperature, f.reasoning_gym.test_size = 1.0, 7
-    assert _cache_path(tmp_path, base, f, seed=0) != path
+    assert _cache_path(tmp_path, base, f, 0, fp32) != path
     f.reasoning_gym.test_size, f.preference.beta = 500, 0.5  # beta is not part of a pair
-    assert _cache_path(tmp_path, base, f, seed=0) == path
+    assert _cache_path(tmp_path, base, f, 0, fp32) == path
     f.preference.pairs = "spin"  # spin draws nothing: the seed does not matter
-    assert _cache_path(tmp_path, base, f, seed=0) == _cache_path(tmp_path, base, f, seed=1)
+    assert _cache_path(tmp_path, base, f, 0, fp32) == _cache_path(tmp_path, base, f, 1, fp32)
+
+
+def test_the_reference_cache_is_keyed_by_how_the_policy_computes(tiny_tokenizer, tmp_path: Path):
+    """The reference's log-probs change with the device, bf16, TF32, compile, FSDP2's
+    parameter dtype and the micro-batch's shape: each is in the key."""
+    from lmpipe.tasks.preference import _cache_path
+    from lmpipe.training.model import save_model
+
+    base = tmp_path / "base"
+    save_model(fresh_model(tiny_tokenizer), tiny_tokenizer, base)
+    f = validate({"finetune": {"task": "preference"}}).finetune
+    cuda = torch.device("cuda", 0)
+    ways = [policy_numerics(HardwareConfig(), CPU), policy_numerics(HardwareConfig(), cuda),
+            policy_numerics(HardwareConfig(precision="bf16"), cuda),
+            policy_numerics(HardwareConfig(compile=True), CPU)]  # fmt: skip
+    paths = {_cache_path(tmp_path, base, f, 0, numerics) for numerics in ways}
+    assert len(paths) == len(ways)
+    tf32 = dict(ways[2], float32_matmul="high")
+    assert _cache_path(tmp_path, base, f, 0, tf32) not in paths
+    f.batch_size += 1
+    assert _cache_path(tmp_path, base, f, 0, ways[0]) not in paths
+    # bf16 asked for on the CPU computes in fp32 (lmpipe.training.loop.compute_dtype)
+    assert policy_numerics(HardwareConfig(precision="bf16"), CPU) == ways[0]
 
 
 def test_the_sft_term_is_each_chosen_replys_own_mean_token_nll() -> None:

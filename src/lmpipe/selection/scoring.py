@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -28,12 +28,17 @@ from lmpipe.runs import atomic
 from lmpipe.runs.keys import directory_digest, keyed_path
 from lmpipe.selection.candidates import Candidate
 from lmpipe.taskdata.conversations import collate
+from lmpipe.training import distributed
 
 log = logging.getLogger(__name__)
 
 # Bump when what a score means changes: old cache files are then never read.
+# The numbers also depend on how the device computes (ScoreCache's `numerics`: TF32 or not).
 SCORING_VERSION = {"version": 1, "pooling": "mean", "layer": "last", "loss": "mean nats",
                    "dtype": "float32"}  # fmt: skip
+# Candidates per share of the scoring work (lmpipe.training.distributed.map_batches), in
+# model batches: the processes exchange their status once per share.
+SHARE_BATCHES = 8
 COLUMNS = ("conditional_loss", "response_loss", "embedding")
 
 
@@ -126,10 +131,15 @@ def score_candidates(
 
 
 class ScoreCache:
-    """Scores of one starting model, by example key, in `<directory>/<digest>.parquet`."""
+    """Scores of one starting model computed one way (`numerics`: the device, and whether
+    its fp32 matmuls run as TF32), by example key, in `<directory>/<digest>.parquet`."""
 
-    def __init__(self, directory: Path, model_dir: Path) -> None:
-        identity = {"model": directory_digest(model_dir), "scoring": SCORING_VERSION}
+    def __init__(
+        self, directory: Path, model_dir: Path, numerics: Mapping[str, object] | None = None
+    ) -> None:
+        numerics = dict(numerics or {"device": "cpu", "float32_matmul": "highest"})
+        identity = {"model": directory_digest(model_dir), "scoring": SCORING_VERSION,
+                    "numerics": numerics}  # fmt: skip
         self.path = keyed_path(directory, identity, ".parquet")
 
     def load(self) -> pd.DataFrame:
@@ -148,29 +158,54 @@ def cached_scores(
     cache: ScoreCache,
     score: Callable[[Sequence[Candidate], bool], pd.DataFrame],
     is_main: bool = True,
-    barrier: Callable[[], None] = lambda: None,
 ) -> pd.DataFrame:
     """The candidates' scores (rows in their order), computing only what the cache lacks.
 
-    Under several processes the main one scores and writes; every process then reads the
-    same file, so all of them select exactly the same examples.
+    Under several processes every one reads the cache and they score what it lacks
+    together (`score` shares its batches out: `sharded_scores`); the main one writes, and
+    every process reads the same file back, so all of them select exactly the same
+    examples.
     """
     keys = [example_key(c) for c in candidates]
+    table = cache.load()
+    known = table.reindex(keys)
+    missing = known["embedding"].isna()
+    if losses:
+        missing |= known["response_loss"].isna()
+    first = {k: c for k, c in zip(keys, candidates, strict=True)}
+    # Similar lengths together: the shares, then their batches, carry less padding.
+    todo = sorted({k for k, m in zip(keys, missing, strict=True) if m},
+                  key=lambda k: (len(first[k].example["input_ids"]), k))  # fmt: skip
     if is_main:
-        table = cache.load()
-        known = table.reindex(keys)
-        missing = known["embedding"].isna()
-        if losses:
-            missing |= known["response_loss"].isna()
-        todo = sorted({k for k, m in zip(keys, missing, strict=True) if m})
         log.info("selection: %d of %d examples scored before (%s), %d to score",
                  len(set(keys)) - len(todo), len(set(keys)), cache.path, len(todo))  # fmt: skip
-        if todo:
-            first = {k: c for k, c in zip(keys, candidates, strict=True)}
-            fresh = score([first[k] for k in todo], losses)
-            fresh.index = pd.Index(todo, name="key")
-            table = pd.concat([table.drop(index=todo, errors="ignore"), fresh])
-            cache.save(table)
-    barrier()
+    if todo:
+        fresh = score([first[k] for k in todo], losses)
+        fresh.index = pd.Index(todo, name="key")
+        if is_main:
+            cache.save(pd.concat([table.drop(index=todo, errors="ignore"), fresh]))
+    distributed.barrier()
     result = cache.load().reindex(keys)
     return result.reset_index(drop=True)
+
+
+def sharded_scores(
+    model: PreTrainedModel,
+    candidates: Sequence[Candidate],
+    batch_size: int,
+    pad_id: int,
+    device: torch.device,
+    losses: bool,
+) -> pd.DataFrame:
+    """`score_candidates` with its work shared by the processes (each scores its shares of
+    `SHARE_BATCHES` batches; all return every row, in order). The shares are the same for
+    any number of processes, and so are the scores."""
+
+    def share(_: int, chosen: Sequence[Candidate]) -> list[dict]:
+        return score_candidates(model, chosen, batch_size, pad_id, device, losses).to_dict(
+            "records"
+        )
+
+    rows = distributed.map_batches(share, candidates, batch_size * SHARE_BATCHES,
+                                   "selection: scoring")  # fmt: skip
+    return pd.DataFrame(rows, columns=list(COLUMNS))

@@ -101,9 +101,15 @@ def encode_all(
     return kept
 
 
-def collate(examples: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example; padding is masked out of attention and loss."""
-    width = max(len(e["input_ids"]) for e in examples)
+def collate(
+    examples: Sequence[dict[str, list[int]]], pad_id: int, width: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example, or to a fixed `width`; padding is masked out of
+    attention and loss."""
+    longest = max(len(e["input_ids"]) for e in examples)
+    if width is not None and width < longest:
+        raise ValueError(f"an example of {longest} tokens does not fit the width {width}")
+    width = width or longest
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
     attention = torch.zeros((len(examples), width), dtype=torch.long)

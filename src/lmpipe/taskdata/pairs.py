@@ -206,6 +206,10 @@ class PairExample:
     chosen: dict[str, list[int]]
     rejected: dict[str, list[int]]
 
+    @property
+    def id(self) -> str:
+        return self.pair.id
+
 
 def encode_pairs(
     tokenizer: PreTrainedTokenizerBase, pairs: Sequence[Pair], max_len: int
@@ -223,13 +227,30 @@ def encode_pairs(
     return examples
 
 
+def fixed_width(*example_sets: Sequence[PairExample], multiple: int = 8) -> int:
+    """One row width for every micro-batch of these pairs (training, validation and the
+    reference's pass alike): the longest reply row, rounded up to `multiple`.
+
+    With equal shapes a reply's log-prob does not depend on the rows it is batched with: in
+    bf16 a different padding alone moves a summed log-prob by ~1e-3, more than a tie
+    (lmpipe.tasks.preference.TIE_MARGIN), so the policy at step 0 would not equal its
+    reference. Equal shapes also keep compiled graphs static."""
+    longest = max((len(row["input_ids"]) for examples in example_sets for e in examples
+                   for row in (e.chosen, e.rejected)), default=1)  # fmt: skip
+    return -(-longest // multiple) * multiple
+
+
 def collate_pairs(
-    examples: Sequence[PairExample], pad_id: int, with_reference: bool = True
+    examples: Sequence[PairExample],
+    pad_id: int,
+    with_reference: bool = True,
+    width: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """One micro-batch: rows [chosen_1..chosen_B, rejected_1..rejected_B], right-padded to
-    the longest, and the reference log-probs of the 2B rows in the same order."""
+    the longest (or to `width`: `fixed_width`), and the reference log-probs of the 2B rows
+    in the same order."""
     rows = [e.chosen for e in examples] + [e.rejected for e in examples]
-    batch = collate(rows, pad_id)
+    batch = collate(rows, pad_id, width)
     if with_reference:
         references = [e.pair.ref_chosen for e in examples] + [e.pair.ref_rejected for e in examples]
         if any(r is None for r in references):

@@ -37,6 +37,7 @@ from lmpipe.runs.config import (
     EvaluateConfig,
     FinetuneConfig,
     GateConfig,
+    HardwareConfig,
     PretrainConfig,
 )
 from lmpipe.runs.processes import DistEnv
@@ -51,11 +52,15 @@ log = logging.getLogger(__name__)
 def cached_table(
     path: Path, build: Callable[[], pd.DataFrame], env: DistEnv, what: str
 ) -> pd.DataFrame:
-    """Data a task derives from its starting model (`build`), built once by the main process
-    into the cache file `path` (or read from it) and read by every process."""
-    if env.is_main and not path.is_file():
+    """Data a task derives from its starting model, read from the cache file `path`, or
+    built there by `build`: every process calls it (its model passes are shared out with
+    `distributed.map_batches`), the main process writes the table, and every process then
+    reads the same file."""
+    missing = distributed.broadcast_object(not path.is_file() if env.is_main else None)
+    if missing:
         table = build()
-        atomic.write_file(path, lambda tmp: table.to_parquet(tmp, index=False))
+        if env.is_main:
+            atomic.write_file(path, lambda tmp: table.to_parquet(tmp, index=False))
     elif env.is_main:
         log.info("%s from the cache %s", what, path)
     distributed.barrier()  # the main process wrote the table: every process reads it
@@ -247,7 +252,7 @@ class FinetuningTask(Objective):
         device: torch.device,
         cache_dir: Path,
         env: DistEnv,
-        precision: str = "fp32",
+        hardware: HardwareConfig | None = None,
         seed: int = 0,
     ) -> tuple[FinetuningTask, pd.DataFrame | None]:
         """The task ready to train from the starting model `base`: a task whose data derive

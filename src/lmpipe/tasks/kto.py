@@ -30,7 +30,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from lmpipe.data.batches import ordered_examples, shuffled_examples
 from lmpipe.evaluation.answers import is_correct
 from lmpipe.evaluation.lm_metrics import eval_mode
-from lmpipe.runs.config import ConfigError, EvaluateConfig, FinetuneConfig, KtoConfig
+from lmpipe.runs.config import (
+    ConfigError,
+    EvaluateConfig,
+    FinetuneConfig,
+    HardwareConfig,
+    KtoConfig,
+)
 from lmpipe.runs.keys import directory_digest, keyed_path
 from lmpipe.runs.processes import DistEnv
 from lmpipe.selection.candidates import Candidate
@@ -41,13 +47,13 @@ from lmpipe.tasks.base import FinetuningTask, Objective, TrainingSetup, cached_t
 from lmpipe.tasks.preference import reply_logps, sample_replies
 from lmpipe.tasks.sft import SFT, VERIFIABLE_DATASETS, conversation_splits, selection_candidate
 from lmpipe.training import distributed
-from lmpipe.training.loop import autocast
+from lmpipe.training.loop import autocast, computed_as_policy, policy_numerics
 from lmpipe.training.model import load_model
 
 log = logging.getLogger(__name__)
 
 EXAMPLES_FILE = "pairs.parquet"  # finetune's table of derived data (dvc.yaml's out)
-EXAMPLES_VERSION = 1
+EXAMPLES_VERSION = 2  # 2: samples seeded per batch (any number of processes)
 
 
 def kto_losses(
@@ -123,19 +129,21 @@ def reference_logps(
     pad_id: int,
     device: torch.device,
 ) -> list[Judged]:
-    """The examples with the (frozen, starting) model's log-probs of both replies."""
-    filled = []
+    """The examples with the (frozen, starting) model's log-probs of both replies, in the
+    training's micro-batches (their KL replies are drawn per batch), shared by the
+    processes."""
+
+    def fill(_: int, chunk: Sequence[JudgedExample]) -> list[Judged]:
+        batch = unpaired.collate_judged(chunk, pad_id, with_reference=False)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logps, _ = reply_logps(model, batch)
+        kl_logps, _ = reply_logps(model, {k.removeprefix("kl_"): v for k, v in batch.items()
+                                          if k.startswith("kl_")})  # fmt: skip
+        values = zip(chunk, logps.tolist(), kl_logps.tolist(), strict=True)
+        return [replace(e.judged, ref_logp=a, ref_kl_logp=b) for e, a, b in values]
+
     with eval_mode(model):
-        for start in range(0, len(examples), batch_size):
-            chunk = examples[start : start + batch_size]
-            batch = unpaired.collate_judged(chunk, pad_id, with_reference=False)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            logps, _ = reply_logps(model, batch)
-            kl_logps, _ = reply_logps(model, {k.removeprefix("kl_"): v for k, v in batch.items()
-                                              if k.startswith("kl_")})  # fmt: skip
-            values = zip(chunk, logps.tolist(), kl_logps.tolist(), strict=True)
-            filled += [replace(e.judged, ref_logp=a, ref_kl_logp=b) for e, a, b in values]
-    return filled
+        return distributed.map_batches(fill, examples, batch_size, "kto: the reference's log-probs")
 
 
 def _stable_sample(items: Sequence[Conversation], count: int | None) -> list[Conversation]:
@@ -189,12 +197,16 @@ def verifier_examples(
     return result
 
 
-def _cache_path(cache_dir: Path, base: Path, f: FinetuneConfig | DictConfig, seed: int) -> Path:
-    """The cached examples of one starting model and one way of building them."""
+def _cache_path(
+    cache_dir: Path, base: Path, f: FinetuneConfig | DictConfig, seed: int,
+    numerics: Mapping[str, object],
+) -> Path:  # fmt: skip
+    """The cached examples of one starting model and one way of building them (and of
+    computing the reference's log-probs: `numerics`, the micro-batch size)."""
     k = f.kto
     key: dict = {"version": EXAMPLES_VERSION, "examples": k.examples, "max_len": f.max_len,
                  "batch_size": f.batch_size, "val_fraction": f.val_fraction,
-                 "test_fraction": f.test_fraction}  # fmt: skip
+                 "test_fraction": f.test_fraction, "numerics": dict(numerics)}  # fmt: skip
     if k.examples == "files":
         key["files"] = [hashlib.md5(path.read_bytes()).hexdigest()
                         for path in unpaired.expand_paths(k.files)]  # fmt: skip
@@ -250,14 +262,15 @@ class KTO(SFT):
         device: torch.device,
         cache_dir: Path,
         env: DistEnv,
-        precision: str = "fp32",
+        hardware: HardwareConfig | None = None,
         seed: int = 0,
     ) -> tuple[KTO, pd.DataFrame]:
         """Build (or read from the cache) the judged examples with the reference's
         log-probs of the starting model `base`: the task made with them, and their table."""
+        hardware = hardware or HardwareConfig()
         table = cached_table(
-            _cache_path(cache_dir, base, f, seed),
-            lambda: unpaired.judged_table(self._build(f, base, tokenizer, device, precision,
+            _cache_path(cache_dir, base, f, seed, policy_numerics(hardware, device)),
+            lambda: unpaired.judged_table(self._build(f, base, tokenizer, device, hardware,
                                                       seed)),
             env, "kto: examples and reference log-probs",
         )  # fmt: skip
@@ -269,7 +282,7 @@ class KTO(SFT):
         base: Path,
         tokenizer: PreTrainedTokenizerBase,
         device: torch.device,
-        precision: str,
+        hardware: HardwareConfig,
         seed: int,
     ) -> dict[str, list[Judged]]:
         k = f.kto
@@ -280,12 +293,13 @@ class KTO(SFT):
         else:
             splits = verifier_examples(model, tokenizer, conversation_splits(f), k, device, seed)
         filled = {}
+        reference = computed_as_policy(model, hardware, device)
         for split, examples in splits.items():
             encoded = unpaired.encode_judged(
                 tokenizer, unpaired.with_kl_completions(examples, f.batch_size), f.max_len
             )
-            with autocast(device, precision):  # as training computes the policy's
-                filled[split] = reference_logps(model, encoded, k.batch_size,
+            with autocast(device, hardware.precision):  # as training computes the policy's
+                filled[split] = reference_logps(reference, encoded, f.batch_size,
                                                 tokenizer.pad_token_id, device)  # fmt: skip
         return filled
 

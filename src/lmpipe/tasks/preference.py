@@ -51,7 +51,13 @@ from lmpipe.evaluation.answers import is_correct
 from lmpipe.evaluation.lm_metrics import eval_mode, next_token_losses
 from lmpipe.evaluation.plots import preference_figure
 from lmpipe.evaluation.scoring import generate_replies
-from lmpipe.runs.config import ConfigError, EvaluateConfig, FinetuneConfig, PreferenceConfig
+from lmpipe.runs.config import (
+    ConfigError,
+    EvaluateConfig,
+    FinetuneConfig,
+    HardwareConfig,
+    PreferenceConfig,
+)
 from lmpipe.runs.keys import directory_digest, keyed_path
 from lmpipe.runs.processes import DistEnv
 from lmpipe.selection.candidates import Candidate
@@ -66,7 +72,8 @@ from lmpipe.tasks.base import (
     chosen,
 )
 from lmpipe.tasks.sft import SFT, VERIFIABLE_DATASETS, conversation_splits, selection_candidate
-from lmpipe.training.loop import autocast
+from lmpipe.training import distributed
+from lmpipe.training.loop import autocast, computed_as_policy, policy_numerics
 from lmpipe.training.model import load_model, model_device
 
 log = logging.getLogger(__name__)
@@ -76,7 +83,7 @@ log = logging.getLogger(__name__)
 CACHE_DIR = "finetune/pairs-cache"
 PAIRS_FILE = "pairs.parquet"
 # Bump when what a cached table holds changes meaning.
-PAIRS_VERSION = 2  # 2: pairs keep their checkable answer
+PAIRS_VERSION = 3  # 2: pairs keep their checkable answer; 3: samples seeded per batch
 
 
 # --- the losses ----------------------------------------------------------------------------
@@ -356,21 +363,23 @@ def reference_logps(
     batch_size: int,
     pad_id: int,
     device: torch.device,
+    width: int | None = None,
 ) -> list[pref.Pair]:
-    """The pairs with the (frozen, starting) model's log-probs of each reply filled in."""
-    filled = []
+    """The pairs with the (frozen, starting) model's log-probs of each reply filled in,
+    computed in micro-batches of `batch_size` rows padded to `width` (the shapes training
+    gives the policy: `pref.fixed_width`), their batches shared by the processes."""
+
+    def fill(_: int, chunk: Sequence[pref.PairExample]) -> list[pref.Pair]:
+        batch = pref.collate_pairs(chunk, pad_id, with_reference=False, width=width)
+        logps, _ = reply_logps(model, {k: v.to(device) for k, v in batch.items()})
+        values = logps.tolist()
+        return [replace(e.pair, ref_chosen=c, ref_rejected=r)
+                for e, c, r in zip(chunk, values[: len(chunk)], values[len(chunk) :],
+                                   strict=True)]  # fmt: skip
+
     with eval_mode(model):
-        for start in range(0, len(examples), batch_size):
-            chunk = examples[start : start + batch_size]
-            batch = pref.collate_pairs(chunk, pad_id, with_reference=False)
-            logps, _ = reply_logps(model, {k: v.to(device) for k, v in batch.items()})
-            values = logps.tolist()
-            chosen_logps, rejected_logps = values[: len(chunk)], values[len(chunk) :]
-            filled += [
-                replace(e.pair, ref_chosen=c, ref_rejected=r)
-                for e, c, r in zip(chunk, chosen_logps, rejected_logps, strict=True)
-            ]
-    return filled
+        return distributed.map_batches(fill, examples, batch_size,
+                                       "preference: the reference's log-probs")  # fmt: skip
 
 
 # --- building the pairs --------------------------------------------------------------------
@@ -391,8 +400,12 @@ def spin_pairs(
     log.info("preference: the starting model answers %d distinct prompts (greedy, %d tokens)",
              len(prompts), p.max_new_tokens)  # fmt: skip
     # At least one token: an empty reply is no reply to prefer another to.
-    replies = generate_replies(model, tokenizer, prompts, p.max_new_tokens, device=device,
-                               min_new_tokens=1, batch_size=p.batch_size)  # fmt: skip
+    replies = distributed.map_batches(
+        lambda _, batch: generate_replies(model, tokenizer, batch, p.max_new_tokens,
+                                          device=device, min_new_tokens=1,
+                                          batch_size=len(batch)),
+        prompts, p.batch_size, "preference: the starting model's replies",
+    )  # fmt: skip
     answer = dict(zip(prompts, replies, strict=True))
     result: dict[str, list[pref.Pair]] = {}
     for split, pairs in splits.items():
@@ -450,14 +463,20 @@ def sample_replies(
     seed: int,
 ) -> list[list[str]]:
     """`p.samples` replies per prompt at `p.temperature`, the same ones for the same seed
-    (a private generator state: the caller's random stream is left as it was)."""
+    and any number of processes (a private generator state per batch: the caller's random
+    stream is left as it was)."""
     repeated = [prompt for prompt in prompts for _ in range(p.samples)]
     devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        replies = generate_replies(model, tokenizer, repeated, p.max_new_tokens, do_sample=True,
-                                   temperature=p.temperature, device=device, min_new_tokens=1,
-                                   batch_size=p.batch_size)  # fmt: skip
+
+    def sample(index: int, batch: Sequence[str]) -> list[str]:
+        # Seeded per batch: the same replies however many processes share the batches.
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed + index)
+            return generate_replies(model, tokenizer, batch, p.max_new_tokens, do_sample=True,
+                                    temperature=p.temperature, device=device,
+                                    min_new_tokens=1, batch_size=len(batch))  # fmt: skip
+
+    replies = distributed.map_batches(sample, repeated, p.batch_size, "sampling replies")
     return [replies[i : i + p.samples] for i in range(0, len(replies), p.samples)]
 
 
@@ -490,10 +509,19 @@ def verifier_pairs(
     return result
 
 
+def encoded_splits(
+    tokenizer: PreTrainedTokenizerBase, splits: Mapping[str, Sequence[pref.Pair]], max_len: int
+) -> dict[str, list[pref.PairExample]]:
+    return {split: pref.encode_pairs(tokenizer, pairs, max_len) for split, pairs in splits.items()}
+
+
 def _cache_path(
-    cache_dir: Path, base: Path, f: FinetuneConfig | DictConfig, seed: int
+    cache_dir: Path, base: Path, f: FinetuneConfig | DictConfig, seed: int,
+    numerics: Mapping[str, object],
 ) -> Path:  # fmt: skip
-    """The cached pairs of one starting model and one way of building them."""
+    """The cached pairs of one starting model and one way of building them: the reference's
+    log-probs also depend on how the policy is computed (`numerics`) and on the training's
+    micro-batch size (the shapes they are computed in)."""
     p = f.preference
     files = []
     if p.pairs == "files":
@@ -509,6 +537,8 @@ def _cache_path(
         "max_len": f.max_len,
         "val_fraction": f.val_fraction,
         "test_fraction": f.test_fraction,
+        "batch_size": f.batch_size,
+        "numerics": dict(numerics),
     }
     if p.pairs != "files":  # the conversations the pairs are built from
         key |= {"dataset": f.dataset, "language": f.language}
@@ -603,15 +633,16 @@ class Preference(SFT):
         device: torch.device,
         cache_dir: Path,
         env: DistEnv,
-        precision: str = "fp32",
+        hardware: HardwareConfig | None = None,
         seed: int = 0,
     ) -> tuple[Preference, pd.DataFrame]:
         """Build (or read from the cache) the pairs with the reference's log-probs of the
-        starting model `base`: the task made with them, and their table for pairs.parquet.
-        `seed` draws the verifier's samples."""
+        starting model `base`, computed as `hardware` computes the policy: the task made
+        with them, and their table for pairs.parquet. `seed` draws the verifier's samples."""
+        hardware = hardware or HardwareConfig()
         table = cached_table(
-            _cache_path(cache_dir, base, f, seed),
-            lambda: pref.pairs_table(self._build(f, base, tokenizer, device, precision, seed)),
+            _cache_path(cache_dir, base, f, seed, policy_numerics(hardware, device)),
+            lambda: pref.pairs_table(self._build(f, base, tokenizer, device, hardware, seed)),
             env, "preference: pairs and reference log-probs",
         )  # fmt: skip
         pairs = pref.pairs_from_table(table)
@@ -624,7 +655,7 @@ class Preference(SFT):
         base: Path,
         tokenizer: PreTrainedTokenizerBase,
         device: torch.device,
-        precision: str,
+        hardware: HardwareConfig,
         seed: int,
     ) -> dict[str, list[pref.Pair]]:
         p = f.preference
@@ -641,13 +672,13 @@ class Preference(SFT):
             splits = spin_pairs(model, tokenizer, SFT.splits(self, f), p, device)
         if not pair_loss(p.loss).needs_reference:
             return splits  # the reference log-probs stay empty
-        filled = {}
-        for split, pairs in splits.items():
-            examples = pref.encode_pairs(tokenizer, pairs, f.max_len)
-            with autocast(device, precision):  # as training computes the policy's
-                filled[split] = reference_logps(model, examples, p.batch_size,
-                                                tokenizer.pad_token_id, device)  # fmt: skip
-        return filled
+        encoded = encoded_splits(tokenizer, splits, f.max_len)
+        width = pref.fixed_width(*encoded.values())
+        reference = computed_as_policy(model, hardware, device)
+        with autocast(device, hardware.precision):  # as training computes the policy's
+            return {split: reference_logps(reference, examples, f.batch_size,
+                                           tokenizer.pad_token_id, device, width)
+                    for split, examples in encoded.items()}  # fmt: skip
 
     def splits(self, f: FinetuneConfig) -> dict[str, list[pref.Pair]]:
         if self.pairs is None:
@@ -678,12 +709,14 @@ class Preference(SFT):
         train_ids: Collection[str] | None = None,
     ) -> TrainingSetup:
         model = load_model(base)
-        splits = self.splits(f)
-        train = pref.encode_pairs(tokenizer, chosen(splits["train"], train_ids), f.max_len)
-        val = pref.encode_pairs(tokenizer, splits["val"], f.max_len)
+        encoded = encoded_splits(tokenizer, self.splits(f), f.max_len)
+        train = chosen(encoded["train"], train_ids)
+        val = encoded["val"]
         p = f.preference
+        # The shapes the reference's log-probs were computed in (`_build`).
         collate = partial(pref.collate_pairs, pad_id=tokenizer.pad_token_id,
-                          with_reference=pair_loss(p.loss).needs_reference)  # fmt: skip
+                          with_reference=pair_loss(p.loss).needs_reference,
+                          width=pref.fixed_width(*encoded.values()))  # fmt: skip
 
         def validate(m: torch.nn.Module) -> dict[str, float]:
             batches = ordered_examples(val, f.batch_size, collate)

@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from lmpipe.runs.processes import DistEnv, process_env  # re-exported: who this process is
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 # Process-group backends per training device. On CUDA, NCCL serves only CUDA tensors; gloo
@@ -146,6 +150,59 @@ def broadcast_object(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+class ShardFailed(RuntimeError):
+    """Work shared by the processes (`map_batches`) failed on one of them."""
+
+
+def map_batches(
+    fn: Callable[[int, Sequence[T]], Sequence[R]],
+    items: Sequence[T],
+    batch_size: int,
+    what: str,
+) -> list[R]:
+    """`fn(index, batch)` over `items` in batches of `batch_size`, the batches dealt round
+    robin over the processes; every process returns all the results, in the items' order.
+
+    The batches are the same whatever the number of processes (so are their indices, which
+    `fn` may seed with), so N processes compute what one does, about N times faster. After
+    each round the processes exchange their status: an error on any of them ends all of
+    them at that round (`ShardFailed`, naming the process and the error) instead of leaving
+    the others waiting in a collective until the group's timeout.
+    """
+    batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+    if not dist.is_initialized():
+        return [r for index, batch in enumerate(tqdm(batches, desc=what, unit="batch",
+                                                     mininterval=2, leave=False))
+                for r in _checked(fn, index, batch)]  # fmt: skip
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine: dict[int, Sequence[R]] = {}
+    rounds = range(0, len(batches), world)
+    for first in tqdm(rounds, desc=f"{what} ({world} processes)", unit="round", mininterval=2,
+                      leave=False, disable=rank != 0):  # fmt: skip
+        index, error = first + rank, None
+        if index < len(batches):
+            try:
+                mine[index] = _checked(fn, index, batches[index])
+            except Exception as exc:  # reported to every process below
+                log.exception("%s: batch %d failed on process %d", what, index, rank)
+                error = f"{type(exc).__name__}: {exc}"
+        failed = [(r, e) for r, e in enumerate(all_gather_object(error)) if e is not None]
+        if failed:
+            who, message = failed[0]
+            raise ShardFailed(f"{what} failed on process {who} of {world}: {message}")
+    results: dict[int, Sequence[R]] = {}
+    for part in all_gather_object(mine):
+        results |= part
+    return [r for index in range(len(batches)) for r in results[index]]
+
+
+def _checked(fn: Callable[[int, Sequence[T]], Sequence[R]], index: int, batch: Sequence[T]):
+    out = list(fn(index, batch))
+    if len(out) != len(batch):
+        raise ValueError(f"batch {index}: {len(out)} results for {len(batch)} items")
+    return out
 
 
 def barrier() -> None:

@@ -162,6 +162,37 @@ def enable_tf32(device: torch.device, precision: str) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
+def float32_matmul(device: torch.device) -> str:
+    """How this process computes fp32 matmuls on `device`: `highest` (true fp32) or `high`
+    (TF32 on CUDA, `enable_tf32`); for the keys of cached model outputs."""
+    return torch.get_float32_matmul_precision() if device.type == "cuda" else "highest"
+
+
+def computed_as_policy(
+    model: torch.nn.Module, hardware: HardwareConfig, device: torch.device
+) -> torch.nn.Module:
+    """A frozen model (a preference reference) set to compute as `train` computes the
+    policy: in FSDP2's parameter dtype where the policy is sharded with it (`wrap_model`
+    casts the parameters, not only the matmuls), compiled where training compiles. The
+    caller runs it under `autocast`, as the loop does."""
+    dtype = compute_dtype(device, hardware.precision)
+    if dtype is not None and hardware.strategy == "fsdp" and distributed.process_env().enabled:
+        model = model.to(dtype)
+    return torch.compile(model) if hardware.compile else model
+
+
+def policy_numerics(hardware: HardwareConfig, device: torch.device) -> dict[str, object]:
+    """What changes `computed_as_policy`'s numbers beyond its weights and inputs."""
+    sharded_bf16 = hardware.strategy == "fsdp" and distributed.process_env().enabled
+    return {
+        "device": device.type,
+        "compute_dtype": str(compute_dtype(device, hardware.precision)),
+        "param_dtype": str(compute_dtype(device, hardware.precision) if sharded_bf16 else None),
+        "float32_matmul": float32_matmul(device),
+        "compile": hardware.compile,
+    }
+
+
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     """Decay only matrices of linear layers; norms, biases and embeddings are not decayed."""
     embedding_params = {

@@ -1,0 +1,80 @@
+"""Work shared by processes (lmpipe.training.distributed.map_batches); alone or under torchrun.
+
+    torchrun --nproc_per_node 2 tests/sharded_worker.py OUT [--fail-rank 1] [--scores]
+
+Squares 0..N-1 in batches, recording which process computed each batch, or (`--scores`)
+scores selection candidates with a small random model (`sharded_scores`). With
+`--fail-rank R` the work raises on process R at its second batch; every process then
+writes the error it ended with to OUT/error-<rank>.txt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from lmpipe.training import distributed
+
+
+def squares(args: argparse.Namespace, rank: int) -> list:
+    calls: list[int] = []
+
+    def square(index: int, batch: list[int]) -> list[dict]:
+        calls.append(index)
+        if args.fail_rank == rank and len(calls) == 2:
+            raise ValueError(f"scorer broke on batch {index}")
+        time.sleep(args.delay)
+        return [{"value": x * x, "rank": rank, "batch": index} for x in batch]
+
+    try:
+        return distributed.map_batches(square, list(range(args.items)), 3, "squaring")
+    finally:
+        (args.out / f"calls-{rank}.json").write_text(json.dumps(calls))
+
+
+def scores() -> list:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lmpipe.selection.candidates import Candidate
+    from lmpipe.selection.scoring import sharded_scores
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, intermediate_size=64))  # fmt: skip
+    generator = torch.Generator().manual_seed(1)
+    candidates = []
+    for i in range(37):
+        ids = torch.randint(1, 64, (int(torch.randint(4, 20, (1,), generator=generator)),),
+                            generator=generator).tolist()  # fmt: skip
+        labels = [-100] * 2 + ids[2:]
+        candidates.append(Candidate(str(i), (), (), {"input_ids": ids, "labels": labels},
+                                    {"input_ids": ids[2:], "labels": ids[2:]}))  # fmt: skip
+    table = sharded_scores(model, candidates, 2, 0, torch.device("cpu"), losses=True)
+    return json.loads(table.to_json(orient="records"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--items", type=int, default=20)
+    parser.add_argument("--delay", type=float, default=0.0)
+    parser.add_argument("--fail-rank", type=int)
+    parser.add_argument("--scores", action="store_true")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    env = distributed.init("cpu")
+    try:
+        result = scores() if args.scores else squares(args, env.rank)
+    except Exception as exc:
+        (args.out / f"error-{env.rank}.txt").write_text(f"{type(exc).__name__}: {exc}")
+        raise
+    (args.out / f"result-{env.rank}.json").write_text(json.dumps(result))
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main()
