@@ -82,8 +82,12 @@ def params() -> dict:
         ("finetune", "max_per_class", 1, r"finetune\.max_per_class"),
         ("deploy", "gates", {"sft": {"mode": "median"}}, r"deploy\.gates\.sft\.mode"),
         ("deploy", "champion_tolerance", -0.1, r"deploy\.champion_tolerance"),
-        ("deploy", "sparsity", {"methods": ["magnitude", "random"]},
-         r"deploy\.sparsity\.methods.*'random'"),
+        (
+            "deploy",
+            "sparsity",
+            {"methods": ["magnitude", "random"]},
+            r"deploy\.sparsity\.methods.*'random'",
+        ),
     ],
 )
 def test_bad_value_fails_naming_the_key(section: str, key: str, value, named: str) -> None:

@@ -27,9 +27,9 @@ from lmpipe.taskdata import pairs as pref
 from lmpipe.taskdata.conversations import Conversation
 from lmpipe.tasks.finetuning import checked_task
 from lmpipe.tasks.preference import (
+    TIE_MARGIN,
     PairScores,
     Preference,
-    TIE_MARGIN,
     PreferenceLoss,
     judge_samples,
     opening_pairs,
@@ -390,15 +390,22 @@ def test_the_policy_at_step_0_equals_its_reference_in_bf16(tiny_tokenizer, tmp_p
     """Under bf16 autocast (CPU here, as on CUDA) the reference's log-probs, computed before
     training, equal the policy's in its shuffled training batches: a tie, not a preference.
     With each batch padded to its own longest reply they differ by ~1e-3."""
-    from lmpipe.training.model import save_model
-
     from lmpipe.runs.config import ModelConfig
-    from lmpipe.training.model import build_model
+    from lmpipe.training.model import build_model, save_model
 
     seed_everything(0)
     # Wide enough that CPU bf16 kernels round differently by padded width (hidden 32 is not)
-    model = build_model(ModelConfig(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=4,
-                                    intermediate_size=256, max_seq_len=64), tiny_tokenizer)
+    model = build_model(
+        ModelConfig(
+            hidden_size=128,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=4,
+            intermediate_size=256,
+            max_seq_len=64,
+        ),
+        tiny_tokenizer,
+    )
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():  # replies of more than whitespace (talkative_model)
         for param in model.parameters():
