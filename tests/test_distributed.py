@@ -108,3 +108,20 @@ def test_rank_0_decides_the_best_step_for_every_rank(tmp_path: Path) -> None:
     done = train_tiny(tmp_path, 2, 2, "--strategy", "fsdp", "--skewed-eval",
                       "--checkpoints", str(tmp_path / "ckpt"))  # fmt: skip
     assert done["best_steps"] == [4, 4]
+
+
+def test_adalora_under_fsdp2_is_refused_before_the_first_step(tmp_path: Path) -> None:
+    """AdaLoRA's rank allocator ranks every singular value of the model against one budget,
+    which FSDP2 shards (its penalty crashed on DTensors at step 1): both processes stop
+    before training, naming the method, the key and the way out. DDP trains it."""
+    done = run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", WORKER,
+                str(tmp_path / "fsdp"), "--batch-size", "2", "--strategy", "fsdp",
+                "--peft", "adalora"], REPO, check=False, timeout=120)  # fmt: skip
+    assert done.returncode != 0
+    for rank in (0, 1):
+        assert f"[rank{rank}]: lmpipe.runs.config.ConfigError: AdaLora cannot train under " \
+               "hardware.strategy=fsdp" in done.stderr, done.stderr[-3000:]  # fmt: skip
+    assert "use hardware.strategy=ddp" in done.stderr
+    assert "DTensor" not in done.stderr
+    ddp = train_tiny(tmp_path / "ddp", 2, 2, "--strategy", "ddp", "--peft", "adalora")
+    assert ddp["world_size"] == 2 and ddp["ranks"]

@@ -80,6 +80,10 @@ class AdaLoraHook:
     gradients are cleared, the sensitivity update and rank reallocation. Its smoothed
     sensitivities and the rank pattern are resumable state."""
 
+    # peft's rank allocator ranks every singular value of all adapted layers against one
+    # budget (and the penalty takes whole factors): FSDP2 would shard them (loop.train).
+    shardable = False
+
     def __init__(self, model: AdaLoraModel, orth_reg_weight: float) -> None:
         self.model = model
         self.orth_reg_weight = orth_reg_weight

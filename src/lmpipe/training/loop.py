@@ -29,7 +29,7 @@ from tqdm import tqdm
 from transformers import PreTrainedModel, get_cosine_with_min_lr_schedule_with_warmup
 
 from lmpipe.evaluation.lm_metrics import perplexity
-from lmpipe.runs.config import HardwareConfig, OptimConfig, TrainConfig
+from lmpipe.runs.config import ConfigError, HardwareConfig, OptimConfig, TrainConfig
 from lmpipe.runs.tracking import MetricLogger
 from lmpipe.training import distributed
 from lmpipe.training.checkpoint import BEST, LAST, Checkpoints
@@ -83,6 +83,10 @@ class StepHook(Protocol):
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict) -> None: ...
+
+    # False: the hook reads whole tensors across the model (AdaLoRA ranks every singular
+    # value against one budget), which FSDP2 shards over the processes.
+    shardable: bool
 
 
 # Validation: the val loss, or a mapping with "loss" and further values logged as val_<name>
@@ -176,14 +180,20 @@ def computed_as_policy(
     casts the parameters, not only the matmuls), compiled where training compiles. The
     caller runs it under `autocast`, as the loop does."""
     dtype = compute_dtype(device, hardware.precision)
-    if dtype is not None and hardware.strategy == "fsdp" and distributed.process_env().enabled:
+    if dtype is not None and sharded(hardware):
         model = model.to(dtype)
     return torch.compile(model) if hardware.compile else model
 
 
+def sharded(hardware: HardwareConfig, env: DistEnv | None = None) -> bool:
+    """Whether training shards the model (FSDP2): asked for, with several processes."""
+    env = env or distributed.process_env()
+    return hardware.strategy == "fsdp" and env.enabled
+
+
 def policy_numerics(hardware: HardwareConfig, device: torch.device) -> dict[str, object]:
     """What changes `computed_as_policy`'s numbers beyond its weights and inputs."""
-    sharded_bf16 = hardware.strategy == "fsdp" and distributed.process_env().enabled
+    sharded_bf16 = sharded(hardware)
     return {
         "device": device.type,
         "compute_dtype": str(compute_dtype(device, hardware.precision)),
@@ -359,6 +369,12 @@ def train(
     the same config is resumed and `last`/`best` are kept up to date.
     """
     env = env or DistEnv()
+    if step_hook is not None and not step_hook.shardable and sharded(hardware, env):
+        raise ConfigError(
+            f"{type(step_hook).__name__.removesuffix('Hook')} cannot train under "
+            "hardware.strategy=fsdp: it ranks whole tensors across the model, which FSDP2 "
+            "shards over the processes; use hardware.strategy=ddp (the adapters are small)"
+        )
     with retained_host_memory(device.type == "cpu" and hardware.retain_host_memory):
         reset_peak_memory(device)
         model.to(device)
