@@ -158,5 +158,5 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    prepare_cli("finetune")
+    prepare_cli("finetune", distributed=True)
     main()

@@ -69,5 +69,5 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    prepare_cli("pretrain")
+    prepare_cli("pretrain", distributed=True)
     main()

@@ -589,6 +589,20 @@ def test_tracking_server_stopped_mid_run(pipeline: Path, tmp_path: Path) -> None
     assert not journal.exists()
 
 
+def test_evaluate_launched_on_two_tasks_runs_as_one(pipeline: Path) -> None:
+    """A launcher's tasks_per_node is for the training stages: evaluate (like deploy, clean,
+    tokenize) runs as one task, else each task ran the whole stage (on the same GPU), each
+    with its own MLflow run, racing to write the same outputs."""
+    before = len(stage_runs(pipeline))
+    run(["python", "-m", "stages.evaluate", *SMOKE, "hardware.launcher=submitit_local",
+         "hydra.launcher.tasks_per_node=2"], pipeline, timeout=600)  # fmt: skip
+    assert [(s, status) for s, status, _ in stage_runs(pipeline)[before:]] == [
+        ("evaluate", "FINISHED")]  # fmt: skip
+    job = max((pipeline / "multirun" / "evaluate").glob("*/.submitit/*[0-9]"))
+    assert sorted(p.name.split("_", 1)[1] for p in job.glob("*_log.out")) == ["0_log.out"]
+    assert "stage evaluate done" in "".join(p.read_text() for p in job.glob("*_0_log.*"))
+
+
 def test_sft_then_preference_from_one_dvc_exp_run(pipeline: Path) -> None:
     """`-S finetune=preference -S finetune.preference.sft_steps=N`: finetune runs SFT, builds
     SPIN pairs from the SFT model's own replies, and optimises preferences from it; evaluate

@@ -182,6 +182,13 @@ def test_slurm_launcher_config_reads_hardware_slurm(project: Path):
     launcher = result.stdout.split("\n  launcher:\n", 1)[1].split("\n  sweeper:", 1)[0]
     assert "SlurmLauncher" in launcher
     assert "partition: gpu-long" in launcher and "tasks_per_node: 8" in launcher
+    # A stage that does not train asks for one task on one node with one GPU.
+    result = run(["python", "-m", "stages.deploy", "experiment=smoke", "hardware=slurm",
+                  "hardware.slurm.nodes=2", "--cfg", "all", "--resolve"], project)  # fmt: skip
+    launcher = result.stdout.split("\n  launcher:\n", 1)[1].split("\n  sweeper:", 1)[0]
+    assert "SlurmLauncher" in launcher
+    for setting in ("nodes: 1", "tasks_per_node: 1", "gpus_per_node: 1"):
+        assert f"    {setting}\n" in launcher, launcher
 
 
 def test_packaged_smollm2_is_a_base_for_finetune(tmp_path: Path):

@@ -125,7 +125,7 @@ def config_overrides(overrides: Sequence[str]) -> list[str]:
     return [o for o in overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))]
 
 
-def prepare_cli(stage: str, argv: list[str] | None = None) -> None:
+def prepare_cli(stage: str, argv: list[str] | None = None, distributed: bool = False) -> None:
     """Run before Hydra parses the command line: choose the config's base, put the flags
     before the overrides, set Hydra's directories.
 
@@ -138,7 +138,9 @@ def prepare_cli(stage: str, argv: list[str] | None = None) -> None:
 
     `hardware.launcher=slurm|submitit_local` (params.yaml or the command line) sends the
     stage through hydra-submitit-launcher: Hydra's multirun mode with the launcher config
-    from conf/hydra/launcher/, which reads its settings from `hardware.slurm`.
+    from conf/hydra/launcher/, which reads its settings from `hardware.slurm`. Only a
+    `distributed` stage (one that trains) runs as its nodes x tasks_per_node processes;
+    any other runs as one task on one node, with at most one GPU, whatever they say.
     """
     argv = sys.argv if argv is None else argv
     root = find_project_root()
@@ -179,13 +181,7 @@ def prepare_cli(stage: str, argv: list[str] | None = None) -> None:
             f"+hydra.callbacks.lmpipe_sweep.stage={stage}",
             searchpath,
         ])  # fmt: skip
-    launcher = _cli_value(overrides, "hardware.launcher")
-    if launcher is None:
-        launcher = (
-            _composed_value(root, overrides, "hardware.launcher")
-            if config_overrides(overrides)
-            else _params_value(root, "hardware.launcher")
-        )
+    launcher = _config_value(root, overrides, "hardware.launcher")
     if launcher and launcher != "none":
         # --cfg/--info show the composed config (launcher included) instead of running.
         inspecting = {"--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help"}
@@ -194,7 +190,25 @@ def prepare_cli(stage: str, argv: list[str] | None = None) -> None:
             overrides.append(f"+hydra.job.env_set.{SINGLE_JOB_ENV}=1")
         overrides.extend([*([searchpath] if searchpath not in overrides else []),
                           f"hydra/launcher=lmpipe_{launcher}"])  # fmt: skip
+        if not distributed:
+            # Each task would run the whole stage on the same GPU; the tasks but the first
+            # have no MLflow run (after the first may have registered model versions).
+            overrides.extend(["hydra.launcher.nodes=1", "hydra.launcher.tasks_per_node=1"])
+            gpus = _config_value(root, overrides, "hardware.slurm.gpus_per_node")
+            if launcher == "slurm" and gpus is not None and int(gpus) > 1:
+                overrides.append("hydra.launcher.gpus_per_node=1")
     argv[1:] = [*flags, *overrides]
+
+
+def _config_value(root: Path, overrides: Sequence[str], key: str) -> Any:
+    """`key` as this command sets it: on its command line, else composed from conf/ with
+    its config overrides, else in params.yaml."""
+    value = _cli_value(overrides, key)
+    if value is not None:
+        return value
+    if config_overrides(overrides):
+        return _composed_value(root, overrides, key)
+    return _params_value(root, key)
 
 
 def _cli_value(overrides: Sequence[str], key: str) -> str | None:
