@@ -194,6 +194,60 @@ def test_mlm_beats_the_unigram_baseline(encoder_tokenizer, stream) -> None:
     )
 
 
+def test_the_head_at_the_targets_only_gives_the_full_heads_loss_and_gradients(
+    encoder_tokenizer, stream, tmp_path: Path
+) -> None:
+    """Training runs the vocabulary head at the targets only, through fixed target slots:
+    the loss and every gradient equal the head at every position (BERT's own forward with
+    labels); each batch has the same shape; the model saves and loads as a plain BERT."""
+    import torch.nn.functional as F
+
+    from lmpipe.tasks.masked_lm import target_slots
+
+    p = PretrainConfig(batch_size=4, seq_len=32)
+    seed_everything(0)
+    model = build_model(encoder_config(), encoder_tokenizer)
+    task = MaskedLM(p.mlm, seed=0)
+    setup = task.setup(p, model, encoder_tokenizer, stream, stream[:2048], 0, CPU)
+    model.eval()  # no dropout: the two passes see the same network
+    batches = [next(setup.batches) for _ in range(3)]
+    slots = target_slots(4 * 32, p.mlm)
+    assert {b["target_positions"].shape for b in batches} == {(slots,)}
+    for batch in batches:
+        model.zero_grad()
+        gathered = task.loss_sum(model, batch)
+        gathered.backward()
+        grads = {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None}
+        labels = torch.full((4 * 32,), IGNORE_INDEX)
+        count = task.target_count(batch)
+        labels[batch["target_positions"][:count]] = batch["target_labels"][:count]
+        model.zero_grad()
+        logits = model(input_ids=batch["input_ids"]).logits
+        full = F.cross_entropy(logits.flatten(0, 1), labels, ignore_index=IGNORE_INDEX,
+                               reduction="sum")  # fmt: skip
+        full.backward()
+        assert 0 < count == int((labels != IGNORE_INDEX).sum())
+        torch.testing.assert_close(gathered, full, rtol=1e-5, atol=1e-5)
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, model.get_parameter(name).grad, rtol=1e-4,
+                                       atol=1e-6, msg=name)  # fmt: skip
+    save_model(model, encoder_tokenizer, tmp_path / "saved")
+    loaded = AutoModelForMaskedLM.from_pretrained(tmp_path / "saved")
+    assert type(loaded).__name__ == type(model).__name__ == "BertForMaskedLM"
+    assert loaded.config.architectures == ["BertForMaskedLM"]
+
+
+def test_a_batch_with_more_targets_than_slots_keeps_them_all() -> None:
+    from lmpipe.tasks.masked_lm import SLOT_MULTIPLE, with_target_slots
+
+    labels = torch.full((2, 100), IGNORE_INDEX)
+    labels[:, ::2] = 7  # 100 targets
+    batch = with_target_slots(torch.zeros(2, 100, dtype=torch.long), labels, slots=64)
+    assert batch["target_positions"].shape == (2 * SLOT_MULTIPLE,)
+    assert int((batch["target_labels"] == 7).sum()) == 100
+    assert batch["target_positions"][:100].tolist() == list(range(0, 200, 2))
+
+
 def test_a_local_encoder_directory_is_a_base(encoder_tokenizer, tmp_path: Path) -> None:
     """model.init_from=<dir>: a small BERT built and saved here loads for masked LM and as a
     classifier ([CLS] head), and its tokenizer is the one tokenize would use."""
