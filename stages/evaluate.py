@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from lmpipe.data.tokenizer import base_tokenizer, load_tokenizer
 from lmpipe.data.tokens import load_tokens
 from lmpipe.deploy import registry
-from lmpipe.deploy.variants import VARIANTS, variant_models
+from lmpipe.deploy.variants import quantization_changes, variant_models
 from lmpipe.evaluation.held_out_lm import wikitext_scores
 from lmpipe.evaluation.lm_metrics import perplexity, unigram_entropy
 from lmpipe.stage import Stage, prepare_cli
@@ -103,13 +103,7 @@ def main(cfg: DictConfig) -> None:
             for name, table in report.tables.items():
                 stage.log_table(table, name)
         metrics = {**corpus, **metrics}
-        # What quantization costs: each quantized variant minus fp32, per headline metric.
-        quantized = [v.label for v in VARIANTS if v.source == "finetuned" and v.quantize]
-        for key in [k for k in metrics if k.startswith("finetuned_") and "." not in k]:
-            for label in quantized:
-                twin = f"{label}_" + key.removeprefix("finetuned_")
-                if twin in metrics:
-                    metrics[f"{twin}_change"] = metrics[twin] - metrics[key]
+        metrics |= quantization_changes(metrics)  # each quantized variant minus fp32
         stage.write_json("metrics.json", metrics)
         stage.log_metrics(metrics)
         stage.log_artifact(predictions_path, "predictions")

@@ -181,3 +181,39 @@ def test_a_quantized_variant_is_rebuilt_from_the_registry_as_it_was_scored(
     if method == "int4":
         layer = loaded.model.layers[0].mlp.down_proj
         assert isinstance(layer, Int4Linear) and layer.group_size == 16 and not layer.symmetric
+
+
+def test_quantized_variants_are_compared_with_fp32_on_the_cpu_they_run_on() -> None:
+    """Where the fine-tuned model was scored on a GPU in bf16 (0.50) and again in fp32 on the
+    CPU (0.48), int8 (CPU, 0.47) lost 0.01 to quantization, not 0.03: the change compares
+    models on one device. Without a CPU score (a CPU run) the fine-tuned score is that."""
+    from lmpipe.deploy.variants import compared_with, quantization_changes
+
+    on_gpu = {"finetuned_exact_match": 0.50, "finetuned_cpu_exact_match": 0.48,
+              "int8_exact_match": 0.47, "int4_exact_match": 0.40, "pruned_exact_match": 0.3,
+              "finetuned_response_loss": 1.0, "int8_response_loss": 1.1}  # fmt: skip
+    changes = quantization_changes(on_gpu)
+    assert changes["int8_exact_match_change"] == pytest.approx(-0.01)
+    assert changes["int4_exact_match_change"] == pytest.approx(-0.08)
+    assert changes["int8_response_loss_change"] == pytest.approx(0.1)  # no CPU twin scored
+    assert not any(k.startswith(("finetuned_cpu", "pruned")) for k in changes)
+    assert compared_with("finetuned_exact_match", on_gpu) == "finetuned_cpu_exact_match"
+    on_cpu = {k: v for k, v in on_gpu.items() if "_cpu" not in k}
+    assert quantization_changes(on_cpu)["int8_exact_match_change"] == pytest.approx(-0.03)
+
+
+def test_the_fp32_twin_on_the_cpu_joins_only_a_gpu_scoring(tiny_model) -> None:
+    from lmpipe.deploy.variants import CPU_TWIN, variant_models
+
+    q = QuantizeConfig(variants=["int8"])
+    on_cpu = variant_models(lambda: copy.deepcopy(tiny_model), "finetuned", torch.device("cpu"), q)
+    assert set(on_cpu) == {"finetuned", "int8"}
+    # A device other than the CPU (meta: no GPU here) adds the fp32 model on the CPU.
+    elsewhere = variant_models(lambda: copy.deepcopy(tiny_model), "finetuned",
+                               torch.device("meta"), q)  # fmt: skip
+    assert set(elsewhere) == {"finetuned", "int8", CPU_TWIN}
+    assert next(elsewhere[CPU_TWIN].parameters()).device.type == "cpu"
+    assert next(elsewhere["finetuned"].parameters()).device.type == "meta"
+    none = variant_models(lambda: copy.deepcopy(tiny_model), "finetuned", torch.device("meta"),
+                          QuantizeConfig(variants=[]))  # fmt: skip
+    assert set(none) == {"finetuned"}

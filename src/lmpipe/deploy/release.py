@@ -28,6 +28,7 @@ from lmpipe.deploy import registry
 from lmpipe.deploy.serving import DEFAULT_PARAMS
 from lmpipe.deploy.variants import (
     BY_NAME,
+    compared_with,
     fastest_within,
     measure,
     own_metric,
@@ -425,9 +426,12 @@ def measure_variants(
         value = metrics.get(metric)
         entry |= {"quality_metric": metric, "quality": value, "quality_change": None,
                   "quality_loss": None}  # fmt: skip
-        if value is not None and reference is not None:
-            entry["quality_change"] = float(value) - float(reference)
-            entry["quality_loss"] = quality_loss(float(value), float(reference), gate.mode)
+        base = reference
+        if BY_NAME[variant].quantize:  # it runs on the CPU: compared with fp32 there
+            base = metrics.get(compared_with(gate.metric, metrics))
+        if value is not None and base is not None:
+            entry["quality_change"] = float(value) - float(base)
+            entry["quality_loss"] = quality_loss(float(value), float(base), gate.mode)
         log.info("%s: %.2fM params, %.1f MB, forward(%d) p50 %.1f ms, request p50 %.1f ms, "
                  "%s=%s", variant, entry["params"] / 1e6, entry["size_bytes"] / 1e6,
                  cfg.forward_tokens, entry["forward_p50_seconds"] * 1e3,

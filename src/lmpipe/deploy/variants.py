@@ -68,6 +68,12 @@ def selected(q: QuantizeConfig | DictConfig) -> list[Variant]:
     return [v for v in VARIANTS if v.quantize is None or v.quantize in q.variants]
 
 
+# The fine-tuned model scored in fp32 on the serving CPU, beside its score on a GPU (in
+# bf16 there): the quantized variants run on the CPU, and are compared with it, so that
+# their change is quantization's alone, not also bf16's and the GPU kernels'.
+CPU_TWIN = "finetuned_cpu"
+
+
 def variant_models(
     load: Callable[[], torch.nn.Module],
     source: str,
@@ -75,12 +81,35 @@ def variant_models(
     q: QuantizeConfig | DictConfig,
 ) -> dict[str, torch.nn.Module]:
     """The selected variants of the saved `source` model (`load` reads it), by label, ready
-    to be scored: float ones on `device`, quantized ones on the CPU, where they are served."""
-    return {
-        v.label: v.build(load(), q) if v.quantize else load().to(device)
-        for v in selected(q)
-        if v.source == source
-    }
+    to be scored: float ones on `device`, quantized ones on the CPU, where they are served;
+    and, where `device` is not the CPU, the fine-tuned model on the CPU too (`CPU_TWIN`)."""
+    chosen = [v for v in selected(q) if v.source == source]
+    models = {v.label: v.build(load(), q) if v.quantize else load().to(device) for v in chosen}
+    if source == "finetuned" and device.type != "cpu" and any(v.quantize for v in chosen):
+        models[CPU_TWIN] = load()
+    return models
+
+
+def compared_with(metric: str, metrics: Mapping[str, float]) -> str:
+    """The fp32 metric a quantized variant's score is compared with: the fine-tuned model's
+    `metric` (finetuned_...) on the CPU where it was scored there apart, else `metric`."""
+    on_cpu = f"{CPU_TWIN}_{metric.removeprefix('finetuned_')}"
+    return on_cpu if on_cpu in metrics else metric
+
+
+def quantization_changes(metrics: Mapping[str, float]) -> dict[str, float]:
+    """What quantization costs: `<variant>_<metric>_change`, each quantized variant of the
+    fine-tuned model minus the fp32 model on the same device, per headline metric."""
+    changes = {}
+    quantized = [v.label for v in VARIANTS if v.source == "finetuned" and v.quantize]
+    for key in metrics:
+        if not key.startswith("finetuned_") or key.startswith(f"{CPU_TWIN}_") or "." in key:
+            continue
+        for label in quantized:
+            twin = f"{label}_" + key.removeprefix("finetuned_")
+            if twin in metrics:
+                changes[f"{twin}_change"] = metrics[twin] - metrics[compared_with(key, metrics)]
+    return changes
 
 
 def own_metric(variant: str, gate_metric: str) -> str:
