@@ -37,6 +37,11 @@ def squares(args: argparse.Namespace, rank: int) -> list:
 
 
 def scores() -> list:
+    return json.loads(scores_of(torch.device("cpu")).to_json(orient="records"))
+
+
+def scores_of(device: torch.device):
+    """Selection scores of 37 random candidates by a small random model on `device`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from lmpipe.selection.candidates import Candidate
@@ -53,8 +58,7 @@ def scores() -> list:
         labels = [-100] * 2 + ids[2:]
         candidates.append(Candidate(str(i), (), (), {"input_ids": ids, "labels": labels},
                                     {"input_ids": ids[2:], "labels": ids[2:]}))  # fmt: skip
-    table = sharded_scores(model, candidates, 2, 0, torch.device("cpu"), losses=True)
-    return json.loads(table.to_json(orient="records"))
+    return sharded_scores(model.to(device), candidates, 2, 0, device, losses=True)
 
 
 def main() -> None:

@@ -386,46 +386,47 @@ def test_prepared_pairs_are_cached_per_starting_model(
     assert setup.counts["train_pairs"] == (table["split"] == "train").sum()
 
 
-def test_the_policy_at_step_0_equals_its_reference_in_bf16(tiny_tokenizer, tmp_path: Path) -> None:
-    """Under bf16 autocast (CPU here, as on CUDA) the reference's log-probs, computed before
-    training, equal the policy's in its shuffled training batches: a tie, not a preference.
-    With each batch padded to its own longest reply they differ by ~1e-3."""
+def step_0_gaps(
+    tokenizer, tmp_path: Path, device: torch.device, hardware: HardwareConfig, bf16
+) -> torch.Tensor:
+    """|policy − reference| log-prob of every reply in 4 shuffled training batches at step 0,
+    everything under `bf16` (an autocast context), the reference's pass included."""
     from lmpipe.runs.config import ModelConfig
     from lmpipe.training.model import build_model, save_model
 
     seed_everything(0)
     # Wide enough that CPU bf16 kernels round differently by padded width (hidden 32 is not)
-    model = build_model(
-        ModelConfig(
-            hidden_size=128,
-            num_layers=2,
-            num_heads=4,
-            num_kv_heads=4,
-            intermediate_size=256,
-            max_seq_len=64,
-        ),
-        tiny_tokenizer,
-    )
+    model = build_model(ModelConfig(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=4,
+                                    intermediate_size=256, max_seq_len=64), tokenizer)
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():  # replies of more than whitespace (talkative_model)
         for param in model.parameters():
             param.add_(0.5 * torch.randn(param.shape, generator=generator))
     base = tmp_path / "base"
-    save_model(model, tiny_tokenizer, base)
+    save_model(model, tokenizer, base)
     settings = {"task": "preference", "max_len": 60, "batch_size": 3,
                 "preference": {"max_pairs": 12, "max_new_tokens": 24}}  # fmt: skip
     f = validate({"finetune": settings}).finetune
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        task, _ = Preference().prepare(f, base, tiny_tokenizer, CPU, tmp_path / "cache",
-                                       DistEnv())  # fmt: skip
-        setup = task.setup(f, base, tiny_tokenizer, seed=5, device=CPU)
+    with bf16:
+        task, _ = Preference().prepare(f, base, tokenizer, device, tmp_path / "cache", DistEnv(),
+                                       hardware)  # fmt: skip
+        setup = task.setup(f, base, tokenizer, seed=5, device=device)
+        policy = setup.model.to(device).eval()
         gaps = []
         with torch.no_grad():
             for _ in range(4):
-                batch = next(setup.batches)
-                logps, _ = reply_logps(setup.model.eval(), batch)
+                batch = {k: v.to(device) for k, v in next(setup.batches).items()}
+                logps, _ = reply_logps(policy, batch)
                 gaps.append((logps - batch["ref_logps"]).abs())
-    gaps = torch.cat(gaps)
+    return torch.cat(gaps)
+
+
+def test_the_policy_at_step_0_equals_its_reference_in_bf16(tiny_tokenizer, tmp_path: Path) -> None:
+    """Under bf16 autocast (CPU here, as on CUDA) the reference's log-probs, computed before
+    training, equal the policy's in its shuffled training batches: a tie, not a preference.
+    With each batch padded to its own longest reply they differ by up to ~0.07."""
+    gaps = step_0_gaps(tiny_tokenizer, tmp_path, CPU, HardwareConfig(),
+                       torch.autocast("cpu", dtype=torch.bfloat16))  # fmt: skip
     assert len(gaps) >= 16
     assert float(gaps.max()) < TIE_MARGIN
 
