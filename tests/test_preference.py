@@ -396,8 +396,17 @@ def step_0_gaps(
 
     seed_everything(0)
     # Wide enough that CPU bf16 kernels round differently by padded width (hidden 32 is not)
-    model = build_model(ModelConfig(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=4,
-                                    intermediate_size=256, max_seq_len=64), tokenizer)
+    model = build_model(
+        ModelConfig(
+            hidden_size=128,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=4,
+            intermediate_size=256,
+            max_seq_len=64,
+        ),
+        tokenizer,
+    )
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():  # replies of more than whitespace (talkative_model)
         for param in model.parameters():
