@@ -259,3 +259,53 @@ def test_kto_builds_caches_and_trains_on_judged_replies(
     # evaluate scores every held-out problem, as SFT does
     held_out = task.held_out_conversations(f)
     assert held_out == problems
+
+
+def test_the_kto_policy_at_step_0_equals_its_reference_in_bf16(tiny_tokenizer, tmp_path: Path):
+    """As for preference pairs: the reference's log-probs of each reply and KL reply, taken
+    before training, equal the policy's in its shuffled training batches under bf16
+    autocast, because both are computed in the same shapes."""
+    from tests.test_preference import wide_talkative_base
+
+    base = wide_talkative_base(tiny_tokenizer, tmp_path / "base")
+    words = [
+        "the",
+        "quick",
+        "brown",
+        "fox",
+        "jumps",
+        "over",
+        "the",
+        "lazy",
+        "dog",
+        "and",
+        "runs",
+        "far",
+        "away",
+    ]
+    records = [{"prompt": [{"role": "user", "content": " ".join(words[: 2 + i % 5])}],
+                "completion": [{"role": "assistant",
+                                "content": " ".join(words[i % 7 : i % 7 + 1 + (5 * i) % 9])}],
+                "label": i % 3 != 0} for i in range(40)]  # fmt: skip
+    data = tmp_path / "judged.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    settings = {"task": "kto", "max_len": 60, "batch_size": 3,
+                "kto": {"examples": "files", "files": [str(data)]}}  # fmt: skip
+    f = validate({"finetune": settings}).finetune
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        task, _ = KTO().prepare(f, base, tiny_tokenizer, CPU, tmp_path / "cache", DistEnv())
+        setup = task.setup(f, base, tiny_tokenizer, seed=5, device=CPU)
+        policy = setup.model.eval()
+        gaps = []
+        with torch.no_grad():
+            for _ in range(4):
+                batch = next(setup.batches)
+                logps, _ = reply_logps(policy, batch)
+                kl_batch = {k.removeprefix("kl_"): v for k, v in batch.items()
+                            if k.startswith("kl_")}  # fmt: skip
+                kl_logps, _ = reply_logps(policy, kl_batch)
+                gaps += [(logps - batch["ref_logps"]).abs(),
+                         (kl_logps - batch["ref_kl_logps"]).abs()]  # fmt: skip
+    gaps = torch.cat(gaps)
+    assert len(gaps) >= 24
+    assert float(gaps.max()) < 1e-4

@@ -386,16 +386,13 @@ def test_prepared_pairs_are_cached_per_starting_model(
     assert setup.counts["train_pairs"] == (table["split"] == "train").sum()
 
 
-def step_0_gaps(
-    tokenizer, tmp_path: Path, device: torch.device, hardware: HardwareConfig, bf16
-) -> torch.Tensor:
-    """|policy − reference| log-prob of every reply in 4 shuffled training batches at step 0,
-    everything under `bf16` (an autocast context), the reference's pass included."""
+def wide_talkative_base(tokenizer, path: Path) -> Path:
+    """A random model saved at `path`, wide enough that CPU bf16 kernels round differently
+    by padded width (hidden 32 is not), with replies of more than whitespace."""
     from lmpipe.runs.config import ModelConfig
     from lmpipe.training.model import build_model, save_model
 
     seed_everything(0)
-    # Wide enough that CPU bf16 kernels round differently by padded width (hidden 32 is not)
     model = build_model(
         ModelConfig(
             hidden_size=128,
@@ -408,11 +405,19 @@ def step_0_gaps(
         tokenizer,
     )
     generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():  # replies of more than whitespace (talkative_model)
+    with torch.no_grad():  # as talkative_model
         for param in model.parameters():
             param.add_(0.5 * torch.randn(param.shape, generator=generator))
-    base = tmp_path / "base"
-    save_model(model, tokenizer, base)
+    save_model(model, tokenizer, path)
+    return path
+
+
+def step_0_gaps(
+    tokenizer, tmp_path: Path, device: torch.device, hardware: HardwareConfig, bf16
+) -> torch.Tensor:
+    """|policy − reference| log-prob of every reply in 4 shuffled training batches at step 0,
+    everything under `bf16` (an autocast context), the reference's pass included."""
+    base = wide_talkative_base(tokenizer, tmp_path / "base")
     settings = {"task": "preference", "max_len": 60, "batch_size": 3,
                 "preference": {"max_pairs": 12, "max_new_tokens": 24}}  # fmt: skip
     f = validate({"finetune": settings}).finetune

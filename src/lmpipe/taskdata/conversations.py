@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -99,6 +99,18 @@ def encode_all(
             "sft: %d conversations had no response token within max_len", len(examples) - len(kept)
         )
     return kept
+
+
+def fixed_width(rows: Iterable[dict[str, list[int]]], multiple: int = 8) -> int:
+    """One width for every micro-batch of these rows (training, validation and a frozen
+    reference's pass alike: `collate(..., width=)`): the longest, rounded up to `multiple`.
+
+    With equal shapes a row's log-prob does not depend on the rows it is batched with: in
+    bf16 a different padding alone moves a reply's summed log-prob by up to ~0.07, far more
+    than a tie (lmpipe.tasks.preference.TIE_MARGIN), so a policy at step 0 would not equal
+    its reference. Equal shapes also keep compiled graphs static."""
+    longest = max((len(row["input_ids"]) for row in rows), default=1)
+    return -(-longest // multiple) * multiple
 
 
 def collate(

@@ -30,6 +30,7 @@ from transformers import PreTrainedTokenizerBase
 from lmpipe.data.batches import IGNORE_INDEX
 from lmpipe.data.sources import SourceError, decode, expand_paths
 from lmpipe.taskdata.conversations import Conversation, Messages, collate, split_of
+from lmpipe.taskdata.conversations import fixed_width as conversations_width
 
 log = logging.getLogger(__name__)
 
@@ -227,17 +228,10 @@ def encode_pairs(
     return examples
 
 
-def fixed_width(*example_sets: Sequence[PairExample], multiple: int = 8) -> int:
-    """One row width for every micro-batch of these pairs (training, validation and the
-    reference's pass alike): the longest reply row, rounded up to `multiple`.
-
-    With equal shapes a reply's log-prob does not depend on the rows it is batched with: in
-    bf16 a different padding alone moves a summed log-prob by ~1e-3, more than a tie
-    (lmpipe.tasks.preference.TIE_MARGIN), so the policy at step 0 would not equal its
-    reference. Equal shapes also keep compiled graphs static."""
-    longest = max((len(row["input_ids"]) for examples in example_sets for e in examples
-                   for row in (e.chosen, e.rejected)), default=1)  # fmt: skip
-    return -(-longest // multiple) * multiple
+def fixed_width(*example_sets: Sequence[PairExample]) -> int:
+    """The one width of every micro-batch of these pairs (`conversations.fixed_width`)."""
+    return conversations_width(row for examples in example_sets for e in examples
+                               for row in (e.chosen, e.rejected))  # fmt: skip
 
 
 def collate_pairs(

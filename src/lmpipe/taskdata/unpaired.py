@@ -23,7 +23,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from lmpipe.data.sources import SourceError, decode, expand_paths
-from lmpipe.taskdata.conversations import Conversation, Messages, collate, split_of
+from lmpipe.taskdata.conversations import Conversation, Messages, collate, fixed_width, split_of
 from lmpipe.taskdata.pairs import encode_reply, messages_of, reply_of
 
 log = logging.getLogger(__name__)
@@ -137,6 +137,10 @@ class JudgedExample:
     reply: dict[str, list[int]]
     kl_reply: dict[str, list[int]]
 
+    @property
+    def id(self) -> str:
+        return self.judged.id
+
 
 def encode_judged(
     tokenizer: PreTrainedTokenizerBase, examples: Sequence[Judged], max_len: int
@@ -154,13 +158,25 @@ def encode_judged(
     return encoded
 
 
+def judged_width(*example_sets: Sequence[JudgedExample]) -> int:
+    """The one width of every micro-batch of these examples, replies and KL replies
+    (`conversations.fixed_width`)."""
+    return fixed_width(row for examples in example_sets for e in examples
+                       for row in (e.reply, e.kl_reply))  # fmt: skip
+
+
 def collate_judged(
-    examples: Sequence[JudgedExample], pad_id: int, with_reference: bool = True
+    examples: Sequence[JudgedExample],
+    pad_id: int,
+    with_reference: bool = True,
+    width: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """The replies (input_ids, attention_mask, labels), the KL replies under `kl_` keys,
-    `desirable`, and the reference's log-probs of both (`ref_logps`, `ref_kl_logps`)."""
-    batch = collate([e.reply for e in examples], pad_id)
-    batch |= {f"kl_{k}": v for k, v in collate([e.kl_reply for e in examples], pad_id).items()}
+    `desirable`, and the reference's log-probs of both (`ref_logps`, `ref_kl_logps`); every
+    row padded to the longest, or to `width` (`judged_width`)."""
+    batch = collate([e.reply for e in examples], pad_id, width)
+    kl_rows = collate([e.kl_reply for e in examples], pad_id, width)
+    batch |= {f"kl_{k}": v for k, v in kl_rows.items()}
     batch["desirable"] = torch.tensor([e.judged.desirable for e in examples])
     if with_reference:
         batch["ref_logps"] = torch.tensor([e.judged.ref_logp for e in examples])

@@ -53,7 +53,7 @@ from lmpipe.training.model import load_model
 log = logging.getLogger(__name__)
 
 EXAMPLES_FILE = "pairs.parquet"  # finetune's table of derived data (dvc.yaml's out)
-EXAMPLES_VERSION = 2  # 2: samples seeded per batch (any number of processes)
+EXAMPLES_VERSION = 2  # 2: samples seeded per batch; the reference in the training's shapes
 
 
 def kto_losses(
@@ -128,13 +128,14 @@ def reference_logps(
     batch_size: int,
     pad_id: int,
     device: torch.device,
+    width: int | None = None,
 ) -> list[Judged]:
     """The examples with the (frozen, starting) model's log-probs of both replies, in the
-    training's micro-batches (their KL replies are drawn per batch), shared by the
-    processes."""
+    training's micro-batch size and row width (`unpaired.judged_width`), their batches
+    shared by the processes."""
 
     def fill(_: int, chunk: Sequence[JudgedExample]) -> list[Judged]:
-        batch = unpaired.collate_judged(chunk, pad_id, with_reference=False)
+        batch = unpaired.collate_judged(chunk, pad_id, with_reference=False, width=width)
         batch = {k: v.to(device) for k, v in batch.items()}
         logps, _ = reply_logps(model, batch)
         kl_logps, _ = reply_logps(model, {k.removeprefix("kl_"): v for k, v in batch.items()
@@ -292,16 +293,15 @@ class KTO(SFT):
             splits = unpaired.split_judged(read, f.val_fraction, f.test_fraction)
         else:
             splits = verifier_examples(model, tokenizer, conversation_splits(f), k, device, seed)
-        filled = {}
+        encoded = {split: unpaired.encode_judged(tokenizer, unpaired.with_kl_completions(
+                       examples, f.batch_size), f.max_len)
+                   for split, examples in splits.items()}  # fmt: skip
+        width = unpaired.judged_width(*encoded.values())
         reference = computed_as_policy(model, hardware, device)
-        for split, examples in splits.items():
-            encoded = unpaired.encode_judged(
-                tokenizer, unpaired.with_kl_completions(examples, f.batch_size), f.max_len
-            )
-            with autocast(device, hardware.precision):  # as training computes the policy's
-                filled[split] = reference_logps(reference, encoded, f.batch_size,
-                                                tokenizer.pad_token_id, device)  # fmt: skip
-        return filled
+        with autocast(device, hardware.precision):  # as training computes the policy's
+            return {split: reference_logps(reference, examples, f.batch_size,
+                                           tokenizer.pad_token_id, device, width)
+                    for split, examples in encoded.items()}  # fmt: skip
 
     def splits(self, f: FinetuneConfig) -> dict[str, list[Judged]]:
         if self.examples is None:
@@ -342,10 +342,13 @@ class KTO(SFT):
     ) -> TrainingSetup:
         model = load_model(base)
         splits = self.splits(f)
-        # Reference log-probs were taken with these KL replies: encode them as they are.
-        train = unpaired.encode_judged(tokenizer, chosen(splits["train"], train_ids), f.max_len)
-        val = unpaired.encode_judged(tokenizer, splits["val"], f.max_len)
-        collate = partial(unpaired.collate_judged, pad_id=tokenizer.pad_token_id)
+        # Reference log-probs were taken with these KL replies, in these shapes (`_build`).
+        encoded = {split: unpaired.encode_judged(tokenizer, examples, f.max_len)
+                   for split, examples in splits.items()}  # fmt: skip
+        train = chosen(encoded["train"], train_ids)
+        val = encoded["val"]
+        collate = partial(unpaired.collate_judged, pad_id=tokenizer.pad_token_id,
+                          width=unpaired.judged_width(*encoded.values()))  # fmt: skip
         objective = KtoLoss(f.kto)
 
         def validate(m: torch.nn.Module) -> dict[str, float]:
