@@ -51,7 +51,7 @@ else  # the 125M preset for 30 steps would take the CPU most of an hour
 fi
 echo "--- GPU tests (tests marked gpu; the stage-level one needs dvc and mlflow: deselected)"
 "$PY" -m pytest -m "gpu and not stages" -p no:cacheprovider -q -s -rfEs "${select[@]}" \
-  tests/test_gpu.py tests/test_gpu_methods.py tests/test_cuda_paths.py || status=1
+  tests/test_gpu.py tests/test_gpu_methods.py || status=1
 if [ "$DEVICE" = cpu ]; then
   echo "--- masked LM against causal LM of equal size (dry run: small models on the CPU)"
   "$PY" benchmarks/mlm_throughput.py --small --device cpu --seq-len 128 --batch-size 8 \
