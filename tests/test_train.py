@@ -156,7 +156,9 @@ def test_gradient_checkpointing_trains_the_same_weights(tiny_tokenizer) -> None:
             NullLogger(),
             objective=CAUSAL_LM,
         )
-        assert model.is_activation_checkpointing == checkpointing
+        # transformers 5.17 (the floor) names it is_gradient_checkpointing
+        on = getattr(model, "is_activation_checkpointing", None)
+        assert (model.is_gradient_checkpointing if on is None else on) == checkpointing
         weights.append(model.state_dict())
     for name, tensor in weights[0].items():
         torch.testing.assert_close(weights[1][name], tensor)

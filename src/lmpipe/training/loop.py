@@ -379,7 +379,9 @@ def train(
         reset_peak_memory(device)
         model.to(device)
         if hardware.gradient_checkpointing:
-            model.activation_checkpointing_enable({"use_reentrant": False})
+            # transformers 5.17 (the floor pyproject.toml states) has the older name only
+            enable = getattr(model, "activation_checkpointing_enable", None)
+            (enable or model.gradient_checkpointing_enable)({"use_reentrant": False})
         model.train()
         wrapped = distributed.wrap_model(
             model, env, hardware.strategy, compute_dtype(device, hardware.precision)
