@@ -355,6 +355,11 @@ def test_sft_selection_is_deterministic_cached_and_never_sees_val_or_test(
     with (other / "config.json").open("a") as handle:
         handle.write("\n")
     assert ScoreCache(cache, other).path != cache_file
+    # So is another way of computing: a CUDA device, TF32 for its fp32 matmuls.
+    assert ScoreCache(cache, saved_model).path == cache_file  # the CPU's, true fp32
+    ways = [{"device": "cuda", "float32_matmul": p} for p in ("highest", "high")]
+    paths = {ScoreCache(cache, saved_model, w).path for w in ways}
+    assert len(paths) == 2 and cache_file not in paths
 
 
 def test_only_unscored_examples_are_scored() -> None:
