@@ -3,7 +3,7 @@
     torchrun --nproc_per_node 2 tests/sharded_worker.py OUT [--fail-rank 1] [--scores]
 
 Squares 0..N-1 in batches, recording which process computed each batch, or (`--scores`)
-scores selection candidates with a small random model (`sharded_scores`). With
+scores selection candidates with a small random model (`score_candidates`). With
 `--fail-rank R` the work raises on process R at its second batch; every process then
 writes the error it ended with to OUT/error-<rank>.txt.
 """
@@ -45,7 +45,7 @@ def scores_of(device: torch.device):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from lmpipe.selection.candidates import Candidate
-    from lmpipe.selection.scoring import sharded_scores
+    from lmpipe.selection.scoring import score_candidates
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
@@ -58,7 +58,7 @@ def scores_of(device: torch.device):
         labels = [-100] * 2 + ids[2:]
         candidates.append(Candidate(str(i), (), (), {"input_ids": ids, "labels": labels},
                                     {"input_ids": ids[2:], "labels": ids[2:]}))  # fmt: skip
-    return sharded_scores(model.to(device), candidates, 2, 0, device, losses=True)
+    return score_candidates(model.to(device), candidates, 2, 0, device, losses=True)
 
 
 def main() -> None:

@@ -168,18 +168,18 @@ def test_lora_merged_computes_what_the_adapted_model_does(tmp_path: Path) -> Non
 
 def test_selection_scores_on_the_gpu_match_the_cpu_and_are_cached_apart(tmp_path: Path) -> None:
     from lmpipe.selection.scoring import ScoreCache
-    from lmpipe.training.loop import float32_matmul
+    from lmpipe.training.loop import device_numerics
     from tests.sharded_worker import scores_of
 
     enable_tf32(CUDA, "bf16")  # as a bf16 run scores: TF32 for its fp32 matmuls
     try:
         on_gpu, on_cpu = scores_of(CUDA), scores_of(torch.device("cpu"))
-        numerics = {"device": CUDA.type, "float32_matmul": float32_matmul(CUDA)}
+        numerics = device_numerics(CUDA)
     finally:
         torch.set_float32_matmul_precision("highest")
     for column in ("conditional_loss", "response_loss"):
         np.testing.assert_allclose(on_gpu[column], on_cpu[column], rtol=1e-2)
-    cpu_numerics = {"device": "cpu", "float32_matmul": "highest"}
+    cpu_numerics = device_numerics(torch.device("cpu"))
     base = tmp_path / "model"
     base.mkdir()
     (base / "weights").write_text("w")

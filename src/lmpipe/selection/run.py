@@ -14,9 +14,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lmpipe.runs.processes import DistEnv
 from lmpipe.selection.candidates import Candidate
-from lmpipe.selection.scoring import ScoreCache, cached_scores, sharded_scores
+from lmpipe.selection.scoring import ScoreCache, cached_scores, score_candidates
 from lmpipe.selection.steps import Selection, needs_scores, select_examples
-from lmpipe.training.loop import float32_matmul
+from lmpipe.training.loop import device_numerics
 
 
 class SelectableTask(Protocol):
@@ -46,13 +46,12 @@ def select_for_task(
     off). Scores of the starting model `base` are cached in `cache_dir`."""
     s = f.selection
     candidates = task.candidates(f, tokenizer)
-    numerics = {"device": device.type, "float32_matmul": float32_matmul(device)}
-    cache = ScoreCache(cache_dir, base, numerics) if needs_scores(s) else None
+    cache = ScoreCache(cache_dir, base, device_numerics(device)) if needs_scores(s) else None
 
     def score(chosen: Sequence[Candidate], losses: bool) -> pd.DataFrame:
         model = task.scoring_model(base).to(device)
-        return sharded_scores(model, chosen, s.batch_size, tokenizer.pad_token_id, device,
-                              losses)  # fmt: skip
+        return score_candidates(model, chosen, s.batch_size, tokenizer.pad_token_id, device,
+                                losses)  # fmt: skip
 
     def cached(chosen: Sequence[Candidate], losses: bool) -> pd.DataFrame:
         assert cache is not None

@@ -29,6 +29,7 @@ from lmpipe.runs.keys import directory_digest, keyed_path
 from lmpipe.selection.candidates import Candidate
 from lmpipe.taskdata.conversations import collate
 from lmpipe.training import distributed
+from lmpipe.training.loop import device_numerics
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,6 @@ def _pass(
     return mean_loss, pooled
 
 
-@torch.no_grad()
 def score_candidates(
     model: PreTrainedModel,
     candidates: Sequence[Candidate],
@@ -108,7 +108,28 @@ def score_candidates(
     losses: bool,
 ) -> pd.DataFrame:
     """Per candidate: the conditional and response-alone losses (with `losses`; NaN
-    otherwise) and the embedding."""
+    otherwise) and the embedding. Under several processes each scores its shares of
+    `SHARE_BATCHES` batches (lmpipe.training.distributed.map_batches) and all return every
+    row, in order; the shares are the same for any number of processes, and so are the
+    scores."""
+
+    def share(_: int, chosen: Sequence[Candidate]) -> list[dict]:
+        return _scores(model, chosen, batch_size, pad_id, device, losses).to_dict("records")
+
+    rows = distributed.map_batches(share, candidates, batch_size * SHARE_BATCHES,
+                                   "selection: scoring")  # fmt: skip
+    return pd.DataFrame(rows, columns=list(COLUMNS))
+
+
+@torch.no_grad()
+def _scores(
+    model: PreTrainedModel,
+    candidates: Sequence[Candidate],
+    batch_size: int,
+    pad_id: int,
+    device: torch.device,
+    losses: bool,
+) -> pd.DataFrame:
     with eval_mode(model):
         examples = [c.example for c in candidates]
         conditional, pooled = _pass(model, examples, batch_size, pad_id, device, losses, True,
@@ -137,7 +158,7 @@ class ScoreCache:
     def __init__(
         self, directory: Path, model_dir: Path, numerics: Mapping[str, object] | None = None
     ) -> None:
-        numerics = dict(numerics or {"device": "cpu", "float32_matmul": "highest"})
+        numerics = dict(numerics or device_numerics(torch.device("cpu")))
         identity = {"model": directory_digest(model_dir), "scoring": SCORING_VERSION,
                     "numerics": numerics}  # fmt: skip
         self.path = keyed_path(directory, identity, ".parquet")
@@ -162,7 +183,7 @@ def cached_scores(
     """The candidates' scores (rows in their order), computing only what the cache lacks.
 
     Under several processes every one reads the cache and they score what it lacks
-    together (`score` shares its batches out: `sharded_scores`); the main one writes, and
+    together (`score` shares its batches out: `score_candidates`); the main one writes, and
     every process reads the same file back, so all of them select exactly the same
     examples.
     """
@@ -187,25 +208,3 @@ def cached_scores(
     distributed.barrier()
     result = cache.load().reindex(keys)
     return result.reset_index(drop=True)
-
-
-def sharded_scores(
-    model: PreTrainedModel,
-    candidates: Sequence[Candidate],
-    batch_size: int,
-    pad_id: int,
-    device: torch.device,
-    losses: bool,
-) -> pd.DataFrame:
-    """`score_candidates` with its work shared by the processes (each scores its shares of
-    `SHARE_BATCHES` batches; all return every row, in order). The shares are the same for
-    any number of processes, and so are the scores."""
-
-    def share(_: int, chosen: Sequence[Candidate]) -> list[dict]:
-        return score_candidates(model, chosen, batch_size, pad_id, device, losses).to_dict(
-            "records"
-        )
-
-    rows = distributed.map_batches(share, candidates, batch_size * SHARE_BATCHES,
-                                   "selection: scoring")  # fmt: skip
-    return pd.DataFrame(rows, columns=list(COLUMNS))

@@ -44,7 +44,7 @@ from lmpipe.runs.processes import DistEnv
 from lmpipe.selection.candidates import Candidate
 from lmpipe.training import distributed
 from lmpipe.training.adapters import Adapters
-from lmpipe.training.loop import EvalFn, Objective
+from lmpipe.training.loop import EvalFn, Objective, autocast, computed_as_policy
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,21 @@ def cached_table(
         log.info("%s from the cache %s", what, path)
     distributed.barrier()  # the main process wrote the table: every process reads it
     return pd.read_parquet(path)
+
+
+def reference_by_split(
+    model: PreTrainedModel,
+    hardware: HardwareConfig,
+    device: torch.device,
+    encoded: Mapping[str, Sequence[Any]],
+    compute: Callable[[torch.nn.Module, Sequence[Any]], list[Any]],
+) -> dict[str, list[Any]]:
+    """`compute(reference, examples)` for every split, the frozen starting `model` set up and
+    run as `train` runs the policy (`computed_as_policy`, under the training's autocast), so
+    that the two agree at step 0: a preference or KTO reference's log-probs."""
+    reference = computed_as_policy(model, hardware, device)
+    with autocast(device, hardware.precision):
+        return {split: compute(reference, examples) for split, examples in encoded.items()}
 
 
 @dataclass

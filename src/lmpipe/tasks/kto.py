@@ -43,11 +43,18 @@ from lmpipe.selection.candidates import Candidate
 from lmpipe.taskdata import unpaired
 from lmpipe.taskdata.conversations import Conversation
 from lmpipe.taskdata.unpaired import Judged, JudgedExample
-from lmpipe.tasks.base import FinetuningTask, Objective, TrainingSetup, cached_table, chosen
+from lmpipe.tasks.base import (
+    FinetuningTask,
+    Objective,
+    TrainingSetup,
+    cached_table,
+    chosen,
+    reference_by_split,
+)
 from lmpipe.tasks.preference import reply_logps, sample_replies
 from lmpipe.tasks.sft import SFT, VERIFIABLE_DATASETS, conversation_splits, selection_candidate
 from lmpipe.training import distributed
-from lmpipe.training.loop import autocast, computed_as_policy, policy_numerics
+from lmpipe.training.loop import policy_numerics
 from lmpipe.training.model import load_model
 
 log = logging.getLogger(__name__)
@@ -296,12 +303,10 @@ class KTO(SFT):
         encoded = {split: unpaired.encode_judged(tokenizer, unpaired.with_kl_completions(
                        examples, f.batch_size), f.max_len)
                    for split, examples in splits.items()}  # fmt: skip
-        width = unpaired.judged_width(*encoded.values())
-        reference = computed_as_policy(model, hardware, device)
-        with autocast(device, hardware.precision):  # as training computes the policy's
-            return {split: reference_logps(reference, examples, f.batch_size,
-                                           tokenizer.pad_token_id, device, width)
-                    for split, examples in encoded.items()}  # fmt: skip
+        compute = partial(reference_logps, batch_size=f.batch_size,
+                          pad_id=tokenizer.pad_token_id, device=device,
+                          width=unpaired.judged_width(*encoded.values()))  # fmt: skip
+        return reference_by_split(model, hardware, device, encoded, compute)
 
     def splits(self, f: FinetuneConfig) -> dict[str, list[Judged]]:
         if self.examples is None:

@@ -70,10 +70,11 @@ from lmpipe.tasks.base import (
     TrainingSetup,
     cached_table,
     chosen,
+    reference_by_split,
 )
 from lmpipe.tasks.sft import SFT, VERIFIABLE_DATASETS, conversation_splits, selection_candidate
 from lmpipe.training import distributed
-from lmpipe.training.loop import autocast, computed_as_policy, policy_numerics
+from lmpipe.training.loop import policy_numerics
 from lmpipe.training.model import load_model, model_device
 
 log = logging.getLogger(__name__)
@@ -673,12 +674,10 @@ class Preference(SFT):
         if not pair_loss(p.loss).needs_reference:
             return splits  # the reference log-probs stay empty
         encoded = encoded_splits(tokenizer, splits, f.max_len)
-        width = pref.fixed_width(*encoded.values())
-        reference = computed_as_policy(model, hardware, device)
-        with autocast(device, hardware.precision):  # as training computes the policy's
-            return {split: reference_logps(reference, examples, f.batch_size,
-                                           tokenizer.pad_token_id, device, width)
-                    for split, examples in encoded.items()}  # fmt: skip
+        compute = partial(reference_logps, batch_size=f.batch_size,
+                          pad_id=tokenizer.pad_token_id, device=device,
+                          width=pref.fixed_width(*encoded.values()))  # fmt: skip
+        return reference_by_split(model, hardware, device, encoded, compute)
 
     def splits(self, f: FinetuneConfig) -> dict[str, list[pref.Pair]]:
         if self.pairs is None:

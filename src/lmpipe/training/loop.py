@@ -166,10 +166,12 @@ def enable_tf32(device: torch.device, precision: str) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
-def float32_matmul(device: torch.device) -> str:
-    """How this process computes fp32 matmuls on `device`: `highest` (true fp32) or `high`
-    (TF32 on CUDA, `enable_tf32`); for the keys of cached model outputs."""
-    return torch.get_float32_matmul_precision() if device.type == "cuda" else "highest"
+def device_numerics(device: torch.device) -> dict[str, str]:
+    """How this process computes on `device`, for the keys of cached model outputs: the
+    device type, and its fp32 matmuls as `highest` (true fp32) or `high` (TF32 on CUDA,
+    `enable_tf32`)."""
+    matmul = torch.get_float32_matmul_precision() if device.type == "cuda" else "highest"
+    return {"device": device.type, "float32_matmul": matmul}
 
 
 def computed_as_policy(
@@ -193,12 +195,11 @@ def sharded(hardware: HardwareConfig, env: DistEnv | None = None) -> bool:
 
 def policy_numerics(hardware: HardwareConfig, device: torch.device) -> dict[str, object]:
     """What changes `computed_as_policy`'s numbers beyond its weights and inputs."""
-    sharded_bf16 = sharded(hardware)
+    dtype = compute_dtype(device, hardware.precision)
     return {
-        "device": device.type,
-        "compute_dtype": str(compute_dtype(device, hardware.precision)),
-        "param_dtype": str(compute_dtype(device, hardware.precision) if sharded_bf16 else None),
-        "float32_matmul": float32_matmul(device),
+        **device_numerics(device),
+        "compute_dtype": str(dtype),
+        "param_dtype": str(dtype if sharded(hardware) else None),
         "compile": hardware.compile,
     }
 
