@@ -194,9 +194,11 @@ def prepare_cli(stage: str, argv: list[str] | None = None, distributed: bool = F
             # Each task would run the whole stage on the same GPU; the tasks but the first
             # have no MLflow run (after the first may have registered model versions).
             overrides.extend(["hydra.launcher.nodes=1", "hydra.launcher.tasks_per_node=1"])
-            gpus = _config_value(root, overrides, "hardware.slurm.gpus_per_node")
-            if launcher == "slurm" and gpus is not None and int(gpus) > 1:
-                overrides.append("hydra.launcher.gpus_per_node=1")
+            # (submitit_local asks for no GPU; composing conf/ again costs a second)
+            if launcher == "slurm":
+                gpus = _config_value(root, overrides, "hardware.slurm.gpus_per_node")
+                if gpus is not None and int(gpus) > 1:
+                    overrides.append("hydra.launcher.gpus_per_node=1")
     argv[1:] = [*flags, *overrides]
 
 

@@ -112,10 +112,14 @@ def mask_tokens(
     return torch.where(to_random, random_ids, inputs), labels
 
 
+def _slot_count(targets: int) -> int:
+    """`targets` rounded up to a multiple of SLOT_MULTIPLE (at least one multiple)."""
+    return max(SLOT_MULTIPLE, math.ceil(targets / SLOT_MULTIPLE) * SLOT_MULTIPLE)
+
+
 def target_slots(tokens: int, masking: MaskingConfig) -> int:
     """How many target positions a batch of `tokens` tokens carries (`with_target_slots`)."""
-    expected = math.ceil(tokens * masking.probability * SLOT_HEADROOM)
-    return max(SLOT_MULTIPLE, -(-expected // SLOT_MULTIPLE) * SLOT_MULTIPLE)
+    return _slot_count(math.ceil(tokens * masking.probability * SLOT_HEADROOM))
 
 
 def with_target_slots(inputs: torch.Tensor, labels: torch.Tensor, slots: int) -> Batch:
@@ -125,7 +129,7 @@ def with_target_slots(inputs: torch.Tensor, labels: torch.Tensor, slots: int) ->
     positions = (labels.flatten() != IGNORE_INDEX).nonzero().squeeze(1)
     if len(positions) > slots:
         log.debug("masked LM: %d targets over the %d slots", len(positions), slots)
-        slots = -(-len(positions) // SLOT_MULTIPLE) * SLOT_MULTIPLE
+        slots = _slot_count(len(positions))
     padded = torch.zeros(slots, dtype=torch.long)
     padded[: len(positions)] = positions
     targets = torch.full((slots,), IGNORE_INDEX, dtype=torch.long)
