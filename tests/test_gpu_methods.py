@@ -83,7 +83,10 @@ def test_masked_lm_trains_below_unigram_with_its_head_at_the_targets() -> None:
     from lmpipe.tasks.masked_lm import MaskedLM
 
     tokenizer, train_tokens, val_tokens = shipped_corpus()
-    p = PretrainConfig(steps=200, batch_size=16, seq_len=256, eval_every=100, eval_batches=8,
+    # 400 steps: post-LN BERT leaves the unigram plateau late (200 steps on the CPU dry run
+    # ended only 0.09 below it)
+    steps = 400 if CUDA.type == "cuda" else 200
+    p = PretrainConfig(steps=steps, batch_size=16, seq_len=256, eval_every=100, eval_batches=8,
                        log_every=10, optim=OptimConfig(lr=1e-3, warmup_steps=20))  # fmt: skip
     task = MaskedLM(p.mlm, seed=0)
     tokenizer = task.prepare_tokenizer(tokenizer)
@@ -106,7 +109,7 @@ def test_masked_lm_trains_below_unigram_with_its_head_at_the_targets() -> None:
     logger = NullLogger()
     train(setup.model, setup.batches, p, BF16, CUDA, logger, setup.evaluate, objective=task)
     val = val_rows(logger)[-1]
-    print(f"masked LM, 200 steps bf16 compiled: val loss {val['val_loss']:.3f}, unigram "
+    print(f"masked LM, {steps} steps bf16 compiled: val loss {val['val_loss']:.3f}, unigram "
           f"{val['val_unigram_loss']:.3f}, accuracy {val['val_accuracy']:.3f}")  # fmt: skip
     assert val["val_loss"] < val["val_unigram_loss"], val
 
