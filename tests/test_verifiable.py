@@ -26,41 +26,60 @@ SMALL_SUMS = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}
 # --- the parser ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("reply", "expected"),
-    [
-        ("114", "114"),
-        ("98 + 93 - 77 = 114", "114"),  # the last number
-        ("-37", "-37"),
-        ("It is 1,250 apples.", "1,250"),
-        ("So 12 - 6 = 6 more.\n#### 6", "6"),  # GSM8K's marker wins over later text
-        ("#### 42 (because 40 + 2)", "42"),  # the first number after the last marker
-        ("#### 1\nno, #### 2", "2"),  # the last marker
-        ("#### seven", "seven"),  # text after the marker when it has no number
-        ("3.50", "3.50"),
-        ("no digits here", None),  # malformed: no answer
-        ("####   ", None),  # a marker with nothing after it
-        ("", None),
-        (None, None),
-    ],
-)
-def test_final_answer_follows_the_documented_rules(reply, expected) -> None:
-    assert final_answer(reply) == expected
+# Each row: a reply, the answer the parser reads (None: no answer), and an answer it must or
+# must not be credited for (rules in lmpipe.evaluation.answers).
+PARSER_TABLE = [
+    # (reply, parsed, gold, credited)
+    ("114", "114", "114", True),
+    ("98 + 93 - 77 = 114", "114", "114", True),  # the last number
+    ("-37", "-37", "-37", True),
+    ("It is 1,250 apples.", "1,250", "1250", True),  # thousands in groups of three
+    ("So 12 - 6 = 6 more.\n#### 6", "6", "6", True),  # the marker wins over later text
+    ("#### 42 (because 40 + 2)", "42", "42", True),  # the first number after the marker
+    ("#### 1\nno, #### 2", "2", "2", True),  # the last marker
+    ("#### seven", "seven", "Seven", True),  # text after the marker when it has no number
+    ("3.50", "3.50", "3.5", True),
+    ("#### 1,2", "1,2", "12", False),  # a list, not twelve
+    ("#### 1,2,3", "1,2,3", "123", False),
+    ("#### 1, 2, 3", "1, 2, 3", "1", False),  # no credit for the first of a list
+    ("#### 5 or 6", "5 or 6", "5", False),
+    ("#### 3; 4", "3; 4", "3", False),
+    ("#### 1,234,567", "1,234,567", "1234567", True),
+    ("#### 1,2345", "1,2345", "12345", False),  # a broken group is not a number
+    ("#### - 7", "-7", "-7", True),  # a spaced sign after the marker
+    ("#### - 7", "-7", "7", False),
+    ("#### \u22127", "\u22127", "-7", True),  # the Unicode minus
+    ("#### +7", "+7", "7", True),
+    ("#### 3/4", "3/4", "0.75", True),  # a fraction, not 3
+    ("#### 3/4", "3/4", "3", False),
+    ("1e3", "1e3", "1000", True),  # an exponent, not 1
+    ("1e3", "1e3", "1", False),
+    ("5-3 is 2", "2", "2", True),  # a hyphen between digits is no sign
+    ("the 1/2/3 date", None, "1", False),  # no number in a malformed run
+    ("-0", "-0", "0", True),
+    ("5 + 2 = 7\n####", None, "7", False),  # an empty marker: no answer, no fallback
+    ("5 + 2 = 7\n####   \n", None, "7", False),
+    ("5 + 2 = 7", "7", "7", True),  # no marker at all: the last number
+    ("no digits here", None, "5", False),
+    ("", None, "5", False),
+    (None, None, "5", False),
+]
+
+
+@pytest.mark.parametrize(("reply", "parsed", "gold", "credited"), PARSER_TABLE)
+def test_the_parser_reads_numbers_and_credits_no_list(reply, parsed, gold, credited) -> None:
+    assert final_answer(reply) == parsed
+    assert is_correct(reply, gold) is credited
 
 
 def test_answers_compare_as_normalised_numbers_or_text() -> None:
-    assert normalize("1,000") == normalize("1000") == normalize("1000.0")
+    assert normalize("1,000") == normalize("1000") == normalize("1000.0") == normalize("1e3")
     assert normalize("-0") == normalize("0.0") == "0"
-    assert normalize("3.50") == normalize("3.5")
-    assert normalize(" Seven ") == normalize("seven")
-    assert normalize("10") != normalize("100")
+    assert normalize("3.50") == normalize("3.5") and normalize("0.75") == normalize("3/4")
+    assert normalize(" Seven. ") == normalize("seven")
+    assert normalize("10") != normalize("100") and normalize("1,2") != normalize("12")
     assert is_correct("So the answer is 1,000", "1000")
     assert not is_correct("So the answer is 1,001", "1000")
-
-
-def test_a_reply_without_an_answer_is_wrong_not_an_error() -> None:
-    for reply in ("", "I don't know", None, "####"):
-        assert is_correct(reply, "5") is False
 
 
 # --- the intervals -------------------------------------------------------------------------
