@@ -66,9 +66,13 @@ def main(cfg: DictConfig) -> None:
         tags = lineage.version_tags(stage.run_id, MlflowClient())
         # The version's run carries the metrics it was gated on (the next champion check).
         stage.log_metrics(metrics)
-        gate = task.gate(d)
-        examples = task.example_scores(predictions, gate.metric)
-        result = deploy(model_dir, task, metrics, d, tags, requests, pruned_dir, examples)
+        gate = task.gate(d, f)
+        # Per-example scores of every metric that has them (each row names its metric): the
+        # next challenger's paired test reads the one its gate needs.
+        metrics_scored = [gate.metric, *task.example_metrics(predictions)]
+        examples = task.example_table(predictions, metrics_scored)
+        result = deploy(model_dir, task, metrics, d, tags, requests, pruned_dir, examples, gate,
+                        task.smoke_request(predictions, d))  # fmt: skip
         # What pruning kept, and the validation loss before and after it (and recovery).
         pruning = {k[len("prune.") :]: v for k, v in metrics.items() if k.startswith("prune.")}
         stage.write_json("deploy.json", {**asdict(result), "pruning": pruning})

@@ -5,6 +5,7 @@ with bootstrap intervals, and the baselines beside it."""
 from __future__ import annotations
 
 import sys
+from math import comb
 
 import numpy as np
 import pandas as pd
@@ -12,7 +13,16 @@ import pytest
 from scipy import stats
 
 from lmpipe.evaluation.answers import final_answer, is_correct, normalize
-from lmpipe.evaluation.intervals import mean_interval, paired_difference_interval
+from lmpipe.evaluation.intervals import (
+    PairedOutcomes,
+    mcnemar,
+    mean_interval,
+    paired_binary_difference_interval,
+    paired_difference_interval,
+    paired_ratio_difference_interval,
+    proportion_interval,
+    ratio_interval,
+)
 from lmpipe.runs.config import ConfigError
 from lmpipe.taskdata import reasoning_gym
 from lmpipe.taskdata.conversations import Conversation
@@ -130,6 +140,100 @@ def test_paired_difference_interval_uses_the_same_examples_for_both() -> None:
         paired_difference_interval(a, a[:-1])
 
 
+def test_proportion_interval_is_clopper_pearson_and_never_zero_width() -> None:
+    # Clopper–Pearson by its definition: beta quantiles of the binomial count.
+    for k, n, confidence in ((0, 400, 0.95), (7, 40, 0.95), (7, 40, 0.90), (40, 40, 0.99)):
+        hits = np.r_[np.ones(k), np.zeros(n - k)]
+        tail = (1 - confidence) / 2
+        low = 0.0 if k == 0 else stats.beta.ppf(tail, k, n - k + 1)
+        high = 1.0 if k == n else stats.beta.ppf(1 - tail, k + 1, n - k)
+        assert proportion_interval(hits, confidence) == pytest.approx((low, high), abs=1e-9)
+    low, high = proportion_interval(np.zeros(400))
+    assert (round(low, 3), round(high, 3)) == (0.0, 0.009)  # not "0.000 [0.000, 0.000]"
+    assert np.diff(proportion_interval(np.r_[np.ones(7), np.zeros(33)], 0.90)) < np.diff(
+        proportion_interval(np.r_[np.ones(7), np.zeros(33)], 0.95)
+    )
+    with pytest.raises(ValueError, match="0/1"):
+        proportion_interval([0.0, 0.5, 1.0])
+
+
+def test_mcnemar_is_the_exact_binomial_test_on_the_discordant_examples() -> None:
+    champion = np.r_[np.ones(240), np.zeros(160)]
+    challenger = champion.copy()
+    challenger[240:244] = 1  # 4 more right, none wrong, of 400
+    pairs = mcnemar(challenger, champion)
+    assert (pairs.first_only, pairs.second_only, pairs.examples) == (4, 0, 400)
+    assert pairs.p_first_better() == pytest.approx(0.0625)  # 0.5 ** 4: not significant at 5%
+    assert pairs.p_second_better() == 1.0
+    # By its definition: P(X >= b) for X ~ Binomial(b + c, 1/2), for other counts.
+    for b, c in ((10, 2), (3, 9), (0, 0), (25, 13)):
+        first = np.r_[np.ones(b), np.zeros(c), np.ones(5)]
+        second = np.r_[np.zeros(b), np.ones(c), np.ones(5)]
+        exact = sum(comb(b + c, i) for i in range(b, b + c + 1)) / 2 ** (b + c)
+        assert mcnemar(first, second).p_first_better() == pytest.approx(exact)
+    with pytest.raises(ValueError, match="equal lengths"):
+        mcnemar(champion, champion[:-1])
+
+
+@pytest.mark.parametrize("level", [0.05, 0.10])
+def test_the_exact_difference_interval_agrees_with_mcnemar(level: float) -> None:
+    for b in range(0, 15):
+        for c in range(0, 6):
+            pairs = PairedOutcomes(200, b, c)
+            low, _ = pairs.difference_interval(1 - 2 * level)
+            assert (low > 0) == (pairs.p_first_better() < level), (b, c)
+
+
+def test_paired_differences_are_first_minus_second() -> None:
+    ones, zeros = np.ones(50), np.zeros(50)
+    assert paired_binary_difference_interval(ones, zeros)[0] > 0
+    assert paired_binary_difference_interval(zeros, ones)[1] < 0
+    rng = np.random.default_rng(0)
+    losses = rng.uniform(1, 2, 60)
+    assert paired_difference_interval(losses + 0.5, losses)[0] > 0
+    assert paired_difference_interval(losses, losses + 0.5)[1] < 0
+    weights = np.ones(60)
+    low, _ = paired_ratio_difference_interval((losses + 0.5, weights), (losses, weights))
+    assert low > 0
+
+
+def test_statistic_interval_takes_its_confidence() -> None:
+    from lmpipe.evaluation.intervals import statistic_interval
+
+    values = np.random.default_rng(8).normal(size=300)
+    for confidence in (0.80, 0.90, 0.95):
+        ours = statistic_interval(lambda idx: values[idx].mean(-1), 300, confidence, seed=2)
+        theirs = stats.bootstrap((values,), np.mean, confidence_level=confidence,
+                                 method="percentile", random_state=np.random.default_rng(2),
+                                 n_resamples=2000).confidence_interval  # fmt: skip
+        assert ours == pytest.approx((theirs.low, theirs.high), abs=0.02)
+    narrow = statistic_interval(lambda idx: values[idx].mean(-1), 300, 0.80)
+    wide = statistic_interval(lambda idx: values[idx].mean(-1), 300, 0.95)
+    assert np.diff(narrow)[0] < 0.8 * np.diff(wide)[0]
+
+
+def test_a_cluster_bootstrap_resamples_whole_templates() -> None:
+    rng = np.random.default_rng(4)
+    # 8 templates of 40 problems: each template easy or hard as a whole.
+    clusters = np.repeat([f"t{i}" for i in range(8)], 40)
+    rates = np.repeat(rng.choice([0.1, 0.9], 8), 40)
+    hits = (rng.random(320) < rates).astype(float)
+    weights = np.ones(320)
+    by_example = ratio_interval(hits, weights)
+    by_template = ratio_interval(hits, weights, clusters)
+    # The templates are the independent units: far wider than 320 independent problems.
+    assert np.diff(by_template)[0] > 2.5 * np.diff(by_example)[0]
+    sums = np.array([hits[clusters == f"t{i}"].sum() for i in range(8)])
+    # 40 problems a template: the share of hits is the clusters' sum over 40 per cluster.
+    reference = stats.bootstrap((np.arange(8),), lambda idx, axis=-1: sums[idx].mean(-1) / 40,
+                                method="percentile", vectorized=True, n_resamples=2000,
+                                random_state=np.random.default_rng(0))  # fmt: skip
+    ci = reference.confidence_interval
+    assert by_template == pytest.approx((ci.low, ci.high), abs=1e-9)
+    with pytest.raises(ValueError, match="at least 5 clusters"):
+        ratio_interval(hits[:160], weights[:160], clusters[:160])
+
+
 # --- the generators ------------------------------------------------------------------------
 
 
@@ -148,6 +252,44 @@ def test_arithmetic_splits_never_share_a_question_and_repeat_by_seed() -> None:
     assert [c.prompt for c in other["test"]] != questions["test"]
 
 
+def test_ids_name_the_problem_whatever_the_seed() -> None:
+    first = reasoning_gym.load_splits("chain_sum", SIZES, 0, SMALL_SUMS, 0.05, 0.1)
+    second = reasoning_gym.load_splits("chain_sum", SIZES, 1, SMALL_SUMS, 0.05, 0.1)
+    by_id = {c.id: c.prompt for split in first.values() for c in split}
+    other = {c.id: c.prompt for split in second.values() for c in split}
+    assert len(by_id) == sum(SIZES.values())  # one id per problem
+    shared = set(by_id) & set(other)
+    assert len(shared) > 50  # two seeds over one small problem space share problems ...
+    assert all(by_id[i] == other[i] for i in shared)  # ... and an id is one question
+    questions = {q: i for i, q in by_id.items()}
+    assert all(questions[q] == i for i, q in other.items() if q in questions)
+    # Other options are other problems, even where a question reads the same.
+    wider = reasoning_gym.load_splits("chain_sum", SIZES, 0, {**SMALL_SUMS, "max_digits": 3},
+                                      0.05, 0.1)  # fmt: skip
+    assert not {c.id for s in wider.values() for c in s} & set(by_id)
+
+
+@pytest.mark.parametrize(
+    ("generator", "style"),
+    [("basic_arithmetic", {"format_style": "natural"}),  # four wordings of one expression
+     ("basic_arithmetic", {"format_style": "simple"}), ("chain_sum", {})],
+)  # fmt: skip
+def test_arithmetic_splits_are_disjoint_by_expression(generator: str, style: dict) -> None:
+    options = {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2, **style}
+    sizes = {"train": 800, "val": 50, "test": 200}
+    splits = reasoning_gym.load_splits(generator, sizes, 0, options, 0.05, 0.1)
+
+    def expression(conversation: Conversation) -> str:
+        # The expression as the question shows it: digits, operators and brackets.
+        return "".join(ch for ch in conversation.prompt if ch.isdigit() or ch in "+-*/()")
+
+    expressions = {k: [expression(c) for c in v] for k, v in splits.items()}
+    assert len(set(expressions["test"])) == len(expressions["test"])  # each expression once
+    assert not set(expressions["train"]) & set(expressions["test"])
+    assert not set(expressions["train"]) & set(expressions["val"])
+    assert not set(expressions["val"]) & set(expressions["test"])
+
+
 def test_every_arithmetic_answer_is_right() -> None:
     splits = reasoning_gym.load_splits("chain_sum", SIZES, 0, SMALL_SUMS, 0.05, 0.1)
     for conversation in splits["test"]:
@@ -159,7 +301,7 @@ def test_every_arithmetic_answer_is_right() -> None:
 def test_gsm_symbolic_splits_are_disjoint_by_template() -> None:
     splits = reasoning_gym.load_splits("gsm_symbolic", {"train": 200, "val": 20, "test": 40},
                                        0, {}, 0.05, 0.1)  # fmt: skip
-    templates = {k: {c.id.split(":")[2] for c in v} for k, v in splits.items()}
+    templates = {k: {c.cluster for c in v} for k, v in splits.items()}
     assert len(templates["train"]) > 20
     assert not templates["train"] & templates["test"]
     assert not templates["train"] & templates["val"]

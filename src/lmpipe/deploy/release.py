@@ -3,8 +3,10 @@
 The pyfunc is logged from code (`serving.py`), not pickled, so loading it unpickles nothing.
 Every candidate is registered. It becomes `champion` only if its gate metric passes the
 threshold and is not worse than the current champion's (and, with a significance level, a
-paired bootstrap over the held-out examples both were scored on finds it better);
-otherwise it is the `challenger`.
+paired test over the held-out examples both were scored on finds it better: McNemar's
+exact test for 0/1 outcomes, lmpipe.evaluation.paired); otherwise it is the `challenger`.
+A comparison that cannot be made (scores of another metric, ids repeated, too few shared
+examples) fails the gate with its reason: nothing unattended promotes on a guess.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import numpy as np
 import pandas as pd
 import torch
 from mlflow.models import infer_signature
@@ -35,9 +36,10 @@ from lmpipe.deploy.variants import (
     quality_loss,
     selected,
 )
-from lmpipe.evaluation.intervals import statistic_interval
+from lmpipe.evaluation.answers import is_correct
+from lmpipe.evaluation.paired import ComparisonRefused, compare, read_scores, scores_of
 from lmpipe.runs.config import ConfigError, DeployConfig, GateConfig
-from lmpipe.tasks.base import FinetuningTask
+from lmpipe.tasks.base import FinetuningTask, SmokeRequest
 from lmpipe.training.model import count_parameters
 
 log = logging.getLogger(__name__)
@@ -48,7 +50,7 @@ class GateResult:
     metric: str
     value: float
     mode: str
-    threshold: float
+    threshold: float | None
     passed_threshold: bool
     champion_version: str | None = None
     champion_value: float | None = None
@@ -57,13 +59,17 @@ class GateResult:
     baseline_value: float | None = None
     margin: float = 0.0
     beat_baseline: bool | None = None  # None: no baseline asked for
-    # The paired bootstrap against the champion (deploy.gates.<task>.significance): the
-    # interval of (model - champion) on their shared held-out examples, and whether it
-    # shows the model better. None: not asked for, or no champion to beat.
+    # The paired test against the champion (deploy.gates.<task>.significance): its method,
+    # the interval of (model - champion) on their shared held-out examples, two-sided at
+    # 1 - 2 level, McNemar's p, and whether it shows the model better. None: not asked for,
+    # or no champion to beat. `comparison_refused`: why the two could not be compared.
     significance: float | None = None
+    test: str | None = None
     difference_interval: tuple[float, float] | None = None
+    p_value: float | None = None
     shared_examples: int | None = None
     significantly_better: bool | None = None
+    comparison_refused: str | None = None
 
     @property
     def passed(self) -> bool:
@@ -75,7 +81,12 @@ class GateResult:
         )
 
 
-def better_or_equal(value: float, reference: float, mode: str, tolerance: float = 0.0) -> bool:
+def better_or_equal(
+    value: float, reference: float | None, mode: str, tolerance: float = 0.0
+) -> bool:
+    """`value` at least as good as `reference` (None: no reference, so yes) in `mode`."""
+    if reference is None:
+        return True
     return value <= reference + tolerance if mode == "min" else value >= reference - tolerance
 
 
@@ -90,7 +101,10 @@ def check_gate(
     """Threshold on `gate.metric`, beating `gate.baseline` by `gate.margin` (if set), then
     (with a champion and a tolerance) not worse than the champion, then (with
     `gate.significance` and a champion) significantly better than it on the held-out
-    examples both were scored on (`examples`, `champion_examples`: id, value, weight)."""
+    examples both were scored on (`examples`, `champion_examples`: per-example score tables,
+    lmpipe.evaluation.paired)."""
+    if gate.mode not in ("min", "max"):
+        raise ConfigError(f"deploy.gates: metric '{gate.metric}' has no mode (min or max)")
     if gate.metric not in metrics:
         raise ConfigError(
             f"deploy.gates: metric '{gate.metric}' is not an evaluate metric "
@@ -114,53 +128,35 @@ def check_gate(
             )
     if gate.significance is not None and champion is not None:
         result.significance = gate.significance
-        if examples is None:
+        result.champion_version = champion.version
+        if examples is None or examples[examples["metric"] == gate.metric].empty:
             raise ConfigError(
                 f"deploy.gates: significance needs per-example scores of '{gate.metric}', and "
                 "the task has none for it (use a metric that is a mean over examples: "
                 "accuracy, exact match, loss)"
             )
-        if champion_examples is None:
-            log.warning(
-                "gate: champion version %s has no per-example scores (%s): it cannot be shown "
-                "worse, so it stays", champion.version, EXAMPLES_ARTIFACT,
-            )  # fmt: skip
+        try:
+            if champion_examples is None:
+                raise ComparisonRefused(f"champion version {champion.version} has no "
+                                        f"per-example scores ({EXAMPLES_ARTIFACT})")  # fmt: skip
+            scores_of(examples, gate.metric, "the model's")  # its own table first
+            paired = compare(examples, read_scores(champion_examples), gate.metric, gate.mode,
+                             gate.significance)  # fmt: skip
+        except ComparisonRefused as refused:
+            log.warning("gate: no paired comparison with champion version %s: %s; the "
+                        "champion stays", champion.version, refused)  # fmt: skip
+            result.comparison_refused = str(refused)
             result.significantly_better = False
         else:
-            low, high, shared = paired_difference(examples, champion_examples, gate.significance)
-            result.difference_interval, result.shared_examples = (low, high), shared
-            # One-sided at `significance`: the two-sided interval at 1 - 2 * level excludes 0.
-            result.significantly_better = low > 0 if gate.mode == "max" else high < 0
+            result.test, result.difference_interval = paired.method, paired.interval
+            result.p_value, result.shared_examples = paired.p_value, paired.shared
+            result.significantly_better = paired.better
     return result
 
 
-# Where a deploy run keeps the per-example scores of its gate metric: the next challenger
-# is compared with them, example by example.
+# Where a deploy run keeps the per-example scores of the model's metrics (each row naming
+# its metric): the next challenger is compared with them, example by example.
 EXAMPLES_ARTIFACT = "gate/examples.csv"
-
-
-def paired_difference(
-    examples: pd.DataFrame, champion_examples: pd.DataFrame, level: float = 0.05, seed: int = 0
-) -> tuple[float, float, int]:
-    """The (1 - 2 * level) percentile-bootstrap interval of the metric's difference, model
-    minus champion, over the examples both were scored on (resampled together; the metric
-    is the weighted mean sum(value) / sum(weight)), and how many examples that is."""
-    joined = examples.merge(champion_examples, on="id", suffixes=("", "_champion"))
-    if joined.empty:
-        raise ValueError(
-            "the model and the champion share no held-out example: their test splits "
-            "differ, so they cannot be compared example by example"
-        )
-    value, weight = joined["value"].to_numpy(float), joined["weight"].to_numpy(float)
-    other = joined["value_champion"].to_numpy(float)
-    other_weight = joined["weight_champion"].to_numpy(float)
-
-    def difference(idx: np.ndarray) -> np.ndarray:
-        return (value[idx].sum(-1) / weight[idx].sum(-1)
-                - other[idx].sum(-1) / other_weight[idx].sum(-1))  # fmt: skip
-
-    low, high = statistic_interval(difference, len(joined), confidence=1 - 2 * level, seed=seed)
-    return low, high, len(joined)
 
 
 def baseline_value(metrics: Mapping[str, float], gate: GateConfig) -> float:
@@ -198,7 +194,7 @@ def log_and_register(
 ) -> str:
     """Log the pyfunc in the active run and register it as `name`; returns the version."""
     serving = task.serving
-    example = pd.DataFrame({serving.input_column: [smoke_input(task, cfg)]})
+    example = pd.DataFrame({serving.input_column: [task.smoke_request(pd.DataFrame(), cfg).text]})
     params = ({**DEFAULT_PARAMS, "max_new_tokens": cfg.max_new_tokens} if serving.generates
               else None)  # fmt: skip
     signature = infer_signature(example, serving.output_example, params=params)
@@ -224,11 +220,6 @@ def recipe(quantize: str | None, cfg: DeployConfig) -> dict[str, Any]:
     return {"quantize": quantize, "group_size": int(q.group_size), "symmetric": bool(q.symmetric)}
 
 
-def smoke_input(task: FinetuningTask, cfg: DeployConfig) -> str:
-    """The one request every registered model answers after registration."""
-    return cfg.smoke_prompt if task.serving.generates else cfg.smoke_text
-
-
 def request_params(task: FinetuningTask, cfg: DeployConfig, **extra: int) -> dict | None:
     """The params of a request to `task`'s served model: generation settings, or none."""
     return {"max_new_tokens": cfg.max_new_tokens, **extra} if task.serving.generates else None
@@ -244,6 +235,10 @@ class Deployment:
     smoke_input: str
     smoke_output: Any
     smoke_latency_seconds: float
+    # A held-out problem's answer, and whether the served model's reply gives it (None: the
+    # smoke request has no checkable answer).
+    smoke_answer: str | None = None
+    smoke_correct: bool | None = None
     # fp32, int8, pruned, pruned-int8 -> registered name/version/alias, own gate, params,
     # size, latency and held-out quality (lmpipe.deploy.variants)
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -260,15 +255,19 @@ def deploy(
     requests: list[str],
     pruned_dir: Path | None = None,
     examples: pd.DataFrame | None = None,
+    gate_config: GateConfig | None = None,
+    smoke: SmokeRequest | None = None,
 ) -> Deployment:
     """Gate, register, set aliases and smoke-test the fp32 model; register its variants
     (int8, and with `pruned_dir` pruned and pruned + int8), each gated on its own held-out
-    score in `metrics`; measure every variant through the registry. `examples`: the gate
-    metric per held-out example (id, value, weight), kept with the run for the paired test."""
+    score in `metrics`; measure every variant through the registry. `examples`: the model's
+    per-example scores (lmpipe.evaluation.paired), kept with the run for the paired test.
+    `gate_config`: the resolved gate (default: the task's for no particular data); `smoke`:
+    the request answered after registration (default: deploy.smoke_prompt, unchecked)."""
     name = cfg.registered_model_name
     champion = registry.aliased(name, registry.CHAMPION)
     champion_examples = None
-    gate_config = task.gate(cfg)
+    gate_config = gate_config or task.gate(cfg)
     if champion is not None and gate_config.significance is not None:
         champion_examples = registry.run_table(champion.run_id, EXAMPLES_ARTIFACT)
     gate = check_gate(metrics, gate_config, champion, cfg.champion_tolerance, examples,
@@ -291,13 +290,16 @@ def deploy(
 
     uri = f"models:/{name}@{alias}"
     served = mlflow.pyfunc.load_model(uri)
-    smoke = smoke_input(task, cfg)
+    smoke = smoke or task.smoke_request(pd.DataFrame(), cfg)
     start = time.perf_counter()
-    output = served.predict(pd.DataFrame({task.serving.input_column: [smoke]}),
+    output = served.predict(pd.DataFrame({task.serving.input_column: [smoke.text]}),
                             params=request_params(task, cfg))  # fmt: skip
     latency = time.perf_counter() - start
     smoke_output = output.to_dict("records")[0] if isinstance(output, pd.DataFrame) else output[0]
-    log.info("smoke test through %s: %r -> %r (%.3fs)", uri, smoke, smoke_output, latency)
+    smoke_correct = None if smoke.answer is None else is_correct(str(smoke_output), smoke.answer)
+    log.info("smoke test through %s: %r -> %r (%.3fs)%s", uri, smoke.text, smoke_output, latency,
+             "" if smoke.answer is None else f"; expected {smoke.answer}: "
+             f"{'right' if smoke_correct else 'wrong'}")  # fmt: skip
 
     sources = {"finetuned": model_dir, "pruned": pruned_dir}
     wanted = [v for v in selected(cfg.quantize)
@@ -307,8 +309,9 @@ def deploy(
                          "gate_passed": gate.passed}}  # fmt: skip
     for variant, (directory, quantize) in builds.items():
         variants[variant] = register_variant(variant, directory, quantize, task, metrics, cfg,
-                                             alias, f"{name}/{model_version}", tags)  # fmt: skip
-    measure_variants(variants, served, task, metrics, cfg, requests or [smoke])
+                                             alias, f"{name}/{model_version}", tags,
+                                             gate_config)  # fmt: skip
+    measure_variants(variants, served, task, metrics, cfg, requests or [smoke.text], gate_config)
     fastest = fastest_within(variants, cfg.max_quality_loss, "request_p50_seconds")
     log.info("fastest variant within %.1f%% of fp32's %s: %s", 100 * cfg.max_quality_loss,
              gate.metric, fastest)  # fmt: skip
@@ -318,8 +321,10 @@ def deploy(
         model_uri=uri,
         alias=alias,
         gate={**asdict(gate), "passed": gate.passed},
-        smoke_input=smoke,
+        smoke_input=smoke.text,
         smoke_output=smoke_output,
+        smoke_answer=smoke.answer,
+        smoke_correct=smoke_correct,
         smoke_latency_seconds=latency,
         variants=variants,
         fastest_within_quality_budget=fastest,
@@ -328,7 +333,7 @@ def deploy(
 
 def gate_reason(gate: GateResult) -> str:
     if not gate.passed_threshold:
-        return f"{gate.metric}={gate.value:.4f}, {gate.mode} threshold {gate.threshold:.4f}"
+        return f"{gate.metric}={gate.value:.4f}, {gate.mode} threshold {gate.threshold}"
     if gate.beat_baseline is False:
         return (
             f"{gate.metric}={gate.value:.4f} does not beat {gate.baseline}="
@@ -339,12 +344,17 @@ def gate_reason(gate: GateResult) -> str:
             f"{gate.metric}={gate.value:.4f} is worse than champion version "
             f"{gate.champion_version}'s {gate.champion_value:.4f}"
         )
+    if gate.comparison_refused is not None:
+        return (f"{gate.metric}={gate.value:.4f}: no paired comparison with champion version "
+                f"{gate.champion_version}: {gate.comparison_refused}")  # fmt: skip
     interval = gate.difference_interval
     shown = f"[{interval[0]:+.4f}, {interval[1]:+.4f}]" if interval else "unknown"
+    p_value = f", McNemar p={gate.p_value:.4f}" if gate.p_value is not None else ""
     return (
         f"{gate.metric}={gate.value:.4f} is not significantly better than champion version "
-        f"{gate.champion_version}'s {gate.champion_value:.4f} at level {gate.significance} "
-        f"(difference interval {shown} over {gate.shared_examples} shared examples)"
+        f"{gate.champion_version}'s {gate.champion_value} at level {gate.significance} "
+        f"({gate.test}: difference interval {shown} over {gate.shared_examples} shared "
+        f"examples{p_value})"
     )
 
 
@@ -358,12 +368,12 @@ def register_variant(
     alias: str,
     source: str,
     tags: Mapping[str, str],
+    gate: GateConfig,
 ) -> dict[str, Any]:
     """Register `variant` as <registered_model_name>-<variant>, gated on its own held-out
     score: passing, it takes the fp32 model's alias; failing (or unscored), the challenger."""
     name = f"{cfg.registered_model_name}-{variant}"
     model_version = log_and_register(model_dir, task, name, cfg, f"model_{variant}", quantize)
-    gate = task.gate(cfg)
     metric = own_metric(variant, gate.metric)
     value = metrics.get(metric)
     # The fp32 gate (threshold, baseline) on the variant's own score; no champion check.
@@ -377,7 +387,7 @@ def register_variant(
     if variant_alias == registry.CHAMPION:
         registry.drop_alias(name, registry.CHALLENGER)
     elif not passed:
-        log.warning("%s variant %s/%s: %s=%s fails the %s threshold %.4f or the baseline %s "
+        log.warning("%s variant %s/%s: %s=%s fails the %s threshold %s or the baseline %s "
                     "(or has no held-out score): registered as the challenger", variant, name,
                     model_version, metric, value, gate.mode, gate.threshold,
                     gate.baseline)  # fmt: skip
@@ -399,16 +409,17 @@ def measure_variants(
     metrics: Mapping[str, float],
     cfg: DeployConfig,
     requests: list[str],
+    gate: GateConfig,
 ) -> None:
-    """Add size, latency and held-out quality to each registered variant (in place), each
-    loaded from the registry as it is served (`served`: the fp32 model, loaded already)."""
+    """Add size, latency and held-out quality (the gate metric, with its interval where
+    evaluate gave one) to each registered variant (in place), each loaded from the registry
+    as it is served (`served`: the fp32 model, loaded already)."""
     workload = requests[: cfg.latency_requests]
     inputs = pd.DataFrame({task.serving.input_column: workload})
     # Replies of the same length everywhere: a model that stops early is not faster.
     params = request_params(task, cfg, min_new_tokens=cfg.max_new_tokens)
     input_ids = forward_input(served.unwrap_python_model().tokenizer, workload,
                               cfg.forward_tokens)  # fmt: skip
-    gate = task.gate(cfg)
     reference = metrics.get(gate.metric)
     float_params: dict[str, int] = {}  # an int8 model's packed weights are no parameters
     for variant, entry in variants.items():
@@ -424,7 +435,9 @@ def measure_variants(
         entry |= asdict(measure(loaded, count, input_ids, cfg.forward_repeats, inputs, params))
         metric = own_metric(variant, gate.metric)
         value = metrics.get(metric)
-        entry |= {"quality_metric": metric, "quality": value, "quality_change": None,
+        entry |= {"quality_metric": metric, "quality": value,
+                  "quality_low": metrics.get(f"{metric}_low"),
+                  "quality_high": metrics.get(f"{metric}_high"), "quality_change": None,
                   "quality_loss": None}  # fmt: skip
         base = reference
         if BY_NAME[variant].quantize:  # it runs on the CPU: compared with fp32 there

@@ -419,19 +419,28 @@ class EvaluateConfig:
     wikitext: WikitextConfig = field(default_factory=WikitextConfig)
 
 
+# deploy.gates.<task>.baseline: no baseline, even where the task's default gate has one.
+NO_BASELINE = "none"
+
+
 @dataclass
 class GateConfig:
-    # A key of evaluate's metrics.json and min | max; null: the task's own (its module's
-    # gate_metric and gate_mode).
+    # Each field left null takes the task's default gate for its data (lmpipe.tasks:
+    # `default_gate`), e.g. exact match with a significance test where answers are checkable.
+    # metric: a key of evaluate's metrics.json. mode: min | max, which only restates the
+    # metric's own direction (lmpipe.evaluation.metric_kinds); a metric declared nowhere
+    # needs it set.
     metric: str | None = None
     mode: str | None = None
-    threshold: float = 6.0
+    # The metric must be at least this good; null: the default's (none, for some metrics).
+    threshold: float | None = None
     # Another evaluate metric the model must beat by `margin`, e.g. the TF-IDF baseline's
-    # tfidf_macro_f1 for a classifier; null: no such check.
+    # tfidf_macro_f1 for a classifier; "none": no such check.
     baseline: str | None = None
     margin: float = 0.0
-    # Promote only if a paired bootstrap over the same held-out examples finds the model
-    # better than the champion at this one-sided level (e.g. 0.05); null: no such test.
+    # Promote only if a paired test over the same held-out examples finds the model better
+    # than the champion at this one-sided level (e.g. 0.05): McNemar's exact test for 0/1
+    # outcomes, a (cluster) bootstrap for anything else.
     significance: float | None = None
 
 
@@ -483,7 +492,7 @@ class DeployConfig:
         default_factory=lambda: {
             "sft": GateConfig(),
             "preference": GateConfig(),
-            "classify": GateConfig(threshold=0.3),
+            "classify": GateConfig(),
         }
     )
     # A candidate worse than the champion by more than this fails the gate; null: no check.

@@ -28,6 +28,9 @@ class Conversation:
     messages: Messages
     # The final answer a program can check the reply against (verifiable tasks); None: none.
     answer: str | None = None
+    # What the example was drawn from along with others, so that they are not independent
+    # (a problem template): intervals resample whole clusters; None: independent.
+    cluster: str | None = None
 
     @property
     def prompt(self) -> str:

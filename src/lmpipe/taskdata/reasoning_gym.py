@@ -5,14 +5,20 @@ reasoning-gym is installed with `--no-deps`: its package __init__ imports every 
 family and their dependencies (ARC kits, SAT solvers, ...). We import only the arithmetic
 modules we use (lmpipe.taskdata.packages.bare_packages).
 
-Splits never share a question:
-- `chain_sum`, `basic_arithmetic`: one seeded stream of problems, each distinct question
-  text assigned to train/val/test by a hash of the text (so a repeated question lands in
-  the split it first did, and is kept once);
+Splits never share a problem:
+- `chain_sum`, `basic_arithmetic`: one seeded stream of problems, each distinct expression
+  (the generator's metadata, not the question's wording: `basic_arithmetic` words one
+  expression several ways) assigned to train/val/test by a hash of the expression, and kept
+  once, in its first wording;
 - `gsm_symbolic`: by template. Its ~85 templates are each derived from one GSM8K *test*
   problem; they are split into train/val/test templates by a hash of their number, so no
   test template (a problem structure, not just its numbers) is seen in training. Its
   accuracy is never a GSM8K score.
+
+An example's id names its content, not its place in a seed's stream: a hash of the
+generator, its options and the normalised question (`content_id`), so two runs with other
+seeds share an id exactly where they share a problem, and the deploy gate pairs them by it.
+A gsm_symbolic problem's template is its cluster: its intervals resample whole templates.
 
 The target reply is the answer alone for arithmetic (or, with `worked`, a chain sum's
 partial results line by line), and the worked solution ending in "#### <answer>"
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -92,6 +99,9 @@ def _classes(name: str) -> tuple[type, type]:
                          f"(allowed: {sorted(GENERATORS)})")  # fmt: skip
     spec = GENERATORS[name]
     bare_packages("reasoning_gym", ("arithmetic",), "finetune.dataset=reasoning_gym", PIP_NAME)
+    # The package's own __init__ imports `coaching` before `factory`; a generator module that
+    # imports `factory` first (gsm_symbolic) would meet their import cycle half-way.
+    importlib.import_module("reasoning_gym.coaching")
     module = importlib.import_module(f"reasoning_gym.arithmetic.{spec.module}")
     return getattr(module, spec.dataset), getattr(module, spec.config)
 
@@ -105,6 +115,25 @@ def make_dataset(name: str, seed: int, size: int, options: Mapping[str, Any]) ->
     except (TypeError, AssertionError) as exc:
         raise ConfigError(f"invalid value for '{KEY}.options' ({name}): {exc}") from None
     return dataset_class(config)
+
+
+def normalized_question(question: Any) -> str:
+    """The question with its whitespace collapsed, as ids and dedup see it."""
+    return " ".join(str(question).split())
+
+
+def content_id(name: str, options: Mapping[str, Any], question: Any) -> str:
+    """`reasoning_gym:<generator>:<hash>` of the generator, its options and the normalised
+    question: the same problem has the same id under any seed and split."""
+    content = json.dumps([name, dict(options), normalized_question(question)], sort_keys=True,
+                         default=str)  # fmt: skip
+    return f"reasoning_gym:{name}:{hashlib.blake2b(content.encode(), digest_size=8).hexdigest()}"
+
+
+def expression_of(item: Mapping[str, Any]) -> str:
+    """An arithmetic problem's expression (its metadata): what splits and dedup key on, since
+    one expression may be worded several ways."""
+    return " ".join(str(item["metadata"]["expression"]).split())
 
 
 def _bucket(text: str) -> float:
@@ -121,11 +150,18 @@ def _split_by_bucket(bucket: float, shares: Mapping[str, float]) -> str:
     return "train"
 
 
-def _conversation(name: str, item: Mapping[str, Any], id_: str, worked: bool) -> Conversation:
+def _conversation(
+    name: str,
+    item: Mapping[str, Any],
+    options: Mapping[str, Any],
+    worked: bool,
+    cluster: str | None = None,
+) -> Conversation:
     reply = WORKED[name](item) if worked else GENERATORS[name].reply(item)
     messages = [{"role": "user", "content": str(item["question"]).strip()},
                 {"role": "assistant", "content": reply}]  # fmt: skip
-    return Conversation(id_, messages, answer=str(item["answer"]).strip())
+    return Conversation(content_id(name, options, item["question"]), messages,
+                        answer=str(item["answer"]).strip(), cluster=cluster)  # fmt: skip
 
 
 def template_split(
@@ -165,14 +201,19 @@ def _by_template(
             if len(items) == sizes[split]:
                 break
             item = dataset[index]
-            question = str(item["question"]).strip()
+            question = normalized_question(item["question"])
             if question in seen:
                 continue
             seen.add(question)
             template = dataset.task_indices[index]
-            id_ = f"reasoning_gym:{name}:t{template}:{split}:{index}"
-            items.append(_conversation(name, item, id_, worked=False))
+            items.append(_conversation(name, item, options, False, cluster=f"t{template}"))
         splits[split] = items
+    short = {s: len(splits[s]) for s in SPLITS if len(splits[s]) < sizes[s]}
+    if short:
+        raise ConfigError(
+            f"{KEY}: {name}'s templates gave too few distinct problems for the sizes asked "
+            f"(got {short} of {dict(sizes)}): ask for fewer problems"
+        )
     return splits
 
 
@@ -191,14 +232,13 @@ def _by_question(
         if all(len(splits[s]) >= sizes[s] for s in SPLITS):
             break
         item = dataset[index]
-        question = " ".join(str(item["question"]).split())
-        if question in seen:
+        expression = expression_of(item)
+        if expression in seen:
             continue
-        seen.add(question)
-        split = _split_by_bucket(_bucket(question), shares)
+        seen.add(expression)
+        split = _split_by_bucket(_bucket(expression), shares)
         if len(splits[split]) < sizes[split]:
-            id_ = f"reasoning_gym:{name}:{index}"
-            splits[split].append(_conversation(name, item, id_, worked))
+            splits[split].append(_conversation(name, item, options, worked))
     short = {s: len(splits[s]) for s in SPLITS if len(splits[s]) < sizes[s]}
     if short:
         raise ConfigError(
@@ -219,7 +259,7 @@ def load_splits(
     worked: bool = False,
 ) -> dict[str, list[Conversation]]:
     """train/val/test conversations of generator `name`, `sizes[split]` problems each, with no
-    question (or, for templated generators, no template) in two splits. With `worked`, the
+    expression (or, for templated generators, no template) in two splits. With `worked`, the
     replies show their steps (generators in WORKED; gsm_symbolic's always do)."""
     _classes(name)  # an unknown generator or a missing package fails first, by key
     if worked and name not in WORKED and not GENERATORS[name].by_template:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from abc import abstractmethod
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -30,8 +30,10 @@ from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoModel, PreTrainedModel, PreTrainedTokenizerBase
 
+from lmpipe.evaluation.metric_kinds import direction
 from lmpipe.runs import atomic
 from lmpipe.runs.config import (
+    NO_BASELINE,
     ConfigError,
     DeployConfig,
     EvaluateConfig,
@@ -188,6 +190,15 @@ class Serving:
     output_example: Any
 
 
+@dataclass(frozen=True)
+class SmokeRequest:
+    """The one request every registered model answers after registration, and the answer
+    its reply must give where one is checkable (None: none)."""
+
+    text: str
+    answer: str | None = None
+
+
 class FinetuningTask(Objective):
     """A fine-tuning objective on a labelled dataset with fixed train/val/test splits.
 
@@ -196,11 +207,11 @@ class FinetuningTask(Objective):
     """
 
     datasets: ClassVar[tuple[str, ...]]  # the finetune.dataset values `splits` reads
-    # The deploy gate's metric (a key of evaluate's metrics.json) and mode, unless
-    # deploy.gates.<task> sets its own.
+    # The deploy gate's metric (a key of evaluate's metrics.json), unless deploy.gates.<task>
+    # sets its own, and its threshold where deploy.gates leaves it null. Its direction is
+    # the metric's own (lmpipe.evaluation.metric_kinds), never the task's.
     gate_metric: ClassVar[str]
-    gate_mode: ClassVar[str]  # min | max
-    gate_threshold: ClassVar[float]  # where deploy.gates has no entry for the task
+    gate_threshold: ClassVar[float | None]
     serving: ClassVar[Serving]
 
     # Whether the pretrained model itself can be scored on the task (a causal LM on replies:
@@ -217,15 +228,48 @@ class FinetuningTask(Objective):
                 f"dataset (allowed for finetune.task={self.name}: {self.datasets})"
             )
 
-    def gate(self, d: DeployConfig | DictConfig) -> GateConfig:
-        """deploy.gates.<task>, its metric and mode the task's own where it sets none (and
-        the task's whole gate where deploy.gates has no entry for it)."""
-        if self.name not in d.gates:
-            return GateConfig(self.gate_metric, self.gate_mode, self.gate_threshold)
-        gate = OmegaConf.to_object(d.gates[self.name]) if isinstance(d, DictConfig) else (
-            d.gates[self.name])  # fmt: skip
-        return replace(gate, metric=gate.metric or self.gate_metric,
-                       mode=gate.mode or self.gate_mode)  # fmt: skip
+    def default_gate(self, f: FinetuneConfig | DictConfig | None) -> GateConfig:
+        """The gate where deploy.gates.<task> leaves a field null, for the data `f` trains
+        on (None: the task's general default): its metric, threshold, baseline, significance."""
+        return GateConfig(self.gate_metric, threshold=self.gate_threshold)
+
+    def gate(
+        self, d: DeployConfig | DictConfig, f: FinetuneConfig | DictConfig | None = None
+    ) -> GateConfig:
+        """deploy.gates.<task> over the task's default gate for `f`'s data (a field left
+        null takes the default; an explicit metric takes that metric's defaults). The mode
+        is the metric's declared direction: a configured mode that contradicts it, or none
+        for a metric that declares none, is a ConfigError naming the key."""
+        key = f"deploy.gates.{self.name}"
+        configured = GateConfig()
+        if self.name in d.gates:
+            configured = (OmegaConf.to_object(d.gates[self.name])
+                          if isinstance(d, DictConfig) else d.gates[self.name])  # fmt: skip
+        default = self.default_gate(f)
+        if configured.metric and configured.metric != default.metric:
+            default = GateConfig(configured.metric)  # another metric: no defaults of ours
+        metric = default.metric
+        declared = direction(metric)
+        if configured.mode and declared and configured.mode != declared:
+            raise ConfigError(
+                f"invalid value for '{key}.mode': {configured.mode!r} contradicts {metric}, "
+                f"whose better direction is {declared!r} (leave mode null)"
+            )
+        mode = configured.mode or declared
+        if mode is None:
+            raise ConfigError(f"'{key}.mode' must be set: metric {metric!r} declares no "
+                              "direction (min: lower is better; max: higher)")  # fmt: skip
+
+        def chosen_value(name: str) -> Any:
+            value = getattr(configured, name)
+            return getattr(default, name) if value is None else value
+
+        baseline = chosen_value("baseline")
+        return GateConfig(
+            metric, mode, chosen_value("threshold"),
+            None if baseline == NO_BASELINE else baseline, configured.margin,
+            chosen_value("significance"),
+        )  # fmt: skip
 
     @abstractmethod
     def serve(
@@ -338,7 +382,24 @@ class FinetuningTask(Objective):
         """Figures and tables of the saved predictions."""
 
     def example_scores(self, frame: pd.DataFrame, metric: str) -> pd.DataFrame | None:
-        """Metric `metric` per held-out example of the predictions table: columns id, value
-        and weight, such that sum(value) / sum(weight) is the metric (the deploy gate's
-        paired test); None: the metric is no such mean (macro-F1)."""
+        """Metric `metric` per held-out example of the predictions table, as a score table
+        (lmpipe.evaluation.paired: metric, direction, id, value, weight, cluster; the metric
+        is sum(value) / sum(weight)) for the deploy gate's paired test; None: the metric is
+        no such mean (macro-F1)."""
         return None
+
+    def example_metrics(self, frame: pd.DataFrame) -> list[str]:
+        """The fine-tuned model's metrics that have per-example scores in `frame`."""
+        return []
+
+    def example_table(self, frame: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame | None:
+        """The score tables of `metrics` (each once; those without scores left out) as one
+        table; None if none has any."""
+        tables = [self.example_scores(frame, metric) for metric in dict.fromkeys(metrics)]
+        found = [table for table in tables if table is not None]
+        return pd.concat(found, ignore_index=True) if found else None
+
+    def smoke_request(self, frame: pd.DataFrame, d: DeployConfig | DictConfig) -> SmokeRequest:
+        """The request the registered model answers after registration: deploy's configured
+        text, whose reply is not checked."""
+        return SmokeRequest(d.smoke_prompt if self.serving.generates else d.smoke_text)

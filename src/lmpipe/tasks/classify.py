@@ -81,7 +81,6 @@ class Classify(FinetuningTask):
     name = "classify"
     datasets = tuple(LABELLED_SOURCES)
     gate_metric = "finetuned_macro_f1"
-    gate_mode = "max"
     gate_threshold = 0.3
     serving = Serving(
         "text", generates=False, output_example=pd.DataFrame({"label": ["x"], "confidence": [0.5]})

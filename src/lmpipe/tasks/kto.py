@@ -323,11 +323,15 @@ class KTO(SFT):
                  for e in self.splits(f)["train"])  # fmt: skip
         return [c for c in found if c is not None]
 
+    def answers_checkable(self, f: FinetuneConfig | DictConfig) -> bool:
+        """Examples the verifier judged are scored on the dataset's problems."""
+        return f.kto.examples == "verifier"
+
     def held_out_conversations(self, f: FinetuneConfig) -> dict[str, list[Conversation]]:
         """What SFT's metrics score: with checkable answers, every problem of
         finetune.dataset (built from it by the verifier); else the examples' prompts with
         their desirable replies."""
-        if f.kto.examples == "verifier":
+        if self.answers_checkable(f):
             return conversation_splits(f)
         return {name: [e.conversation for e in items if e.desirable]
                 for name, items in self.splits(f).items()}  # fmt: skip

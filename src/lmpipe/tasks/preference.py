@@ -559,7 +559,7 @@ def held_out_conversations(
     when the pairs were built from it (spin, verifier), also those that made no pair, so
     that dropping the problems the model always solves cannot inflate its accuracy; else
     the pairs' prompts with their chosen replies."""
-    if f.preference.pairs != "files" and f.dataset in VERIFIABLE_DATASETS:
+    if Preference().answers_checkable(f):
         return conversation_splits(f)
     return {name: [p.conversation for p in items] for name, items in pairs.items()}
 
@@ -582,6 +582,11 @@ class Preference(SFT):
     ) -> None:
         self.pairs = dict(pairs) if pairs is not None else None
         self.loss = loss if loss is not None else PreferenceConfig()
+
+    def answers_checkable(self, f: FinetuneConfig | DictConfig) -> bool:
+        """Pairs built from a verifiable dataset (spin, verifier) are scored on its problems;
+        pairs from files on their prompts and chosen replies."""
+        return f.preference.pairs != "files" and f.dataset in VERIFIABLE_DATASETS
 
     def check(self, cfg: DictConfig) -> None:
         super().check(cfg)

@@ -17,19 +17,28 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from omegaconf import DictConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lmpipe.evaluation.answers import final_answer, is_correct, normalize
 from lmpipe.evaluation.baselines import retrieval_replies
-from lmpipe.evaluation.intervals import mean_interval
+from lmpipe.evaluation.intervals import proportion_interval, ratio_interval
 from lmpipe.evaluation.lm_metrics import mean_loss, perplexity
+from lmpipe.evaluation.paired import score_table
 from lmpipe.evaluation.plots import loss_comparison_figure
 from lmpipe.evaluation.scoring import example_losses, generate_replies, reply_scores
-from lmpipe.runs.config import EvaluateConfig, FinetuneConfig
+from lmpipe.runs.config import DeployConfig, EvaluateConfig, FinetuneConfig, GateConfig
 from lmpipe.selection.candidates import Candidate
 from lmpipe.taskdata import chatterbot, conversations, reasoning_gym
 from lmpipe.taskdata.conversations import Conversation
-from lmpipe.tasks.base import FinetuningTask, Report, Serving, TrainingSetup, chosen
+from lmpipe.tasks.base import (
+    FinetuningTask,
+    Report,
+    Serving,
+    SmokeRequest,
+    TrainingSetup,
+    chosen,
+)
 from lmpipe.tasks.causal_lm import NextTokenLoss
 from lmpipe.training.model import load_model, model_device
 
@@ -55,6 +64,8 @@ def selection_candidate(
 # the most similar training prompt, and (checkable answers) the most frequent training answer.
 RETRIEVAL = "retrieval"
 MOST_FREQUENT = "most_frequent"
+# The gate metric where answers are checkable.
+EXACT_MATCH_GATE = "finetuned_exact_match"
 
 
 # The datasets of conversations whose replies end in an answer a program can check
@@ -93,16 +104,30 @@ def most_frequent_answer(conversations: Sequence[Conversation]) -> str:
     return min(counts, key=lambda answer: (-counts[answer], answer))
 
 
+def clusters_of(frame: pd.DataFrame) -> pd.Series | None:
+    """The predictions' cluster per row (the template a problem came from), or None where
+    problems are independent."""
+    if "cluster" not in frame or not (frame["cluster"].astype(str) != "").any():
+        return None
+    return frame["cluster"].astype(str)
+
+
 def exact_match_scores(frame: pd.DataFrame, labels: Sequence[str]) -> dict[str, float]:
     """Per label (a model or a baseline, its replies in `<label>_reply`): the share of rows
-    whose reply's final answer is the row's answer, and its 95% bootstrap interval (`_low`,
-    `_high`); for all but the most frequent answer, the share of replies with an answer."""
+    whose reply's final answer is the row's answer, and its 95% interval (`_low`, `_high`):
+    exact (Clopper–Pearson) for independent problems, a cluster bootstrap over templates
+    where the problems came from a few; for all but the most frequent answer, the share of
+    replies with an answer."""
     answers = frame["answer"].astype(str).tolist()
+    clusters = clusters_of(frame)
     metrics: dict[str, float] = {}
     for label in labels:
         replies = frame[f"{label}_reply"].astype(str).tolist()
         hits = np.array([is_correct(r, a) for r, a in zip(replies, answers, strict=True)], float)
-        low, high = mean_interval(hits)
+        if clusters is None:
+            low, high = proportion_interval(hits)
+        else:
+            low, high = ratio_interval(hits, np.ones(len(hits)), clusters)
         metrics |= {
             f"{label}_exact_match": float(hits.mean()),
             f"{label}_exact_match_low": low,
@@ -118,7 +143,6 @@ class SFT(NextTokenLoss, FinetuningTask):
     name = "sft"
     datasets = tuple(CONVERSATION_SOURCES)
     gate_metric = "finetuned_sft_test_loss"
-    gate_mode = "min"
     gate_threshold = 6.0
     serving = Serving("prompt", generates=True, output_example=["a reply"])
     before_tuning_is_comparable = True
@@ -144,6 +168,19 @@ class SFT(NextTokenLoss, FinetuningTask):
 
     def splits(self, f: FinetuneConfig) -> dict[str, list[Conversation]]:
         return conversation_splits(f)
+
+    def answers_checkable(self, f: FinetuneConfig | DictConfig) -> bool:
+        """Whether the held-out replies are scored by exact match of a checkable answer."""
+        return f.dataset in VERIFIABLE_DATASETS
+
+    def default_gate(self, f: FinetuneConfig | DictConfig | None) -> GateConfig:
+        """With checkable answers: exact match, better than the retrieval baseline and
+        significantly better than the champion (McNemar, one-sided 5%); else the held-out
+        response loss at most 6 nats."""
+        if f is not None and self.answers_checkable(f):
+            return GateConfig(EXACT_MATCH_GATE, baseline=f"{RETRIEVAL}_exact_match",
+                              significance=0.05)  # fmt: skip
+        return super().default_gate(f)
 
     def candidates(self, f: FinetuneConfig, tokenizer: PreTrainedTokenizerBase) -> list[Candidate]:
         found = (selection_candidate(tokenizer, c, f.max_len) for c in self.splits(f)["train"])
@@ -215,6 +252,8 @@ class SFT(NextTokenLoss, FinetuningTask):
         )
         if all(c.answer is not None for c, _ in pairs):
             frame["answer"] = [c.answer for c, _ in pairs]
+        if any(c.cluster for c, _ in pairs):  # problems drawn from templates
+            frame["cluster"] = [c.cluster or "" for c, _ in pairs]
         answered = len(frame) if e.num_generations is None else min(e.num_generations, len(frame))
         frame["generated"] = np.arange(len(frame)) < answered
         prompts = frame["prompt"].tolist()[:answered]
@@ -273,18 +312,29 @@ class SFT(NextTokenLoss, FinetuningTask):
         return metrics
 
     def example_scores(self, frame: pd.DataFrame, metric: str) -> pd.DataFrame | None:
-        """A model's answer right (1) or not per answered problem (`<model>_exact_match`), or
-        its summed response loss over its target tokens per example (`<model>_sft_test_loss`)."""
+        """A model's answer right (1) or not per answered problem (`<model>_exact_match`),
+        clustered by template where the problems came from templates; or its summed
+        response loss over its target tokens per example (`<model>_sft_test_loss`)."""
         if metric.endswith("_exact_match") and "answer" in frame:
             rows = frame[frame["generated"]]
             replies = rows[f"{metric.removesuffix('_exact_match')}_reply"].astype(str)
             hits = [is_correct(r, str(a)) for r, a in zip(replies, rows["answer"], strict=True)]
-            return pd.DataFrame({"id": rows["id"], "value": np.array(hits, float), "weight": 1.0})
+            return score_table(metric, "max", rows["id"], hits, 1.0, clusters_of(rows))
         if metric.endswith("_sft_test_loss"):
             losses = frame[f"{metric.removesuffix('_sft_test_loss')}_loss"]
-            return pd.DataFrame({"id": frame["id"], "value": losses,
-                                 "weight": frame["target_tokens"]})  # fmt: skip
+            return score_table(metric, "min", frame["id"], losses, frame["target_tokens"],
+                               clusters_of(frame))  # fmt: skip
         return None
+
+    def example_metrics(self, frame: pd.DataFrame) -> list[str]:
+        return ["finetuned_sft_test_loss", *([EXACT_MATCH_GATE] if "answer" in frame else [])]
+
+    def smoke_request(self, frame: pd.DataFrame, d: DeployConfig | DictConfig) -> SmokeRequest:
+        """With checkable answers, the first held-out problem, its answer checked."""
+        if "answer" not in frame or frame.empty:
+            return super().smoke_request(frame, d)
+        first = frame.iloc[0]
+        return SmokeRequest(str(first["prompt"]), str(first["answer"]))
 
     def report(
         self,
