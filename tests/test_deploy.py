@@ -4,6 +4,7 @@ through the Model Registry with tiny models."""
 from __future__ import annotations
 
 from dataclasses import asdict
+from math import comb
 from pathlib import Path
 
 import mlflow
@@ -15,6 +16,8 @@ from mlflow.tracking import MlflowClient
 from lmpipe.deploy import registry
 from lmpipe.deploy.quantize import quantize_dynamic_int8, state_size_bytes
 from lmpipe.deploy.release import check_gate, deploy, gate_reason
+from lmpipe.evaluation.intervals import paired_ratio_difference_interval
+from lmpipe.evaluation.paired import score_table
 from lmpipe.runs.config import ConfigError, DeployConfig, GateConfig, QuantizeConfig, validate
 from lmpipe.tasks.finetuning import finetuning_task
 from lmpipe.training.model import load_classifier, save_model
@@ -31,22 +34,57 @@ def test_gate(mode: str, threshold: float, passed: bool) -> None:
 
 
 @pytest.mark.parametrize(
-    ("task", "gate", "metric", "mode"),
+    ("task", "gate", "metric", "mode", "threshold"),
     [
-        ("sft", GateConfig(), "finetuned_sft_test_loss", "min"),  # the task's own
-        ("classify", GateConfig(threshold=0.3), "finetuned_macro_f1", "max"),
-        ("preference", GateConfig(), "finetuned_sft_test_loss", "min"),
-        ("sft", GateConfig("finetuned_exact_match", "max", 0.5), "finetuned_exact_match", "max"),
+        ("sft", GateConfig(), "finetuned_sft_test_loss", "min", 6.0),  # the task's own
+        ("classify", GateConfig(), "finetuned_macro_f1", "max", 0.3),
+        ("preference", GateConfig(threshold=5.0), "finetuned_sft_test_loss", "min", 5.0),
+        ("sft", GateConfig("finetuned_exact_match", "max", 0.5), "finetuned_exact_match", "max",
+         0.5),
+        # The reviewer's case: a metric without a mode takes the metric's direction, not the
+        # task default's min (and no threshold of another metric).
+        ("sft", GateConfig("finetuned_exact_match"), "finetuned_exact_match", "max", None),
+        ("classify", GateConfig("finetuned_sft_test_loss"), "finetuned_sft_test_loss", "min",
+         None),
     ],
-)
-def test_a_gate_takes_the_tasks_metric_and_mode_unless_the_config_sets_them(
-    task: str, gate: GateConfig, metric: str, mode: str
+)  # fmt: skip
+def test_a_gate_takes_the_tasks_metric_and_the_metrics_direction(
+    task: str, gate: GateConfig, metric: str, mode: str, threshold: float | None
 ) -> None:
     composed = validate({"deploy": {"gates": {task: asdict(gate)}}}).deploy  # as stages see it
     for deploy_config in (DeployConfig(gates={task: gate}), composed):
         resolved = finetuning_task(task).gate(deploy_config)
         assert (resolved.metric, resolved.mode) == (metric, mode)
-        assert resolved.threshold == gate.threshold
+        assert resolved.threshold == threshold
+
+
+def test_a_mode_that_contradicts_the_metric_is_refused() -> None:
+    sft = finetuning_task("sft")
+    with pytest.raises(ConfigError, match=r"deploy\.gates\.sft\.mode.*'min' contradicts "
+                       r"finetuned_exact_match.*'max'"):  # fmt: skip
+        sft.gate(DeployConfig(gates={"sft": GateConfig("finetuned_exact_match", "min")}))
+    with pytest.raises(ConfigError, match=r"deploy\.gates\.sft\.mode' must be set"):
+        sft.gate(DeployConfig(gates={"sft": GateConfig("my_score")}))
+    custom = sft.gate(DeployConfig(gates={"sft": GateConfig("my_score", "max")}))
+    assert custom.mode == "max"  # a metric declared nowhere: the configured mode
+
+
+def test_checkable_answers_gate_on_exact_match_against_the_champion() -> None:
+    verifiable = {"dataset": "reasoning_gym"}  # the demo's
+    config = validate({"finetune": verifiable})
+    sft = finetuning_task("sft")
+    gate = sft.gate(config.deploy, config.finetune)
+    assert (gate.metric, gate.mode, gate.significance) == ("finetuned_exact_match", "max", 0.05)
+    assert gate.baseline == "retrieval_exact_match" and gate.threshold is None
+    chat = validate({"finetune": {"dataset": "chatterbot"}})
+    assert sft.gate(chat.deploy, chat.finetune).metric == "finetuned_sft_test_loss"
+    unbaselined = validate({"finetune": verifiable,
+                            "deploy": {"gates": {"sft": {"baseline": "none"}}}})  # fmt: skip
+    assert sft.gate(unbaselined.deploy, unbaselined.finetune).baseline is None
+    # An explicit other metric takes none of exact match's defaults.
+    loss = validate({"finetune": verifiable,
+                     "deploy": {"gates": {"sft": {"metric": "finetuned_sft_test_loss"}}}})  # fmt: skip
+    assert sft.gate(loss.deploy, loss.finetune).significance is None
 
 
 def test_gate_on_unknown_metric_names_it() -> None:
@@ -110,9 +148,16 @@ def test_gate_must_not_be_worse_than_the_champion(
         assert result.champion_version == "3" and result.champion_value == champion
 
 
-def hits_table(hits: np.ndarray) -> pd.DataFrame:
-    return pd.DataFrame({"id": [f"q{i}" for i in range(len(hits))], "value": hits.astype(float),
-                         "weight": 1.0})  # fmt: skip
+EXACT = "finetuned_exact_match"
+LOSS = "finetuned_sft_test_loss"
+
+
+def hits_table(hits: np.ndarray, metric: str = EXACT) -> pd.DataFrame:
+    return score_table(metric, "max", [f"q{i}" for i in range(len(hits))], hits)
+
+
+def exact_gate(level: float = 0.05) -> GateConfig:
+    return GateConfig(EXACT, "max", 0.0, significance=level)
 
 
 CHAMPION_HITS = (np.random.default_rng(0).random(400) < 0.6).astype(float)
@@ -131,57 +176,147 @@ def flipped(hits: np.ndarray, right: int, wrong: int, seed: int = 1) -> np.ndarr
     [
         (40, 5, True),  # better: +35 answers of 400 (+8.8 points), most of them one way
         (12, 12, False),  # noise: as many new errors as fixes
-        (10, 5, False),  # +1.25 points on 15 changed answers: z ≈ 1.3, inside the noise at 5%
+        (10, 5, False),  # +1.25 points on 15 changed answers: p = 0.15
         (5, 40, False),  # worse
+        (4, 0, False),  # the reviewer's case: exact one-sided p = 0.0625 (the bootstrap passed it)
+        (9, 1, True),  # p = 0.0107
     ],
 )
 def test_significance_gate_promotes_only_a_challenger_better_beyond_the_noise(
     right: int, wrong: int, significant: bool
 ) -> None:
     challenger = flipped(CHAMPION_HITS, right, wrong)
-    incumbent = registry.RegisteredVersion("m", "3", "run", {"acc": CHAMPION_HITS.mean()})
-    gate = GateConfig("acc", "max", 0.0, significance=0.05)
-    result = check_gate({"acc": challenger.mean()}, gate, incumbent, None,
+    incumbent = registry.RegisteredVersion("m", "3", "run", {EXACT: CHAMPION_HITS.mean()})
+    result = check_gate({EXACT: challenger.mean()}, exact_gate(), incumbent, None,
                         hits_table(challenger), hits_table(CHAMPION_HITS))  # fmt: skip
     assert result.significantly_better is significant and result.passed is significant
-    assert result.shared_examples == 400
+    assert result.shared_examples == 400 and result.test == "mcnemar"
+    exact = sum(comb(right + wrong, i) for i in range(right, right + wrong + 1))
+    assert result.p_value == pytest.approx(exact / 2 ** (right + wrong))
     low, high = result.difference_interval
-    assert low < (right - wrong) / 400 < high
+    assert low <= (right - wrong) / 400 <= high
+    assert (low > 0) is significant  # the interval at 90% agrees with the test at 5%
     if not significant:
         assert "not significantly better" in gate_reason(result)
+
+
+def test_the_gates_level_is_one_sided() -> None:
+    # 9 right and 2 wrong of 400: one-sided p = 0.0327, two-sided 0.065.
+    challenger = flipped(CHAMPION_HITS, 9, 2)
+    incumbent = registry.RegisteredVersion("m", "3", "run", {EXACT: CHAMPION_HITS.mean()})
+    tables = (hits_table(challenger), hits_table(CHAMPION_HITS))
+    assert check_gate({EXACT: challenger.mean()}, exact_gate(0.05), incumbent, None,
+                      *tables).passed  # fmt: skip
+    assert not check_gate({EXACT: challenger.mean()}, exact_gate(0.025), incumbent, None,
+                          *tables).passed  # fmt: skip
+    # A loss: the interval is two-sided at 1 - 2 level (90% for 5%), from the same resamples.
+    rng = np.random.default_rng(11)
+    tokens = rng.integers(5, 30, 300).astype(float)
+    champion = score_table(LOSS, "min", [f"e{i}" for i in range(300)],
+                           tokens * rng.uniform(2.0, 3.0, 300), tokens)  # fmt: skip
+    model = champion.assign(value=champion["value"] * rng.uniform(0.9, 1.08, 300))
+    gate = GateConfig(LOSS, "min", 100.0, significance=0.05)
+    result = check_gate({LOSS: 2.5}, gate, registry.RegisteredVersion("m", "3", "run", {}), None,
+                        model, champion)  # fmt: skip
+    expected = paired_ratio_difference_interval(
+        (model["value"].to_numpy(), tokens), (champion["value"].to_numpy(), tokens),
+        confidence=0.90,
+    )
+    assert result.test == "bootstrap" and result.difference_interval == expected
+    assert result.significantly_better is (expected[1] < 0)
 
 
 def test_significance_gate_pairs_examples_by_id_and_handles_a_loss() -> None:
     rng = np.random.default_rng(3)
     tokens = rng.integers(5, 30, 200).astype(float)
-    champion = pd.DataFrame(
-        {
-            "id": [f"e{i}" for i in range(200)],
-            "value": tokens * rng.uniform(2.0, 3.0, 200),
-            "weight": tokens,
-        }
-    )
+    champion = score_table(LOSS, "min", [f"e{i}" for i in range(200)],
+                           tokens * rng.uniform(2.0, 3.0, 200), tokens)  # fmt: skip
     lower = champion.assign(value=champion["value"] * 0.9).iloc[::-1]  # other order, by id
-    incumbent = registry.RegisteredVersion("m", "3", "run", {"loss": 2.5})
-    gate = GateConfig("loss", "min", 100.0, significance=0.05)
-    assert check_gate({"loss": 2.25}, gate, incumbent, None, lower, champion).passed
+    incumbent = registry.RegisteredVersion("m", "3", "run", {LOSS: 2.5})
+    gate = GateConfig(LOSS, "min", 100.0, significance=0.05)
+    assert check_gate({LOSS: 2.25}, gate, incumbent, None, lower, champion).passed
     same = champion.assign(value=champion["value"] * rng.uniform(0.97, 1.03, 200))
-    assert not check_gate({"loss": 2.5}, gate, incumbent, None, same, champion).passed
-    disjoint = lower.assign(id=[f"other{i}" for i in range(200)])
-    with pytest.raises(ValueError, match="share no held-out example"):
-        check_gate({"loss": 2.25}, gate, incumbent, None, disjoint, champion)
+    assert not check_gate({LOSS: 2.5}, gate, incumbent, None, same, champion).passed
+
+
+@pytest.mark.parametrize(
+    ("model_ids", "champion_ids", "refusal"),
+    [
+        # No shared example (other test splits): refused with the counts, not a crash.
+        ([f"x{i}" for i in range(50)], [f"q{i}" for i in range(50)],
+         "share 0 held-out example(s) of finetuned_exact_match (the model has 50, the "
+         "champion 50); at least 2"),
+        (["q0", *(f"x{i}" for i in range(49))], [f"q{i}" for i in range(50)],
+         "share 1 held-out example(s)"),
+        # An id twice in a table: refused, never cross-joined.
+        (["q0", "q0", "q1", *(f"q{i}" for i in range(3, 50))], [f"q{i}" for i in range(50)],
+         "the model's per-example scores of finetuned_exact_match hold 1 id(s) more than once"),
+        ([f"q{i}" for i in range(50)], ["q0", "q1", "q1", *(f"q{i}" for i in range(3, 50))],
+         "the champion's per-example scores of finetuned_exact_match hold 1 id(s)"),
+    ],
+)  # fmt: skip
+def test_a_comparison_that_cannot_be_made_fails_the_gate_with_its_reason(
+    model_ids: list[str], champion_ids: list[str], refusal: str
+) -> None:
+    incumbent = registry.RegisteredVersion("m", "3", "run", {EXACT: 0.2})
+    model = score_table(EXACT, "max", model_ids, np.ones(len(model_ids)))  # all right
+    champion = score_table(EXACT, "max", champion_ids, np.zeros(len(champion_ids)))
+    result = check_gate({EXACT: 1.0}, exact_gate(), incumbent, None, model, champion)
+    assert not result.passed and result.significantly_better is False
+    assert refusal in result.comparison_refused
+    assert refusal in gate_reason(result) and "champion version 3" in gate_reason(result)
+
+
+def test_scores_of_another_metric_are_never_compared() -> None:
+    # The reviewer's case: the champion saved per-example losses; the gate is on exact match.
+    ids = [f"q{i}" for i in range(400)]
+    rng = np.random.default_rng(5)
+    champion_hits, challenger_hits = rng.random(400) < 0.7, rng.random(400) < 0.3
+    losses = score_table(LOSS, "min", ids, rng.uniform(0.5, 1.0, 400) * 20, 20.0)
+    incumbent = registry.RegisteredVersion("m", "3", "run", {EXACT: 0.7})
+    challenger = hits_table(challenger_hits)
+    result = check_gate({EXACT: 0.3}, exact_gate(), incumbent, None, challenger, losses)
+    assert not result.passed
+    assert ("the champion's per-example scores are of finetuned_sft_test_loss, not of the gate "
+            "metric finetuned_exact_match") in result.comparison_refused  # fmt: skip
+    # With both metrics saved, the gate reads the champion's exact-match rows.
+    both = pd.concat([losses, hits_table(champion_hits)])
+    result = check_gate({EXACT: 0.3}, exact_gate(), incumbent, None, challenger, both)
+    assert result.comparison_refused is None and result.significantly_better is False
+    assert result.difference_interval[1] < 0  # shown worse, not better
+    # A table saved before rows named their metric is refused, not guessed at.
+    legacy = hits_table(champion_hits)[["id", "value", "weight"]]
+    result = check_gate({EXACT: 0.3}, exact_gate(), incumbent, None, challenger, legacy)
+    assert not result.passed and "name no metric" in result.comparison_refused
+
+
+def test_template_clusters_are_resampled_whole_in_the_gate() -> None:
+    rng = np.random.default_rng(9)
+    ids = [f"q{i}" for i in range(240)]
+    clusters = np.repeat([f"t{i}" for i in range(8)], 30)
+    champion = score_table(EXACT, "max", ids, rng.random(240) < 0.5, 1.0, clusters)
+    model = champion.assign(value=np.where(rng.random(240) < 0.15, 1.0, champion["value"]))
+    incumbent = registry.RegisteredVersion("m", "3", "run", {EXACT: 0.5})
+    result = check_gate({EXACT: 0.6}, exact_gate(), incumbent, None, model, champion)
+    assert result.test == "cluster bootstrap" and result.p_value is None
+    few = check_gate({EXACT: 0.6}, exact_gate(), incumbent, None, model.iloc[:90],
+                     champion.iloc[:90])  # fmt: skip
+    assert not few.passed and "at least 5 clusters" in few.comparison_refused
 
 
 def test_significance_gate_without_a_champion_or_its_scores() -> None:
-    gate = GateConfig("acc", "max", 0.0, significance=0.05)
     better = hits_table(flipped(CHAMPION_HITS, 40, 0))
-    first = check_gate({"acc": 0.7}, gate, None, None, better)
+    first = check_gate({EXACT: 0.7}, exact_gate(), None, None, better)
     assert first.passed and first.significantly_better is None  # nothing to beat yet
-    incumbent = registry.RegisteredVersion("m", "3", "run", {"acc": 0.6})
-    unscored = check_gate({"acc": 0.7}, gate, incumbent, None, better, None)
+    incumbent = registry.RegisteredVersion("m", "3", "run", {EXACT: 0.6})
+    unscored = check_gate({EXACT: 0.7}, exact_gate(), incumbent, None, better, None)
     assert unscored.significantly_better is False and not unscored.passed
-    with pytest.raises(ConfigError, match="significance needs per-example scores of 'acc'"):
-        check_gate({"acc": 0.7}, gate, incumbent, None, None, None)
+    assert "has no per-example scores" in unscored.comparison_refused
+    with pytest.raises(ConfigError, match="significance needs per-example scores of 'finetuned"):
+        check_gate({EXACT: 0.7}, exact_gate(), incumbent, None, None, None)
+    losses_only = hits_table(CHAMPION_HITS, LOSS)
+    with pytest.raises(ConfigError, match="significance needs per-example scores"):
+        check_gate({EXACT: 0.7}, exact_gate(), incumbent, None, losses_only, None)
 
 
 def test_a_runs_table_artifact_reads_back(mlflow_store: str) -> None:
