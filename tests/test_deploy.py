@@ -82,8 +82,8 @@ def test_checkable_answers_gate_on_exact_match_against_the_champion() -> None:
                             "deploy": {"gates": {"sft": {"baseline": "none"}}}})  # fmt: skip
     assert sft.gate(unbaselined.deploy, unbaselined.finetune).baseline is None
     # An explicit other metric takes none of exact match's defaults.
-    loss = validate({"finetune": verifiable,
-                     "deploy": {"gates": {"sft": {"metric": "finetuned_sft_test_loss"}}}})  # fmt: skip
+    other_metric = {"sft": {"metric": "finetuned_sft_test_loss"}}
+    loss = validate({"finetune": verifiable, "deploy": {"gates": other_metric}})
     assert sft.gate(loss.deploy, loss.finetune).significance is None
 
 
