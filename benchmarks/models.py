@@ -1,6 +1,6 @@
-"""What the fine-tuning benchmarks share: the config they compose and the base models they
+"""What the fine-tuning benchmarks share: the config they compose, the base models they
 start from (the demo's pretrained model, or SmolLM2-135M-Instruct saved once as a
-transformers directory under benchmarks/.data)."""
+transformers directory under benchmarks/.data), and how a paired difference is shown."""
 
 from __future__ import annotations
 
@@ -37,3 +37,12 @@ def base_model(name: str, cfg: DictConfig) -> Path:
         tokenizer = base_tokenizer(cfg.model.init_from)
         save_model(load_base(cfg.model.init_from), tokenizer, path)
     return path
+
+
+def paired_cell(row: dict, name: str) -> str:
+    """The paired difference `name` of a report row (lmpipe.evaluation.intervals.
+    paired_binary_summary): its exact interval and McNemar's one-sided p that it is better."""
+    if name not in row:
+        return ""
+    return (f"{row[name]:+.3f} [{row[name + '_low']:+.3f}, {row[name + '_high']:+.3f}], "
+            f"p={row[name + '_p_better']:.3f}")  # fmt: skip

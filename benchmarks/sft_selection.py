@@ -15,7 +15,9 @@ stopping on the validation loss; only the training examples differ) on:
 at two budgets: 25% of the training examples, and 25% of the training tokens (`--units`).
 Each tuned model is scored on the held-out test split: response loss (nats/token) and, on a
 task with checkable answers (the default, finetune=sft), exact match of the final answer
-with its 95% bootstrap interval beside retrieval and the most frequent answer; on chat
+with its exact 95% interval beside retrieval and the most frequent answer, and each arm's
+paired difference on the same problems from the full data and from the first random subset
+of its budget (exact interval, McNemar's one-sided p each way); on chat
 (finetune=chat) chrF / ROUGE-L of its greedy replies beside the TF-IDF retrieval baseline.
 It also times IFD scoring against one plain forward pass over the same batches.
 
@@ -34,10 +36,11 @@ import time
 from pathlib import Path
 
 import torch
-from models import DATA, base_model, config
+from models import DATA, base_model, config, paired_cell
 from omegaconf import DictConfig, OmegaConf
 
 from lmpipe.data.tokenizer import load_tokenizer
+from lmpipe.evaluation.intervals import paired_binary_summary
 from lmpipe.runs.processes import process_env
 from lmpipe.runs.tracking import MetricLogger
 from lmpipe.selection.run import select_for_task
@@ -145,6 +148,8 @@ def held_out(task, cfg: DictConfig, model, tokenizer, label: str) -> dict:
     kind = "exact_match" if f"{label}_exact_match" in scores else "chrf"
     row = {"test_loss": scores[f"{label}_sft_test_loss"]}
     row |= {key: scores[f"{label}_{key}"] for key in QUALITY[kind]}
+    if kind == "exact_match":  # per problem, in the test split's order, for paired differences
+        row["hits"] = task.example_scores(frame, f"{label}_exact_match")["value"].tolist()
     for baseline in ("retrieval", "most_frequent"):
         row |= {f"{baseline}_{key}": scores[f"{baseline}_{key}"] for key in QUALITY[kind]
                 if f"{baseline}_{key}" in scores}  # fmt: skip
@@ -157,6 +162,23 @@ def before_tuning(task, cfg: DictConfig, base: Path, tokenizer) -> dict:
 
 def quality_kind(row: dict) -> str:
     return "exact_match" if "exact_match" in row else "chrf"
+
+
+def paired_differences(rows: list[dict]) -> None:
+    """Add to each arm's row (in place) its paired difference on the same test problems from
+    the full data (`vs_full`) and from the first random subset of its budget (`vs_random`)."""
+    controls = {("full", "-"): "vs_full"}
+    references = {name: next((r for r in rows if (r["arm"], r["unit"]) == key), None)
+                  for key, name in controls.items()}  # fmt: skip
+    for row in rows:
+        if "hits" not in row:
+            continue
+        random_first = next((r for r in rows if r["arm"] == "random-0"
+                             and r["unit"] == row["unit"]), None)  # fmt: skip
+        for name, control in [*references.items(), ("vs_random", random_first)]:
+            if control is None or control is row or "hits" not in control:
+                continue
+            row |= paired_binary_summary(row["hits"], control["hits"], name)
 
 
 def summary(rows: list[dict]) -> list[dict]:
@@ -215,6 +237,7 @@ def main() -> None:
             row = {"arm": arm, "unit": unit, **scores}
             log.info("%s %s", name, json.dumps(row))
             rows.append(row)
+        paired_differences(rows)
         entry["runs"] = rows
         entry["summary"] = summary(rows)
         report["models"][name] = entry
@@ -236,8 +259,9 @@ def print_model(name: str, entry: dict) -> None:
         print(f"before tuning: test loss {b['test_loss']:.3f}, exact match "
               f"{interval(b, 'exact_match')}; retrieval {interval(b, 'retrieval_exact_match')}, "
               f"most frequent answer {interval(b, 'most_frequent_exact_match')}")  # fmt: skip
-        print("| budget | arm | examples | tokens | test loss | exact match [95% CI] |")
-        print("|---|---|---|---|---|---|")
+        print("| budget | arm | examples | tokens | test loss | exact match [95% CI] | minus "
+              "full data [95% CI], p | minus random-0 [95% CI], p |")  # fmt: skip
+        print("|---|---|---|---|---|---|---|---|")
     else:
         print(f"before tuning: test loss {b['test_loss']:.3f}, chrF {b['chrf']:.1f}, "
               f"ROUGE-L {b['rougeL']:.3f}; retrieval baseline chrF {b['retrieval_chrf']:.1f}, "
@@ -253,6 +277,7 @@ def print_model(name: str, entry: dict) -> None:
         quality = (
             (interval(row, "exact_match") if "exact_match_sd" not in row
              else cell("exact_match", ".3f"))
+            + f" | {paired_cell(row, 'vs_full')} | {paired_cell(row, 'vs_random')}"
             if exact else f"{cell('chrf', '.1f')} | {cell('rougeL', '.3f')}"
         )  # fmt: skip
         print(f"| {row['unit']} | {row['arm']} | {cell('examples', '.0f')} | "

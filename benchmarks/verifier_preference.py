@@ -13,9 +13,10 @@ On the verifiable task of `finetune=verifier` (chain sums with worked replies), 
                   added (RPO; when the config sets it)
 
 Each is scored by exact match of the final answer on every held-out test problem, with its
-95% bootstrap interval and the paired bootstrap intervals of its difference from the
-control and (preference arms) from sft-S, beside the most frequent training answer and
-retrieval (the answer of the most similar training question).
+exact 95% interval, and its paired difference from the control and (preference arms) from
+sft-S on the same problems: the exact interval and McNemar's one-sided p that it is better;
+beside the most frequent training answer and retrieval (the answer of the most similar
+training question).
 
     python benchmarks/verifier_preference.py --models tiny      # after make demo
     python benchmarks/verifier_preference.py --models smollm2   # SmolLM2-135M-Instruct, LoRA
@@ -30,11 +31,11 @@ import time
 from pathlib import Path
 
 import torch
-from models import DATA, base_model, config
+from models import DATA, base_model, config, paired_cell
 from omegaconf import DictConfig, OmegaConf
 
 from lmpipe.data.tokenizer import load_tokenizer
-from lmpipe.evaluation.intervals import paired_difference_interval
+from lmpipe.evaluation.intervals import paired_binary_summary
 from lmpipe.runs.keys import directory_digest, key_of
 from lmpipe.runs.processes import process_env
 from lmpipe.runs.tracking import MetricLogger
@@ -152,9 +153,7 @@ def run(name: str, extra: list[str], plain_dpo: bool = True) -> dict:
                 or (name == "vs_start" and arm not in preference_arms)
             ):
                 continue
-            low, high = paired_difference_interval(hits[arm], other)
-            row |= {name: float(hits[arm].mean() - other.mean()), f"{name}_low": low,
-                    f"{name}_high": high}  # fmt: skip
+            row |= paired_binary_summary(hits[arm], other, name)
         row["seconds"] = seconds.get(arm)
     return {"sft_steps": s, "preference_steps": d, "test_problems": len(hits[label]),
             "config": OmegaConf.to_container(f, resolve=True), "arms": table}  # fmt: skip
@@ -182,20 +181,14 @@ def main() -> None:
     for name, entry in report["models"].items():
         print(f"\n## {name}: {entry['sft_steps']} SFT steps, then {entry['preference_steps']} "
               f"preference steps; {entry['test_problems']} test problems")  # fmt: skip
-        print("| arm | exact match [95% CI] | minus the control [95% CI] | minus its start "
-              "[95% CI] | CPU s |")  # fmt: skip
+        print("| arm | exact match [95% CI] | minus the control [95% CI], McNemar p | minus "
+              "its start [95% CI], McNemar p | CPU s |")  # fmt: skip
         print("|---|---|---|---|---|")
         for arm, row in entry["arms"].items():
-            control, start = (difference(row, name) for name in ("vs_control", "vs_start"))
+            control, start = (paired_cell(row, name) for name in ("vs_control", "vs_start"))
             secs = "" if row["seconds"] is None else f"{row['seconds']:.0f}"
             print(f"| {arm} | {row['']:.3f} [{row['_low']:.3f}, {row['_high']:.3f}] | {control} "
                   f"| {start} | {secs} |")  # fmt: skip
-
-
-def difference(row: dict, name: str) -> str:
-    if name not in row:
-        return ""
-    return f"{row[name]:+.3f} [{row[name + '_low']:+.3f}, {row[name + '_high']:+.3f}]"
 
 
 if __name__ == "__main__":

@@ -219,7 +219,8 @@ def test_the_gates_level_is_one_sided() -> None:
     result = check_gate({LOSS: 2.5}, gate, registry.RegisteredVersion("m", "3", "run", {}), None,
                         model, champion)  # fmt: skip
     expected = paired_ratio_difference_interval(
-        (model["value"].to_numpy(), tokens), (champion["value"].to_numpy(), tokens),
+        (model["value"].to_numpy(), tokens),
+        (champion["value"].to_numpy(), tokens),
         confidence=0.90,
     )
     assert result.test == "bootstrap" and result.difference_interval == expected
@@ -348,7 +349,8 @@ def test_champion_challenger_and_int8_variant(
             mlflow.log_metrics(metrics)  # as the deploy stage does: the version's run has them
             return deploy(model_dir, finetuning_task("sft"), metrics, cfg, tags, requests)
 
-    first = run({"loss": 4.0, "int8_loss": 4.01}, {"lmpipe.run.finetune": "r1"})
+    first = run({"loss": 4.0, "int8_loss": 4.01, "int8_loss_low": 3.9, "int8_loss_high": 4.2},
+                {"lmpipe.run.finetune": "r1"})  # fmt: skip
     worse = run({"loss": 4.5}, {})  # passes the threshold, worse than the champion
     failed = run({"loss": 9.0}, {})  # fails the threshold
     better = run({"loss": 3.5}, {})
@@ -371,6 +373,7 @@ def test_champion_challenger_and_int8_variant(
     assert 0 < quantized["size_bytes"] < fp32["size_bytes"]
     assert fp32["request_p50_seconds"] > 0 and quantized["request_p50_seconds"] > 0
     assert quantized["quality"] == 4.01 and quantized["quality_change"] == pytest.approx(0.01)
+    assert (quantized["quality_low"], quantized["quality_high"]) == (3.9, 4.2)
     assert worse.variants["int8"]["alias"] == "challenger"  # no int8 score of its own
     int8 = mlflow.pyfunc.load_model("models:/test-chat-int8@champion")
     up_proj = int8.unwrap_python_model().model.model.layers[0].mlp.up_proj

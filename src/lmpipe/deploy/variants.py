@@ -198,7 +198,8 @@ def fastest_within(
 def frontier_figure(
     variants: Mapping[str, Mapping[str, Any]], metric: str, mode: str, best: str | None
 ) -> Figure:
-    """Held-out quality against size and against request latency, one point per variant."""
+    """Held-out quality against size and against request latency, one point per variant
+    (with its 95% interval where evaluate gave one)."""
     figure = Figure(figsize=(10, 4))
     axes = figure.subplots(1, 2)
     scored = {n: v for n, v in variants.items() if v.get("quality") is not None}
@@ -212,6 +213,10 @@ def frontier_figure(
             x = v[key] * scale
             ax.scatter(x, v["quality"], s=60 if name == best else 30,
                        marker="*" if name == best else "o")  # fmt: skip
+            if v.get("quality_low") is not None and v.get("quality_high") is not None:
+                below, above = v["quality"] - v["quality_low"], v["quality_high"] - v["quality"]
+                ax.errorbar(x, v["quality"], yerr=[[below], [above]], capsize=3, alpha=0.5,
+                            color="gray")  # fmt: skip
             ax.annotate(name, (x, v["quality"]), textcoords="offset points", xytext=(4, 4))
         ax.set_xlabel(label)
         ax.set_ylabel(f"{metric} ({'lower' if mode == 'min' else 'higher'} is better)")

@@ -109,6 +109,25 @@ def paired_binary_difference_interval(
     return mcnemar(first, second).difference_interval(confidence)
 
 
+def paired_binary_summary(
+    first: Sequence[float] | np.ndarray,
+    second: Sequence[float] | np.ndarray,
+    name: str,
+    confidence: float = CONFIDENCE,
+) -> dict[str, float]:
+    """first - second on the same examples as report columns `<name>`, `_low`, `_high`
+    (the exact interval), `_p_better` and `_p_worse` (McNemar's one-sided p each way) and
+    the discordant counts `_first_only`, `_second_only`."""
+    pairs = mcnemar(first, second)
+    low, high = pairs.difference_interval(confidence)
+    difference = (pairs.first_only - pairs.second_only) / pairs.examples
+    return {
+        name: difference, f"{name}_low": low, f"{name}_high": high,
+        f"{name}_p_better": pairs.p_first_better(), f"{name}_p_worse": pairs.p_second_better(),
+        f"{name}_first_only": pairs.first_only, f"{name}_second_only": pairs.second_only,
+    }  # fmt: skip
+
+
 def mean_interval(
     values: Sequence[float] | np.ndarray,
     confidence: float = CONFIDENCE,

@@ -43,6 +43,6 @@ def metric_kind(metric: str) -> MetricKind | None:
 
 
 def direction(metric: str) -> str | None:
-    """"min" or "max" for a declared metric, else None."""
+    """ "min" or "max" for a declared metric, else None."""
     kind = metric_kind(metric)
     return kind.direction if kind else None

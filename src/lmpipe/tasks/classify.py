@@ -19,7 +19,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lmpipe.data.batches import IGNORE_INDEX, Batch
 from lmpipe.evaluation.baselines import tfidf_predictions
-from lmpipe.evaluation.intervals import macro_f1, mean_interval, statistic_interval
+from lmpipe.evaluation.intervals import macro_f1, proportion_interval, statistic_interval
+from lmpipe.evaluation.paired import score_table
 from lmpipe.evaluation.plots import confusion_matrix_figure
 from lmpipe.evaluation.scoring import classification_report, confusion_matrix, predict_classes
 from lmpipe.runs.config import ConfigError, EvaluateConfig, FinetuneConfig
@@ -52,11 +53,12 @@ MAJORITY, TFIDF = "baseline", "tfidf"
 def headline_intervals(
     label: str, actual: Sequence[str], predicted: Sequence[str], labels: Sequence[str]
 ) -> dict[str, float]:
-    """95% bootstrap intervals (over test examples) of accuracy and macro-F1."""
+    """95% intervals over test examples: exact (Clopper–Pearson) for accuracy, bootstrap for
+    macro-F1."""
     index = {name: i for i, name in enumerate(labels)}
     truth = np.array([index[a] for a in actual])
     guess = np.array([index.get(p, -1) for p in predicted])
-    low, high = mean_interval(truth == guess)
+    low, high = proportion_interval(truth == guess)
     f1_low, f1_high = statistic_interval(
         lambda idx: macro_f1(truth[idx], guess[idx], len(labels)), len(truth)
     )
@@ -231,7 +233,10 @@ class Classify(FinetuningTask):
             return None
         predicted = frame[f"{metric.removesuffix('_accuracy')}_predicted"]
         hits = (predicted == frame["actual"]).to_numpy(float)
-        return pd.DataFrame({"id": frame["id"], "value": hits, "weight": 1.0})
+        return score_table(metric, "max", frame["id"].astype(str), hits)
+
+    def example_metrics(self, frame: pd.DataFrame) -> list[str]:
+        return ["finetuned_accuracy"]
 
     def report(
         self,
