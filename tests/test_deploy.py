@@ -205,8 +205,9 @@ def test_the_gates_level_is_one_sided() -> None:
     challenger = flipped(CHAMPION_HITS, 9, 2)
     incumbent = registry.RegisteredVersion("m", "3", "run", {EXACT: CHAMPION_HITS.mean()})
     tables = (hits_table(challenger), hits_table(CHAMPION_HITS))
-    assert check_gate({EXACT: challenger.mean()}, exact_gate(0.05), incumbent, None,
-                      *tables).passed  # fmt: skip
+    passed = check_gate({EXACT: challenger.mean()}, exact_gate(0.05), incumbent, None, *tables)
+    assert passed.passed and passed.p_value == pytest.approx(67 / 2048)
+    assert passed.difference_interval[0] > 0  # two-sided at 90%: at 95% it holds 0
     assert not check_gate({EXACT: challenger.mean()}, exact_gate(0.025), incumbent, None,
                           *tables).passed  # fmt: skip
     # A loss: the interval is two-sided at 1 - 2 level (90% for 5%), from the same resamples.

@@ -114,15 +114,20 @@ def test_masked_lm_trains_below_unigram_with_its_head_at_the_targets() -> None:
     assert val["val_loss"] < val["val_unigram_loss"], val
 
 
-def test_dpo_reference_equals_the_policy_at_step_0_in_bf16(tiny_tokenizer, tmp_path: Path) -> None:
+@pytest.mark.parametrize("compiled", [False, True])
+def test_dpo_reference_equals_the_policy_at_step_0_in_bf16(
+    tiny_tokenizer, tmp_path: Path, compiled: bool
+) -> None:
+    """Compiled, the reference must be computed by the compiled model as the policy is
+    (lmpipe.tasks.base.reference_by_split), or the two differ by bf16 kernel choices."""
     from lmpipe.tasks.preference import TIE_MARGIN
     from tests.test_preference import step_0_gaps
 
-    gaps = step_0_gaps(tiny_tokenizer, tmp_path, CUDA, HardwareConfig(device=CUDA.type,
-                       precision="bf16"), autocast(CUDA, "bf16"))  # fmt: skip
+    hardware = HardwareConfig(device=CUDA.type, precision="bf16", compile=compiled)
+    gaps = step_0_gaps(tiny_tokenizer, tmp_path, CUDA, hardware, autocast(CUDA, "bf16"))
     print(
-        f"DPO step 0 in bf16: largest |policy - reference| {float(gaps.max()):.2e} over "
-        f"{len(gaps)} replies (tie: < {TIE_MARGIN})"
+        f"DPO step 0 in bf16{' compiled' if compiled else ''}: largest |policy - reference| "
+        f"{float(gaps.max()):.2e} over {len(gaps)} replies (tie: < {TIE_MARGIN})"
     )
     assert float(gaps.max()) < TIE_MARGIN
 

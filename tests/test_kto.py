@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lmpipe.evaluation.answers import is_correct
-from lmpipe.runs.config import ConfigError, KtoConfig, validate
+from lmpipe.runs.config import ConfigError, HardwareConfig, KtoConfig, validate
 from lmpipe.runs.processes import DistEnv
 from lmpipe.taskdata import unpaired
 from lmpipe.taskdata.conversations import Conversation
@@ -309,3 +309,28 @@ def test_the_kto_policy_at_step_0_equals_its_reference_in_bf16(tiny_tokenizer, t
     gaps = torch.cat(gaps)
     assert len(gaps) >= 24
     assert float(gaps.max()) < 1e-4
+
+
+def test_verifier_examples_are_cached_per_seed_and_sampling(tiny_tokenizer, tmp_path: Path):
+    """What draws or judges the replies is in the cache key; what only trains on them is not."""
+    from lmpipe.tasks.kto import _cache_path
+    from lmpipe.training.loop import policy_numerics
+    from lmpipe.training.model import save_model
+
+    base = tmp_path / "base"
+    save_model(fresh_model(tiny_tokenizer), tiny_tokenizer, base)
+    f = validate({"finetune": {"task": "kto", "dataset": "reasoning_gym"}}).finetune
+    fp32 = policy_numerics(HardwareConfig(), CPU)
+    path = _cache_path(tmp_path, base, f, 0, fp32)
+    assert _cache_path(tmp_path, base, f, 1, fp32) != path
+    for key, value in (("temperature", 0.7), ("samples", f.kto.samples + 1),
+                       ("max_new_tokens", f.kto.max_new_tokens + 1)):  # fmt: skip
+        changed = copy.deepcopy(f)
+        changed.kto[key] = value
+        assert _cache_path(tmp_path, base, changed, 0, fp32) != path, key
+    changed = copy.deepcopy(f)
+    changed.reasoning_gym.test_size = 7
+    assert _cache_path(tmp_path, base, changed, 0, fp32) != path
+    changed = copy.deepcopy(f)
+    changed.kto.beta = 0.5  # the loss's, not the examples'
+    assert _cache_path(tmp_path, base, changed, 0, fp32) == path

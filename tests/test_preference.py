@@ -426,6 +426,8 @@ def step_0_gaps(
                                        hardware)  # fmt: skip
         setup = task.setup(f, base, tokenizer, seed=5, device=device)
         policy = setup.model.to(device).eval()
+        if hardware.compile:  # as `train` runs the policy
+            policy = torch.compile(policy)
         gaps = []
         with torch.no_grad():
             for _ in range(4):
@@ -440,6 +442,37 @@ def test_the_policy_at_step_0_equals_its_reference_in_bf16(tiny_tokenizer, tmp_p
     training, equal the policy's in its shuffled training batches: a tie, not a preference.
     With each batch padded to its own longest reply they differ by up to ~0.07."""
     gaps = step_0_gaps(tiny_tokenizer, tmp_path, CPU, HardwareConfig(),
+                       torch.autocast("cpu", dtype=torch.bfloat16))  # fmt: skip
+    assert len(gaps) >= 16
+    assert float(gaps.max()) < TIE_MARGIN
+
+
+def test_the_reference_is_computed_by_the_model_as_training_shapes_it(tiny_model) -> None:
+    """reference_by_split hands `compute` the policy-shaped model: compiled where training
+    compiles (a compiled policy's numbers are not the eager model's), else the model."""
+    from lmpipe.tasks.base import reference_by_split
+
+    seen = []
+
+    def compute(reference: torch.nn.Module, examples: list) -> list:
+        seen.append(reference)
+        return [len(examples)]
+
+    got = reference_by_split(tiny_model, HardwareConfig(compile=True), CPU,
+                             {"train": [1, 2], "test": [3]}, compute)  # fmt: skip
+    assert got == {"train": [2], "test": [1]}
+    assert all(isinstance(r, torch._dynamo.eval_frame.OptimizedModule) for r in seen)
+    assert all(r._orig_mod is tiny_model for r in seen)
+    seen.clear()
+    reference_by_split(tiny_model, HardwareConfig(), CPU, {"train": [1]}, compute)
+    assert seen == [tiny_model]
+
+
+@pytest.mark.slow
+def test_a_compiled_policy_at_step_0_equals_its_reference(tiny_tokenizer, tmp_path: Path) -> None:
+    """hardware.compile=true on the CPU under bf16 autocast: the reference's log-probs are
+    computed by the compiled model too, so they tie with the compiled policy's."""
+    gaps = step_0_gaps(tiny_tokenizer, tmp_path, CPU, HardwareConfig(compile=True),
                        torch.autocast("cpu", dtype=torch.bfloat16))  # fmt: skip
     assert len(gaps) >= 16
     assert float(gaps.max()) < TIE_MARGIN

@@ -398,3 +398,21 @@ def test_classify_selection_uses_dedup_quality_and_diversity(
     assert len(chosen.selected_ids) == 10
     assert chosen.table["ifd"].isna().all()  # no responses, no IFD
     assert chosen.table["pca_x"].notna().all()
+
+
+def test_an_examples_key_covers_what_scoring_reads() -> None:
+    """Two candidates score alike only if both the example and its response alone (IFD's
+    denominator) are the same tokens."""
+    from dataclasses import replace
+
+    from lmpipe.selection.candidates import Candidate
+
+    example = {"input_ids": [5, 6, 7, 8], "labels": [IGNORE_INDEX, IGNORE_INDEX, 7, 8]}
+    alone = {"input_ids": [2, 7, 8], "labels": [IGNORE_INDEX, 7, 8]}
+    candidate = Candidate("a", ("q", "r"), (("q", "r"),), example, alone)
+    assert example_key(replace(candidate, id="b", turns=("x",))) == example_key(candidate)
+    other_alone = {"input_ids": [3, 7, 8], "labels": [IGNORE_INDEX, 7, 8]}
+    assert example_key(replace(candidate, responses_alone=other_alone)) != example_key(candidate)
+    assert example_key(replace(candidate, responses_alone=None)) != example_key(candidate)
+    other = {"input_ids": [5, 6, 7, 9], "labels": [IGNORE_INDEX, IGNORE_INDEX, 7, 9]}
+    assert example_key(replace(candidate, example=other)) != example_key(candidate)

@@ -97,9 +97,14 @@ def test_head_keeps_whole_lines_within_the_byte_budget() -> None:
 TEXT = "The state of the union is strong. What is AI? Hello, how are you today?"
 
 
-def test_bits_per_byte_of_one_window_equals_the_hand_computation(tiny_tokenizer) -> None:
+# Bytes, not characters: 8 of these characters take 2 to 3 bytes each in UTF-8.
+NON_ASCII = "Café naïve — déjà vu: 東京 is 3°C colder."
+
+
+@pytest.mark.parametrize("text", [TEXT, NON_ASCII])
+def test_bits_per_byte_of_one_window_equals_the_hand_computation(tiny_tokenizer, text) -> None:
     model = fresh_model(tiny_tokenizer).eval()
-    ids = tiny_tokenizer(TEXT, add_special_tokens=False)["input_ids"]
+    ids = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
     start = tiny_tokenizer.bos_token_id
     if start is None:
         start = tiny_tokenizer.eos_token_id
@@ -107,9 +112,9 @@ def test_bits_per_byte_of_one_window_equals_the_hand_computation(tiny_tokenizer)
     with torch.no_grad():
         logp = model(input_ids=stream).logits[0, :-1].double().log_softmax(-1)
     nats = -float(logp[torch.arange(len(ids)), stream[0, 1:]].sum())
-    expected = nats / math.log(2) / len(TEXT.encode())
-    got = bits_per_byte(model, tiny_tokenizer, TEXT, window=63, batch_size=2, device=CPU)
-    assert got["tokens"] == len(ids) and got["bytes"] == len(TEXT.encode())
+    expected = nats / math.log(2) / len(text.encode())
+    got = bits_per_byte(model, tiny_tokenizer, text, window=63, batch_size=2, device=CPU)
+    assert got["tokens"] == len(ids) and got["bytes"] == len(text.encode())
     assert got["bpb"] == pytest.approx(expected, rel=1e-5)
 
 
@@ -125,6 +130,24 @@ def test_bits_per_byte_scores_every_token_once_across_windows(tiny_tokenizer) ->
     for window, batch in ((5, 3), (16, 1), (63, 4)):
         got = bits_per_byte(model, tiny_tokenizer, text, window, batch, CPU)
         assert got["bpb"] == pytest.approx(uniform, rel=1e-5), window
+
+
+def test_wikitext_is_scored_in_windows_the_model_can_hold(tiny_tokenizer, monkeypatch) -> None:
+    """seq_len positions a row: seq_len - 1 targets after the start token or the previous
+    window's last token; the bytes counted are UTF-8 bytes."""
+    model = fresh_model(tiny_tokenizer).eval()
+    text = " ".join([NON_ASCII, TEXT] * 4)
+    monkeypatch.setattr(wikitext, "wikitext_text", lambda split: text)
+    widths = []
+    model.register_forward_pre_hook(
+        lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
+    scores = wikitext_scores(WikitextConfig(max_bytes=10_000), {"m": model}, tiny_tokenizer,
+                             16, 4, CPU)  # fmt: skip
+    assert max(widths) == 16
+    assert scores["wikitext_test_bytes"] == len(text.encode("utf-8")) > len(text)
+    expected = bits_per_byte(model, tiny_tokenizer, text, 15, 4, CPU)["bpb"]
+    assert scores["m_wikitext_bpb"] == pytest.approx(expected, rel=1e-9)
 
 
 def test_wikitext_scores_name_each_model_and_reference(tiny_tokenizer) -> None:
