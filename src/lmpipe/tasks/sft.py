@@ -334,7 +334,7 @@ class SFT(NextTokenLoss, FinetuningTask):
         if "answer" not in frame or frame.empty:
             return super().smoke_request(frame, d)
         first = frame.iloc[0]
-        return super().smoke_request(frame, d)
+        return SmokeRequest(str(first["prompt"]), str(first["answer"]))
 
     def report(
         self,
