@@ -445,3 +445,14 @@ def test_int8_variant_failing_its_own_threshold_is_only_the_challenger(
     assert registry.aliased("gated-int8", registry.CHAMPION) is None
     int8 = MlflowClient().get_model_version("gated-int8", result.variants["int8"]["version"])
     assert int8.tags["gate_passed"] == "False"
+
+
+def test_the_smoke_request_is_a_held_out_problem_with_its_answer() -> None:
+    from lmpipe.tasks.base import SmokeRequest
+
+    frame = pd.DataFrame({"id": ["a", "b"], "prompt": ["1 + 2 =", "3 + 4 ="],
+                          "answer": [3, 7], "generated": [True, True]})  # fmt: skip
+    sft = finetuning_task("sft")
+    assert sft.smoke_request(frame, DeployConfig()) == SmokeRequest("1 + 2 =", "3")
+    chat = sft.smoke_request(frame.drop(columns="answer"), DeployConfig(smoke_prompt="Hi?"))
+    assert chat == SmokeRequest("Hi?", None)  # nothing to check it against

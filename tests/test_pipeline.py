@@ -9,6 +9,7 @@ import sqlite3
 from collections import Counter
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -103,12 +104,22 @@ def test_every_stage_produced_its_outputs(pipeline: Path) -> None:
     assert {"answer", "finetuned_reply", "retrieval_reply"} <= set(header)
     deployed = json.loads((out / "deploy" / "deploy.json").read_text())
     assert deployed["alias"] == "champion" and deployed["smoke_output"] is not None
+    # Checkable answers: the gate is exact match, the smoke request a held-out problem.
+    assert deployed["gate"]["metric"] == "finetuned_exact_match"
+    assert deployed["gate"]["mode"] == "max" and deployed["gate"]["significance"] == 0.05
+    predictions = pd.read_csv(out / "evaluate" / "predictions.csv", keep_default_na=False)
+    first = predictions.iloc[0]
+    assert deployed["smoke_input"] == first["prompt"]
+    assert deployed["smoke_answer"] == str(first["answer"])
+    assert deployed["smoke_correct"] is (str(first["answer"]) in str(deployed["smoke_output"]))
     # Four variants, each registered, measured and scored on the held-out split.
     variants = deployed["variants"]
     assert set(variants) == {"fp32", "int8", "pruned", "pruned-int8"}
     for name, entry in variants.items():
         suffix = "" if name == "fp32" else f"-{name}"
         assert entry["model_name"] == f"lmpipe-sft{suffix}" and entry["quality"] is not None
+        assert entry["quality_metric"].endswith("_exact_match")
+        assert entry["quality_low"] <= entry["quality"] <= entry["quality_high"]
         assert entry["size_bytes"] > 0 and entry["request_p95_seconds"] > 0
     assert variants["pruned"]["params"] < variants["fp32"]["params"]
     assert deployed["fastest_within_quality_budget"] in variants
