@@ -122,6 +122,27 @@ def test_slurm_tasks_keep_a_rendezvous_address_already_set() -> None:
     assert "WORLD_SIZE" not in os.environ
 
 
+def test_a_slurm_task_uses_the_cpus_it_was_given() -> None:
+    """Two tasks on a 2-core node, one CPU each: torch's default (every core) would put two
+    threads on each core. hardware.num_threads, when set, still wins."""
+    from lmpipe.runs.config import HardwareConfig
+    from lmpipe.training.loop import select_device
+
+    before = torch.get_num_threads()
+    try:
+        with mock.patch.dict(os.environ, {"SLURM_CPUS_PER_TASK": "1"}):
+            select_device(HardwareConfig(device="cpu"))
+            assert torch.get_num_threads() == 1
+            select_device(HardwareConfig(device="cpu", num_threads=2))
+            assert torch.get_num_threads() == 2
+        torch.set_num_threads(2)
+        with mock.patch.dict(os.environ, {"SLURM_CPUS_PER_TASK": ""}):
+            select_device(HardwareConfig(device="cpu"))
+            assert torch.get_num_threads() == 2  # outside SLURM: left alone
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_fsdp_all_gathers_in_bf16_when_training_in_bf16(tmp_path: Path, tiny_tokenizer) -> None:
     with process_group("gloo", tmp_path):
         model = distributed.wrap_model(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -152,14 +153,23 @@ def test_a_failing_training_job_fails_the_stage_with_its_error(project: Path):
     assert "/nowhere/model" in failed.stderr
 
 
+# Makes a training job stop after a checkpoint and wait there to be cancelled.
+HOLD = Path(__file__).parent / "hold_after_checkpoint"
+
+
 def test_scancel_mid_run_then_rerun_resumes_in_the_same_mlflow_run(project: Path):
-    # long enough (about 40 s) to be cancelled mid-way
-    command = ["python", "-m", "stages.pretrain", *SMOKE, *CPU_SLURM, "pretrain.steps=2000",
-               "pretrain.batch_size=16", "pretrain.checkpoint_every=100",
+    """A job cancelled by scancel after its checkpoint of step 20 (held there, so the cancel
+    lands mid-run however fast or slow the node is), then the same command again: it resumes
+    from step 20 in the same MLflow run and finishes."""
+    command = ["python", "-m", "stages.pretrain", *SMOKE, *CPU_SLURM, "pretrain.steps=60",
+               "pretrain.batch_size=16", "pretrain.checkpoint_every=20",
                "pretrain.eval_every=1000", "hardware.slurm.tasks_per_node=1"]  # fmt: skip
+    held = tool_env(project) | {"LMPIPE_HOLD_AFTER_CHECKPOINT": "20",
+                                "PYTHONPATH": os.pathsep.join(filter(None, [
+                                    str(HOLD), os.environ.get("PYTHONPATH")]))}  # fmt: skip
     stage = subprocess.Popen(
-        command, cwd=project, env=tool_env(project), stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE, text=True,
+        command, cwd=project, env=held, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True,
     )  # fmt: skip
     state_file = project / "outputs/pretrain/checkpoints/last/state.json"
     deadline = time.monotonic() + 600
@@ -167,10 +177,11 @@ def test_scancel_mid_run_then_rerun_resumes_in_the_same_mlflow_run(project: Path
     while time.monotonic() < deadline and stage.poll() is None:
         with contextlib.suppress(OSError, ValueError):
             state = json.loads(state_file.read_text())
-            if state["step"] >= 200 and not state.get("finished"):
+            if state["step"] >= 20:
                 break
         time.sleep(0.05)
     assert stage.poll() is None, "the job ended before it could be cancelled"
+    assert state["step"] == 20 and not state.get("finished")
     jobs = subprocess.run(["squeue", "-h", "-n", "pretrain", "-o", "%i"], capture_output=True,
                           text=True, check=True).stdout.split()  # fmt: skip
     assert len(jobs) == 1
@@ -178,11 +189,13 @@ def test_scancel_mid_run_then_rerun_resumes_in_the_same_mlflow_run(project: Path
     stage.communicate(timeout=300)
     assert stage.returncode != 0, "the stage must fail when its job is cancelled"
     assert run_status(project, state["run_id"]) == "RUNNING"  # killed: no chance to end it
+    logs = "".join(p.read_text() for p in project.glob("multirun/pretrain/*/.submitit/*/*_log.err"))
+    assert "holding after the checkpoint of step 20" in logs
 
     run(command, project, timeout=900)
     metrics = json.loads((project / "outputs/pretrain/metrics.json").read_text())
     record = json.loads((project / "outputs/pretrain/run.json").read_text())
-    assert metrics["resumed_from_step"] >= 200 and metrics["steps"] == 2000
+    assert metrics["resumed_from_step"] == 20 and metrics["steps"] == 60
     assert record["run_id"] == state["run_id"]
     assert run_status(project, state["run_id"]) == "FINISHED"
 

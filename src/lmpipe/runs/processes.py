@@ -46,3 +46,10 @@ def process_env() -> DistEnv:
         world_size=int(os.environ.get("WORLD_SIZE", 1)),
         local_rank=int(os.environ.get("LOCAL_RANK", 0)),
     )
+
+
+def allotted_cpus() -> int | None:
+    """The CPUs a SLURM task was given (SLURM_CPUS_PER_TASK), None outside one: torch's default
+    is every core of the node, which oversubscribes it when tasks share the node."""
+    value = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    return int(value) if value.isdigit() and int(value) > 0 else None

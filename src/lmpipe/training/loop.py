@@ -30,6 +30,7 @@ from transformers import PreTrainedModel, get_cosine_with_min_lr_schedule_with_w
 
 from lmpipe.evaluation.lm_metrics import perplexity
 from lmpipe.runs.config import ConfigError, HardwareConfig, OptimConfig, TrainConfig
+from lmpipe.runs.processes import allotted_cpus
 from lmpipe.runs.tracking import MetricLogger
 from lmpipe.training import distributed
 from lmpipe.training.checkpoint import BEST, LAST, Checkpoints
@@ -123,9 +124,12 @@ def seed_everything(seed: int) -> None:
 
 
 def select_device(hardware: HardwareConfig) -> torch.device:
-    """The device the config asks for (`auto`: CUDA if there is one)."""
-    if hardware.num_threads:
-        torch.set_num_threads(hardware.num_threads)
+    """The device the config asks for (`auto`: CUDA if there is one), with
+    `hardware.num_threads` CPU threads (null: the CPUs a SLURM task was given, else torch's
+    default)."""
+    threads = hardware.num_threads or allotted_cpus()
+    if threads:
+        torch.set_num_threads(threads)
     kind = hardware.device
     if kind == "auto":
         kind = "cuda" if torch.cuda.is_available() else "cpu"
