@@ -64,13 +64,17 @@ test-fast: install
 	$(BIN)/pytest -m "not slow and not gpu and not distributed"
 
 ## The floor of transformers that pyproject.toml states (5.17: the lent GPU machine's), with
-## its huggingface-hub: the fast tests with them installed apart in .floor/ in place of the
-## locked ones (test_lock.py, which checks the locked environment, aside).
+## its huggingface-hub, installed apart in .floor/ in place of the locked ones: the fast tests
+## of the modules whose code meets transformers' API (building, loading and saving models,
+## tokenizers, GGUF, generation, peft, trl's parity, pruning and quantizing modules); the
+## rest of the suite does not depend on which transformers is installed.
 FLOOR := transformers==5.17.0 huggingface-hub==1.33.0 httpx==0.28.1 httpcore==1.0.9 h11==0.16.0
+FLOOR_TESTS := $(addprefix tests/test_,$(addsuffix .py,train checkpoint tokenizer gguf \
+  encoders masked_lm classify adapters sft serving compression quantize preference kto taskdata))
 test-floor: install
 	$(BIN)/pip install -q --no-deps --upgrade --target .floor $(FLOOR)
 	PYTHONPATH=$(abspath .floor) $(BIN)/pytest -m "not slow and not gpu and not distributed" \
-	  -n 2 -p no:cacheprovider --ignore tests/test_lock.py
+	  -n 2 -p no:cacheprovider $(FLOOR_TESTS)
 
 ## The GPU check (scripts/gpu_check.sh) on a machine with a CUDA GPU: the gpu-marked tests,
 ## the 125M preset's MFU and masked-LM throughput. GPU_PYTHON=python3: a Python that has
