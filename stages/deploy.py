@@ -38,6 +38,8 @@ def main(cfg: DictConfig) -> None:
     with Stage("deploy", cfg, upstream=("evaluate", "finetune"), resume_keys=resume_keys) as stage:
         c, d, f = stage.cfg, stage.cfg.deploy, stage.cfg.finetune
         task = checked_task(c)
+        # Before any work: a gate whose mode contradicts its metric fails here.
+        gate = task.gate(d, f)
         metrics = json.loads(stage.input("evaluate", "metrics.json").read_text())
         predictions = pd.read_csv(stage.input("evaluate", "predictions.csv"),
                                   keep_default_na=False)  # fmt: skip
@@ -66,7 +68,6 @@ def main(cfg: DictConfig) -> None:
         tags = lineage.version_tags(stage.run_id, MlflowClient())
         # The version's run carries the metrics it was gated on (the next champion check).
         stage.log_metrics(metrics)
-        gate = task.gate(d, f)
         # Per-example scores of every metric that has them (each row names its metric): the
         # next challenger's paired test reads the one its gate needs.
         metrics_scored = [gate.metric, *task.example_metrics(predictions)]

@@ -113,6 +113,20 @@ def tool_env(project: Path) -> dict[str, str]:
     return env
 
 
+# tests/hold/sitecustomize.py: makes a training process stop at a chosen step and wait.
+HOLD = Path(__file__).parent / "hold"
+
+
+def hold_env(project: Path, marker: Path, **hold: int) -> dict[str, str]:
+    """tool_env with a training process set to hold (after_checkpoint=N and/or after_step=N,
+    tests/hold/sitecustomize.py), writing the step it holds at to `marker`."""
+    env = tool_env(project)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HOLD), env.get("PYTHONPATH")]))
+    env["LMPIPE_HOLD_MARKER"] = str(marker)
+    env |= {f"LMPIPE_HOLD_{name.upper()}": str(step) for name, step in hold.items()}
+    return env
+
+
 def run(
     cmd: list[str], project: Path, check: bool = True, env: dict[str, str] | None = None, **kwargs
 ) -> subprocess.CompletedProcess:

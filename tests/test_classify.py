@@ -120,13 +120,16 @@ def test_scores_come_from_the_predictions_table_with_both_baselines() -> None:
     assert 0.05 < metrics["finetuned_macro_f1_high"] - metrics["finetuned_macro_f1_low"] < 0.35
 
 
-def test_a_perfect_classifier_has_a_zero_width_interval() -> None:
+def test_a_perfect_classifier_has_an_exact_accuracy_interval() -> None:
+    """40 of 40 right: accuracy's exact interval is [0.025^(1/40), 1] = [0.912, 1], not a
+    zero-width one; macro-F1's bootstrap resamples only perfect predictions."""
     from lmpipe.tasks.classify import headline_intervals
 
     labels = ["x", "y"] * 20
     intervals = headline_intervals("m", labels, labels, ["x", "y"])
-    assert intervals == {"m_accuracy_low": 1.0, "m_accuracy_high": 1.0,
-                         "m_macro_f1_low": 1.0, "m_macro_f1_high": 1.0}  # fmt: skip
+    assert intervals == pytest.approx({"m_accuracy_low": 0.025 ** (1 / 40),
+                                       "m_accuracy_high": 1.0, "m_macro_f1_low": 1.0,
+                                       "m_macro_f1_high": 1.0})  # fmt: skip
 
 
 @pytest.fixture

@@ -67,10 +67,6 @@ def test_a_mode_that_contradicts_the_metric_is_refused() -> None:
         sft.gate(DeployConfig(gates={"sft": GateConfig("my_score")}))
     custom = sft.gate(DeployConfig(gates={"sft": GateConfig("my_score", "max")}))
     assert custom.mode == "max"  # a metric declared nowhere: the configured mode
-    # At start-up: finetune, evaluate and deploy check the task (and so the gate) first.
-    contradicting = {"sft": {"metric": "finetuned_exact_match", "mode": "min"}}
-    with pytest.raises(ConfigError, match="contradicts"):
-        sft.check(validate({"deploy": {"gates": contradicting}}))
 
 
 def test_checkable_answers_gate_on_exact_match_against_the_champion() -> None:

@@ -4,9 +4,7 @@ test here skips and says why. Jobs run on this machine's CPUs, as on a CPU parti
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
 import sqlite3
 import subprocess
@@ -17,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import copy_project, file_digests, run, tool_env
+from tests.conftest import copy_project, file_digests, hold_env, run
 
 pytestmark = pytest.mark.slow
 
@@ -153,35 +151,25 @@ def test_a_failing_training_job_fails_the_stage_with_its_error(project: Path):
     assert "/nowhere/model" in failed.stderr
 
 
-# Makes a training job stop after a checkpoint and wait there to be cancelled.
-HOLD = Path(__file__).parent / "hold_after_checkpoint"
-
-
-def test_scancel_mid_run_then_rerun_resumes_in_the_same_mlflow_run(project: Path):
+def test_scancel_mid_run_then_rerun_resumes_in_the_same_mlflow_run(project: Path, tmp_path):
     """A job cancelled by scancel after its checkpoint of step 20 (held there, so the cancel
     lands mid-run however fast or slow the node is), then the same command again: it resumes
     from step 20 in the same MLflow run and finishes."""
     command = ["python", "-m", "stages.pretrain", *SMOKE, *CPU_SLURM, "pretrain.steps=60",
                "pretrain.batch_size=16", "pretrain.checkpoint_every=20",
                "pretrain.eval_every=1000", "hardware.slurm.tasks_per_node=1"]  # fmt: skip
-    held = tool_env(project) | {"LMPIPE_HOLD_AFTER_CHECKPOINT": "20",
-                                "PYTHONPATH": os.pathsep.join(filter(None, [
-                                    str(HOLD), os.environ.get("PYTHONPATH")]))}  # fmt: skip
+    marker = tmp_path / "held"
     stage = subprocess.Popen(
-        command, cwd=project, env=held, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        text=True,
+        command, cwd=project, env=hold_env(project, marker, after_checkpoint=20),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     state_file = project / "outputs/pretrain/checkpoints/last/state.json"
     deadline = time.monotonic() + 600
-    state: dict = {}
-    while time.monotonic() < deadline and stage.poll() is None:
-        with contextlib.suppress(OSError, ValueError):
-            state = json.loads(state_file.read_text())
-            if state["step"] >= 20:
-                break
+    while time.monotonic() < deadline and stage.poll() is None and not marker.exists():
         time.sleep(0.05)
     assert stage.poll() is None, "the job ended before it could be cancelled"
-    assert state["step"] == 20 and not state.get("finished")
+    state = json.loads(state_file.read_text())
+    assert marker.read_text() == "20" and state["step"] == 20 and not state.get("finished")
     jobs = subprocess.run(["squeue", "-h", "-n", "pretrain", "-o", "%i"], capture_output=True,
                           text=True, check=True).stdout.split()  # fmt: skip
     assert len(jobs) == 1

@@ -4,7 +4,6 @@ processes, the submitit launcher, and a packaged GGUF model as the base."""
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import os
 import signal
@@ -17,15 +16,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import BIN, copy_project, run, tool_env
+from tests.conftest import BIN, copy_project, hold_env, run, tool_env
 
 pytestmark = pytest.mark.slow
 
 PRETRAIN = "outputs/pretrain"
 # The project's overrides, repeated by direct stage runs: with overrides a stage composes
 # conf/ with them, as `dvc exp run -S` does.
-PARAMS = ["experiment=smoke", "pretrain.steps=300", "pretrain.log_every=1",
-          "pretrain.checkpoint_every=50", "pretrain.eval_every=100"]  # fmt: skip
+PARAMS = ["experiment=smoke", "pretrain.steps=150", "pretrain.log_every=1",
+          "pretrain.checkpoint_every=25", "pretrain.eval_every=50"]  # fmt: skip
 
 
 def weights(project: Path, stage: str = "pretrain") -> dict[str, torch.Tensor]:
@@ -61,21 +60,28 @@ def stored_steps(project: Path, run_id: str) -> list[int]:
     return [step for (step,) in rows]
 
 
-def kill_pretrain_when(project: Path, ready, force: bool = False) -> dict:
+def kill_pretrain_when(
+    project: Path, ready=None, force: bool = False, **hold: int
+) -> dict:
     """`dvc repro pretrain` (with `force`: `--force --single-item`, pretrain alone rerun),
     SIGKILLed (the whole process group) once `ready(state)` holds for the last checkpoint's
-    state.json; returns that state."""
+    state.json, or, with `hold` (after_checkpoint=N, after_step=N: tests/hold), once the
+    training process holds there; returns the last checkpoint's state."""
+    marker = project / "held-at"
+    marker.unlink(missing_ok=True)
     process = subprocess.Popen(
         ["dvc", "repro", *(["--force", "--single-item"] if force else []), "pretrain"],
         cwd=project,
-        env=tool_env(project),
+        env=hold_env(project, marker, **hold) if hold else tool_env(project),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     state_file = project / PRETRAIN / "checkpoints" / "last" / "state.json"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and process.poll() is None:
+        if hold and marker.exists():
+            break
         with contextlib.suppress(OSError, ValueError, sqlite3.Error):
-            if ready(json.loads(state_file.read_text())):
+            if not hold and ready(json.loads(state_file.read_text())):
                 break
         time.sleep(0.02)
     assert process.poll() is None, "pretrain ended before the moment to kill it came"
@@ -85,34 +91,21 @@ def kill_pretrain_when(project: Path, ready, force: bool = False) -> dict:
 
 
 def test_sigkill_mid_training_then_dvc_repro_resumes_to_identical_weights(project: Path):
-    """Killed twice: right after a checkpoint, then in the middle of a checkpoint interval.
-    The resumed run ends bit-identical and its MLflow history holds every step once (metric
+    """Killed twice: right after a checkpoint, then in the middle of a checkpoint interval
+    (each run held there, tests/hold, so the kill lands where it should on any machine). The
+    resumed run ends bit-identical and its MLflow history holds every step once (metric
     sending lags training, so at a kill the store may hold fewer steps than the checkpoint,
     or more)."""
-    killed_at = kill_pretrain_when(project, lambda state: state["step"] >= 100)
-    assert 100 <= killed_at["step"] < 300 and not killed_at.get("finished")
+    killed_at = kill_pretrain_when(project, after_checkpoint=50)
+    assert killed_at["step"] == 50 and not killed_at.get("finished")
     assert not (project / PRETRAIN / "model").exists()  # killed before the end
     assert runs(project, "pretrain") == [(killed_at["run_id"], "RUNNING")]
     run_id = killed_at["run_id"]
 
-    first_seen: dict[int, float] = {}
-
-    def mid_interval(state: dict) -> bool:
-        """40% of the shortest checkpoint interval this run has shown (checkpoints every 50
-        steps, a few tenths of a second each here) past the checkpoint at step 200; at once
-        at the one at 250, the last before the end. Under load a kill timed only by the
-        interval before landed after the run had finished."""
-        step, now = state["step"], time.monotonic()
-        first_seen.setdefault(step, now)
-        seen = sorted(first_seen)[1:]  # the first one was there before the start
-        intervals = [first_seen[b] - first_seen[a] for a, b in itertools.pairwise(seen)
-                     if b - a == 50]  # fmt: skip
-        if step >= 250:
-            return True
-        return step >= 200 and bool(intervals) and now >= first_seen[step] + 0.4 * min(intervals)
-
-    killed_again = kill_pretrain_when(project, mid_interval)
+    # Resumed from step 50, killed after step 110: 10 steps past the checkpoint of step 100.
+    killed_again = kill_pretrain_when(project, after_step=110)
     assert killed_again["run_id"] == run_id and not killed_again.get("finished")
+    assert killed_again["step"] == 100 and (project / "held-at").read_text() == "110"
 
     # --force reruns clean and tokenize too: they reproduce the same files, so the
     # checkpoint (keyed by its inputs' content, not by the upstream runs) still resumes
@@ -121,10 +114,10 @@ def test_sigkill_mid_training_then_dvc_repro_resumes_to_identical_weights(projec
     assert record["run_id"] == killed_at["run_id"]  # the same MLflow run, continued
     assert runs(project, "pretrain") == [(killed_at["run_id"], "FINISHED")]
     metrics = json.loads((project / PRETRAIN / "metrics.json").read_text())
-    assert metrics["resumed_from_step"] >= 200 and metrics["steps"] == 300
-    assert stored_steps(project, run_id) == list(range(1, 301))  # each step once
+    assert metrics["resumed_from_step"] == 100 and metrics["steps"] == 150
+    assert stored_steps(project, run_id) == list(range(1, 151))  # each step once
     curve = (project / PRETRAIN / "curves" / "train.csv").read_text().splitlines()
-    assert len(curve) == 1 + 300  # the whole history, not just the resumed part
+    assert len(curve) == 1 + 150  # the whole history, not just the resumed part
     resumed = weights(project)
 
     run(["dvc", "repro", "--force", "pretrain"], project, timeout=600)  # uninterrupted
@@ -136,9 +129,7 @@ def test_sigkill_mid_training_then_dvc_repro_resumes_to_identical_weights(projec
         assert torch.equal(resumed[name], tensor), name
 
     # a checkpoint another config replaces will never resume: its run ends KILLED
-    abandoned = kill_pretrain_when(
-        project, lambda state: state["step"] >= 50 and not state.get("finished"), force=True
-    )
+    abandoned = kill_pretrain_when(project, force=True, after_checkpoint=25)
     assert dict(runs(project, "pretrain"))[abandoned["run_id"]] == "RUNNING"
     run(["python", "-m", "stages.pretrain", *PARAMS, "pretrain.steps=4"], project)
     statuses = dict(runs(project, "pretrain"))

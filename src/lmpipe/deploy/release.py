@@ -59,10 +59,11 @@ class GateResult:
     baseline_value: float | None = None
     margin: float = 0.0
     beat_baseline: bool | None = None  # None: no baseline asked for
-    # The paired test against the champion (deploy.gates.<task>.significance): its method,
-    # the interval of (model - champion) on their shared held-out examples, two-sided at
-    # 1 - 2 level, McNemar's p, and whether it shows the model better. None: not asked for,
-    # or no champion to beat. `comparison_refused`: why the two could not be compared.
+    # The paired test against the champion at one-sided level `significance` (None: not
+    # asked for): its method, the interval of (model - champion) on their shared held-out
+    # examples, two-sided at 1 - 2 level, McNemar's p, and whether it shows the model
+    # better (None: no champion to beat). `comparison_refused`: why the two could not be
+    # compared.
     significance: float | None = None
     test: str | None = None
     difference_interval: tuple[float, float] | None = None
@@ -113,7 +114,7 @@ def check_gate(
     value = float(metrics[gate.metric])
     result = GateResult(
         gate.metric, value, gate.mode, gate.threshold,
-        better_or_equal(value, gate.threshold, gate.mode),
+        better_or_equal(value, gate.threshold, gate.mode), significance=gate.significance,
     )  # fmt: skip
     if gate.baseline is not None:
         result.baseline, result.margin = gate.baseline, gate.margin
@@ -127,7 +128,6 @@ def check_gate(
                 value, result.champion_value, gate.mode, tolerance
             )
     if gate.significance is not None and champion is not None:
-        result.significance = gate.significance
         result.champion_version = champion.version
         if examples is None or examples[examples["metric"] == gate.metric].empty:
             raise ConfigError(

@@ -227,7 +227,6 @@ class FinetuningTask(Objective):
                 f"invalid value for 'finetune.dataset': {f.dataset!r} is not a {self.name} "
                 f"dataset (allowed for finetune.task={self.name}: {self.datasets})"
             )
-        self.gate(cfg.deploy, f)  # a gate whose mode contradicts its metric fails here
 
     def default_gate(self, f: FinetuneConfig | DictConfig | None) -> GateConfig:
         """The gate where deploy.gates.<task> leaves a field null, for the data `f` trains
