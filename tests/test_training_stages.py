@@ -60,9 +60,7 @@ def stored_steps(project: Path, run_id: str) -> list[int]:
     return [step for (step,) in rows]
 
 
-def kill_pretrain_when(
-    project: Path, ready=None, force: bool = False, **hold: int
-) -> dict:
+def kill_pretrain_when(project: Path, ready=None, force: bool = False, **hold: int) -> dict:
     """`dvc repro pretrain` (with `force`: `--force --single-item`, pretrain alone rerun),
     SIGKILLed (the whole process group) once `ready(state)` holds for the last checkpoint's
     state.json, or, with `hold` (after_checkpoint=N, after_step=N: tests/hold), once the
