@@ -113,15 +113,15 @@ def tool_env(project: Path) -> dict[str, str]:
     return env
 
 
-# tests/hold/sitecustomize.py: makes a training process stop at a chosen step and wait.
-HOLD = Path(__file__).parent / "hold"
+# Test-only instruments of stage processes (tests/instrument/sitecustomize.py), on PYTHONPATH.
+INSTRUMENT = Path(__file__).parent / "instrument"
 
 
 def hold_env(project: Path, marker: Path, **hold: int) -> dict[str, str]:
     """tool_env with a training process set to hold (after_checkpoint=N and/or after_step=N,
-    tests/hold/sitecustomize.py), writing the step it holds at to `marker`."""
+    tests/instrument/lmpipe_hold.py), writing the step it holds at to `marker`."""
     env = tool_env(project)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HOLD), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(INSTRUMENT), env.get("PYTHONPATH")]))
     env["LMPIPE_HOLD_MARKER"] = str(marker)
     env |= {f"LMPIPE_HOLD_{name.upper()}": str(step) for name, step in hold.items()}
     return env

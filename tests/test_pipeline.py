@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.conftest import copy_project, run, tool_env
+from tests.conftest import INSTRUMENT, copy_project, run, tool_env
 
 pytestmark = pytest.mark.slow
 
@@ -59,7 +59,6 @@ def sweep_runs(project: Path) -> list[tuple[str, list[str]]]:
 SMOKE = ["experiment=smoke"]
 
 
-CONFIG_READS = Path(__file__).parent / "config_reads"
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +73,7 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory, config_reads: Path) -> Pa
     run(["lmpipe", "params", *SMOKE], project)
     run(["git", "commit", "-qam", "smoke params"], project)
     env = tool_env(project) | {"LMPIPE_CONFIG_READS": str(config_reads),
-                               "PYTHONPATH": str(CONFIG_READS)}  # fmt: skip
+                               "PYTHONPATH": str(INSTRUMENT)}  # fmt: skip
     run(["dvc", "repro"], project, timeout=900, env=env)
     return project
 

@@ -90,7 +90,7 @@ def kill_pretrain_when(project: Path, ready=None, force: bool = False, **hold: i
 
 def test_sigkill_mid_training_then_dvc_repro_resumes_to_identical_weights(project: Path):
     """Killed twice: right after a checkpoint, then in the middle of a checkpoint interval
-    (each run held there, tests/hold, so the kill lands where it should on any machine). The
+    (each run held there, tests/instrument, so the kill lands where it should on any machine). The
     resumed run ends bit-identical and its MLflow history holds every step once (metric
     sending lags training, so at a kill the store may hold fewer steps than the checkpoint,
     or more)."""

@@ -1,4 +1,4 @@
-"""Test-only: with this folder on PYTHONPATH, a training process stops at a chosen point and
+"""Test-only (loaded by sitecustomize.py here): a training process stops at a chosen point and
 waits to be killed, as a long job would be when killed mid-run; tests then kill it at a
 known point instead of racing a run whose speed depends on the machine's load.
 
@@ -7,10 +7,8 @@ known point instead of racing a run whose speed depends on the machine's load.
   checkpoint falls on it);
 - LMPIPE_HOLD_MARKER=<file>: written with the step once it holds.
 
-Without the first two it does nothing (tests/conftest.py: hold_env)."""
+tests/conftest.py: hold_env."""
 
-import importlib.abc
-import importlib.util
 import os
 import sys
 import time
@@ -30,7 +28,7 @@ def hold(what: str, step: int) -> None:
         time.sleep(1)
 
 
-def _hold_after_checkpoint(module) -> None:
+def hold_after_checkpoint(module) -> None:
     save = module.Checkpoints.save
 
     def save_then_hold(self, name, *args, **kwargs):
@@ -43,7 +41,7 @@ def _hold_after_checkpoint(module) -> None:
     module.Checkpoints.save = save_then_hold
 
 
-def _hold_after_step(module) -> None:
+def hold_after_step(module) -> None:
     log = module.MetricLogger.log
 
     def log_then_hold(self, metrics, step, series="train"):
@@ -52,30 +50,3 @@ def _hold_after_step(module) -> None:
             hold("training", step)
 
     module.MetricLogger.log = log_then_hold
-
-
-class _Hook(importlib.abc.MetaPathFinder):
-    """Runs `wrap` right after module `name` is executed."""
-
-    def __init__(self, name: str, wrap) -> None:
-        self.name, self.wrap = name, wrap
-
-    def find_spec(self, fullname, path, target=None):
-        if fullname != self.name:
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(fullname)
-        exec_module = spec.loader.exec_module
-
-        def exec_and_wrap(module) -> None:
-            exec_module(module)
-            self.wrap(module)
-
-        spec.loader.exec_module = exec_and_wrap
-        return spec
-
-
-if AFTER_CHECKPOINT:
-    sys.meta_path.insert(0, _Hook("lmpipe.training.checkpoint", _hold_after_checkpoint))
-if AFTER_STEP:
-    sys.meta_path.insert(0, _Hook("lmpipe.runs.tracking", _hold_after_step))

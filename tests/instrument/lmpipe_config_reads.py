@@ -1,4 +1,4 @@
-"""Test-only: with LMPIPE_CONFIG_READS=<dir> and this folder on PYTHONPATH, each stage process
+"""Test-only (loaded by sitecustomize.py here): with LMPIPE_CONFIG_READS=<dir>, each stage process
 writes the config keys its own code read (after validation) to <dir>/<stage>.<pid>.json, so
 tests/test_pipeline.py can check that each is a tracked DVC param of that stage.
 
@@ -7,14 +7,11 @@ A read is a leaf read by attribute or item (`f.optim.lr`), or a whole node consu
 key under it. Reads by the bookkeeping (lmpipe/stage.py, lmpipe/runs/: the run's params logged
 to MLflow, checkpoint fingerprints) and by OmegaConf itself are not the stage's.
 
-Every Python process on the path loads this (dvc's too), so it does nothing until
-lmpipe.stage is imported, then wraps its `validate` to start recording once the config is
-validated."""
+Every Python process on the path loads it (dvc's too), so it does nothing until lmpipe.stage
+is imported, then wraps its `validate` to start recording once the config is validated."""
 
 import atexit
 import functools
-import importlib.abc
-import importlib.util
 import json
 import os
 import sys
@@ -23,7 +20,7 @@ from pathlib import Path
 OUT = os.environ.get("LMPIPE_CONFIG_READS")
 
 
-def _start_recording(stage_module) -> None:
+def start_recording(stage_module) -> None:
     from omegaconf import DictConfig, OmegaConf
 
     # By location, not by a name in the path: a checkout in a folder called lmpipe holds the
@@ -87,25 +84,3 @@ def _start_recording(stage_module) -> None:
         if recording[0] and entry.parent.name == "stages":
             path = Path(OUT) / f"{entry.stem}.{os.getpid()}.json"
             path.write_text(json.dumps(sorted(reads)))
-
-
-class _StageHook(importlib.abc.MetaPathFinder):
-    """Runs _start_recording right after lmpipe.stage is executed."""
-
-    def find_spec(self, fullname, path, target=None):
-        if fullname != "lmpipe.stage":
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(fullname)
-        exec_module = spec.loader.exec_module
-
-        def exec_and_hook(module) -> None:
-            exec_module(module)
-            _start_recording(module)
-
-        spec.loader.exec_module = exec_and_hook
-        return spec
-
-
-if OUT:
-    sys.meta_path.insert(0, _StageHook())
