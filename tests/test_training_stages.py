@@ -23,8 +23,8 @@ pytestmark = pytest.mark.slow
 PRETRAIN = "outputs/pretrain"
 # The project's overrides, repeated by direct stage runs: with overrides a stage composes
 # conf/ with them, as `dvc exp run -S` does.
-PARAMS = ["experiment=smoke", "pretrain.steps=150", "pretrain.log_every=1",
-          "pretrain.checkpoint_every=25", "pretrain.eval_every=50"]  # fmt: skip
+PARAMS = ["experiment=smoke", "pretrain.steps=100", "pretrain.log_every=1",
+          "pretrain.checkpoint_every=20", "pretrain.eval_every=50"]  # fmt: skip
 
 
 def weights(project: Path, stage: str = "pretrain") -> dict[str, torch.Tensor]:
@@ -94,16 +94,16 @@ def test_sigkill_mid_training_then_dvc_repro_resumes_to_identical_weights(projec
     resumed run ends bit-identical and its MLflow history holds every step once (metric
     sending lags training, so at a kill the store may hold fewer steps than the checkpoint,
     or more)."""
-    killed_at = kill_pretrain_when(project, after_checkpoint=50)
-    assert killed_at["step"] == 50 and not killed_at.get("finished")
+    killed_at = kill_pretrain_when(project, after_checkpoint=40)
+    assert killed_at["step"] == 40 and not killed_at.get("finished")
     assert not (project / PRETRAIN / "model").exists()  # killed before the end
     assert runs(project, "pretrain") == [(killed_at["run_id"], "RUNNING")]
     run_id = killed_at["run_id"]
 
-    # Resumed from step 50, killed after step 110: 10 steps past the checkpoint of step 100.
-    killed_again = kill_pretrain_when(project, after_step=110)
+    # Resumed from step 40, killed after step 70: 10 steps past the checkpoint of step 60.
+    killed_again = kill_pretrain_when(project, after_step=70)
     assert killed_again["run_id"] == run_id and not killed_again.get("finished")
-    assert killed_again["step"] == 100 and (project / "held-at").read_text() == "110"
+    assert killed_again["step"] == 60 and (project / "held-at").read_text() == "70"
 
     # --force reruns clean and tokenize too: they reproduce the same files, so the
     # checkpoint (keyed by its inputs' content, not by the upstream runs) still resumes
@@ -112,10 +112,10 @@ def test_sigkill_mid_training_then_dvc_repro_resumes_to_identical_weights(projec
     assert record["run_id"] == killed_at["run_id"]  # the same MLflow run, continued
     assert runs(project, "pretrain") == [(killed_at["run_id"], "FINISHED")]
     metrics = json.loads((project / PRETRAIN / "metrics.json").read_text())
-    assert metrics["resumed_from_step"] == 100 and metrics["steps"] == 150
-    assert stored_steps(project, run_id) == list(range(1, 151))  # each step once
+    assert metrics["resumed_from_step"] == 60 and metrics["steps"] == 100
+    assert stored_steps(project, run_id) == list(range(1, 101))  # each step once
     curve = (project / PRETRAIN / "curves" / "train.csv").read_text().splitlines()
-    assert len(curve) == 1 + 150  # the whole history, not just the resumed part
+    assert len(curve) == 1 + 100  # the whole history, not just the resumed part
     resumed = weights(project)
 
     run(["dvc", "repro", "--force", "pretrain"], project, timeout=600)  # uninterrupted
@@ -127,7 +127,7 @@ def test_sigkill_mid_training_then_dvc_repro_resumes_to_identical_weights(projec
         assert torch.equal(resumed[name], tensor), name
 
     # a checkpoint another config replaces will never resume: its run ends KILLED
-    abandoned = kill_pretrain_when(project, force=True, after_checkpoint=25)
+    abandoned = kill_pretrain_when(project, force=True, after_checkpoint=20)
     assert dict(runs(project, "pretrain"))[abandoned["run_id"]] == "RUNNING"
     run(["python", "-m", "stages.pretrain", *PARAMS, "pretrain.steps=4"], project)
     statuses = dict(runs(project, "pretrain"))
