@@ -59,8 +59,6 @@ def sweep_runs(project: Path) -> list[tuple[str, list[str]]]:
 SMOKE = ["experiment=smoke"]
 
 
-
-
 @pytest.fixture(scope="module")
 def config_reads(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Where each stage of the pipeline build writes the config keys it read."""
@@ -558,7 +556,7 @@ def test_tracking_server_stopped_mid_run(pipeline: Path, tmp_path: Path) -> None
     from tests.conftest import tool_env
     from tests.servers import free_port, tracking_server
 
-    steps, port = 500, free_port()  # about 25 s of training: the server stops after 2
+    steps, port = 200, free_port()  # about 12 s of training: the server stops after 2
     backend = f"sqlite:///{tmp_path / 'server.db'}"
     env = {**tool_env(pipeline), "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}",
            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1"}  # fmt: skip
@@ -630,7 +628,8 @@ def test_sft_then_preference_from_one_dvc_exp_run(pipeline: Path) -> None:
     from mlflow.tracking import MlflowClient
 
     preference = ["-S", "experiment=smoke", "-S", "finetune=preference",
-                  "-S", "finetune.preference.sft_steps=4"]  # fmt: skip
+                  "-S", "finetune.preference.sft_steps=4",
+                  "-S", "deploy.sparsity.levels=[]"]  # fmt: skip
     result = run(["dvc", "exp", "run", *preference], pipeline, timeout=900)
     ran = [s for s in STAGES if f"Running stage '{s}'" in result.stdout]
     assert ran == ["finetune", "evaluate", "deploy"]
@@ -671,7 +670,9 @@ def test_sft_then_preference_from_one_dvc_exp_run(pipeline: Path) -> None:
 def test_classify_task_through_the_pipeline(pipeline: Path) -> None:
     """finetune=classify reruns finetune → deploy only; evaluate scores from its saved
     predictions; deploy registers lmpipe-classify; a second evaluate meets the champion."""
-    run(["lmpipe", "params", "experiment=smoke", "finetune=classify"], pipeline)
+    # No sparsity curve: its path ran in the pipeline fixture.
+    run(["lmpipe", "params", "experiment=smoke", "finetune=classify", "deploy.sparsity.levels=[]"],
+        pipeline)  # fmt: skip
     result = run(["dvc", "repro"], pipeline, timeout=900)
     ran = [s for s in STAGES if f"Running stage '{s}'" in result.stdout]
     assert ran == ["finetune", "evaluate", "deploy"]
@@ -691,7 +692,7 @@ def test_classify_task_through_the_pipeline(pipeline: Path) -> None:
 
     # Another learning rate: evaluate now reports the difference to that champion (deploy's
     # gate against a champion is tests/test_deploy.py's, through the same registry).
-    run(["lmpipe", "params", "experiment=smoke", "finetune=classify",
+    run(["lmpipe", "params", "experiment=smoke", "finetune=classify", "deploy.sparsity.levels=[]",
          "finetune.optim.lr=1e-2"], pipeline)  # fmt: skip
     run(["dvc", "repro", "evaluate"], pipeline, timeout=900)
     champion = json.loads((evaluate / "champion.json").read_text())
