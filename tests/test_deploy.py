@@ -310,6 +310,7 @@ def test_significance_gate_without_a_champion_or_its_scores() -> None:
     better = hits_table(flipped(CHAMPION_HITS, 40, 0))
     first = check_gate({EXACT: 0.7}, exact_gate(), None, None, better)
     assert first.passed and first.significantly_better is None  # nothing to beat yet
+    assert first.significance == 0.05  # the level asked for is recorded all the same
     incumbent = registry.RegisteredVersion("m", "3", "run", {EXACT: 0.6})
     unscored = check_gate({EXACT: 0.7}, exact_gate(), incumbent, None, better, None)
     assert unscored.significantly_better is False and not unscored.passed
