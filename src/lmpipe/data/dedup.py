@@ -25,12 +25,15 @@ import itertools
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import xxhash
-from datasketch import MinHash, MinHashLSH
 
 from lmpipe.runs.config import DedupConfig
+
+if TYPE_CHECKING:  # datasketch (0.3 s) only where deduplication runs, not at every stage's start
+    from datasketch import MinHash
 
 _SPACE = re.compile(r"\s+")
 _WORD = re.compile(r"\w+")
@@ -78,6 +81,8 @@ def shingle_hashes(text: str, ngram: int) -> np.ndarray:
 
 @functools.lru_cache(maxsize=4)
 def _empty_minhash(num_perm: int, seed: int) -> MinHash:
+    from datasketch import MinHash
+
     # Drawing the permutations costs ~125 us, a quarter of a signature: do it once, then copy.
     return MinHash(num_perm=num_perm, seed=seed, hashfunc=int, scheme=_SCHEME)
 
@@ -93,6 +98,8 @@ def minhash_signature(text: str, cfg: DedupConfig) -> np.ndarray:
 
 def lsh_shape(cfg: DedupConfig) -> tuple[int, int]:
     """(bands, rows per band) that datasketch chooses for the threshold, weighted to recall."""
+    from datasketch import MinHashLSH
+
     banding = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm, weights=LSH_WEIGHTS)
     return banding.b, banding.r
 

@@ -21,12 +21,11 @@ from abc import abstractmethod
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import pandas as pd
 import torch
-from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoModel, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -47,6 +46,9 @@ from lmpipe.selection.candidates import Candidate
 from lmpipe.training import distributed
 from lmpipe.training.adapters import Adapters
 from lmpipe.training.loop import EvalFn, Objective, autocast, computed_as_policy
+
+if TYPE_CHECKING:  # matplotlib only where a stage draws: it costs 0.4 s at every start
+    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 
