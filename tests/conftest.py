@@ -24,8 +24,10 @@ def threads_per_worker() -> int:
     return max(1, len(os.sched_getaffinity(0)) // workers)
 
 
-# Before torch is imported anywhere in this process; a value set by the caller is kept.
-os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_worker()))
+# In each xdist worker, before torch is imported there (the controller runs no tests and
+# sets nothing: its workers would inherit it); a value set by the caller is kept.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_worker()))
 
 # Ordinary prose, long enough for the word and repetition rules and for MinHash.
 PROSE = (
