@@ -35,11 +35,12 @@ from lmpipe.runs.tracking import MetricLogger
 from lmpipe.taskdata.conversations import IGNORE_INDEX, shuffled_batches
 from lmpipe.taskdata.pairs import Pair, PairExample, collate_pairs
 from lmpipe.tasks.causal_lm import CausalLM
-from lmpipe.tasks.preference import PreferenceLoss, reference_logps
 from lmpipe.training import adapters, checkpoint
 from lmpipe.training.checkpoint import Checkpoints
 from lmpipe.training.distributed import all_gather_object, full_model_state
+from lmpipe.training.logprobs import reference_logps
 from lmpipe.training.loop import seed_everything, setup_hardware, train
+from lmpipe.training.pair_losses import PreferenceLoss
 
 CAUSAL_LM = CausalLM()
 

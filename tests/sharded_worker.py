@@ -1,9 +1,11 @@
 """Work shared by processes (lmpipe.training.distributed.map_batches); alone or under torchrun.
 
-    torchrun --nproc_per_node 2 tests/sharded_worker.py OUT [--fail-rank 1] [--scores]
+    torchrun --nproc_per_node 2 tests/sharded_worker.py OUT [--fail-rank 1] [--scores|--rollouts]
 
 Squares 0..N-1 in batches, recording which process computed each batch, or (`--scores`)
-scores selection candidates with a small random model (`score_candidates`). With
+scores selection candidates with a small random model (`score_candidates`), or
+(`--rollouts`) samples 3 replies to each of 7 prompts from a small random chat model
+(lmpipe.feedback.rollouts.sample, in batches of 4 rows that split groups). With
 `--fail-rank R` the work raises on process R at its second batch; every process then
 writes the error it ended with to OUT/error-<rank>.txt.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -61,6 +64,26 @@ def scores_of(device: torch.device):
     return score_candidates(model.to(device), candidates, 2, 0, device, losses=True)
 
 
+def rollouts(out: Path) -> list:
+    from lmpipe.data.tokenizer import load_tokenizer, train_tokenizer
+    from lmpipe.feedback.rollouts import Sampling, sample
+    from lmpipe.runs.config import ModelConfig
+    from lmpipe.training.model import build_model
+
+    texts = ["What is two plus three? It is five.", "Hello, how are you today?"] * 40
+    path = out / f"tokenizer-{os.environ.get('RANK', '0')}"
+    train_tokenizer(texts, vocab_size=300).save_pretrained(path)
+    tokenizer = load_tokenizer(path)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(preset="test", hidden_size=32, num_layers=2, num_heads=2,
+                                    num_kv_heads=2, intermediate_size=64, max_seq_len=64),
+                        tokenizer)  # fmt: skip
+    prompts = [f"What is {i} plus {i + 1}?" for i in range(7)]
+    groups = sample(model, tokenizer, prompts, 3, Sampling(6, temperature=1.0), 5, 4,
+                    torch.device("cpu"))  # fmt: skip
+    return [[[c.text, list(c.token_ids), c.finished] for c in group] for group in groups]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
@@ -68,11 +91,15 @@ def main() -> None:
     parser.add_argument("--delay", type=float, default=0.0)
     parser.add_argument("--fail-rank", type=int)
     parser.add_argument("--scores", action="store_true")
+    parser.add_argument("--rollouts", action="store_true")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     env = distributed.init("cpu")
     try:
-        result = scores() if args.scores else squares(args, env.rank)
+        if args.rollouts:
+            result = rollouts(args.out)
+        else:
+            result = scores() if args.scores else squares(args, env.rank)
     except Exception as exc:
         (args.out / f"error-{env.rank}.txt").write_text(f"{type(exc).__name__}: {exc}")
         raise

@@ -120,7 +120,7 @@ def test_dpo_reference_equals_the_policy_at_step_0_in_bf16(
 ) -> None:
     """Compiled, the reference must be computed by the compiled model as the policy is
     (lmpipe.tasks.base.reference_by_split), or the two differ by bf16 kernel choices."""
-    from lmpipe.tasks.preference import TIE_MARGIN
+    from lmpipe.training.pair_losses import TIE_MARGIN
     from tests.test_preference import step_0_gaps
 
     hardware = HardwareConfig(device=CUDA.type, precision="bf16", compile=compiled)

@@ -20,7 +20,7 @@ from lmpipe.taskdata.conversations import Conversation
 from lmpipe.taskdata.unpaired import Judged
 from lmpipe.tasks.finetuning import checked_task
 from lmpipe.tasks.kto import KTO, KtoLoss, judge_replies, kto_losses, verifier_examples
-from lmpipe.tasks.preference import reply_logps
+from lmpipe.training.logprobs import reply_logps
 from tests.test_preference import arithmetic, talkative_model
 from tests.test_train import fresh_model
 

@@ -15,6 +15,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lmpipe.feedback.pairs import (
+    judge_samples,
+    opening_pairs,
+    sample_replies,
+    spin_pairs,
+    verifier_pairs,
+)
 from lmpipe.runs.config import (
     ConfigError,
     FinetuneConfig,
@@ -26,22 +33,16 @@ from lmpipe.runs.processes import DistEnv
 from lmpipe.taskdata import pairs as pref
 from lmpipe.taskdata.conversations import Conversation
 from lmpipe.tasks.finetuning import checked_task
-from lmpipe.tasks.preference import (
+from lmpipe.tasks.preference import Preference
+from lmpipe.training.logprobs import reference_logps, reply_logps
+from lmpipe.training.loop import policy_numerics, seed_everything
+from lmpipe.training.pair_losses import (
     TIE_MARGIN,
     PairScores,
-    Preference,
     PreferenceLoss,
-    judge_samples,
-    opening_pairs,
     pair_metrics,
     preference_losses,
-    reference_logps,
-    reply_logps,
-    sample_replies,
-    spin_pairs,
-    verifier_pairs,
 )
-from lmpipe.training.loop import policy_numerics, seed_everything
 from tests.test_train import fresh_model
 
 CPU = torch.device("cpu")
@@ -346,7 +347,7 @@ def test_spin_pairs_reject_the_models_own_greedy_reply(tiny_tokenizer) -> None:
     first = spin_pairs(model, tiny_tokenizer, conversations, p, CPU)
     again = spin_pairs(model, tiny_tokenizer, conversations, p, CPU)
     assert first == again  # deterministic
-    from lmpipe.evaluation.scoring import generate_replies
+    from lmpipe.feedback.rollouts import generate_replies
 
     assert len(first["train"]) == 3
     for pair in first["train"]:
@@ -623,7 +624,7 @@ def test_the_preference_loss_matches_its_formula_on_random_values() -> None:
 
 
 def test_held_out_reward_accuracy_counts_ties_half() -> None:
-    from lmpipe.tasks.preference import reward_accuracy
+    from lmpipe.training.pair_losses import reward_accuracy
 
     assert reward_accuracy(torch.tensor([1e-7, -3e-6, 0.0, 2e-7])) == 0.5  # the reference
     assert reward_accuracy(torch.tensor([0.5, -0.5, 0.2, 0.0])) == pytest.approx(0.625)
@@ -632,7 +633,7 @@ def test_held_out_reward_accuracy_counts_ties_half() -> None:
 def test_training_logs_reward_accuracy_with_the_held_out_tie_rule() -> None:
     """The same margins give the same share in training's sums as in the held-out metric, so
     noise-level margins (1 process against 2) cannot flip `rewards/accuracies`."""
-    from lmpipe.tasks.preference import pair_metric_sums, reward_accuracy
+    from lmpipe.training.pair_losses import pair_metric_sums, reward_accuracy
 
     margins = torch.tensor([3e-7, 2e-7, 0.3, -0.3, 5e-5, 6e-5])
     scores = SimpleNamespace(chosen=torch.zeros(6), rejected=torch.zeros(6))
@@ -831,8 +832,8 @@ def test_reference_free_losses_build_no_reference_and_train_without_one(
 ) -> None:
     """orpo and simpo say they need no reference: the pairs are built without its pass (its
     columns stay empty, under their own cache key), and training batches carry none."""
-    from lmpipe.tasks.preference import PAIR_LOSSES
     from lmpipe.training.model import save_model
+    from lmpipe.training.pair_losses import PAIR_LOSSES
 
     assert {name for name, loss in PAIR_LOSSES.items() if not loss.needs_reference} == {
         "simpo", "orpo"}  # fmt: skip

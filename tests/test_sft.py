@@ -121,7 +121,7 @@ def test_the_training_loss_keeps_packed_examples_apart(tiny_model, tiny_tokenize
 
 
 def test_batched_greedy_replies_equal_one_at_a_time(tiny_model, tiny_tokenizer) -> None:
-    from lmpipe.evaluation.scoring import generate_replies
+    from lmpipe.feedback.rollouts import generate_replies
 
     prompts = ["hi", "What is AI? Tell me more about thinking machines.", "fine", "Who?"]
     alone = generate_replies(tiny_model, tiny_tokenizer, prompts, max_new_tokens=6)

@@ -72,3 +72,15 @@ def test_selection_scores_from_two_processes_equal_one(tmp_path: Path) -> None:
             assert a["conditional_loss"] == pytest.approx(b["conditional_loss"], rel=1e-6)
             assert a["response_loss"] == pytest.approx(b["response_loss"], rel=1e-6)
             assert a["embedding"] == pytest.approx(b["embedding"], rel=1e-5, abs=1e-6)
+
+
+def test_rollouts_from_two_processes_equal_one(tmp_path: Path) -> None:
+    """Sampled replies are seeded per batch, so two processes draw exactly what one does,
+    even where a batch splits a prompt's group across processes."""
+    launch(tmp_path / "one", 1, "--rollouts")
+    launch(tmp_path / "two", 2, "--rollouts")
+    alone = results(tmp_path / "one", 0)
+    assert len(alone) == 7 and all(len(group) == 3 for group in alone)
+    assert len({tuple(reply[1]) for group in alone for reply in group}) > 7  # really sampled
+    for rank in (0, 1):
+        assert results(tmp_path / "two", rank) == alone

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from lmpipe.data.batches import sequential_windows, window_batches
 from lmpipe.evaluation.lm_metrics import mean_loss, unigram_entropy
-from lmpipe.evaluation.scoring import generate_replies
+from lmpipe.feedback.rollouts import generate_replies
 from lmpipe.runs.config import HardwareConfig, OptimConfig, TrainConfig
 from lmpipe.runs.tracking import MetricLogger
 from lmpipe.tasks.causal_lm import CausalLM

@@ -1,65 +1,20 @@
-"""Scoring for finetune's periodic eval and the evaluate stage: generations, class predictions,
+"""Scoring for finetune's periodic eval and the evaluate stage: scores of generated replies
+(the replies themselves: lmpipe.feedback.rollouts), class predictions,
 confusion matrix and per-class report, per-example losses
 (LM loss itself: lmpipe.evaluation.lm_metrics)."""
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel
 
 from lmpipe.evaluation.lm_metrics import eval_mode, token_losses
-
-
-@torch.no_grad()
-def generate_replies(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
-    max_new_tokens: int,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    device: torch.device | None = None,
-    min_new_tokens: int = 0,
-    batch_size: int = 1,
-) -> list[str]:
-    """Answer each prompt as a single user turn through the chat template, `batch_size`
-    prompts at a time (left-padded, so that every reply starts right after its prompt)."""
-    device = device or next(model.parameters()).device
-    model.eval()
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {}
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    replies = []
-    for start in range(0, len(prompts), batch_size):
-        encoded = [
-            tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                          add_generation_prompt=True, tokenize=True)
-            for prompt in prompts[start : start + batch_size]
-        ]  # fmt: skip
-        encoded = [list(e["input_ids"]) if isinstance(e, Mapping) else list(e) for e in encoded]
-        width = max(len(ids) for ids in encoded)
-        ids = torch.tensor([[pad_id] * (width - len(e)) + e for e in encoded], device=device)
-        attention = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded],
-                                 device=device)  # fmt: skip
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=attention,
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=min_new_tokens,  # > 0: same reply length, e.g. to compare latency
-            pad_token_id=pad_id,
-            **sampling,
-        )
-        replies += [
-            text.strip()
-            for text in tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-        ]
-    return replies
 
 
 def reply_scores(

@@ -110,7 +110,7 @@ def fixed_width(rows: Iterable[dict[str, list[int]]], multiple: int = 8) -> int:
 
     With equal shapes a row's log-prob does not depend on the rows it is batched with: in
     bf16 a different padding alone moves a reply's summed log-prob by up to ~0.07, far more
-    than a tie (lmpipe.tasks.preference.TIE_MARGIN), so a policy at step 0 would not equal
+    than a tie (lmpipe.training.pair_losses.TIE_MARGIN), so a policy at step 0 would not equal
     its reference. Equal shapes also keep compiled graphs static."""
     longest = max((len(row["input_ids"]) for row in rows), default=1)
     return -(-longest // multiple) * multiple

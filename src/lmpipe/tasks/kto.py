@@ -28,8 +28,9 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lmpipe.data.batches import ordered_examples, shuffled_examples
-from lmpipe.evaluation.answers import is_correct
 from lmpipe.evaluation.lm_metrics import eval_mode
+from lmpipe.feedback.judge import judge
+from lmpipe.feedback.pairs import sample_replies
 from lmpipe.runs.config import (
     ConfigError,
     EvaluateConfig,
@@ -51,9 +52,9 @@ from lmpipe.tasks.base import (
     chosen,
     reference_by_split,
 )
-from lmpipe.tasks.preference import reply_logps, sample_replies
 from lmpipe.tasks.sft import SFT, VERIFIABLE_DATASETS, conversation_splits, selection_candidate
 from lmpipe.training import distributed
+from lmpipe.training.logprobs import reply_logps
 from lmpipe.training.loop import policy_numerics
 from lmpipe.training.model import load_model
 
@@ -169,8 +170,8 @@ def judge_replies(conversation: Conversation, replies: Sequence[str]) -> list[Ju
     if conversation.answer is None:
         raise ValueError(f"kto example {conversation.id}: no answer to check replies against")
     prompt, solution = conversation.messages[:-1], conversation.messages[-1]["content"]
-    judged = [Judged(f"{conversation.id}:{i}", prompt, reply, is_correct(reply,
-                     conversation.answer), answer=conversation.answer)
+    judged = [Judged(f"{conversation.id}:{i}", prompt, reply,
+                     judge(reply, conversation.answer).correct, answer=conversation.answer)
               for i, reply in enumerate(replies) if reply]  # fmt: skip
     if not any(j.desirable for j in judged):
         judged.append(Judged(f"{conversation.id}:reference", prompt, solution, True,

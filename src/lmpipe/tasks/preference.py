@@ -27,30 +27,25 @@ scored on every held-out problem of the dataset (answer accuracy where answers a
 checkable), not only on those that made a pair.
 """
 
+
 from __future__ import annotations
 
 import hashlib
 import logging
-import math
-from collections import Counter
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Collection, Mapping, Sequence
 from functools import partial
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lmpipe.data.batches import ordered_examples, shuffled_examples
-from lmpipe.evaluation.answers import is_correct
-from lmpipe.evaluation.lm_metrics import eval_mode, next_token_losses
+from lmpipe.evaluation.lm_metrics import eval_mode
 from lmpipe.evaluation.plots import preference_figure
-from lmpipe.evaluation.scoring import generate_replies
+from lmpipe.feedback.pairs import spin_pairs, verifier_pairs
 from lmpipe.runs.config import (
     ConfigError,
     EvaluateConfig,
@@ -65,17 +60,29 @@ from lmpipe.taskdata import conversations
 from lmpipe.taskdata import pairs as pref
 from lmpipe.tasks.base import (
     FinetuningTask,
-    Objective,
     Report,
     TrainingSetup,
     cached_table,
     chosen,
     reference_by_split,
 )
-from lmpipe.tasks.sft import SFT, VERIFIABLE_DATASETS, conversation_splits, selection_candidate
-from lmpipe.training import distributed
+from lmpipe.tasks.sft import (
+    SFT,
+    VERIFIABLE_DATASETS,
+    conversation_splits,
+    selection_candidate,
+    sft_phase_config,
+)
+from lmpipe.training.logprobs import reference_logps, reply_logps
 from lmpipe.training.loop import policy_numerics
 from lmpipe.training.model import load_model, model_device
+from lmpipe.training.pair_losses import (
+    PreferenceLoss,
+    pair_loss,
+    pair_metrics,
+    preference_losses,
+    reward_accuracy,
+)
 
 log = logging.getLogger(__name__)
 
@@ -85,429 +92,6 @@ CACHE_DIR = "finetune/pairs-cache"
 PAIRS_FILE = "pairs.parquet"
 # Bump when what a cached table holds changes meaning.
 PAIRS_VERSION = 3  # 2: pairs keep their checkable answer; 3: samples seeded per batch
-
-
-# --- the losses ----------------------------------------------------------------------------
-
-
-class PairLogps(NamedTuple):
-    """A micro-batch's summed reply log-probs under the policy and the reference, per pair,
-    and each reply's token count."""
-
-    chosen: torch.Tensor
-    rejected: torch.Tensor
-    ref_chosen: torch.Tensor
-    ref_rejected: torch.Tensor
-    chosen_tokens: torch.Tensor
-    rejected_tokens: torch.Tensor
-
-    @property
-    def chosen_ratio(self) -> torch.Tensor:
-        return self.chosen - self.ref_chosen
-
-    @property
-    def rejected_ratio(self) -> torch.Tensor:
-        return self.rejected - self.ref_rejected
-
-    @property
-    def chosen_mean(self) -> torch.Tensor:
-        return self.chosen / self.chosen_tokens.clamp(min=1)
-
-    @property
-    def rejected_mean(self) -> torch.Tensor:
-        return self.rejected / self.rejected_tokens.clamp(min=1)
-
-
-# Per-pair losses, the chosen rewards and the rejected rewards (the last two detached).
-LossValues = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class PairLoss:
-    """One `finetune.preference.loss`. `needs_reference`: it reads the frozen reference's
-    log-probs (the DPO family); a reference-free loss rewards the policy's own mean token
-    log-prob."""
-
-    compute: Callable[[PairLogps, PreferenceConfig | DictConfig], LossValues]
-    needs_reference: bool = True
-
-
-def _ratio_rewards(x: PairLogps, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return beta * x.chosen_ratio.detach(), beta * x.rejected_ratio.detach()
-
-
-def _mean_rewards(x: PairLogps, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return beta * x.chosen_mean.detach(), beta * x.rejected_mean.detach()
-
-
-def dpo_loss(x: PairLogps, p: PreferenceConfig | DictConfig) -> LossValues:
-    """DPO: −log σ(βΔ)."""
-    delta = x.chosen_ratio - x.rejected_ratio
-    return -F.logsigmoid(p.beta * delta), *_ratio_rewards(x, p.beta)
-
-
-def hinge_loss(x: PairLogps, p: PreferenceConfig | DictConfig) -> LossValues:
-    """SLiC / RSO: max(0, 1 − βΔ)."""
-    delta = x.chosen_ratio - x.rejected_ratio
-    return torch.relu(1 - p.beta * delta), *_ratio_rewards(x, p.beta)
-
-
-def ipo_loss(x: PairLogps, p: PreferenceConfig | DictConfig) -> LossValues:
-    """IPO: (Δ̄ − 1/(2β))², Δ̄ from per-token averages (TRL's normalisation)."""
-    mean_delta = x.chosen_ratio / x.chosen_tokens.clamp(min=1) - \
-        x.rejected_ratio / x.rejected_tokens.clamp(min=1)  # fmt: skip
-    return (mean_delta - 1 / (2 * p.beta)) ** 2, *_ratio_rewards(x, p.beta)
-
-
-def robust_loss(x: PairLogps, p: PreferenceConfig | DictConfig) -> LossValues:
-    """rDPO: (−(1−ε) log σ(βΔ) + ε log σ(−βΔ)) / (1 − 2ε), ε = label_smoothing."""
-    delta, eps = x.chosen_ratio - x.rejected_ratio, p.label_smoothing
-    losses = (-(1 - eps) * F.logsigmoid(p.beta * delta)
-              + eps * F.logsigmoid(-p.beta * delta)) / (1 - 2 * eps)  # fmt: skip
-    return losses, *_ratio_rewards(x, p.beta)
-
-
-def simpo_loss(x: PairLogps, p: PreferenceConfig | DictConfig) -> LossValues:
-    """SimPO: −log σ(β(ā_c − ā_r) − γ), ā = mean token log-prob."""
-    losses = -F.logsigmoid(p.beta * (x.chosen_mean - x.rejected_mean) - p.simpo_gamma)
-    return losses, *_mean_rewards(x, p.beta)
-
-
-def _log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 − exp(x)) for x < 0, accurate on both sides of −ln 2."""
-    return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
-
-
-def orpo_loss(x: PairLogps, p: PreferenceConfig | DictConfig) -> LossValues:
-    """ORPO (Hong et al. 2024): the chosen reply's mean token NLL − β log σ(log odds ratio),
-    odds = P/(1 − P) of each reply's mean token log-prob. TRL's NLL also covers the prompt
-    tokens; ours, like SFT's, only the reply's."""
-    log_odds = (x.chosen_mean - x.rejected_mean) - (_log1mexp(x.chosen_mean)
-                                                    - _log1mexp(x.rejected_mean))  # fmt: skip
-    losses = -x.chosen_mean - p.beta * F.logsigmoid(log_odds)
-    return losses, *_mean_rewards(x, p.beta)
-
-
-PAIR_LOSSES: dict[str, PairLoss] = {
-    "sigmoid": PairLoss(dpo_loss),
-    "hinge": PairLoss(hinge_loss),
-    "ipo": PairLoss(ipo_loss),
-    "robust": PairLoss(robust_loss),
-    "simpo": PairLoss(simpo_loss, needs_reference=False),
-    "orpo": PairLoss(orpo_loss, needs_reference=False),
-}
-
-
-def pair_loss(name: str) -> PairLoss:
-    """The registered loss `finetune.preference.loss` names."""
-    try:
-        return PAIR_LOSSES[name]
-    except KeyError:
-        raise ConfigError(f"invalid value for 'finetune.preference.loss': {name!r} "
-                          f"(allowed: {sorted(PAIR_LOSSES)})") from None  # fmt: skip
-
-
-def preference_losses(
-    p: PreferenceConfig | DictConfig,
-    chosen_logps: torch.Tensor,
-    rejected_logps: torch.Tensor,
-    ref_chosen_logps: torch.Tensor,
-    ref_rejected_logps: torch.Tensor,
-    chosen_tokens: torch.Tensor,
-    rejected_tokens: torch.Tensor,
-) -> LossValues:
-    """Per-pair losses and the chosen and rejected rewards (detached) of `p.loss`, plus its
-    SFT term (`with_sft_term`). Rewards are β × the log-ratio to the reference (DPO family),
-    or β × the mean token log-prob for a reference-free loss."""
-    loss = pair_loss(p.loss)
-    x = PairLogps(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                  chosen_tokens, rejected_tokens)  # fmt: skip
-    losses, chosen_rewards, rejected_rewards = loss.compute(x, p)
-    return with_sft_term(losses, p, chosen_logps, chosen_tokens), chosen_rewards, rejected_rewards
-
-
-def with_sft_term(
-    losses: torch.Tensor,
-    p: PreferenceConfig | DictConfig,
-    chosen_logps: torch.Tensor,
-    chosen_tokens: torch.Tensor,
-) -> torch.Tensor:
-    """The pair losses plus `p.sft_weight` × the chosen reply's mean token NLL (RPO, as in
-    Pang et al. 2024's iterative reasoning preference optimisation; TRL: loss_type
-    ["sigmoid", "sft"]). It keeps the chosen replies likely: without it DPO may lower both
-    replies' log-probs as long as their gap grows. Per pair, so that a pair weighs the same
-    in any batch layout (TRL averages the NLL over the micro-batch's tokens: the same when
-    the chosen replies are equally long)."""
-    if not p.sft_weight:
-        return losses
-    return losses + p.sft_weight * (-chosen_logps / chosen_tokens.clamp(min=1))
-
-
-def reply_logps(
-    model: torch.nn.Module, batch: Mapping[str, torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's summed log-prob of its labelled tokens (fp32), and how many there are."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   use_cache=False).logits  # fmt: skip
-    losses, labelled = next_token_losses(logits, batch["labels"])  # fp32, 0 where unlabelled
-    return -losses.sum(dim=1), labelled.sum(dim=1)
-
-
-class PairScores:
-    """The policy's and reference's log-probs of a micro-batch of pairs, split in halves."""
-
-    def __init__(
-        self, logps: torch.Tensor, tokens: torch.Tensor, ref_logps: torch.Tensor | None
-    ) -> None:
-        """`ref_logps` None: a reference-free loss, which never reads them."""
-        self.chosen, self.rejected = logps.chunk(2)
-        self.chosen_tokens, self.rejected_tokens = tokens.chunk(2)
-        ref_logps = torch.zeros_like(logps) if ref_logps is None else ref_logps.to(logps)
-        self.ref_chosen, self.ref_rejected = ref_logps.chunk(2)
-
-    def losses(self, p: PreferenceConfig | DictConfig):
-        return preference_losses(p, self.chosen, self.rejected, self.ref_chosen,
-                                 self.ref_rejected, self.chosen_tokens,
-                                 self.rejected_tokens)  # fmt: skip
-
-
-# A reward margin this small is a tie: the reference scored in another batch (other padding)
-# or on another number of processes differs from itself in the last float bits, not in
-# preference. At step 1 the policy is the reference, so every margin is such noise.
-TIE_MARGIN = 1e-4
-
-
-def pair_wins(margins: torch.Tensor) -> torch.Tensor:
-    """Per pair: 1 for a margin of at least TIE_MARGIN, 0.5 for a tie, 0 for a loss. One rule
-    for training's `rewards/accuracies` and the held-out reward accuracy, so the reference
-    itself scores 0.5 (chance) whatever the float noise. (TRL counts a strict `>`, which noise
-    decides at step 1.)"""
-    wins = (margins >= TIE_MARGIN).to(margins.dtype)
-    ties = (margins.abs() < TIE_MARGIN).to(margins.dtype)
-    return wins + 0.5 * ties
-
-
-def reward_accuracy(margins: torch.Tensor) -> float:
-    """Share of pairs won, ties counting half (`pair_wins`)."""
-    return float(pair_wins(margins.double()).mean())
-
-
-def pair_metric_sums(
-    scores: PairScores, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor
-) -> dict[str, torch.Tensor]:
-    """Sums over the pairs of what TRL logs (under TRL's names), for averaging per step."""
-    margins = chosen_rewards - rejected_rewards
-    return {
-        "rewards/chosen": chosen_rewards.sum(),
-        "rewards/rejected": rejected_rewards.sum(),
-        "rewards/accuracies": pair_wins(margins.float()).sum(),
-        "rewards/margins": margins.sum(),
-        "logps/chosen": scores.chosen.detach().sum(),
-        "logps/rejected": scores.rejected.detach().sum(),
-    }
-
-
-class PreferenceLoss(Objective):
-    """The training objective: the summed pair losses of a micro-batch; target = pair."""
-
-    name = "preference"
-    loss_is_per_token = False
-
-    def __init__(self, p: PreferenceConfig | DictConfig) -> None:
-        self.p = p
-        self._sums: dict[str, torch.Tensor] = {}
-
-    def target_count(self, batch: Mapping[str, torch.Tensor]) -> int:
-        return batch["input_ids"].shape[0] // 2
-
-    def loss_sum(self, model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        scores = PairScores(*reply_logps(model, batch), batch.get("ref_logps"))
-        losses, chosen_rewards, rejected_rewards = scores.losses(self.p)
-        for name, value in pair_metric_sums(scores, chosen_rewards, rejected_rewards).items():
-            self._sums[name] = self._sums.get(name, 0) + value
-        return losses.sum()
-
-    def take_metric_sums(self) -> dict[str, torch.Tensor]:
-        sums, self._sums = self._sums, {}
-        return sums
-
-
-@torch.no_grad()
-def pair_metrics(
-    model: torch.nn.Module,
-    batches: Iterable[Mapping[str, torch.Tensor]],
-    p: PreferenceConfig | DictConfig,
-    device: torch.device,
-) -> dict[str, float]:
-    """Mean loss and TRL's reward values over the pairs of `batches` (eval mode)."""
-    total: dict[str, float] = {}
-    pairs = 0
-    with eval_mode(model):
-        for batch in batches:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            scores = PairScores(*reply_logps(model, batch), batch.get("ref_logps"))
-            losses, chosen_rewards, rejected_rewards = scores.losses(p)
-            sums = {"loss": losses.sum(), **pair_metric_sums(scores, chosen_rewards,
-                                                             rejected_rewards)}  # fmt: skip
-            for name, value in sums.items():
-                total[name] = total.get(name, 0.0) + float(value)
-            pairs += len(losses)
-    if pairs == 0:
-        raise ValueError("no preference pairs to evaluate")
-    return {name: value / pairs for name, value in total.items()}
-
-
-@torch.no_grad()
-def reference_logps(
-    model: torch.nn.Module,
-    examples: Sequence[pref.PairExample],
-    batch_size: int,
-    pad_id: int,
-    device: torch.device,
-    width: int | None = None,
-) -> list[pref.Pair]:
-    """The pairs with the (frozen, starting) model's log-probs of each reply filled in,
-    computed in micro-batches of `batch_size` rows padded to `width` (the shapes training
-    gives the policy: `pref.fixed_width`), their batches shared by the processes."""
-
-    def fill(_: int, chunk: Sequence[pref.PairExample]) -> list[pref.Pair]:
-        batch = pref.collate_pairs(chunk, pad_id, with_reference=False, width=width)
-        logps, _ = reply_logps(model, {k: v.to(device) for k, v in batch.items()})
-        values = logps.tolist()
-        return [replace(e.pair, ref_chosen=c, ref_rejected=r)
-                for e, c, r in zip(chunk, values[: len(chunk)], values[len(chunk) :],
-                                   strict=True)]  # fmt: skip
-
-    with eval_mode(model):
-        return distributed.map_batches(fill, examples, batch_size,
-                                       "preference: the reference's log-probs")  # fmt: skip
-
-
-# --- building the pairs --------------------------------------------------------------------
-
-
-def spin_pairs(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    conversations: Mapping[str, Sequence[conversations.Conversation]],
-    p: PreferenceConfig | DictConfig,
-    device: torch.device,
-) -> dict[str, list[pref.Pair]]:
-    """SPIN's pairs from each conversation's opening exchange: chosen = the human reply,
-    rejected = the model's greedy reply of at least one token (each distinct prompt answered
-    once)."""
-    splits = opening_pairs(conversations, p.max_pairs, p.max_held_out_pairs)
-    prompts = sorted({pair.prompt[0]["content"] for pairs in splits.values() for pair in pairs})
-    log.info("preference: the starting model answers %d distinct prompts (greedy, %d tokens)",
-             len(prompts), p.max_new_tokens)  # fmt: skip
-    # At least one token: an empty reply is no reply to prefer another to.
-    replies = distributed.map_batches(
-        lambda _, batch: generate_replies(model, tokenizer, batch, p.max_new_tokens,
-                                          device=device, min_new_tokens=1,
-                                          batch_size=len(batch)),
-        prompts, p.batch_size, "preference: the starting model's replies",
-    )  # fmt: skip
-    answer = dict(zip(prompts, replies, strict=True))
-    result: dict[str, list[pref.Pair]] = {}
-    for split, pairs in splits.items():
-        built = [replace(pair, rejected=answer[pair.prompt[0]["content"]]) for pair in pairs]
-        kept = [pair for pair in built if pair.rejected and pair.rejected != pair.chosen]
-        if len(kept) < len(built):
-            log.info("preference: %d %s pairs dropped: the model's reply is empty or the human "
-                     "one", len(built) - len(kept), split)  # fmt: skip
-        result[split] = kept
-    return result
-
-
-def opening_pairs(
-    conversations: Mapping[str, Sequence[conversations.Conversation]],
-    max_pairs: int | None,
-    max_held_out_pairs: int | None = None,
-) -> dict[str, list[pref.Pair]]:
-    """Each conversation's opening exchange as a pair with its reference reply chosen and
-    no rejected reply yet; at most `max_pairs` training ones and `max_held_out_pairs` per
-    held-out split (stable hash samples)."""
-    splits = {
-        split: [pref.Pair(c.id, c.messages[:1], c.messages[1]["content"].strip(), "",
-                          answer=c.answer) for c in items]
-        for split, items in conversations.items()
-    }  # fmt: skip
-    return {
-        split: pref.stable_sample(pairs, max_pairs if split == "train" else max_held_out_pairs)
-        for split, pairs in splits.items()
-    }
-
-
-def judge_samples(pair: pref.Pair, replies: Sequence[str]) -> tuple[pref.Pair | None, str]:
-    """The pair the answer checker makes of a prompt's sampled replies, and where its chosen
-    reply came from: `model` (the first correct sample), `reference` (no sample is correct:
-    the reference solution) or `solved` (no sample is wrong: no pair, None). Empty replies
-    are no reply to prefer another to, and are skipped."""
-    if pair.answer is None:
-        raise ValueError(f"preference pair {pair.id}: no answer to check replies against")
-    replies = [r for r in replies if r]
-    correct = [r for r in replies if is_correct(r, pair.answer)]
-    wrong = [r for r in replies if not is_correct(r, pair.answer)]
-    if not wrong:
-        return None, "solved"
-    if correct:
-        return replace(pair, chosen=correct[0], rejected=wrong[0]), "model"
-    return replace(pair, rejected=wrong[0]), "reference"
-
-
-def sample_replies(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
-    p: PreferenceConfig | DictConfig,
-    device: torch.device,
-    seed: int,
-) -> list[list[str]]:
-    """`p.samples` replies per prompt at `p.temperature`, the same ones for the same seed
-    and any number of processes (a private generator state per batch: the caller's random
-    stream is left as it was)."""
-    repeated = [prompt for prompt in prompts for _ in range(p.samples)]
-    devices = [device] if device.type == "cuda" else []
-
-    def sample(index: int, batch: Sequence[str]) -> list[str]:
-        # Seeded per batch: the same replies however many processes share the batches.
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed + index)
-            return generate_replies(model, tokenizer, batch, p.max_new_tokens, do_sample=True,
-                                    temperature=p.temperature, device=device,
-                                    min_new_tokens=1, batch_size=len(batch))  # fmt: skip
-
-    replies = distributed.map_batches(sample, repeated, p.batch_size, "sampling replies")
-    return [replies[i : i + p.samples] for i in range(0, len(replies), p.samples)]
-
-
-def verifier_pairs(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    conversations: Mapping[str, Sequence[conversations.Conversation]],
-    p: PreferenceConfig | DictConfig,
-    device: torch.device,
-    seed: int,
-) -> dict[str, list[pref.Pair]]:
-    """Pairs from the model's own sampled replies, judged by the answer checker
-    (`judge_samples`), in every split; how many prompts took each route is logged."""
-    result: dict[str, list[pref.Pair]] = {}
-    for split, pairs in opening_pairs(conversations, p.max_pairs, p.max_held_out_pairs).items():
-        log.info("preference: %d replies to each of %d %s prompts (temperature %g, %d tokens)",
-                 p.samples, len(pairs), split, p.temperature, p.max_new_tokens)  # fmt: skip
-        samples = sample_replies(model, tokenizer, [q.prompt[0]["content"] for q in pairs], p,
-                                 device, seed)  # fmt: skip
-        outcomes = Counter[str]()
-        result[split] = []
-        for pair, replies in zip(pairs, samples, strict=True):
-            judged, outcome = judge_samples(pair, replies)
-            outcomes[outcome] += 1
-            if judged is not None:
-                result[split].append(judged)
-        log.info("preference: %s: %d pairs with the model's own correct reply chosen, %d with "
-                 "the reference solution, %d prompts answered right in every sample (no pair)",
-                 split, outcomes["model"], outcomes["reference"], outcomes["solved"])  # fmt: skip
-    return result
 
 
 def encoded_splits(
@@ -613,17 +197,8 @@ class Preference(SFT):
         return SFT()
 
     def sft_first(self, f: FinetuneConfig | DictConfig) -> DictConfig | None:
-        """`sft_steps` of SFT at `sft_lr`, the rest of finetune.* shared (its preference
-        settings dropped: they are the phase ahead, not what this one trains)."""
-        p = f.preference
-        if not p.sft_steps:
-            return None
-        settings = OmegaConf.to_container(OmegaConf.structured(f), resolve=True)
-        del settings["preference"]
-        settings |= {"task": "sft", "steps": p.sft_steps, "epochs": None}
-        settings["selection"]["steps"] = []
-        settings["optim"]["lr"] = p.sft_lr
-        return OmegaConf.create(settings)
+        """`sft_steps` of SFT at `sft_lr` (lmpipe.tasks.sft.sft_phase_config)."""
+        return sft_phase_config(f, f.preference.sft_steps, f.preference.sft_lr)
 
     def disables_dropout(self, f: FinetuneConfig) -> bool:
         # policy = reference at step 0: no random forward passes (TRL does the same)

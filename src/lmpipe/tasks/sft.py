@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lmpipe.evaluation.answers import final_answer, is_correct, normalize
@@ -26,7 +26,8 @@ from lmpipe.evaluation.intervals import proportion_interval, ratio_interval
 from lmpipe.evaluation.lm_metrics import mean_loss, perplexity
 from lmpipe.evaluation.paired import score_table
 from lmpipe.evaluation.plots import loss_comparison_figure
-from lmpipe.evaluation.scoring import example_losses, generate_replies, reply_scores
+from lmpipe.evaluation.scoring import example_losses, reply_scores
+from lmpipe.feedback.rollouts import generate_replies
 from lmpipe.runs.config import DeployConfig, EvaluateConfig, FinetuneConfig, GateConfig
 from lmpipe.selection.candidates import Candidate
 from lmpipe.taskdata import chatterbot, conversations, reasoning_gym
@@ -93,6 +94,26 @@ CONVERSATION_SOURCES = {"chatterbot": _chatterbot, "reasoning_gym": _reasoning_g
 def conversation_splits(f: FinetuneConfig) -> dict[str, list[Conversation]]:
     """train/val/test conversations of `f.dataset`."""
     return CONVERSATION_SOURCES[f.dataset](f)
+
+
+# finetune.* groups of one task's own settings: an SFT phase before that task leaves them
+# out, so that a change to them reuses the phase (and tasks with one phase share it).
+TASK_SETTINGS = ("preference", "kto", "rejection_sampling")
+
+
+def sft_phase_config(f: FinetuneConfig | DictConfig, steps: int, lr: float) -> DictConfig | None:
+    """`steps` of SFT at `lr` on finetune.dataset, the rest of finetune.* shared, before a
+    task that learns from its own replies (lmpipe.tasks FinetuningTask.sft_first); None
+    for no steps."""
+    if not steps:
+        return None
+    settings = OmegaConf.to_container(OmegaConf.structured(f), resolve=True)
+    for group in TASK_SETTINGS:
+        settings.pop(group, None)
+    settings |= {"task": "sft", "steps": steps, "epochs": None}
+    settings["selection"]["steps"] = []
+    settings["optim"]["lr"] = lr
+    return OmegaConf.create(settings)
 
 
 def most_frequent_answer(conversations: Sequence[Conversation]) -> str:
