@@ -25,6 +25,20 @@ def reply_logps(
     return -losses.sum(dim=1), labelled.sum(dim=1)
 
 
+def token_logps(
+    model: torch.nn.Module, batch: Mapping[str, torch.Tensor], temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each labelled token's log-prob given the tokens before it (rows x length-1, fp32, 0
+    where unlabelled) and the mask of labelled tokens. `temperature` divides the logits
+    first: the distribution sampled replies came from, as TRL's GRPO scores them."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   use_cache=False).logits  # fmt: skip
+    if temperature != 1.0:
+        logits = logits / temperature
+    losses, labelled = next_token_losses(logits, batch["labels"])
+    return -losses, labelled
+
+
 @torch.no_grad()
 def reference_logps(
     model: torch.nn.Module,
