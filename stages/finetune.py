@@ -2,9 +2,13 @@
 
 `finetune=sft` instruction-tunes on chat pairs; `finetune=classify` trains a sequence
 classifier on WordNet glosses; `finetune=preference` optimises preferences (DPO family,
-SimPO) on pairs of a chosen and a rejected reply, optionally after SFT steps of its own
-(`finetune.preference.sft_steps`). Any of them can train peft adapters (merged before
-saving) or freeze the lower layers. The training examples are first selected
+SimPO) on pairs of a chosen and a rejected reply, and `finetune=kto` on replies judged one at
+a time; `finetune=rejection_sampling` fine-tunes on the model's own verified replies over
+rounds (every round but the last into a cached model of its own; samples.parquet holds
+every round's judged samples), and `finetune=grpo` by online RL from the answer checker's
+reward. Those that learn from the model's own replies may start with SFT steps of their own
+(`finetune.<task>.sft_steps`). Any of them can train peft adapters (merged before saving)
+or freeze the lower layers. The training examples are first selected
 (`finetune.selection`); selection.parquet says why each was kept or dropped, and
 pairs.parquet holds the preference pairs with the reference's log-probs. Early stopping
 on the validation loss; the best weights become the model. Resumable like pretrain.
@@ -13,10 +17,11 @@ Returns the best validation loss, the objective of a Hydra sweep.
 
 import logging
 import os
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 import hydra
+import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedTokenizerBase
@@ -33,8 +38,8 @@ from lmpipe.stage import Stage, prepare_cli
 from lmpipe.taskdata.pairs import pairs_table
 from lmpipe.tasks.base import FinetuningTask, TrainingSetup
 from lmpipe.tasks.finetuning import checked_task, prepare_finetuning
-from lmpipe.tasks.preference import CACHE_DIR as PAIRS_CACHE_DIR
 from lmpipe.tasks.preference import PAIRS_FILE
+from lmpipe.tasks.rejection_sampling import SAMPLES_FILE, samples_table
 from lmpipe.training import distributed
 from lmpipe.training.checkpoint import Checkpoints
 from lmpipe.training.loop import TrainResult, seed_everything, setup_hardware, train
@@ -45,6 +50,8 @@ log = logging.getLogger(__name__)
 # The SFT phase before preference optimisation: its model (and checkpoints), per config and
 # starting model, outside DVC's outs, so a change of beta or lr does not retrain it.
 SFT_PHASE_DIR = "finetune/sft-phase"
+# The rounds before the last (rejection sampling): their models, likewise.
+ROUNDS_DIR = "finetune/rounds"
 
 
 def run_training(
@@ -80,35 +87,60 @@ def run_training(
     return setup, result
 
 
-def sft_phase(
+def training_phase(
     stage: Stage, f: DictConfig, base: Path, tokenizer: PreTrainedTokenizerBase, env: DistEnv,
-    device: torch.device,
+    device: torch.device, home_dir: str, prefix: str, task: FinetuningTask | None = None,
+    identity: Mapping[str, object] | None = None,
 ) -> Path:  # fmt: skip
-    """The task's SFT phase `f` (lmpipe.tasks FinetuningTask.sft_first) from `base`: the
-    model the task then starts from (and takes as its reference). Cached per config and
-    starting model; resumable like any training."""
+    """`f`'s `task` trained from `base` into a model of its own under `home_dir`: the SFT
+    phase before a task that learns from its own replies, or a round of one but the last.
+    Cached per config, starting model and `identity` (what the task's data came from);
+    resumable like any training. Its metrics go to MLflow under `prefix`."""
     c = stage.cfg
     settings = OmegaConf.to_container(f, resolve=True)
-    identity = {"seed": c.seed, "finetune": settings,
-                "base": directory_digest(base) if env.is_main else None}  # fmt: skip
-    key = distributed.broadcast_object(key_of(identity) if env.is_main else None)
-    home = stage.inputs_root / SFT_PHASE_DIR / key
+    key = distributed.broadcast_object(
+        key_of({"seed": c.seed, "finetune": settings, "base": directory_digest(base),
+                **(identity or {})}) if env.is_main else None
+    )  # fmt: skip
+    home = stage.inputs_root / home_dir / key
     model_dir = home / "model"
     if model_dir.is_dir():
-        log.info("finetune: the SFT phase's model from %s", model_dir)
+        log.info("finetune: %s model from %s", prefix.rstrip("/"), model_dir)
         return model_dir
-    log.info("finetune: SFT phase, %d steps at lr %g, into %s", f.steps, f.optim.lr, home)
-    metrics = MetricLogger(stage.run_id if env.is_main else None, prefix="sft_phase/")
+    log.info("finetune: %s %d steps at lr %g, into %s", prefix.rstrip("/"), f.steps,
+             f.optim.lr, home)  # fmt: skip
+    metrics = MetricLogger(stage.run_id if env.is_main else None, prefix=prefix)
     checkpoints = Checkpoints(home / "checkpoints", key, env)
-    setup, result = run_training(stage, f, base, tokenizer, env, device, metrics, checkpoints)
+    setup, result = run_training(stage, f, base, tokenizer, env, device, metrics, checkpoints,
+                                 task=task)  # fmt: skip
     metrics.close()
     tmp = atomic.temp_path(model_dir)
     save_model(setup.final_model(), tokenizer, tmp, env)
     if env.is_main:
         os.replace(tmp, model_dir)
-        stage.log_metrics({f"sft_phase/{k}": v for k, v in result.summary().items()})
+        stage.log_metrics({f"{prefix}{k}": v for k, v in result.summary().items()})
     distributed.barrier()
     return model_dir
+
+
+def prepared_round(
+    stage: Stage, task: FinetuningTask, f: DictConfig, model: Path,
+    tokenizer: PreTrainedTokenizerBase, env: DistEnv, device: torch.device, number: int,
+) -> tuple[FinetuningTask, pd.DataFrame | None]:  # fmt: skip
+    """The task made with the data `model` derives for round `number` (1 for a task without
+    rounds), the round's figures logged at step = round."""
+    c = stage.cfg
+    prepared, table = task.prepare(f, model, tokenizer, device,
+                                   stage.inputs_root / task.data_cache, env, c.hardware,
+                                   c.seed)  # fmt: skip
+    if table is not None:
+        figures = task.round_metrics(table)
+        stage.log_metrics({f"{task.name}/{k}": v for k, v in figures.items()}, step=number)
+    return prepared, table
+
+
+# finetune's outs for derived data, empty where the task derives none (DVC needs the file).
+EMPTY_DATA = {PAIRS_FILE: lambda: pairs_table({}), SAMPLES_FILE: lambda: samples_table([])}
 
 
 @hydra.main(version_base="1.3", config_path="..", config_name="params")
@@ -118,18 +150,33 @@ def main(cfg: DictConfig) -> float:
         c, f = stage.cfg, stage.cfg.finetune
         device, env = setup_hardware(c.hardware)
         seed_everything(c.seed)
-        base = stage.input("pretrain", "model")
-        tokenizer = load_tokenizer(base)
+        start = stage.input("pretrain", "model")
+        tokenizer = load_tokenizer(start)
         task = checked_task(c)
         sft_first = task.sft_first(f)
         if sft_first is not None:
-            base = sft_phase(stage, sft_first, base, tokenizer, env, device)
-            seed_everything(c.seed)  # the preference phase draws as it would without one
-        task, pairs = task.prepare(f, base, tokenizer, device, stage.inputs_root /
-                                   PAIRS_CACHE_DIR, env, c.hardware, c.seed)  # fmt: skip
-        (pairs if pairs is not None else pairs_table({})).to_parquet(
-            stage.output(PAIRS_FILE), index=False
-        )
+            start = training_phase(stage, sft_first, start, tokenizer, env, device,
+                                   SFT_PHASE_DIR, "sft_phase/")  # fmt: skip
+            seed_everything(c.seed)  # the phase after draws as it would without one
+        # Rounds before the last (rejection sampling): each trains from the model its data
+        # came from (or from `start`) into a cached model of its own.
+        current, round_tables = start, []
+        for number in range(1, task.rounds(f)):
+            prepared, table = prepared_round(stage, task, f, current, tokenizer, env, device,
+                                             number)  # fmt: skip
+            round_tables.append(table)
+            current = training_phase(
+                stage, f, task.round_start(f, start, current), tokenizer, env, device,
+                ROUNDS_DIR, f"round_{number}/", prepared,
+                {"round": number, "data_from": directory_digest(current)},
+            )  # fmt: skip
+            seed_everything(c.seed)
+        task, table = prepared_round(stage, task, f, current, tokenizer, env, device,
+                                     task.rounds(f))  # fmt: skip
+        base = task.round_start(f, start, current)
+        for name, empty in EMPTY_DATA.items():
+            saved = task.saved_data([*round_tables, table]) if task.data_file == name else None
+            (saved if saved is not None else empty()).to_parquet(stage.output(name), index=False)
         chosen = select_for_task(
             task, f, base, tokenizer, device, c.seed, stage.inputs_root / CACHE_DIR, env,
         )  # fmt: skip

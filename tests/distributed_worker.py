@@ -5,7 +5,9 @@
 
 Batches are SFT-like (padding, prompt tokens masked out of the loss), so the comparison
 also checks that the loss is weighted by tokens across processes, not averaged per process;
-with `--objective preference` they are preference pairs (DPO), weighted per pair. `--peft`
+with `--objective preference` they are preference pairs (DPO), weighted per pair; with
+`--objective grpo` groups of replies sampled from the policy (lmpipe.tasks.grpo), rewarded
+by a stand-in judge (an even number of words), weighted per token (dapo). `--peft`
 trains adapters of that peft method; `--sigkill-at` kills the process outright (SIGKILL)
 while it logs that step.
 """
@@ -111,6 +113,35 @@ def skewed_eval(rank: int):
     return lambda model: next(losses)
 
 
+def grpo_setup(args: argparse.Namespace, device: torch.device, env) -> tuple:
+    """A small chat model, 16 arithmetic problems and GRPO's sampled batches and objective;
+    the judge is replaced by a stand-in that rewards some replies of a random model."""
+    from lmpipe.data.tokenizer import load_tokenizer, train_tokenizer
+    from lmpipe.feedback.judge import Verdict
+    from lmpipe.runs.config import FinetuneConfig, ModelConfig
+    from lmpipe.taskdata.conversations import Conversation
+    from lmpipe.tasks import grpo
+    from lmpipe.training.model import build_model
+
+    path = args.out.parent / f"{args.out.name}-tokenizer-{env.rank}"
+    train_tokenizer(["What is two plus three? It is five.", "Hello, how are you today?"] * 40,
+                    vocab_size=300).save_pretrained(path)  # fmt: skip
+    tokenizer = load_tokenizer(path)
+    seed_everything(0)
+    model = build_model(ModelConfig(preset="test", hidden_size=32, num_layers=2, num_heads=2,
+                                    num_kv_heads=2, intermediate_size=64, max_seq_len=64),
+                        tokenizer)  # fmt: skip
+    grpo.judge = lambda reply, answer: Verdict(len(reply.split()) % 2 == 0, None, "stand-in")
+    f = FinetuneConfig(task="grpo", batch_size=args.batch_size, grad_accum=args.grad_accum)
+    f.grpo.group_size, f.grpo.max_new_tokens = 3, 6
+    problems = [Conversation(f"q{i}", [{"role": "user", "content": f"What is {i} plus two?"},
+                                       {"role": "assistant", "content": f"#### {i + 2}"}],
+                             answer=str(i + 2)) for i in range(16)]  # fmt: skip
+    batches = grpo.GroupBatches(model, None, tokenizer, problems, f, 3, device, env.rank,
+                                env.world_size)  # fmt: skip
+    return model, batches, grpo.GrpoLoss(f.grpo)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
@@ -123,7 +154,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dropout", type=float, default=0.0, help="attention dropout")
     parser.add_argument("--device", default="cpu", help="cpu (gloo) | cuda (NCCL)")
     parser.add_argument("--precision", default="fp32")
-    parser.add_argument("--objective", default="causal_lm", help="causal_lm | preference")
+    parser.add_argument("--objective", default="causal_lm",
+                        help="causal_lm | preference | grpo")  # fmt: skip
     parser.add_argument("--peft", default="none", help="finetune.peft.method")
     parser.add_argument("--sigkill-at", type=int, help="SIGKILL the process at this step")
     parser.add_argument(
@@ -148,6 +180,8 @@ def main(argv: list[str] | None = None) -> None:
         grad_accum=args.grad_accum,
         checkpoint_every=2,
         eval_every=1,
+        # best checkpoints are written only where they become the model
+        final_weights="best" if args.skewed_eval else "last",
         optim=OptimConfig(lr=1e-2, warmup_steps=1, weight_decay=0.1),
     )
     objective = CAUSAL_LM
@@ -159,6 +193,8 @@ def main(argv: list[str] | None = None) -> None:
         batches = shuffled_examples(pairs, args.batch_size, partial(collate_pairs, pad_id=0), 3,
                                     env.rank, env.world_size)  # fmt: skip
         objective = PreferenceLoss(PreferenceConfig(beta=0.5))
+    if args.objective == "grpo":
+        model, batches, objective = grpo_setup(args, device, env)
     added = None
     if args.peft != "none":
         settings = PeftSettings(

@@ -125,3 +125,51 @@ def test_adalora_under_fsdp2_is_refused_before_the_first_step(tmp_path: Path) ->
     assert "DTensor" not in done.stderr
     ddp = train_tiny(tmp_path / "ddp", 2, 2, "--strategy", "ddp", "--peft", "adalora")
     assert ddp["world_size"] == 2 and ddp["ranks"]
+
+
+@pytest.fixture(scope="module")
+def grpo_single(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return train_tiny(tmp_path_factory.mktemp("grpo") / "one", 4, 1, "--objective", "grpo")
+
+
+GRPO_VALUES = ["reward", "reward_std", "frac_reward_zero_std", "completions/mean_length",
+               "completions/clipped_ratio", "clip_ratio/region_mean"]  # fmt: skip
+
+
+def test_grpo_on_two_processes_matches_one_with_the_doubled_batch(
+    grpo_single: dict, tmp_path: Path
+) -> None:
+    """Each process samples the groups of its own problems (seeded per group): the same
+    replies, loss, weights and TRL values as one process with the doubled batch."""
+    double = train_tiny(tmp_path, 2, 2, "--objective", "grpo")
+    assert double["world_size"] == 2
+    assert grpo_single["tokens"] == double["tokens"]
+    # At ratio 1 a group's advantages sum to 0: the loss is float noise around 0, so it is
+    # compared in absolute terms; the gradients it carries are not noise (the weights).
+    assert double["losses"] == pytest.approx(grpo_single["losses"], abs=1e-6)
+    for name, tensor in grpo_single["weights"].items():
+        torch.testing.assert_close(double["weights"][name], tensor, rtol=1e-5, atol=1e-6)
+    for one, two in zip(grpo_single["logged"], double["logged"], strict=True):
+        for name in GRPO_VALUES:
+            assert two[name] == pytest.approx(one[name], rel=1e-5, abs=1e-6), name
+    rewards = [row["reward"] for row in grpo_single["logged"]]
+    assert any(0 < r < 1 for r in rewards)  # groups with something to learn from
+    assert all(row["grad_norm"] > 1e-3 for row in grpo_single["logged"])
+
+
+def test_grpo_resumed_after_sigkill_equals_the_uninterrupted_run(
+    grpo_single: dict, tmp_path: Path
+) -> None:
+    """Killed at step 3 (its checkpoint of step 2 on disk) and rerun: the replies sampled
+    after the resume are the uninterrupted run's, and so are the weights."""
+    import signal
+
+    command = [sys.executable, WORKER, str(tmp_path / "out"), "--batch-size", "4",
+               "--objective", "grpo", "--checkpoints", str(tmp_path / "checkpoints")]  # fmt: skip
+    killed = run([*command, "--sigkill-at", "3"], REPO, check=False, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    resumed = train_tiny(tmp_path / "out", 4, 1, "--objective", "grpo", "--checkpoints",
+                         str(tmp_path / "checkpoints"))  # fmt: skip
+    assert resumed["resumed_from"] == 2
+    for name, tensor in grpo_single["weights"].items():
+        assert torch.equal(resumed["weights"][name], tensor), name

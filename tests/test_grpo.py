@@ -162,3 +162,139 @@ def test_loss_clip_ratios_and_kl_equal_trls_on_the_same_batch(
     (total / count).backward()
     for name, parameter in model.named_parameters():
         torch.testing.assert_close(parameter.grad, their_grads[name], rtol=1e-4, atol=1e-7)
+
+
+# --- the task: sampled batches, the objective in the loop, config ----------------------------
+
+
+def problems(n: int) -> list:
+    from lmpipe.taskdata.conversations import Conversation
+
+    return [Conversation(f"q{i}", [{"role": "user", "content": f"{i} + 1 ="},
+                                   {"role": "assistant", "content": f"#### {i + 1}"}],
+                         answer=str(i + 1)) for i in range(n)]  # fmt: skip
+
+
+def grpo_settings(**grpo) -> object:
+    from lmpipe.runs.config import FinetuneConfig
+
+    f = FinetuneConfig(task="grpo", dataset="reasoning_gym", batch_size=2, grad_accum=1)
+    f.grpo.group_size, f.grpo.max_new_tokens = 3, 4
+    for name, value in grpo.items():
+        setattr(f.grpo, name, value)
+    return f
+
+
+def group_batches(model, tokenizer, f, rank: int = 0, world_size: int = 1, position: int = 0):
+    from lmpipe.tasks.grpo import GroupBatches
+
+    batches = GroupBatches(model, None, tokenizer, problems(8), f, 5, torch.device("cpu"), rank,
+                           world_size)  # fmt: skip
+    batches.position = position
+    return batches
+
+
+def test_groups_are_the_same_after_a_resume_and_split_no_group(tiny_model, tiny_tokenizer) -> None:
+    """The batch at a position is a function of the position (a resumed run samples what the
+    uninterrupted one did), two processes' halves are the one process's doubled batch, and
+    each group's rows are its problem's."""
+    f = grpo_settings()
+    straight = group_batches(tiny_model, tiny_tokenizer, f)
+    first, second = next(straight), next(straight)
+    resumed = next(group_batches(tiny_model, tiny_tokenizer, f, position=1))
+    for name in second:
+        assert torch.equal(resumed[name], second[name]), name
+    assert not torch.equal(first["input_ids"], second["input_ids"][: len(first["input_ids"])])
+    f.batch_size = 4
+    doubled = next(group_batches(tiny_model, tiny_tokenizer, f))
+    f.batch_size = 2
+    halves = [next(group_batches(tiny_model, tiny_tokenizer, f, rank, 2)) for rank in (0, 1)]
+    rows = [row for half in halves for row in half["input_ids"].tolist()]
+    width = doubled["input_ids"].shape[1]
+    pad = tiny_tokenizer.pad_token_id
+    strip = [[t for t in row if t != pad] for row in rows]
+    assert strip == [[t for t in row if t != pad] for row in doubled["input_ids"].tolist()]
+    assert width >= max(half["input_ids"].shape[1] for half in halves)
+    assert len(first["advantages"]) == 2 * 3  # problems x group size
+
+
+def test_samples_serve_num_iterations_steps(tiny_model, tiny_tokenizer) -> None:
+    f = grpo_settings(num_iterations=2)
+    batches = group_batches(tiny_model, tiny_tokenizer, f)
+    a, b, c = next(batches), next(batches), next(batches)
+    assert "old_logps" in a and all(torch.equal(a[k], b[k]) for k in a)  # step 2 reuses step 1's
+    assert not torch.equal(a["input_ids"][:1], c["input_ids"][:1]) or not torch.equal(
+        a["labels"], c["labels"])  # step 3 samples afresh  # fmt: skip
+    mu_1 = next(group_batches(tiny_model, tiny_tokenizer, grpo_settings()))
+    assert "old_logps" not in mu_1 and "ref_logps" not in mu_1  # nothing loaded or kept
+
+
+def test_a_rewarded_reply_becomes_likelier_after_a_step(
+    monkeypatch: pytest.MonkeyPatch, tiny_model, tiny_tokenizer
+) -> None:
+    """One GRPO step through the shared loop, the judge rewarding the first reply of every
+    group: in each group, that reply gains log-prob, and more than any other reply does."""
+    from lmpipe.feedback.judge import Verdict
+    from lmpipe.runs.config import HardwareConfig
+    from lmpipe.runs.tracking import MetricLogger
+    from lmpipe.tasks.grpo import GrpoLoss
+    from lmpipe.training.loop import train
+
+    calls = {"n": 0}
+
+    def first_of_each_group(reply, answer):
+        calls["n"] += 1
+        return Verdict(calls["n"] % 3 == 1, "1", "correct" if calls["n"] % 3 == 1 else "wrong")
+
+    monkeypatch.setattr("lmpipe.tasks.grpo.judge", first_of_each_group)
+    f = grpo_settings(temperature=1.0)
+    f.steps, f.optim.lr, f.optim.warmup_steps = 1, 5e-2, 0
+    batches = group_batches(tiny_model, tiny_tokenizer, f)
+    batch = next(group_batches(tiny_model, tiny_tokenizer, f))  # what step 1 will train on
+    with torch.no_grad():
+        before, mask = token_logps(tiny_model, batch)
+    before = (before * mask).sum(1)
+    metrics = MetricLogger(None)
+    train(tiny_model, batches, f, HardwareConfig(device="cpu"), torch.device("cpu"), metrics,
+          objective=GrpoLoss(f.grpo))  # fmt: skip
+    with torch.no_grad():
+        after, _ = token_logps(tiny_model, batch)
+    change = (after * mask).sum(1) - before
+    rewarded = batch["rewards"] == 1
+    assert rewarded.tolist() == [True, False, False] * 2
+    for group in change.view(2, 3):
+        assert group[0] > 0 and group[0] > group[1:].max(), change
+
+
+@pytest.mark.parametrize(
+    ("settings", "pattern"),
+    [
+        ({"dataset": "chatterbot"}, "finetune.dataset=chatterbot has no checkable answers"),
+        ({"grpo": {"group_size": 1}}, "'finetune.grpo.group_size' must be at least 2"),
+        ({"grpo": {"loss_type": "ppo"}}, "'finetune.grpo.loss_type'"),
+        ({"grpo": {"scale_rewards": "rank"}}, "'finetune.grpo.scale_rewards'"),
+        ({"grpo": {"num_iterations": 3}, "checkpoint_every": 100}, "multiple of"),
+        ({"grpo": {"temperature": 0.0}}, "'finetune.grpo.temperature' must be > 0"),
+        ({"packing": True}, "finetune.packing"),
+    ],
+)  # fmt: skip
+def test_bad_grpo_configs_name_the_key(settings: dict, pattern: str) -> None:
+    from lmpipe.runs.config import ConfigError, validate
+    from lmpipe.tasks.finetuning import checked_task
+
+    finetune = {"task": "grpo", "dataset": "reasoning_gym", **settings}
+    with pytest.raises(ConfigError, match=pattern):
+        checked_task(validate({"finetune": finetune}))
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_the_loops_target_count_is_the_losss_own(loss_type: str, tiny_model, tiny_tokenizer):
+    """The loop divides the summed loss by the targets it counts before the forward pass:
+    they must be the count `reduced` divides by, for every loss type."""
+    from lmpipe.tasks.grpo import GrpoLoss
+
+    f = grpo_settings(loss_type=loss_type)
+    batch = next(group_batches(tiny_model, tiny_tokenizer, f))
+    logps, mask = token_logps(tiny_model, batch)
+    t = token_losses(logps, logps.detach(), batch["advantages"], mask, 0.2, 0.2)
+    assert GrpoLoss(f.grpo).target_count(batch) == reduced(t, loss_type, 4)[1]

@@ -1,7 +1,7 @@
 """The package's folders are layers, and a layer imports only from itself and the layers
 below it: runs/ (bookkeeping) at the bottom, then data/, taskdata/, evaluation/, training/,
-selection/, tasks/, deploy/, and the Stage harness (lmpipe/stage.py) that the stages/ entry
-points use."""
+feedback/ (the model's own replies and their verdicts), selection/, tasks/, deploy/, and the
+Stage harness (lmpipe/stage.py) that the stages/ entry points use."""
 
 import ast
 from pathlib import Path
@@ -17,6 +17,7 @@ LAYERS = [
     "taskdata",
     "evaluation",
     "training",
+    "feedback",
     "selection",
     "tasks",
     "deploy",

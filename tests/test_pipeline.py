@@ -546,6 +546,75 @@ def test_a_failing_stage_ends_failed_and_writes_nothing(pipeline: Path) -> None:
     assert deploy_json.read_text() == before
 
 
+def test_rejection_sampling_rounds_resume_mid_round_to_the_same_model(
+    pipeline: Path, tmp_path: Path
+) -> None:
+    """finetune=rejection_sampling, two rounds in one stage: killed while round 1 trains
+    (held after its step 3, tests/instrument), rerun, it resumes that round from its
+    checkpoint and ends with the weights of a run never killed. Each round's figures are in
+    MLflow at step = round, samples.parquet holds both rounds, all on training problems."""
+    import shutil
+    import signal
+    import subprocess
+    import time
+
+    import torch
+    from hydra import compose, initialize_config_dir
+    from safetensors.torch import load_file
+
+    from lmpipe.runs.config import validate
+    from lmpipe.tasks.sft import conversation_splits
+    from tests.conftest import hold_env
+
+    command = ["python", "-m", "stages.finetune", *SMOKE, "finetune=rejection_sampling",
+               "finetune.steps=4", "finetune.checkpoint_every=2", "finetune.eval_every=2",
+               "finetune.eval_batches=1", "finetune.rejection_sampling.sft_steps=0",
+               "finetune.rejection_sampling.samples=2",
+               "finetune.rejection_sampling.max_prompts=8",
+               "finetune.rejection_sampling.max_new_tokens=6",
+               "finetune.rejection_sampling.batch_size=16"]  # fmt: skip
+    finetune = pipeline / "outputs" / "finetune"
+    marker = tmp_path / "held-at"
+    held = subprocess.Popen(command, cwd=pipeline, env=hold_env(pipeline, marker, after_step=3),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not marker.exists():
+        assert held.poll() is None and time.monotonic() < deadline, "never held"
+        time.sleep(0.1)
+    os.killpg(held.pid, signal.SIGKILL)
+    held.wait()
+    assert not list((finetune / "rounds").glob("*/model"))  # round 1 had not finished
+
+    run(command, pipeline)
+    run_id = json.loads((finetune / "run.json").read_text())["run_id"]
+    with sqlite3.connect(pipeline / "mlflow.db") as db:
+        logged = dict(db.execute("SELECT key || '@' || step, value FROM metrics "
+                                 "WHERE run_uuid = ?", (run_id,)).fetchall())  # fmt: skip
+    assert logged["round_1/resumed_from_step@0"] == 2  # the checkpoint of step 2, not step 0
+    for number in (1, 2):
+        assert 0 <= logged[f"rejection_sampling/solve_rate@{number}"] <= 1
+        assert f"rejection_sampling/kept_examples@{number}" in logged
+    samples = pd.read_parquet(finetune / "samples.parquet")
+    assert sorted(samples["round"].unique()) == [1, 2]
+    assert len(samples) == 2 * 8 * 2  # rounds x problems x samples
+    with initialize_config_dir(str(pipeline / "conf"), version_base="1.3"):
+        f = validate(compose("config", [*SMOKE, "finetune=rejection_sampling"])).finetune
+    splits = conversation_splits(f)
+    held_out = {c.id for split in ("val", "test") for c in splits[split]}
+    assert set(samples["id"]) <= {c.id for c in splits["train"]}
+    assert not set(samples["id"]) & held_out
+    resumed = load_file(finetune / "model" / "model.safetensors")
+
+    for cache in ("rounds", "samples-cache", "checkpoints"):  # nothing to reuse or resume
+        shutil.rmtree(finetune / cache, ignore_errors=True)
+    run(command, pipeline)
+    straight = load_file(finetune / "model" / "model.safetensors")
+    assert resumed.keys() == straight.keys()
+    for name, tensor in straight.items():
+        assert torch.equal(resumed[name], tensor), name
+
+
 def test_tracking_server_stopped_mid_run(pipeline: Path, tmp_path: Path) -> None:
     """A real `mlflow server` goes away while finetune trains: training completes with one
     clear warning, every value is in DVC's files, the rest is saved and `lmpipe replay`

@@ -295,7 +295,7 @@ class PreferenceConfig:
     """finetune.task=preference: pairs of a preferred and a rejected reply (lmpipe.tasks.
     preference). The reference is the starting model, frozen; its log-probs are cached."""
 
-    # A loss of lmpipe.tasks.preference.PAIR_LOSSES: the DPO family (sigmoid, ipo, hinge,
+    # A loss of lmpipe.training.pair_losses.PAIR_LOSSES: the DPO family (sigmoid, ipo, hinge,
     # robust; against the frozen reference), simpo and orpo (reference-free).
     loss: str = "sigmoid"
     beta: float = 0.1  # the reference's strength (DPO's beta, IPO's tau); simpo: reward scale;
@@ -350,6 +350,59 @@ class KtoConfig:
 
 
 @dataclass
+class RejectionSamplingConfig:
+    """finetune.task=rejection_sampling: expert iteration on problems with checkable answers
+    (lmpipe.tasks.rejection_sampling: STaR, RFT, ReST-EM). Each of `rounds` rounds samples
+    `samples` replies per training problem from the current model, keeps the distinct ones
+    the answer checker verifies, and fine-tunes on them for finetune.steps steps."""
+
+    rounds: int = 2
+    samples: int = 4  # k: replies sampled per training problem and round
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 48
+    batch_size: int = 64  # sampling rows per generate call
+    max_prompts: int | None = None  # training problems sampled per round (stable); null: all
+    max_per_problem: int | None = None  # distinct correct replies kept per problem; null: all
+    # Each round trains from: current (the model that sampled: STaR, RFT) or base (the
+    # starting model, on the latest model's samples: ReST-EM).
+    restart: str = "current"
+    # Train on the reference solutions too (RFT: the SFT data plus the model's own correct
+    # replies); false: the model's own verified replies alone (STaR, ReST-EM).
+    references: bool = True
+    # STaR's rationalization: a problem no sample solved gets one more attempt with its
+    # answer as a hint; a correct reply is kept (as the reply to the question without it).
+    hints: bool = False
+    # Supervised fine-tuning first: this many SFT steps (on finetune.dataset, with this lr
+    # and the rest of finetune.*) make the starting model; 0: none.
+    sft_steps: int = 0
+    sft_lr: float = 1e-3
+
+
+@dataclass
+class GrpoConfig:
+    """finetune.task=grpo: online RL with the answer checker's reward (lmpipe.tasks.grpo):
+    each step samples `group_size` replies per training problem from the current policy and
+    follows their advantages within the group, as TRL 1.16's GRPOTrainer (its names)."""
+
+    group_size: int = 8  # G: replies per problem (TRL: num_generations)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 48  # TRL: max_completion_length
+    loss_type: str = "dapo"  # dapo | grpo | dr_grpo | bnpo (lmpipe.training.grpo_loss)
+    scale_rewards: str = "group"  # group | batch | none
+    epsilon: float = 0.2  # ε_low
+    epsilon_high: float | None = None  # ε_high; null: epsilon (DAPO's clip-higher: 0.28)
+    num_iterations: int = 1  # μ: optimizer steps on each step's samples
+    beta: float = 0.0  # KL to the starting model; 0: no reference model is loaded
+    max_prompts: int | None = None  # training problems drawn from (stable); null: all
+    # Supervised fine-tuning first: this many SFT steps (on finetune.dataset, with this lr
+    # and the rest of finetune.*) make the starting model and the reference; 0: none.
+    sft_steps: int = 0
+    sft_lr: float = 1e-3
+
+
+@dataclass
 class ReasoningGymConfig:
     """finetune.dataset=reasoning_gym: procedural problems with checkable answers
     (lmpipe.taskdata.reasoning_gym)."""
@@ -368,6 +421,7 @@ class ReasoningGymConfig:
 @dataclass
 class FinetuneConfig(TrainConfig):
     # sft (chat pairs, causal LM) | classify (sequence classification) | preference (pairs)
+    # | kto | rejection_sampling (the model's own verified replies, over rounds) | grpo
     task: str = "sft"
     # sft, preference: chatterbot | reasoning_gym; classify: trec | wordnet
     dataset: str = "chatterbot"
@@ -391,6 +445,8 @@ class FinetuneConfig(TrainConfig):
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     kto: KtoConfig = field(default_factory=KtoConfig)
+    rejection_sampling: RejectionSamplingConfig = field(default_factory=RejectionSamplingConfig)
+    grpo: GrpoConfig = field(default_factory=GrpoConfig)
     reasoning_gym: ReasoningGymConfig = field(default_factory=ReasoningGymConfig)
 
 

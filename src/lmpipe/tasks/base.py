@@ -219,6 +219,11 @@ class FinetuningTask(Objective):
     # Whether the pretrained model itself can be scored on the task (a causal LM on replies:
     # yes; a classifier needs the head that tuning trains): evaluate then scores it too.
     before_tuning_is_comparable: ClassVar[bool] = False
+    # Data `prepare` derives from the starting model (pairs, judged samples): the file of
+    # finetune's outputs it is saved to, and where it is cached across runs (under outputs/,
+    # outside DVC's outs); None: the task derives none.
+    data_file: ClassVar[str | None] = None
+    data_cache: ClassVar[str] = "finetune/derived-cache"
 
     def check(self, cfg: DictConfig) -> None:
         """The task's rules for the whole config beyond the schema's: a ConfigError that
@@ -287,6 +292,25 @@ class FinetuningTask(Objective):
         """The supervised fine-tuning to run before this task's own training (its model is
         the task's start, and its reference where it has one); None: none."""
         return None
+
+    def saved_data(self, tables: Sequence[pd.DataFrame]) -> pd.DataFrame:
+        """What finetune saves to `data_file` of the tables `prepare` returned, one per round
+        (the last round's by default)."""
+        return tables[-1]
+
+    def round_metrics(self, table: pd.DataFrame) -> dict[str, float]:
+        """Figures of one round's table, logged at step = round under the task's name."""
+        return {}
+
+    def rounds(self, f: FinetuneConfig) -> int:
+        """Rounds of `prepare` then training in one finetune stage, each round's data made by
+        the model the round before trained (rejection sampling); 1 for most tasks."""
+        return 1
+
+    def round_start(self, f: FinetuneConfig, start: Path, current: Path) -> Path:
+        """The model a round trains from: the model that made its data (`current`), or the
+        stage's starting model `start`."""
+        return current
 
     def supervised_task(self) -> FinetuningTask:
         """The task whose training split calibrates a compressed model and retrains it after

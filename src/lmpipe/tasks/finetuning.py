@@ -16,15 +16,17 @@ from transformers import PreTrainedTokenizerBase
 from lmpipe.runs.config import ConfigError, FinetuneConfig
 from lmpipe.tasks.base import FinetuningTask, TrainingSetup
 from lmpipe.tasks.classify import Classify
+from lmpipe.tasks.grpo import GRPO
 from lmpipe.tasks.kto import KTO
 from lmpipe.tasks.preference import Preference
+from lmpipe.tasks.rejection_sampling import RejectionSampling
 from lmpipe.tasks.sft import SFT
 from lmpipe.training import adapters
 
 log = logging.getLogger(__name__)
 
 FINETUNING: dict[str, type[FinetuningTask]] = {
-    task.name: task for task in (SFT, Classify, Preference, KTO)
+    task.name: task for task in (SFT, Classify, Preference, KTO, RejectionSampling, GRPO)
 }
 
 

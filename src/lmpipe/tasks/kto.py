@@ -52,6 +52,8 @@ from lmpipe.tasks.base import (
     chosen,
     reference_by_split,
 )
+from lmpipe.tasks.preference import CACHE_DIR as PAIRS_CACHE_DIR
+from lmpipe.tasks.preference import PAIRS_FILE
 from lmpipe.tasks.sft import SFT, VERIFIABLE_DATASETS, conversation_splits, selection_candidate
 from lmpipe.training import distributed
 from lmpipe.training.logprobs import reply_logps
@@ -99,6 +101,8 @@ class KtoLoss(Objective):
     """The training objective: the summed KTO losses of a micro-batch; target = example."""
 
     name = "kto"
+    data_file = PAIRS_FILE
+    data_cache = PAIRS_CACHE_DIR
     loss_is_per_token = False
 
     def __init__(self, k: KtoConfig | DictConfig) -> None:

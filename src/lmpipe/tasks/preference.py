@@ -158,6 +158,8 @@ class Preference(SFT):
     rewards are reported; `Preference()` alone is the task before it has any."""
 
     name = "preference"
+    data_file = PAIRS_FILE
+    data_cache = CACHE_DIR
 
     def __init__(
         self,

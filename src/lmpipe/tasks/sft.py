@@ -98,7 +98,7 @@ def conversation_splits(f: FinetuneConfig) -> dict[str, list[Conversation]]:
 
 # finetune.* groups of one task's own settings: an SFT phase before that task leaves them
 # out, so that a change to them reuses the phase (and tasks with one phase share it).
-TASK_SETTINGS = ("preference", "kto", "rejection_sampling")
+TASK_SETTINGS = ("preference", "kto", "rejection_sampling", "grpo")
 
 
 def sft_phase_config(f: FinetuneConfig | DictConfig, steps: int, lr: float) -> DictConfig | None:

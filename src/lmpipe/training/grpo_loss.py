@@ -24,7 +24,6 @@ from dataclasses import dataclass
 
 import torch
 
-LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo")
 SCALE_REWARDS = ("group", "batch", "none")
 STD_EPS = 1e-4  # TRL's
 
@@ -93,17 +92,30 @@ def token_losses(
     return TokenLosses(loss * mask, mask, low, high, kl)
 
 
+def _dapo(t: TokenLosses, _: int) -> tuple[torch.Tensor, float]:
+    return t.loss.sum(), float(t.mask.sum())
+
+
+def _grpo(t: TokenLosses, _: int) -> tuple[torch.Tensor, float]:
+    per_row = t.loss.sum(dim=1) / t.mask.sum(dim=1).clamp(min=1.0)
+    return per_row.sum(), float(t.loss.shape[0])
+
+
+def _dr_grpo(t: TokenLosses, max_new_tokens: int) -> tuple[torch.Tensor, float]:
+    return t.loss.sum() / max_new_tokens, float(t.loss.shape[0])
+
+
+def _bnpo(t: TokenLosses, _: int) -> tuple[torch.Tensor, float]:
+    return t.loss.sum() / t.mask.sum().clamp(min=1.0), 1.0
+
+
+REDUCTIONS = {"dapo": _dapo, "grpo": _grpo, "dr_grpo": _dr_grpo, "bnpo": _bnpo}
+LOSS_TYPES = tuple(REDUCTIONS)
+
+
 def reduced(t: TokenLosses, loss_type: str, max_new_tokens: int) -> tuple[torch.Tensor, float]:
     """The micro-batch's loss sum and its target count under `loss_type` (loss = sum over
     the step's micro-batches and processes of the sums / of the counts)."""
-    tokens = t.mask.sum()
-    if loss_type == "dapo":
-        return t.loss.sum(), float(tokens)
-    if loss_type == "grpo":
-        per_row = t.loss.sum(dim=1) / t.mask.sum(dim=1).clamp(min=1.0)
-        return per_row.sum(), float(t.loss.shape[0])
-    if loss_type == "dr_grpo":
-        return t.loss.sum() / max_new_tokens, float(t.loss.shape[0])
-    if loss_type == "bnpo":
-        return t.loss.sum() / tokens.clamp(min=1.0), 1.0
-    raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if loss_type not in REDUCTIONS:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    return REDUCTIONS[loss_type](t, max_new_tokens)

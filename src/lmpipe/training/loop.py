@@ -66,9 +66,11 @@ class Objective(ABC):
     def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The loss summed over the batch's targets (fp32)."""
 
-    def take_metric_sums(self) -> dict[str, torch.Tensor]:
-        """Sums over the targets seen since the last call of values worth logging per step
-        (the loop averages them over the step's targets); none by default."""
+    def take_metric_sums(self) -> dict[str, torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
+        """Sums since the last call of values worth logging per step: a sum over the targets
+        (the loop averages it over the step's targets), or a (sum, count) pair averaged over
+        its own count (e.g. per completion or per token where the targets are neither);
+        none by default."""
         return {}
 
 
@@ -491,10 +493,14 @@ def train(
                 )
                 log.info("%s step %d: train loss %.4f, val loss %.4f", desc, step, loss_value,
                          progress.val_loss)  # fmt: skip
-                if progress.record_eval(step, cfg.early_stopping_min_delta):
+                # The best weights are kept only where they become the model (a best
+                # checkpoint of SmolLM2-135M is 0.5 GB written at every new best).
+                if progress.record_eval(step, cfg.early_stopping_min_delta) and (
+                    cfg.final_weights == BEST
+                ):
                     if checkpoints is not None:
                         save(BEST, {"val_loss": progress.val_loss})
-                    elif cfg.final_weights == BEST:
+                    else:
                         best_weights = {
                             k: v.detach().clone() for k, v in model.state_dict().items()
                         }
@@ -511,7 +517,8 @@ def train(
         bar.close()
         if cfg.steps == 0 and evaluate is not None:  # nothing trained: still report where it stands
             progress.val_loss, _ = _evaluate(evaluate, forward, device, hardware)
-        save(LAST)
+        if cfg.steps > 0:  # at 0 steps there is nothing to resume or inspect (1.5 GB for SmolLM2)
+            save(LAST)
         if checkpoints is not None:
             checkpoints.mark_finished()
         if cfg.final_weights == BEST and progress.best_step not in (None, progress.step):
@@ -595,8 +602,18 @@ def _optimizer_step(
     extra = {}
     if sums:
         names = sorted(sums)
-        stacked = torch.stack([sums[n].to(device, torch.float64) for n in names])
-        averaged = (distributed.all_reduce_sum(stacked) / label_count.double()).tolist()
+        own = [isinstance(sums[n], tuple) for n in names]  # (sum, count) pairs
+
+        def as_f64(value: torch.Tensor | float) -> torch.Tensor:
+            return torch.as_tensor(value).to(device, torch.float64)
+
+        values = torch.stack([as_f64(sums[n][0] if o else sums[n]) for n, o in zip(names, own,
+                                                                                   strict=True)])
+        counts = torch.stack([as_f64(sums[n][1] if o else 0.0) for n, o in zip(names, own,
+                                                                               strict=True)])
+        summed, counted = distributed.all_reduce_sum(torch.stack([values, counts]))
+        counted = torch.where(torch.tensor(own, device=device), counted, label_count.double())
+        averaged = (summed / counted).tolist()
         extra = dict(zip(names, averaged, strict=True))
     return loss_value, float(grad_norm), float(totals[0]), float(totals[1]), extra
 
