@@ -3,9 +3,10 @@
     torchrun --nproc_per_node 2 tests/sharded_worker.py OUT [--fail-rank 1] [--scores|--rollouts]
 
 Squares 0..N-1 in batches, recording which process computed each batch, or (`--scores`)
-scores selection candidates with a small random model (`score_candidates`), or
-(`--rollouts`) samples 3 replies to each of 7 prompts from a small random chat model
-(lmpipe.feedback.rollouts.sample, in batches of 4 rows that split groups). With
+scores selection candidates with a small random model (`score_candidates`); with
+`--rollouts` it also samples 3 replies to each of 7 prompts from a small random chat model
+(lmpipe.feedback.rollouts.sample, in batches of 4 rows that split groups) into
+OUT/rollouts-<rank>.json. With
 `--fail-rank R` the work raises on process R at its second batch; every process then
 writes the error it ended with to OUT/error-<rank>.txt.
 """
@@ -96,10 +97,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     env = distributed.init("cpu")
     try:
+        result = scores() if args.scores else squares(args, env.rank)
         if args.rollouts:
-            result = rollouts(args.out)
-        else:
-            result = scores() if args.scores else squares(args, env.rank)
+            (args.out / f"rollouts-{env.rank}.json").write_text(json.dumps(rollouts(args.out)))
     except Exception as exc:
         (args.out / f"error-{env.rank}.txt").write_text(f"{type(exc).__name__}: {exc}")
         raise

@@ -61,12 +61,19 @@ def test_an_error_on_one_process_ends_both_promptly_naming_it(tmp_path: Path) ->
     assert calls == [0, 2], calls  # rank 0 stopped at the round of the failure
 
 
-def test_selection_scores_from_two_processes_equal_one(tmp_path: Path) -> None:
-    launch(tmp_path / "one", 1, "--scores")
-    launch(tmp_path / "two", 2, "--scores")
-    alone = results(tmp_path / "one", 0)
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Selection scores and sampled replies, by one process and by two (one launch each)."""
+    out = tmp_path_factory.mktemp("scored")
+    launch(out / "one", 1, "--scores", "--rollouts")
+    launch(out / "two", 2, "--scores", "--rollouts")
+    return out
+
+
+def test_selection_scores_from_two_processes_equal_one(scored: Path) -> None:
+    alone = results(scored / "one", 0)
     for rank in (0, 1):
-        shared = results(tmp_path / "two", rank)
+        shared = results(scored / "two", rank)
         assert len(shared) == len(alone) == 37
         for a, b in zip(alone, shared, strict=True):
             assert a["conditional_loss"] == pytest.approx(b["conditional_loss"], rel=1e-6)
@@ -74,13 +81,15 @@ def test_selection_scores_from_two_processes_equal_one(tmp_path: Path) -> None:
             assert a["embedding"] == pytest.approx(b["embedding"], rel=1e-5, abs=1e-6)
 
 
-def test_rollouts_from_two_processes_equal_one(tmp_path: Path) -> None:
+def test_rollouts_from_two_processes_equal_one(scored: Path) -> None:
     """Sampled replies are seeded per batch, so two processes draw exactly what one does,
     even where a batch splits a prompt's group across processes."""
-    launch(tmp_path / "one", 1, "--rollouts")
-    launch(tmp_path / "two", 2, "--rollouts")
-    alone = results(tmp_path / "one", 0)
+
+    def drawn(run: str, rank: int) -> list:
+        return json.loads((scored / run / f"rollouts-{rank}.json").read_text())
+
+    alone = drawn("one", 0)
     assert len(alone) == 7 and all(len(group) == 3 for group in alone)
     assert len({tuple(reply[1]) for group in alone for reply in group}) > 7  # really sampled
     for rank in (0, 1):
-        assert results(tmp_path / "two", rank) == alone
+        assert drawn("two", rank) == alone
