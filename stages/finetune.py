@@ -89,8 +89,8 @@ def run_training(
 
 def training_phase(
     stage: Stage, f: DictConfig, base: Path, tokenizer: PreTrainedTokenizerBase, env: DistEnv,
-    device: torch.device, home_dir: str, prefix: str, task: FinetuningTask | None = None,
-    identity: Mapping[str, object] | None = None,
+    device: torch.device, home_dir: str, prefix: str, what: str,
+    task: FinetuningTask | None = None, identity: Mapping[str, object] | None = None,
 ) -> Path:  # fmt: skip
     """`f`'s `task` trained from `base` into a model of its own under `home_dir`: the SFT
     phase before a task that learns from its own replies, or a round of one but the last.
@@ -105,10 +105,9 @@ def training_phase(
     home = stage.inputs_root / home_dir / key
     model_dir = home / "model"
     if model_dir.is_dir():
-        log.info("finetune: %s model from %s", prefix.rstrip("/"), model_dir)
+        log.info("finetune: the %s's model from %s", what, model_dir)
         return model_dir
-    log.info("finetune: %s %d steps at lr %g, into %s", prefix.rstrip("/"), f.steps,
-             f.optim.lr, home)  # fmt: skip
+    log.info("finetune: %s, %d steps at lr %g, into %s", what, f.steps, f.optim.lr, home)
     metrics = MetricLogger(stage.run_id if env.is_main else None, prefix=prefix)
     checkpoints = Checkpoints(home / "checkpoints", key, env)
     setup, result = run_training(stage, f, base, tokenizer, env, device, metrics, checkpoints,
@@ -156,7 +155,7 @@ def main(cfg: DictConfig) -> float:
         sft_first = task.sft_first(f)
         if sft_first is not None:
             start = training_phase(stage, sft_first, start, tokenizer, env, device,
-                                   SFT_PHASE_DIR, "sft_phase/")  # fmt: skip
+                                   SFT_PHASE_DIR, "sft_phase/", "SFT phase")  # fmt: skip
             seed_everything(c.seed)  # the phase after draws as it would without one
         # Rounds before the last (rejection sampling): each trains from the model its data
         # came from (or from `start`) into a cached model of its own.
@@ -167,7 +166,7 @@ def main(cfg: DictConfig) -> float:
             round_tables.append(table)
             current = training_phase(
                 stage, f, task.round_start(f, start, current), tokenizer, env, device,
-                ROUNDS_DIR, f"round_{number}/", prepared,
+                ROUNDS_DIR, f"round_{number}/", f"round {number}", prepared,
                 {"round": number, "data_from": directory_digest(current)},
             )  # fmt: skip
             seed_everything(c.seed)
