@@ -21,7 +21,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pandas as pd
 import torch
@@ -31,6 +31,8 @@ from lmpipe.data.batches import IGNORE_INDEX
 from lmpipe.data.sources import SourceError, decode, expand_paths
 from lmpipe.taskdata.conversations import Conversation, Messages, collate, split_of
 from lmpipe.taskdata.conversations import fixed_width as conversations_width
+
+T = TypeVar("T")  # an item with an `id`
 
 log = logging.getLogger(__name__)
 
@@ -159,9 +161,9 @@ def split_pairs(
     return splits
 
 
-def stable_sample(pairs: Sequence[Pair], count: int | None) -> list[Pair]:
-    """At most `count` pairs chosen by a hash of their id (the same ones on every run), in
-    their original order."""
+def stable_sample(pairs: Sequence[T], count: int | None) -> list[T]:
+    """At most `count` items (pairs, conversations: anything with an `id`) chosen by a hash
+    of their id (the same ones on every run), in their original order."""
     if count is None or count >= len(pairs):
         return list(pairs)
     rank = sorted(

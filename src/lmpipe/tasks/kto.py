@@ -41,6 +41,7 @@ from lmpipe.runs.config import (
 from lmpipe.runs.keys import directory_digest, keyed_path
 from lmpipe.runs.processes import DistEnv
 from lmpipe.selection.candidates import Candidate
+from lmpipe.taskdata import pairs as pref
 from lmpipe.taskdata import unpaired
 from lmpipe.taskdata.conversations import Conversation
 from lmpipe.taskdata.unpaired import Judged, JudgedExample
@@ -159,15 +160,6 @@ def reference_logps(
         return distributed.map_batches(fill, examples, batch_size, "kto: the reference's log-probs")
 
 
-def _stable_sample(items: Sequence[Conversation], count: int | None) -> list[Conversation]:
-    """At most `count` items by a hash of their id (the same ones every run), in order."""
-    if count is None or count >= len(items):
-        return list(items)
-    ranked = sorted(items, key=lambda c: hashlib.blake2b(c.id.encode(), digest_size=8).digest())
-    kept = {c.id for c in ranked[:count]}
-    return [c for c in items if c.id in kept]
-
-
 def judge_replies(conversation: Conversation, replies: Sequence[str]) -> list[Judged]:
     """A prompt's sampled replies, each labelled by the answer checker; the reference
     solution joins them as desirable where none is right. Empty replies are skipped."""
@@ -199,7 +191,7 @@ def verifier_examples(
     for split in ("train", "val"):
         items = conversations[split]
         limit = k.max_prompts if split == "train" else k.max_held_out_prompts
-        items = _stable_sample(items, limit)
+        items = pref.stable_sample(items, limit)
         samples = sample_replies(model, tokenizer, [c.prompt for c in items], k, device, seed)
         result[split] = [j for c, replies in zip(items, samples, strict=True)
                          for j in judge_replies(c, replies)]  # fmt: skip

@@ -1,26 +1,15 @@
 """Preference optimisation: learn from pairs of a preferred (chosen) and a dispreferred
 (rejected) reply to the same prompt.
 
-Losses (`finetune.preference.loss`), with Δ = (log π(y_c) − log π_ref(y_c)) −
-(log π(y_r) − log π_ref(y_r)) over each reply's summed token log-probs:
-  sigmoid  DPO: −log σ(βΔ)
-  hinge    SLiC / RSO: max(0, 1 − βΔ)
-  ipo      IPO: (Δ̄ − 1/(2β))², Δ̄ from per-token averages (TRL's normalisation)
-  robust   rDPO: (−(1−ε) log σ(βΔ) + ε log σ(−βΔ)) / (1 − 2ε), ε = label_smoothing
-  simpo    SimPO, reference-free: −log σ(β(ā_c − ā_r) − γ), ā = mean token log-prob
-  orpo     ORPO, reference-free: −ā_c − β log σ(log odds(ā_c) − log odds(ā_r))
-(PAIR_LOSSES: each a function, and whether it needs the reference)
-each plus `sft_weight` × the chosen reply's mean token NLL (RPO) where that is set.
+The loss (`finetune.preference.loss`: DPO, IPO, SLiC, rDPO, SimPO, ORPO, each optionally
+with RPO's NLL term) is lmpipe.training.pair_losses's.
 The reference is the starting model, frozen: its log-probs are computed once, before
 training, and cached with the pairs (so LoRA needs no second model and no adapter
 switching). Log-probs are fp32. A pair's two replies share a micro-batch, and the loop
 weighs every pair the same across accumulation and processes (target = pair).
 
-Pairs (`finetune.preference.pairs`): `spin` builds them from finetune.dataset's
-conversations as SPIN does, chosen = the reference reply, rejected = the starting model's own
-greedy reply; `verifier` (checkable answers) samples the starting model's replies and lets
-the answer checker judge them, chosen = a correct reply of the model's own (the reference
-solution where none is), rejected = a wrong one; `files` reads users' .jsonl
+Pairs (`finetune.preference.pairs`): `spin` and `verifier` are built from the starting
+model's own replies (lmpipe.feedback.pairs); `files` reads users' .jsonl
 (lmpipe.taskdata.pairs). Either way the table, with the reference's log-probs, is cached
 per starting model and written to pairs.parquet. Held out, spin and verifier models are
 scored on every held-out problem of the dataset (answer accuracy where answers are
