@@ -120,11 +120,14 @@ def complete(
                 use_cache=True,
                 **sampling.generate_kwargs(),
             )
+            rows, finished = [], []
             for row in out[:, width:].tolist():
                 end = next((i for i, token in enumerate(row) if token in ends), None)
-                kept = row if end is None else row[: end + 1]
-                text = tokenizer.decode(kept, skip_special_tokens=True).strip()
-                completions.append(Completion(text, tuple(kept), end is not None))
+                rows.append(row if end is None else row[: end + 1])
+                finished.append(end is not None)
+            texts = tokenizer.batch_decode(rows, skip_special_tokens=True)  # one call per batch
+            for text, row, done in zip(texts, rows, finished, strict=True):
+                completions.append(Completion(text.strip(), tuple(row), done))
     finally:
         model.train(was_training)
     return completions
