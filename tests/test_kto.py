@@ -334,3 +334,24 @@ def test_verifier_examples_are_cached_per_seed_and_sampling(tiny_tokenizer, tmp_
     changed = copy.deepcopy(f)
     changed.kto.beta = 0.5  # the loss's, not the examples'
     assert _cache_path(tmp_path, base, changed, 0, fp32) == path
+
+
+def test_kto_starts_from_an_sft_phase_shared_with_the_other_feedback_methods() -> None:
+    """finetune.kto.sft_steps: SFT first (KTO's paper setting); the phase's config leaves
+    every task's own settings out, so KTO, preference, rejection sampling and GRPO with the
+    same SFT steps and lr share one SFT model."""
+    from lmpipe.runs.config import FinetuneConfig
+    from lmpipe.tasks.grpo import GRPO
+    from lmpipe.tasks.rejection_sampling import RejectionSampling
+
+    f = FinetuneConfig(task="kto", dataset="reasoning_gym")
+    assert KTO().sft_first(f) is None  # 0 steps: KTO from the pretrained model
+    f.kto.sft_steps, f.kto.sft_lr = 7, 2e-3
+    phase = KTO().sft_first(f)
+    assert phase.task == "sft" and phase.steps == 7 and phase.optim.lr == 2e-3
+    f.kto.beta = 0.5  # a KTO setting: the same phase
+    assert KTO().sft_first(f) == phase
+    for task, group in ((RejectionSampling(), "rejection_sampling"), (GRPO(), "grpo")):
+        other = FinetuneConfig(task=task.name, dataset="reasoning_gym")
+        getattr(other, group).sft_steps, getattr(other, group).sft_lr = 7, 2e-3
+        assert task.sft_first(other) == phase

@@ -346,6 +346,11 @@ class KtoConfig:
     batch_size: int = 16  # generation and reference log-prob batches
     samples: int = 4
     temperature: float = 1.0
+    # Supervised fine-tuning first (KTO's paper setting): this many SFT steps (on
+    # finetune.dataset, with this lr and the rest of finetune.*) make the starting model and
+    # the reference; 0: none, KTO from the pretrained model.
+    sft_steps: int = 0
+    sft_lr: float = 1e-3
     disable_dropout: bool = True  # policy = reference at step 0, as in TRL
 
 

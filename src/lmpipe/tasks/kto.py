@@ -55,7 +55,13 @@ from lmpipe.tasks.base import (
 )
 from lmpipe.tasks.preference import CACHE_DIR as PAIRS_CACHE_DIR
 from lmpipe.tasks.preference import PAIRS_FILE
-from lmpipe.tasks.sft import SFT, VERIFIABLE_DATASETS, conversation_splits, selection_candidate
+from lmpipe.tasks.sft import (
+    SFT,
+    VERIFIABLE_DATASETS,
+    conversation_splits,
+    selection_candidate,
+    sft_phase_config,
+)
 from lmpipe.training import distributed
 from lmpipe.training.logprobs import reply_logps
 from lmpipe.training.loop import policy_numerics
@@ -253,6 +259,11 @@ class KTO(SFT):
     def supervised_task(self) -> FinetuningTask:
         """SFT on the same conversations (deploy's calibration and recovery)."""
         return SFT()
+
+    def sft_first(self, f: FinetuneConfig | DictConfig) -> DictConfig | None:
+        """`sft_steps` of SFT at `sft_lr` (lmpipe.tasks.sft.sft_phase_config): the model KTO
+        then starts from and takes as its reference, as in KTO's paper."""
+        return sft_phase_config(f, f.kto.sft_steps, f.kto.sft_lr)
 
     def disables_dropout(self, f: FinetuneConfig) -> bool:
         return f.kto.disable_dropout
