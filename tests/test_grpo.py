@@ -271,6 +271,7 @@ def test_a_rewarded_reply_becomes_likelier_after_a_step(
     [
         ({"dataset": "chatterbot"}, "finetune.dataset=chatterbot has no checkable answers"),
         ({"grpo": {"group_size": 1}}, "'finetune.grpo.group_size' must be at least 2"),
+        ({"grpo": {"prompts_per_step": 0}}, "'finetune.grpo.prompts_per_step' must be"),
         ({"grpo": {"loss_type": "ppo"}}, "'finetune.grpo.loss_type'"),
         ({"grpo": {"scale_rewards": "rank"}}, "'finetune.grpo.scale_rewards'"),
         ({"grpo": {"num_iterations": 3}, "checkpoint_every": 100}, "multiple of"),
@@ -298,3 +299,15 @@ def test_the_loops_target_count_is_the_losss_own(loss_type: str, tiny_model, tin
     logps, mask = token_logps(tiny_model, batch)
     t = token_losses(logps, logps.detach(), batch["advantages"], mask, 0.2, 0.2)
     assert GrpoLoss(f.grpo).target_count(batch) == reduced(t, loss_type, 4)[1]
+
+
+def test_prompts_per_step_leave_the_sft_phase_its_batch_size(tiny_model, tiny_tokenizer) -> None:
+    """GRPO draws `prompts_per_step` problems per micro-batch; its SFT phase trains with
+    finetune.batch_size, as every other feedback method's does (one shared start)."""
+    from lmpipe.tasks.grpo import GRPO
+
+    f = grpo_settings(prompts_per_step=3, sft_steps=5)
+    assert len(next(group_batches(tiny_model, tiny_tokenizer, f))["advantages"]) == 3 * 3
+    assert GRPO().sft_first(f).batch_size == f.batch_size == 2
+    f.grpo.prompts_per_step = None  # unset: finetune.batch_size problems
+    assert len(next(group_batches(tiny_model, tiny_tokenizer, f))["advantages"]) == 2 * 3

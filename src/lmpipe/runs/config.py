@@ -391,6 +391,10 @@ class GrpoConfig:
     follows their advantages within the group, as TRL 1.16's GRPOTrainer (its names)."""
 
     group_size: int = 8  # G: replies per problem (TRL: num_generations)
+    # Problems per micro-batch and process (x group_size replies); null: finetune.batch_size.
+    # Its own key, so that the SFT phase before GRPO keeps SFT's batch size (and the model
+    # every other feedback method with the same SFT settings starts from).
+    prompts_per_step: int | None = None
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 48  # TRL: max_completion_length

@@ -1,7 +1,7 @@
 """GRPO: online reinforcement learning from the answer checker's reward (Shao et al. 2024;
 TRL 1.16's GRPOTrainer, whose loss, options and metric names these are).
 
-Every optimizer step, each process draws its own problems of the step (the same global
+Every optimizer step, each process draws its own `prompts_per_step` problems (the same global
 batch however many processes share it, lmpipe.data.batches), and the current policy
 answers each `group_size` times (lmpipe.feedback.rollouts). A group is drawn on the process
 that owns its problem, seeded by (seed, micro-batch position, problem), so it never splits
@@ -60,6 +60,12 @@ def group_seed(seed: int, position: int, problem: str) -> int:
     return int.from_bytes(digest, "big") % (2**63)
 
 
+def prompts_per_step(f: FinetuneConfig | DictConfig) -> int:
+    """Problems per micro-batch and process: `grpo.prompts_per_step`, else finetune.batch_size
+    (which the SFT phase before GRPO trains with, as every other task's SFT phase does)."""
+    return f.grpo.prompts_per_step or f.batch_size
+
+
 def _epsilon_high(g: GrpoConfig | DictConfig) -> float:
     return g.epsilon if g.epsilon_high is None else g.epsilon_high
 
@@ -88,8 +94,8 @@ class GroupBatches:
         self.policy, self.reference, self.tokenizer = policy, reference, tokenizer
         self.problems, self.g, self.seed, self.device = problems, f.grpo, seed, device
         self.grad_accum, self.max_len = f.grad_accum, f.max_len
-        self.order = ShuffledBatches(len(problems), f.batch_size, lambda rows: {}, seed, rank,
-                                     world_size)  # fmt: skip
+        self.order = ShuffledBatches(len(problems), prompts_per_step(f), lambda rows: {}, seed,
+                                     rank, world_size)  # fmt: skip
         self.num_items = len(problems)
         self.position = 0
         self._held: dict[int, Batch] = {}  # the current step's micro-batches (μ > 1)
@@ -233,6 +239,9 @@ class GRPO(SFT):
         if g.group_size < 2:
             raise ConfigError(f"'{KEY}.group_size' must be at least 2 (an advantage compares "
                               f"replies within a group), got {g.group_size}")  # fmt: skip
+        if g.prompts_per_step is not None and g.prompts_per_step < 1:
+            raise ConfigError(f"'{KEY}.prompts_per_step' must be at least 1 or null, got "
+                              f"{g.prompts_per_step}")  # fmt: skip
         for name in ("max_new_tokens", "num_iterations"):
             if g[name] < 1:
                 raise ConfigError(f"'{KEY}.{name}' must be at least 1, got {g[name]}")
