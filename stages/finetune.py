@@ -5,10 +5,11 @@ classifier on WordNet glosses; `finetune=preference` optimises preferences (DPO 
 SimPO) on pairs of a chosen and a rejected reply, and `finetune=kto` on replies judged one at
 a time; `finetune=rejection_sampling` fine-tunes on the model's own verified replies over
 rounds (every round but the last into a cached model of its own; samples.parquet holds
-every round's judged samples), and `finetune=grpo` by online RL from the answer checker's
-reward. Those that learn from the model's own replies may start with SFT steps of their own
-(`finetune.<task>.sft_steps`). Any of them can train peft adapters (merged before saving)
-or freeze the lower layers. The training examples are first selected
+every round's judged samples), `finetune=self_correction` on its own verified revisions
+after the verifier's words back, likewise, and `finetune=grpo` by online RL from the answer
+checker's reward. Those that learn from the model's own replies may start with SFT steps of
+their own (`finetune.<task>.sft_steps`). Any of them can train peft adapters (merged before
+saving) or freeze the lower layers. The training examples are first selected
 (`finetune.selection`); selection.parquet says why each was kept or dropped, and
 pairs.parquet holds the preference pairs with the reference's log-probs. Early stopping
 on the validation loss; the best weights become the model. Resumable like pretrain.

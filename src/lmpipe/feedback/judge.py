@@ -144,7 +144,8 @@ def first_wrong_step(reply: str) -> str | None:
         value, claimed = evaluate_terms(expression), as_number(stated)
         if value is not None and claimed is not None and value != claimed:
             numbers, operators = _terms(expression)  # type: ignore[misc]  # it evaluated
-            lhs = " ".join(t for pair in zip(numbers, [*operators, ""], strict=True)
-                           for t in pair).strip()
+            lhs = " ".join(
+                t for pair in zip(numbers, [*operators, ""], strict=True) for t in pair
+            ).strip()
             return f"{lhs} is {_shown(value)}, not {stated}."
     return None

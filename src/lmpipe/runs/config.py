@@ -355,11 +355,9 @@ class KtoConfig:
 
 
 @dataclass
-class RejectionSamplingConfig:
-    """finetune.task=rejection_sampling: expert iteration on problems with checkable answers
-    (lmpipe.tasks.rejection_sampling: STaR, RFT, ReST-EM). Each of `rounds` rounds samples
-    `samples` replies per training problem from the current model, keeps the distinct ones
-    the answer checker verifies, and fine-tunes on them for finetune.steps steps."""
+class RoundsConfig:
+    """What every task that fine-tunes on its own verified replies, round after round,
+    shares (rejection sampling, self-correction)."""
 
     rounds: int = 2
     samples: int = 4  # k: replies sampled per training problem and round
@@ -375,13 +373,36 @@ class RejectionSamplingConfig:
     # Train on the reference solutions too (RFT: the SFT data plus the model's own correct
     # replies); false: the model's own verified replies alone (STaR, ReST-EM).
     references: bool = True
-    # STaR's rationalization: a problem no sample solved gets one more attempt with its
-    # answer as a hint; a correct reply is kept (as the reply to the question without it).
-    hints: bool = False
     # Supervised fine-tuning first: this many SFT steps (on finetune.dataset, with this lr
     # and the rest of finetune.*) make the starting model; 0: none.
     sft_steps: int = 0
     sft_lr: float = 1e-3
+
+
+@dataclass
+class RejectionSamplingConfig(RoundsConfig):
+    """finetune.task=rejection_sampling: expert iteration on problems with checkable answers
+    (lmpipe.tasks.rejection_sampling: STaR, RFT, ReST-EM). Each of `rounds` rounds samples
+    `samples` replies per training problem from the current model, keeps the distinct ones
+    the answer checker verifies, and fine-tunes on them for finetune.steps steps."""
+
+    # STaR's rationalization: a problem no sample solved gets one more attempt with its
+    # answer as a hint; a correct reply is kept (as the reply to the question without it).
+    hints: bool = False
+
+
+@dataclass
+class SelfCorrectionConfig(RoundsConfig):
+    """finetune.task=self_correction: learning to revise from words back (lmpipe.tasks.
+    self_correction, ILF-style). Each round samples `samples` first attempts per training
+    problem, answers each that gets a second turn (`feedback`) `revisions` times, and
+    fine-tunes on the distinct correct revisions, the loss on the revision alone."""
+
+    rounds: int = 1
+    # The second turn: outcome ("Your answer 8 is wrong.") | step (the first wrong step, else
+    # the outcome) after a wrong first attempt; retry: "Check your working..." after every one.
+    feedback: str = "step"
+    revisions: int = 2  # second attempts per first attempt that gets a second turn
 
 
 @dataclass
@@ -431,6 +452,7 @@ class ReasoningGymConfig:
 class FinetuneConfig(TrainConfig):
     # sft (chat pairs, causal LM) | classify (sequence classification) | preference (pairs)
     # | kto | rejection_sampling (the model's own verified replies, over rounds) | grpo
+    # | self_correction (revisions after words back, over rounds)
     task: str = "sft"
     # sft, preference: chatterbot | reasoning_gym; classify: trec | wordnet
     dataset: str = "chatterbot"
@@ -455,6 +477,7 @@ class FinetuneConfig(TrainConfig):
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     kto: KtoConfig = field(default_factory=KtoConfig)
     rejection_sampling: RejectionSamplingConfig = field(default_factory=RejectionSamplingConfig)
+    self_correction: SelfCorrectionConfig = field(default_factory=SelfCorrectionConfig)
     grpo: GrpoConfig = field(default_factory=GrpoConfig)
     reasoning_gym: ReasoningGymConfig = field(default_factory=ReasoningGymConfig)
 

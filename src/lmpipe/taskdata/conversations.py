@@ -31,6 +31,9 @@ class Conversation:
     # What the example was drawn from along with others, so that they are not independent
     # (a problem template): intervals resample whole clusters; None: independent.
     cluster: str | None = None
+    # Loss on the last assistant turn alone (a revision after words back: the first attempt
+    # before it may be wrong); false: on every assistant turn.
+    last_turn_only: bool = False
 
     @property
     def prompt(self) -> str:
@@ -58,14 +61,20 @@ def split_conversations(
 
 
 def encode_conversation(
-    tokenizer: PreTrainedTokenizerBase, messages: Messages, max_len: int
-) -> dict[str, list[int]] | None:
-    """input_ids and labels (-100 outside assistant turns) cut to max_len; None if no target."""
+    tokenizer: PreTrainedTokenizerBase, messages: Messages, max_len: int,
+    last_turn_only: bool = False,
+) -> dict[str, list[int]] | None:  # fmt: skip
+    """input_ids and labels (-100 outside assistant turns, or outside the last one) cut to
+    max_len; None if no target."""
     encoded = tokenizer.apply_chat_template(
         messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
     )
+    mask = list(encoded["assistant_masks"])
+    if last_turn_only and any(mask):
+        last_start = max(i for i, m in enumerate(mask) if m and (i == 0 or not mask[i - 1]))
+        mask = [m if i >= last_start else 0 for i, m in enumerate(mask)]
     ids = list(encoded["input_ids"])[:max_len]
-    mask = list(encoded["assistant_masks"])[:max_len]
+    mask = mask[:max_len]
     labels = [tok if m else IGNORE_INDEX for tok, m in zip(ids, mask, strict=True)]
     if all(label == IGNORE_INDEX for label in labels):
         return None
@@ -95,7 +104,8 @@ def responses_alone(
 def encode_all(
     tokenizer: PreTrainedTokenizerBase, conversations: Sequence[Conversation], max_len: int
 ) -> list[dict[str, list[int]]]:
-    examples = [encode_conversation(tokenizer, c.messages, max_len) for c in conversations]
+    examples = [encode_conversation(tokenizer, c.messages, max_len, c.last_turn_only)
+                for c in conversations]  # fmt: skip
     kept = [e for e in examples if e is not None]
     if len(kept) < len(examples):
         log.info(

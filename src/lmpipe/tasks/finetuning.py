@@ -20,13 +20,15 @@ from lmpipe.tasks.grpo import GRPO
 from lmpipe.tasks.kto import KTO
 from lmpipe.tasks.preference import Preference
 from lmpipe.tasks.rejection_sampling import RejectionSampling
+from lmpipe.tasks.self_correction import SelfCorrection
 from lmpipe.tasks.sft import SFT
 from lmpipe.training import adapters
 
 log = logging.getLogger(__name__)
 
 FINETUNING: dict[str, type[FinetuningTask]] = {
-    task.name: task for task in (SFT, Classify, Preference, KTO, RejectionSampling, GRPO)
+    task.name: task
+    for task in (SFT, Classify, Preference, KTO, RejectionSampling, GRPO, SelfCorrection)
 }
 
 

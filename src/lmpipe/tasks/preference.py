@@ -16,7 +16,6 @@ scored on every held-out problem of the dataset (answer accuracy where answers a
 checkable), not only on those that made a pair.
 """
 
-
 from __future__ import annotations
 
 import hashlib

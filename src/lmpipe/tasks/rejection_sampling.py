@@ -39,6 +39,7 @@ from lmpipe.runs.config import (
     ConfigError,
     FinetuneConfig,
     HardwareConfig,
+    RejectionSamplingConfig,
 )
 from lmpipe.runs.keys import directory_digest, keyed_path
 from lmpipe.runs.processes import DistEnv
@@ -119,35 +120,40 @@ class RejectionSampling(SFT):
     round, which evaluate and deploy score like SFT on the dataset's held-out problems."""
 
     name = "rejection_sampling"
+    key = KEY  # where its settings are: the config errors name it
     data_file = SAMPLES_FILE
     data_cache = CACHE_DIR
 
     def __init__(self, kept: Sequence[Conversation] | None = None) -> None:
         self.kept = list(kept) if kept is not None else None
 
+    def settings(self, f: FinetuneConfig | DictConfig) -> RejectionSamplingConfig:
+        """The task's own settings group of finetune.*."""
+        return f.rejection_sampling
+
     def check(self, cfg: DictConfig) -> None:
         super().check(cfg)
         f = cfg.finetune
-        r = f.rejection_sampling
+        r, key = self.settings(f), self.key
         if f.dataset not in VERIFIABLE_DATASETS:
-            raise ConfigError(f"finetune.task=rejection_sampling keeps the replies an answer "
-                              f"checker verifies: finetune.dataset={f.dataset} has no checkable "
-                              f"answers (allowed: {VERIFIABLE_DATASETS})")  # fmt: skip
+            raise ConfigError(f"finetune.task={self.name} keeps the replies an answer checker "
+                              f"verifies: finetune.dataset={f.dataset} has no checkable answers "
+                              f"(allowed: {VERIFIABLE_DATASETS})")  # fmt: skip
         for name in ("rounds", "samples", "max_new_tokens", "batch_size"):
             if r[name] < 1:
-                raise ConfigError(f"'{KEY}.{name}' must be at least 1, got {r[name]}")
+                raise ConfigError(f"'{key}.{name}' must be at least 1, got {r[name]}")
         for name in ("max_prompts", "max_per_problem"):
             if r[name] is not None and r[name] < 1:
-                raise ConfigError(f"'{KEY}.{name}' must be at least 1 or null, got {r[name]}")
+                raise ConfigError(f"'{key}.{name}' must be at least 1 or null, got {r[name]}")
         if r.restart not in RESTARTS:
-            raise ConfigError(f"invalid value for '{KEY}.restart': {r.restart!r} "
+            raise ConfigError(f"invalid value for '{key}.restart': {r.restart!r} "
                               f"(allowed: {list(RESTARTS)})")  # fmt: skip
         if r.temperature <= 0:
-            raise ConfigError(f"'{KEY}.temperature' must be > 0 (greedy replies repeat one "
+            raise ConfigError(f"'{key}.temperature' must be > 0 (greedy replies repeat one "
                               f"reply k times), got {r.temperature}")  # fmt: skip
 
     def sft_first(self, f: FinetuneConfig | DictConfig) -> DictConfig | None:
-        r = f.rejection_sampling
+        r = self.settings(f)
         return sft_phase_config(f, r.sft_steps, r.sft_lr)
 
     def saved_data(self, tables: Sequence[pd.DataFrame]) -> pd.DataFrame:
@@ -157,10 +163,10 @@ class RejectionSampling(SFT):
         return round_metrics(table)
 
     def rounds(self, f: FinetuneConfig | DictConfig) -> int:
-        return f.rejection_sampling.rounds
+        return self.settings(f).rounds
 
     def round_start(self, f: FinetuneConfig | DictConfig, start: Path, current: Path) -> Path:
-        return start if f.rejection_sampling.restart == "base" else current
+        return start if self.settings(f).restart == "base" else current
 
     def splits(self, f: FinetuneConfig) -> dict[str, list[Conversation]]:
         splits = conversation_splits(f)
@@ -180,7 +186,7 @@ class RejectionSampling(SFT):
         train_ids: Collection[str] | None = None,
     ) -> TrainingSetup:
         if self.kept is None:
-            raise RuntimeError("RejectionSampling() has no round's samples: train the task "
+            raise RuntimeError(f"{type(self).__name__}() has no round's data: train the task "
                                "that prepare (finetune) returns")  # fmt: skip
         return super().setup(f, base, tokenizer, seed, device, rank, world_size, train_ids)
 
@@ -197,9 +203,10 @@ class RejectionSampling(SFT):
     ) -> tuple[RejectionSampling, pd.DataFrame]:
         """A round sampled from `base` (cached per sampling model and settings): the task
         made with its kept replies, and the judged samples."""
-        r = f.rejection_sampling
+        r = self.settings(f)
         key = {
             "version": SAMPLES_VERSION,
+            "task": self.name,
             "model": directory_digest(base),
             "settings": OmegaConf.to_container(OmegaConf.structured(r), resolve=True),
             "dataset": f.dataset,
@@ -210,14 +217,14 @@ class RejectionSampling(SFT):
         }
         table = cached_table(keyed_path(cache_dir, key, ".parquet"),
                              lambda: self._sample(f, base, tokenizer, device, seed), env,
-                             "rejection sampling: the round's judged samples")  # fmt: skip
-        return RejectionSampling(self._kept(f, table)), table
+                             f"{self.name}: the round's judged samples")  # fmt: skip
+        return type(self)(self._kept(f, table)), table
 
     def _sample(
         self, f: FinetuneConfig | DictConfig, base: Path, tokenizer: PreTrainedTokenizerBase,
         device: torch.device, seed: int,
     ) -> pd.DataFrame:  # fmt: skip
-        r = f.rejection_sampling
+        r = self.settings(f)
         problems = pref.stable_sample(conversation_splits(f)["train"], r.max_prompts)
         model = load_model(base).to(device)
         sampling = rollouts.Sampling(r.max_new_tokens, r.temperature, r.top_p, min_new_tokens=1)
@@ -254,13 +261,21 @@ class RejectionSampling(SFT):
                          answer=row.answer, cluster=row.cluster or None)
             for row in table[table["kept"]].itertuples()
         ]  # fmt: skip
-        references = conversation_splits(f)["train"] if f.rejection_sampling.references else []
+        return self._with_references(f, kept, table)
+
+    def _with_references(
+        self, f: FinetuneConfig | DictConfig, kept: list[Conversation], table: pd.DataFrame
+    ) -> list[Conversation]:
+        """The reference solutions (under `references`) and then `kept`; none at all is
+        refused, naming the keys that would give some."""
+        references = conversation_splits(f)["train"] if self.settings(f).references else []
         if not kept and not references:
+            key = self.key
             raise ConfigError(
-                f"rejection sampling kept no reply: none of the {table['id'].nunique()} "
-                f"problems' {len(table)} samples was right, and '{KEY}.references' is false; "
-                f"start from a model that solves some ('{KEY}.sft_steps'), sample more "
-                f"('{KEY}.samples') or train on the references too"
+                f"{self.name} kept no reply: none of the {table['id'].nunique()} problems' "
+                f"{len(table)} samples was right, and '{key}.references' is false; start from "
+                f"a model that solves some ('{key}.sft_steps'), sample more ('{key}.samples') "
+                f"or train on the references too"
             )
         return [*references, *kept]
 

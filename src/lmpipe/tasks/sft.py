@@ -48,7 +48,8 @@ def selection_candidate(
     tokenizer: PreTrainedTokenizerBase, conversation: Conversation, max_len: int
 ) -> Candidate | None:
     """The conversation as data selection judges it; None if it has no target in max_len."""
-    example = conversations.encode_conversation(tokenizer, conversation.messages, max_len)
+    example = conversations.encode_conversation(tokenizer, conversation.messages, max_len,
+                                                conversation.last_turn_only)  # fmt: skip
     if example is None:
         return None
     turns = tuple(m["content"] for m in conversation.messages)
@@ -98,7 +99,7 @@ def conversation_splits(f: FinetuneConfig) -> dict[str, list[Conversation]]:
 
 # finetune.* groups of one task's own settings: an SFT phase before that task leaves them
 # out, so that a change to them reuses the phase (and tasks with one phase share it).
-TASK_SETTINGS = ("preference", "kto", "rejection_sampling", "grpo")
+TASK_SETTINGS = ("preference", "kto", "rejection_sampling", "grpo", "self_correction")
 
 
 def sft_phase_config(f: FinetuneConfig | DictConfig, steps: int, lr: float) -> DictConfig | None:

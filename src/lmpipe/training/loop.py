@@ -607,10 +607,12 @@ def _optimizer_step(
         def as_f64(value: torch.Tensor | float) -> torch.Tensor:
             return torch.as_tensor(value).to(device, torch.float64)
 
-        values = torch.stack([as_f64(sums[n][0] if o else sums[n]) for n, o in zip(names, own,
-                                                                                   strict=True)])
-        counts = torch.stack([as_f64(sums[n][1] if o else 0.0) for n, o in zip(names, own,
-                                                                               strict=True)])
+        values = torch.stack(
+            [as_f64(sums[n][0] if o else sums[n]) for n, o in zip(names, own, strict=True)]
+        )
+        counts = torch.stack(
+            [as_f64(sums[n][1] if o else 0.0) for n, o in zip(names, own, strict=True)]
+        )
         summed, counted = distributed.all_reduce_sum(torch.stack([values, counts]))
         counted = torch.where(torch.tensor(own, device=device), counted, label_count.double())
         averaged = (summed / counted).tolist()
