@@ -47,7 +47,7 @@ def baseline(
             encoded = [prompt_ids(tokenizer, row) for row in rows[start : start + batch_size]]
             width = max(map(len, encoded))
             ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
-            mask = (torch.arange(width) >= torch.tensor([width - len(e) for e in encoded])[:, None])
+            mask = torch.arange(width) >= torch.tensor([width - len(e) for e in encoded])[:, None]
             out = model.generate(input_ids=ids, attention_mask=mask.long(), pad_token_id=pad,
                                  max_new_tokens=sampling.max_new_tokens,
                                  min_new_tokens=sampling.min_new_tokens,

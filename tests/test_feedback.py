@@ -72,7 +72,8 @@ def test_step_arithmetic_equals_pythons_exact_fractions() -> None:
         written = str(numbers[0]) + "".join(f" {o} {n}" for o, n in zip(operators, numbers[1:],
                                                                          strict=True))  # fmt: skip
         python = f"Fraction({numbers[0]})" + "".join(
-            f" {o} Fraction({n})" for o, n in zip(operators, numbers[1:], strict=True))
+            f" {o} Fraction({n})" for o, n in zip(operators, numbers[1:], strict=True)
+        )
         try:
             expected = eval(python, {"Fraction": Fraction})  # our own digits and operators
         except ZeroDivisionError:

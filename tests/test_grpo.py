@@ -25,8 +25,9 @@ def test_advantages_of_the_hand_worked_groups() -> None:
     batch, batch_std = group_advantages(rewards, 4, "batch")  # one std for the whole batch
     whole = rewards.std(unbiased=True)
     torch.testing.assert_close(batch_std, whole.expand(8))
-    torch.testing.assert_close(batch[:4],
-                               torch.tensor([0.75, -0.25, -0.25, -0.25]) / (whole + 1e-4))
+    torch.testing.assert_close(
+        batch[:4], torch.tensor([0.75, -0.25, -0.25, -0.25]) / (whole + 1e-4)
+    )
     with pytest.raises(ValueError, match="scale_rewards"):
         group_advantages(rewards, 4, "rank")
 

@@ -50,8 +50,14 @@ def test_a_rounds_figures() -> None:
     problems = [Conversation(i, [{"role": "user", "content": f"{i}?"},
                                  {"role": "assistant", "content": "#### 1"}], answer="1")
                 for i in ("a", "b")]  # fmt: skip
-    table = judged_samples(problems, [[reply("#### 1"), reply("#### 1"), reply("#### 2")],
-                                      [reply("#### 3"), reply("#### 4"), reply("")]], None)
+    table = judged_samples(
+        problems,
+        [
+            [reply("#### 1"), reply("#### 1"), reply("#### 2")],
+            [reply("#### 3"), reply("#### 4"), reply("")],
+        ],
+        None,
+    )
     hinted = judged_samples(problems[1:], [[reply("#### 1")]], None).assign(hinted=True)
     metrics = round_metrics(pd.concat([table, hinted], ignore_index=True))
     assert metrics == {

@@ -150,8 +150,8 @@ def test_a_revision_is_trained_on_its_last_turn_alone(tiny_tokenizer) -> None:
     every_trained = [i for i, label in enumerate(every["labels"]) if label != IGNORE_INDEX]
     assert trained and set(trained) < set(every_trained)
     assert trained == list(range(trained[0], trained[-1] + 1))  # one span: the last turn
-    assert tiny_tokenizer.decode([last["input_ids"][i] for i in trained]).strip().startswith(
-        "#### 5"
+    assert (
+        tiny_tokenizer.decode([last["input_ids"][i] for i in trained]).strip().startswith("#### 5")
     )
     conversation = Conversation("x", messages, answer="5", last_turn_only=True)
     assert conversations.encode_all(tiny_tokenizer, [conversation], 512) == [last]
