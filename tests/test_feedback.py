@@ -9,7 +9,15 @@ from fractions import Fraction
 import pytest
 import torch
 
-from lmpipe.feedback.judge import CORRECT, EMPTY, NO_ANSWER, WRONG, evaluate_terms, judge
+from lmpipe.feedback.judge import (
+    CORRECT,
+    EMPTY,
+    NO_ANSWER,
+    WRONG,
+    WRONG_STEP,
+    evaluate_terms,
+    judge,
+)
 from lmpipe.feedback.rollouts import Sampling, complete, generate_replies, sample
 
 CPU = torch.device("cpu")
@@ -55,6 +63,16 @@ def test_the_judges_verdict_and_words(reply, answer, reason, reward, outcome, st
 
 def test_a_right_answer_is_right_whatever_its_steps() -> None:
     assert judge("2 + 2 = 5\n#### 4", "4").correct  # the answer is judged, not the working
+
+
+def test_with_steps_a_lucky_right_answer_is_not_correct() -> None:
+    lucky = judge("0 - 4 = -4\n-4 - 8 = -13\n#### -12", "-12", steps=True)
+    assert (lucky.correct, lucky.reason, lucky.reward) == (False, WRONG_STEP, 0.0)
+    assert lucky.feedback("step") == "-4 - 8 is -12, not -13."
+    assert lucky.feedback("outcome") == "Your answer -12 is right, but a step is wrong."
+    assert judge("0 - 4 = -4\n-4 - 8 = -12\n#### -12", "-12", steps=True).correct
+    assert judge("#### -12", "-12", steps=True).correct  # no stated step to be wrong
+    assert judge("0 - 4 = -5\n#### -13", "-12", steps=True).reason == WRONG
 
 
 def test_an_unknown_feedback_kind_is_refused() -> None:

@@ -242,9 +242,11 @@ def test_a_rewarded_reply_becomes_likelier_after_a_step(
     from lmpipe.training.loop import train
 
     calls = {"n": 0}
+    checked_steps = set()
 
-    def first_of_each_group(reply, answer):
+    def first_of_each_group(reply, answer, steps=False):
         calls["n"] += 1
+        checked_steps.add(steps)
         return Verdict(calls["n"] % 3 == 1, "1", "correct" if calls["n"] % 3 == 1 else "wrong")
 
     monkeypatch.setattr("lmpipe.tasks.grpo.judge", first_of_each_group)
@@ -263,6 +265,7 @@ def test_a_rewarded_reply_becomes_likelier_after_a_step(
     change = (after * mask).sum(1) - before
     rewarded = batch["rewards"] == 1
     assert rewarded.tolist() == [True, False, False] * 2
+    assert checked_steps == {True}  # finetune.grpo.check_steps: the working is judged too
     for group in change.view(2, 3):
         assert group[0] > 0 and group[0] > group[1:].max(), change
 

@@ -44,6 +44,10 @@ def test_only_distinct_verified_replies_are_kept() -> None:
     assert capped["kept"].tolist() == [True, False, False, False, True, False]
     for text, kept in zip(table["reply"], table["kept"], strict=True):
         assert not kept or judge(text, "5").correct
+    # With the working checked, a right answer after a wrong step is not kept.
+    lucky = ["2 + 3 = 6\n#### 5", "2 + 3 = 5\n#### 5"]
+    checked = judged_samples([problem], [[reply(r) for r in lucky]], None, check_steps=True)
+    assert checked["kept"].tolist() == [False, True]
 
 
 def test_a_rounds_figures() -> None:
@@ -137,14 +141,22 @@ def test_a_round_samples_training_problems_only_and_keeps_verified_replies(
     assert not asked and again.splits(f)["train"] == trained
 
 
+@pytest.mark.parametrize("lucky", [False, True])
 def test_a_round_that_keeps_nothing_says_what_to_change(
-    monkeypatch: pytest.MonkeyPatch, saved_model: Path, tiny_tokenizer, tmp_path: Path
-) -> None:
+    monkeypatch: pytest.MonkeyPatch, saved_model: Path, tiny_tokenizer, tmp_path: Path,
+    lucky: bool,
+) -> None:  # fmt: skip
+    """Every sample wrong, or (`lucky`) right only after a wrong step, which the default
+    check of the working refuses too."""
     f = small_problems()
     f.rejection_sampling.references = False
-    monkeypatch.setattr("lmpipe.feedback.rollouts.sample",
-                        lambda m, t, prompts, k, *a, **kw: [[reply("#### -1")] * k
-                                                            for _ in prompts])  # fmt: skip
+    answer = {c.prompt: c.answer for c in conversation_splits(f)["train"]}
+
+    def sample(model, tokenizer, prompts, k, *args, **kwargs):
+        text = "1 + 1 = 3\n#### {}" if lucky else "#### -1{}"
+        return [[reply(text.format(answer[p] if lucky else ""))] * k for p in prompts]
+
+    monkeypatch.setattr("lmpipe.feedback.rollouts.sample", sample)
     with pytest.raises(ConfigError, match=r"kept no reply.*rejection_sampling\.sft_steps"):
         RejectionSampling().prepare(f, saved_model, tiny_tokenizer, CPU, tmp_path, DistEnv())
 

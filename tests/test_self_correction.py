@@ -133,6 +133,13 @@ def test_a_round_keeps_distinct_verified_revisions_of_wrong_attempts() -> None:
         judged_revisions(problems, firsts, "outcome", [*revised, revised[0]], None)
 
 
+def test_with_steps_checked_a_lucky_revision_is_not_kept() -> None:
+    revised = [[reply("9 - 1 = 9\n#### 9"), reply("10 - 1 = 9\n#### 9")]]
+    table = judged_revisions([problem("a", "9")], [[reply("#### 8")]], "outcome", revised,
+                             None, check_steps=True)  # fmt: skip
+    assert table["kept"].tolist() == [False, True]
+
+
 def test_retry_revises_right_attempts_too() -> None:
     table = judged_revisions([problem("b", "4")], [[reply("#### 4")]], "retry",
                              [[reply("#### 4"), reply("#### 5")]], None)  # fmt: skip
@@ -212,6 +219,15 @@ def test_a_round_revises_training_problems_only(
     assert (len(trained) - len(own) == len(splits["train"])) is references
     assert task.splits(f)["test"] == splits["test"]
     assert set(table.columns) >= {"first", "turn", "revision", "kept"}
+    # Revisions right only after a wrong step are not kept (finetune.self_correction.
+    # check_steps, on by default).
+    lucky = lambda *a, **kw: [[reply("1 + 1 = 3\n" + g[0].text)  # noqa: E731
+                               for _ in g] for g in sample(*a, **kw)]  # fmt: skip
+    monkeypatch.setattr("lmpipe.feedback.rollouts.sample", lucky)
+    f.self_correction.references = True
+    task, _ = SelfCorrection().prepare(f, saved_model, tiny_tokenizer, CPU, tmp_path / "c2",
+                                       DistEnv(), seed=3)  # fmt: skip
+    assert not [c for c in task.splits(f)["train"] if c.last_turn_only]
 
 
 def test_held_out_scores_at_both_attempts(saved_model: Path, tiny_tokenizer) -> None:

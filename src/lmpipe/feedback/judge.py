@@ -11,6 +11,12 @@ measured with:
   allowed) or a GSM8K calculator note "<<a*b=c>>"; steps are checked in order with exact
   fractions. A wrong answer whose stated steps are all right (or that shows none) gets the
   outcome words.
+
+With `steps=True` the judge checks the working too (a process check): a right answer reached
+through a wrong stated step ("-4 - 8 = -13 ... #### -12") is not correct. Sampled at
+temperature 1, most of the tiny demo model's distinct right answers were such lucky ones (777
+of 1,020 kept replies in one rejection-sampling round), and training on them teaches wrong
+arithmetic.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from fractions import Fraction
 from lmpipe.evaluation.answers import as_number, final_answer, normalize
 
 CORRECT, WRONG, NO_ANSWER, EMPTY = "correct", "wrong", "no answer", "empty"
+WRONG_STEP = "wrong step"  # a right answer after a wrong stated step (judged with steps=True)
 FEEDBACK_KINDS = ("outcome", "step")
 
 _NUM = r"[-+\u2212]?\d(?:[\d,]*\d)?(?:\.\d+)?"
@@ -37,7 +44,7 @@ _OPERATORS = {"×": "*", "x": "*", "÷": "/", "\u2212": "-"}
 
 @dataclass(frozen=True)
 class Verdict:
-    """How a reply fares: `reason` is one of correct, wrong, no answer, empty."""
+    """How a reply fares: `reason` is one of correct, wrong, wrong step, no answer, empty."""
 
     correct: bool
     answer: str | None  # the reply's final answer, as written
@@ -59,13 +66,16 @@ class Verdict:
             return f"Your answer {self.answer} is correct."
         if self.reason == WRONG:
             return f"Your answer {self.answer} is wrong."
+        if self.reason == WRONG_STEP:
+            return f"Your answer {self.answer} is right, but a step is wrong."
         if self.reason == EMPTY:
             return "Your reply is empty. Give your final answer."
         return "Your reply has no final answer. Give your final answer."
 
 
-def judge(reply: str | None, answer: str) -> Verdict:
-    """The verdict on `reply` for a problem whose answer is `answer`."""
+def judge(reply: str | None, answer: str, steps: bool = False) -> Verdict:
+    """The verdict on `reply` for a problem whose answer is `answer`; with `steps`, a right
+    answer counts only if every step the reply states is right too."""
     text = (reply or "").strip()
     if not text:
         return Verdict(False, None, EMPTY)
@@ -73,6 +83,9 @@ def judge(reply: str | None, answer: str) -> Verdict:
     if parsed is None:
         return Verdict(False, None, NO_ANSWER, first_wrong_step(text))
     if normalize(parsed) == normalize(answer):
+        wrong_step = first_wrong_step(text) if steps else None
+        if wrong_step is not None:
+            return Verdict(False, parsed, WRONG_STEP, wrong_step)
         return Verdict(True, parsed, CORRECT)
     return Verdict(False, parsed, WRONG, first_wrong_step(text))
 

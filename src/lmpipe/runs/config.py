@@ -373,6 +373,9 @@ class RoundsConfig:
     # Train on the reference solutions too (RFT: the SFT data plus the model's own correct
     # replies); false: the model's own verified replies alone (STaR, ReST-EM).
     references: bool = True
+    # Keep a reply only if every step it states is right too (lmpipe.feedback.judge: a right
+    # answer after a wrong step is a lucky one); false: the final answer alone.
+    check_steps: bool = True
     # Supervised fine-tuning first: this many SFT steps (on finetune.dataset, with this lr
     # and the rest of finetune.*) make the starting model; 0: none.
     sft_steps: int = 0
@@ -426,6 +429,9 @@ class GrpoConfig:
     num_iterations: int = 1  # μ: optimizer steps on each step's samples
     beta: float = 0.0  # KL to the starting model; 0: no reference model is loaded
     max_prompts: int | None = None  # training problems drawn from (stable); null: all
+    # Reward 1 only where every step the reply states is right too (a process check);
+    # false: the final answer alone.
+    check_steps: bool = True
     # Supervised fine-tuning first: this many SFT steps (on finetune.dataset, with this lr
     # and the rest of finetune.*) make the starting model and the reference; 0: none.
     sft_steps: int = 0

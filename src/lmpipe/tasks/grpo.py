@@ -130,7 +130,7 @@ class GroupBatches:
                 groups.append(rollouts.complete(self.policy, self.tokenizer,
                                                 [problem.prompt] * g.group_size, sampling,
                                                 self.device, g.group_size))  # fmt: skip
-        rewards = torch.tensor([judge(c.text, p.answer).reward
+        rewards = torch.tensor([judge(c.text, p.answer, g.check_steps).reward
                                 for p, group in zip(problems, groups, strict=True)
                                 for c in group])  # fmt: skip
         if g.scale_rewards == "batch":  # one std for the micro-batch of every process

@@ -5,10 +5,11 @@ ReST-EM, Singh et al. 2023).
 A round (`finetune.rejection_sampling`, R rounds in one finetune stage):
 1. the current model answers each training problem `samples` times (lmpipe.feedback.
    rollouts: seeded, batched, shared by the processes); never a val or test problem;
-2. the judge (lmpipe.feedback.judge) keeps the distinct correct replies, at most
-   `max_per_problem` per problem; with `hints` (STaR's rationalization) a problem no sample
-   solved gets one more attempt with its answer in the prompt, and a correct reply is kept
-   as the reply to the question without the hint;
+2. the judge (lmpipe.feedback.judge) keeps the distinct correct replies (their stated steps
+   right too, under `check_steps`), at most `max_per_problem` per problem; with `hints`
+   (STaR's rationalization) a problem no sample solved gets one more attempt with its
+   answer in the prompt, and a correct reply is kept as the reply to the question without
+   the hint;
 3. SFT on the kept replies (with the reference solutions too under `references`: RFT) for
    finetune.steps steps, from the current model, or from the starting model each round
    under `restart=base` (ReST-EM).
@@ -54,7 +55,7 @@ log = logging.getLogger(__name__)
 KEY = "finetune.rejection_sampling"
 CACHE_DIR = "finetune/samples-cache"
 SAMPLES_FILE = "samples.parquet"
-SAMPLES_VERSION = 1  # bump when what a cached table holds changes meaning
+SAMPLES_VERSION = 2  # bump when what a cached table holds changes meaning
 RESTARTS = ("current", "base")
 # The hinted attempts draw from a stream of their own, apart from the round's samples.
 HINT_SEED_OFFSET = 1 << 20
@@ -71,16 +72,18 @@ def judged_samples(
     problems: Sequence[Conversation],
     groups: Sequence[Sequence[rollouts.Completion]],
     max_per_problem: int | None,
+    check_steps: bool = False,
 ) -> pd.DataFrame:
-    """One row per sampled reply: whether it is correct, the first of its text among its
-    problem's replies, and kept for training (correct, distinct, within the cap)."""
+    """One row per sampled reply: whether it is correct (its stated steps too, with
+    `check_steps`), the first of its text among its problem's replies, and kept for training
+    (correct, distinct, within the cap)."""
     rows = []
     for problem, group in zip(problems, groups, strict=True):
         seen: set[str] = set()
         kept = 0
         for index, completion in enumerate(group):
             text = " ".join(completion.text.split())
-            correct = judge(completion.text, problem.answer).correct
+            correct = judge(completion.text, problem.answer, check_steps).correct
             distinct = text not in seen
             seen.add(text)
             keep = correct and distinct and (max_per_problem is None or kept < max_per_problem)
@@ -234,7 +237,7 @@ class RejectionSampling(SFT):
         groups = rollouts.sample(model, tokenizer, [p.prompt for p in problems], r.samples,
                                  sampling, seed, r.batch_size, device,
                                  "rejection sampling")  # fmt: skip
-        table = judged_samples(problems, groups, r.max_per_problem)
+        table = judged_samples(problems, groups, r.max_per_problem, r.check_steps)
         if r.hints:
             solved = set(table.loc[table["correct"], "id"])
             unsolved = [p for p in problems if p.id not in solved]
@@ -242,7 +245,7 @@ class RejectionSampling(SFT):
                                      [hinted_prompt(p.prompt, p.answer) for p in unsolved], 1,
                                      sampling, seed + HINT_SEED_OFFSET, r.batch_size, device,
                                      "rejection sampling: hinted attempts")  # fmt: skip
-            extra = judged_samples(unsolved, hinted, r.max_per_problem)
+            extra = judged_samples(unsolved, hinted, r.max_per_problem, r.check_steps)
             extra["hinted"] = True  # its prompt column is the question without the hint
             table = pd.concat([table, extra], ignore_index=True)
         metrics = round_metrics(table)

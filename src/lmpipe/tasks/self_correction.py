@@ -61,11 +61,13 @@ def judged_revisions(
     kind: str,
     revised: Sequence[Sequence[rollouts.Completion]],
     max_per_problem: int | None,
+    check_steps: bool = False,
 ) -> pd.DataFrame:
     """One row per revision of a first attempt that got a second turn (`revised`: their
     groups, in the order of `problems` and their first attempts), and one per first attempt
-    that got none (`revised` false): whether the revision is correct, the first of its
-    (attempt, revision) among its problem's, and kept for training."""
+    that got none (`revised` false): whether the revision is correct (its stated steps too,
+    with `check_steps`; the first attempt is judged by its answer, as held out), the first
+    of its (attempt, revision) among its problem's, and kept for training."""
     rows, groups = [], iter(revised)
     for problem, group in zip(problems, firsts, strict=True):
         seen: set[tuple[str, str]] = set()
@@ -83,7 +85,7 @@ def judged_revisions(
                 continue
             for revision in next(groups):
                 text = (" ".join(first.text.split()), " ".join(revision.text.split()))
-                correct = judge(revision.text, problem.answer).correct
+                correct = judge(revision.text, problem.answer, check_steps).correct
                 distinct = text not in seen
                 seen.add(text)
                 keep = correct and distinct and (max_per_problem is None
@@ -176,7 +178,8 @@ class SelfCorrection(RejectionSampling):
         revised = rollouts.sample(model, tokenizer, conversations, s.revisions, sampling,
                                   seed + REVISION_SEED_OFFSET, s.batch_size, device,
                                   "self-correction: revisions")  # fmt: skip
-        table = judged_revisions(problems, firsts, s.feedback, revised, s.max_per_problem)
+        table = judged_revisions(problems, firsts, s.feedback, revised, s.max_per_problem,
+                                 s.check_steps)  # fmt: skip
         metrics = round_metrics(table)
         log.info("self-correction: %.1f%% of revisions after a wrong attempt right, %d kept",
                  100 * metrics["revision_accuracy_after_wrong"],
