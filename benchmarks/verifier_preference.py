@@ -30,52 +30,16 @@ import logging
 import time
 from pathlib import Path
 
-import torch
-from models import DATA, base_model, config, paired_cell
+from models import DATA, base_model, config, paired_cell, scores, trained
 from omegaconf import DictConfig, OmegaConf
 
-from lmpipe.data.tokenizer import load_tokenizer
 from lmpipe.evaluation.intervals import paired_binary_summary
-from lmpipe.runs.keys import directory_digest, key_of
-from lmpipe.runs.processes import process_env
-from lmpipe.runs.tracking import MetricLogger
-from lmpipe.tasks.base import FinetuningTask
-from lmpipe.tasks.finetuning import finetuning_task, prepare_finetuning
-from lmpipe.tasks.preference import Preference
-from lmpipe.tasks.sft import MOST_FREQUENT, RETRIEVAL
-from lmpipe.training.loop import seed_everything, train
-from lmpipe.training.model import load_model, save_model
+from lmpipe.tasks.finetuning import finetuning_task
 
 log = logging.getLogger("verifier_preference")
 
 # Per model: the overrides its config comes from.
 MODELS = {"tiny": ["finetune=verifier"], "smollm2": ["experiment=smollm2-verifier"]}
-CPU = torch.device("cpu")
-
-
-def trained(
-    f: DictConfig, cfg: DictConfig, base: Path, home: Path, task: FinetuningTask
-) -> tuple[Path, float]:
-    """`task` trained by `f` from `base` into a directory under `home` named by the config
-    and the starting model (reused when there), and its seconds."""
-    key = key_of({"f": OmegaConf.to_container(f, resolve=True), "seed": cfg.seed,
-                  "base": directory_digest(base)})  # fmt: skip
-    out = home / f"{f.task}-{f.steps}-{key}"
-    if (out / "config.json").is_file():
-        log.info("reusing %s", out)
-        return out, 0.0
-    tokenizer = load_tokenizer(base)
-    seed_everything(cfg.seed)
-    start = time.perf_counter()
-    if isinstance(task, Preference):
-        task, _ = task.prepare(f, base, tokenizer, CPU, DATA / "verifier-pairs",
-                               process_env(), seed=cfg.seed)  # fmt: skip
-    setup = prepare_finetuning(f, base, tokenizer, cfg.seed, CPU, task=task)
-    train(setup.model, setup.batches, setup.config, cfg.hardware, CPU, MetricLogger(None),
-          setup.evaluate, desc=f"{f.task} {out.name}", objective=setup.objective)  # fmt: skip
-    seconds = time.perf_counter() - start
-    save_model(setup.final_model(), tokenizer, out)
-    return out, seconds
 
 
 def preference_round(f: DictConfig, steps: int, sft_weight: float) -> DictConfig:
@@ -86,28 +50,6 @@ def preference_round(f: DictConfig, steps: int, sft_weight: float) -> DictConfig
     f.preference.sft_steps = 0
     f.preference.sft_weight = sft_weight
     return f
-
-
-def scores(cfg: DictConfig, models: dict[str, Path]) -> tuple[dict, dict]:
-    """Exact match with interval of each model and baseline on the test split, and each
-    model's per-problem hits (for paired differences)."""
-    sft = finetuning_task("sft")
-    f = cfg.finetune
-    splits = sft.splits(f)
-    tokenizer = load_tokenizer(next(iter(models.values())))
-    loaded = {label: load_model(path) for label, path in models.items()}
-    frame = sft.predict(loaded, tokenizer, splits, f, cfg.evaluate)
-    metrics = sft.score(frame, list(models), splits)
-    hits = {}
-    for label in [*models, RETRIEVAL, MOST_FREQUENT]:
-        per_problem = sft.example_scores(frame, f"{label}_exact_match")
-        if per_problem is not None:
-            hits[label] = per_problem["value"].to_numpy()
-    table = {
-        label: {key: metrics[f"{label}_exact_match{key}"] for key in ("", "_low", "_high")}
-        for label in [*models, RETRIEVAL, MOST_FREQUENT]
-    }
-    return table, hits
 
 
 def run(name: str, extra: list[str], plain_dpo: bool = True) -> dict:
@@ -125,9 +67,9 @@ def run(name: str, extra: list[str], plain_dpo: bool = True) -> dict:
     sft = finetuning_task("sft")
     seconds: dict[str, float] = {}
     paths: dict[str, Path] = {"base": base}
-    paths[f"sft-{s}"], seconds[f"sft-{s}"] = trained(sft_f, cfg, base, home, sft)
-    label = f"sft-{s + d}"
-    paths[label], seconds[label] = trained(control_f, cfg, base, home, sft)
+    for label, arm_f in ((f"sft-{s}", sft_f), (f"sft-{s + d}", control_f)):
+        done = trained(arm_f, cfg, base, home, sft)
+        paths[label], seconds[label] = done.path, done.seconds
     start = paths[f"sft-{s}"]
     # DPO as configured, and (when it has an SFT term) plain DPO beside it.
     weights = {"rpo" if f.preference.sft_weight else "dpo": f.preference.sft_weight}
@@ -136,12 +78,14 @@ def run(name: str, extra: list[str], plain_dpo: bool = True) -> dict:
     preference_arms = [f"{method} x{rounds}" for method in weights for rounds in (1, 2)]
     for method, weight in weights.items():
         one = preference_round(f, d, weight)
-        paths[f"{method} x1"], seconds[f"{method} x1"] = trained(one, cfg, start, home, preference)
+        done = trained(one, cfg, start, home, preference)
+        paths[f"{method} x1"], seconds[f"{method} x1"] = done.path, done.seconds
         half = preference_round(f, d // 2, weight)
-        first, first_seconds = trained(half, cfg, start, home, preference)
-        paths[f"{method} x2"], second_seconds = trained(half, cfg, first, home, preference)
-        seconds[f"{method} x2"] = first_seconds + second_seconds
-    table, hits = scores(cfg, paths)
+        first = trained(half, cfg, start, home, preference)
+        second = trained(half, cfg, first.path, home, preference)
+        paths[f"{method} x2"] = second.path
+        seconds[f"{method} x2"] = first.seconds + second.seconds
+    table, hits, _ = scores(cfg, paths)
     # Paired differences on the same problems: from SFT alone for the same steps (the
     # control) and, for the preference arms, from the model they started from.
     against = {"vs_control": hits[label], "vs_start": hits[f"sft-{s}"]}
