@@ -5,6 +5,8 @@ For each base model, the same fine-tuning run (the config's steps, batch, lr and
 stopping on the validation loss; only the training examples differ) on:
 
   full         every training example
+  verifier-filter  (checkable answers) the examples whose reply the answer checker verifies:
+               the oracle on noisy data (finetune.reasoning_gym.noise_share)
   dedup+rules  the examples dedup and the quality rules keep (no budget; no dedup on
                generated problems, see `filters`)
   selection    finetune.selection: dedup, quality, IFD, k-center diversity, to the budget
@@ -24,6 +26,8 @@ It also times IFD scoring against one plain forward pass over the same batches.
     python benchmarks/sft_selection.py --models tiny       # the demo model (after make demo)
     python benchmarks/sft_selection.py --models smollm2    # SmolLM2-135M-Instruct with LoRA
     python benchmarks/sft_selection.py --models tiny finetune=chat   # Hydra overrides
+    python benchmarks/sft_selection.py --models tiny --share 0.5 --units examples \
+        finetune.reasoning_gym.noise_share=0.3          # selection where data is noisy
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lmpipe.data.tokenizer import load_tokenizer
 from lmpipe.evaluation.intervals import paired_binary_summary
+from lmpipe.feedback.judge import judge
 from lmpipe.runs.processes import process_env
 from lmpipe.runs.tracking import MetricLogger
 from lmpipe.selection.run import select_for_task
@@ -65,6 +70,11 @@ def filters(f: DictConfig) -> list[str]:
     return steps[1:] if f.dataset in VERIFIABLE_DATASETS else steps
 
 
+# An arm's override that is not a selection setting: keep only the training examples whose
+# reply the answer checker verifies (the oracle filter for noisy verifiable data).
+VERIFIED_ONLY = "verified_only"
+
+
 def arms(f: DictConfig, share: float, seeds: int) -> list[tuple[str, str, dict]]:
     """(arm, budget unit, selection overrides) of every run."""
     steps = filters(f)
@@ -72,6 +82,8 @@ def arms(f: DictConfig, share: float, seeds: int) -> list[tuple[str, str, dict]]
         ("full", "-", {}),
         ("dedup+rules", "-", {"steps": steps}),
     ]
+    if f.dataset in VERIFIABLE_DATASETS:
+        runs.append(("verifier-filter", "-", {"steps": steps, VERIFIED_ONLY: True}))
     for unit in ("examples", "tokens"):
         budget = {"budget.unit": unit, "budget.share": share}
         runs += [
@@ -109,6 +121,8 @@ def fine_tune_and_score(
     task, cfg: DictConfig, base: Path, tokenizer, device: torch.device, overrides: dict
 ) -> dict:
     f = cfg.finetune.copy()
+    overrides = dict(overrides)
+    verified_only = overrides.pop(VERIFIED_ONLY, False)
     for key, value in overrides.items():
         OmegaConf.update(f, f"selection.{key}", value)
     seed_everything(cfg.seed)
@@ -116,6 +130,10 @@ def fine_tune_and_score(
     chosen = select_for_task(task, f, base, tokenizer, device, cfg.seed,
                              DATA / "selection-scores", process_env())  # fmt: skip
     ids = chosen.selected_ids
+    if verified_only:
+        right = {c.id for c in task.splits(f)["train"]
+                 if judge(c.messages[-1]["content"], c.answer).correct}  # fmt: skip
+        ids = [i for i in ids if i in right]
     setup = prepare_finetuning(f, base, tokenizer, cfg.seed, device, train_ids=ids)
     result = train(setup.model, setup.batches, setup.config, cfg.hardware, device,
                    MetricLogger(None), setup.evaluate, desc="finetune",
@@ -124,7 +142,7 @@ def fine_tune_and_score(
     seconds = time.perf_counter() - start
     return {
         "examples": len(ids),
-        "tokens": int(chosen.table.loc[chosen.table["status"] == "selected", "tokens"].sum()),
+        "tokens": int(chosen.table.loc[chosen.table["id"].isin(ids), "tokens"].sum()),
         "best_step": result.best_step,
         **held_out(task, cfg, model, tokenizer, "tuned"),
         "seconds": seconds,

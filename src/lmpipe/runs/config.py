@@ -452,6 +452,10 @@ class ReasoningGymConfig:
     worked: bool = False
     # The generator's own settings (reasoning-gym's config fields, e.g. min_terms, max_digits).
     options: dict[str, Any] = field(default_factory=dict)
+    # Label noise in the training split only (lmpipe.taskdata.noise): this share of its
+    # replies get a wrong final answer (wrong_answer) or another problem's reply (other_reply).
+    noise_share: float = 0.0
+    noise_kind: str = "wrong_answer"
 
 
 @dataclass
@@ -679,6 +683,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "finetune.preference.pairs": ("spin", "verifier", "files"),
     "finetune.kto.examples": ("verifier", "files"),
     "finetune.reasoning_gym.generator": ("chain_sum", "basic_arithmetic", "gsm_symbolic"),
+    "finetune.reasoning_gym.noise_kind": ("wrong_answer", "other_reply"),
     "hardware.device": ("cpu", "cuda", "auto"),
     "hardware.precision": ("fp32", "bf16"),
     "hardware.launcher": ("none", "slurm", "submitit_local"),
@@ -768,6 +773,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "finetune.reasoning_gym.train_size": (lambda v: v >= 1, ">= 1"),
     "finetune.reasoning_gym.val_size": (lambda v: v >= 1, ">= 1"),
     "finetune.reasoning_gym.test_size": (lambda v: v >= 1, ">= 1"),
+    "finetune.reasoning_gym.noise_share": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "finetune.preference.beta": (lambda v: v > 0, "> 0"),
     "finetune.preference.label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
     "finetune.preference.max_pairs": (lambda v: v >= 1, ">= 1"),

@@ -30,7 +30,7 @@ from lmpipe.evaluation.scoring import example_losses, reply_scores
 from lmpipe.feedback.rollouts import generate_replies
 from lmpipe.runs.config import DeployConfig, EvaluateConfig, FinetuneConfig, GateConfig
 from lmpipe.selection.candidates import Candidate
-from lmpipe.taskdata import chatterbot, conversations, reasoning_gym
+from lmpipe.taskdata import chatterbot, conversations, noise, reasoning_gym
 from lmpipe.taskdata.conversations import Conversation
 from lmpipe.tasks.base import (
     FinetuningTask,
@@ -78,8 +78,11 @@ VERIFIABLE_DATASETS = ("reasoning_gym",)
 def _reasoning_gym(f: FinetuneConfig) -> dict[str, list[Conversation]]:
     g = f.reasoning_gym
     sizes = {"train": g.train_size, "val": g.val_size, "test": g.test_size}
-    return reasoning_gym.load_splits(g.generator, sizes, g.seed, g.options, f.val_fraction,
-                                     f.test_fraction, g.worked)  # fmt: skip
+    splits = reasoning_gym.load_splits(g.generator, sizes, g.seed, g.options, f.val_fraction,
+                                       f.test_fraction, g.worked)  # fmt: skip
+    if g.noise_share:
+        splits["train"] = noise.with_noise(splits["train"], g.noise_share, g.noise_kind, g.seed)
+    return splits
 
 
 def _chatterbot(f: FinetuneConfig) -> dict[str, list[Conversation]]:
