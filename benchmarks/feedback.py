@@ -141,6 +141,11 @@ def run(model: str, setting: str, args: argparse.Namespace) -> dict:
     runs: dict[str, Trained] = {"start": start}
     steps_of: dict[str, int] = {}
     control_lr = args.control_lr or f.optim.lr
+
+    def control(steps: int | str) -> str:
+        """The control's label: its steps (or cpu), and its lr where it is not SFT's."""
+        return f"control {steps}" + (f" lr={control_lr:g}" if args.control_lr else "")
+
     arms = [parse_arm(a) for a in (args.arm or DEFAULT_ARMS)]
     round_figures: dict[str, list[dict]] = {}
     for method, changes in arms:
@@ -170,16 +175,16 @@ def run(model: str, setting: str, args: argparse.Namespace) -> dict:
     # the costliest arm (sampling included).
     arm_labels = list(steps_of)
     for steps in sorted(set(steps_of.values())):
-        runs[f"control {steps}"] = trained(continued_sft(f, steps, control_lr), cfg,
-                                           start.path, home, sft)  # fmt: skip
-        steps_of[f"control {steps}"] = steps
+        runs[control(steps)] = trained(continued_sft(f, steps, control_lr), cfg, start.path,
+                                       home, sft)  # fmt: skip
+        steps_of[control(steps)] = steps
     costliest = max(runs[label].cpu_seconds for label in arm_labels)
     fewest = min(set(steps_of.values()))
-    per_step = runs[f"control {fewest}"].cpu_seconds / fewest
+    per_step = runs[control(fewest)].cpu_seconds / fewest
     cpu_steps = max(fewest, round(costliest / per_step))
-    runs["control cpu"] = trained(continued_sft(f, cpu_steps, control_lr), cfg, start.path,
-                                  home, sft)  # fmt: skip
-    steps_of["control cpu"] = cpu_steps
+    runs[control("cpu")] = trained(continued_sft(f, cpu_steps, control_lr), cfg, start.path,
+                                   home, sft)  # fmt: skip
+    steps_of[control("cpu")] = cpu_steps
     table, hits, frame = scores(cfg, {label: r.path for label, r in runs.items()})
     for arm, row in table.items():
         if arm not in runs:
@@ -193,22 +198,22 @@ def run(model: str, setting: str, args: argparse.Namespace) -> dict:
             row["rounds"] = round_figures[arm]
         if arm == "start":
             continue
-        same_steps = f"control {steps_of[arm]}"
-        others = {"vs_control": same_steps, "vs_control_cpu": "control cpu", "vs_start": "start"}
+        others = {"vs_control": control(steps_of[arm]), "vs_control_cpu": control("cpu"),
+                  "vs_start": "start"}  # fmt: skip
         for name, other in others.items():
             if not arm.startswith("control") or name == "vs_start":
                 row |= paired_binary_summary(hits[arm], hits[other], name)
                 row[f"{name}_against"] = other
-    corrections = second_attempts(cfg, runs, frame, steps_of,
-                                  [a for a in runs if a.startswith("self")])  # fmt: skip
+    corrections = second_attempts(cfg, runs, frame, [a for a in runs if a.startswith("self")],
+                                  {a: control(steps_of[a]) for a in steps_of})  # fmt: skip
     return {"setting": setting, "sft_steps": args.sft_steps, "steps": d,
             "test_problems": len(hits["start"]), "config": OmegaConf.to_container(f),
             "arms": table, "self_correction": corrections}  # fmt: skip
 
 
 def second_attempts(
-    cfg: DictConfig, runs: dict[str, Trained], frame: pd.DataFrame, steps_of: dict[str, int],
-    arms: list[str],
+    cfg: DictConfig, runs: dict[str, Trained], frame: pd.DataFrame, arms: list[str],
+    control_of: dict[str, str],
 ) -> dict[str, dict[str, float]]:  # fmt: skip
     """Attempt 1 and 2 after each kind of second turn, for the start, the control with the
     same steps and each self-correction arm; and each arm's attempt 2 against the
@@ -218,7 +223,7 @@ def second_attempts(
     prompts = answered["prompt"].tolist()
     answers = answered["answer"].astype(str).tolist()
     sampling = rollouts.Sampling(e.max_new_tokens)
-    controls = {f"control {steps_of[arm]}" for arm in arms}
+    controls = {control_of[arm] for arm in arms}
     results = {}
     for label in ["start", *sorted(controls), *arms]:
         model = load_model(runs[label].path)
@@ -237,7 +242,7 @@ def second_attempts(
             second = [a.second_correct for a in attempts]
             row |= revisions.correction_scores(first, second, kind)
             if label in arms:
-                same_steps = results[f"control {steps_of[label]}"][kind]
+                same_steps = results[control_of[label]][kind]
                 control = [a.second_correct for a in same_steps]
                 row |= paired_binary_summary(second, control, f"{kind}_vs_control")
         report[label] = row

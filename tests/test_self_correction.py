@@ -265,6 +265,12 @@ def test_score_counts_what_each_attempt_got_right() -> None:
     assert metrics["finetuned_outcome_attempt2"] == 0.5
     assert metrics["finetuned_outcome_delta_i_to_c"] == 0.25  # b
     assert metrics["finetuned_outcome_delta_c_to_i"] == 0.25  # d
+    for kind in revisions.TURN_KINDS:
+        frame[f"finetuned_{kind}_turn"] = ""
+    frame["reference"] = "#### 1"
+    report = SelfCorrection().report(frame, metrics, ["finetuned"], EvaluateConfig())
+    shown = report.tables["generations.json"]
+    assert {"finetuned_step_turn", "finetuned_step_revision", "finetuned_reply"} <= set(shown)
 
 
 @pytest.mark.parametrize(
