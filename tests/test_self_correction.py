@@ -140,6 +140,22 @@ def test_with_steps_checked_a_lucky_revision_is_not_kept() -> None:
     assert table["kept"].tolist() == [False, True]
 
 
+def test_unfixed_attempts_get_the_reference_as_revision() -> None:
+    """reference_revisions: each distinct first attempt none of whose revisions was kept is
+    paired with the reference solution; a fixed one and a right one are not."""
+    from lmpipe.tasks.self_correction import reference_revisions
+
+    problems = [problem("a", "9"), problem("b", "4")]
+    firsts = [[reply("#### 8"), reply("#### 7"), reply("#### 8")], [reply("#### 4")]]
+    revised = [[reply("#### 9")], [reply("#### 6")], [reply("#### 5")]]
+    table = judged_revisions(problems, firsts, "outcome", revised, None)
+    added = reference_revisions(table, problems)
+    assert [c.messages[1]["content"] for c in added] == ["#### 7"]  # "#### 8" was fixed once
+    (conversation,) = added
+    assert conversation.messages[3]["content"] == "#### 9" and conversation.last_turn_only
+    assert conversation.messages[2]["content"] == "Your answer 7 is wrong."
+
+
 def test_retry_revises_right_attempts_too() -> None:
     table = judged_revisions([problem("b", "4")], [[reply("#### 4")]], "retry",
                              [[reply("#### 4"), reply("#### 5")]], None)  # fmt: skip
@@ -228,6 +244,14 @@ def test_a_round_revises_training_problems_only(
     task, _ = SelfCorrection().prepare(f, saved_model, tiny_tokenizer, CPU, tmp_path / "c2",
                                        DistEnv(), seed=3)  # fmt: skip
     assert not [c for c in task.splits(f)["train"] if c.last_turn_only]
+    # ... unless the reference solutions stand in for the revisions the model could not write.
+    f.self_correction.reference_revisions = True
+    task, _ = SelfCorrection().prepare(f, saved_model, tiny_tokenizer, CPU, tmp_path / "c3",
+                                       DistEnv(), seed=3)  # fmt: skip
+    stand_ins = [c for c in task.splits(f)["train"] if c.last_turn_only]
+    assert len(stand_ins) == len(splits["train"])  # one distinct wrong attempt each
+    reference = {c.prompt: c.messages[1]["content"] for c in splits["train"]}
+    assert all(c.messages[3]["content"] == reference[c.prompt] for c in stand_ins)
 
 
 def test_held_out_scores_at_both_attempts(saved_model: Path, tiny_tokenizer) -> None:

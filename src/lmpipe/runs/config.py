@@ -406,6 +406,9 @@ class SelfCorrectionConfig(RoundsConfig):
     # the outcome) after a wrong first attempt; retry: "Check your working..." after every one.
     feedback: str = "step"
     revisions: int = 2  # second attempts per first attempt that gets a second turn
+    # A first attempt that none of its revisions fixed gets the reference solution as its
+    # revision (STaR's rationalization, for the second turn); false: own revisions only.
+    reference_revisions: bool = False
 
 
 @dataclass

@@ -12,7 +12,9 @@ sampling's):
    conversation question, attempt, words;
 3. the distinct correct revisions (at most `max_per_problem` per problem) become two-turn
    training conversations whose loss is on the revision alone, after the reference
-   solutions (`references`), which keep the first attempt trained too.
+   solutions (`references`), which keep the first attempt trained too. With
+   `reference_revisions`, a first attempt no revision fixed gets the reference solution
+   as its revision (STaR's rationalization, for the second turn).
 
 Held out, the model is scored as SFT's (exact match at the first attempt), and then
 answered again after each kind of second turn: accuracy at attempt 2, Δi→c and Δc→i with
@@ -120,6 +122,33 @@ def round_metrics(table: pd.DataFrame) -> dict[str, float]:
     }
 
 
+def reference_revisions(
+    table: pd.DataFrame, problems: Sequence[Conversation]
+) -> list[Conversation]:
+    """For each distinct first attempt that got a second turn and no kept revision, the
+    conversation question, attempt, words back, with the problem's reference solution as
+    the revision (STaR's rationalization, for the second turn: what the model could not yet
+    write itself), trained on that revision alone."""
+    reference = {p.id: p.messages[-1]["content"] for p in problems}
+    revised = table[table["revised"].astype(bool)]
+    kept = revised[revised["kept"].astype(bool)]
+    seen = {(i, " ".join(first.split())) for i, first in zip(kept["id"], kept["first"],
+                                                            strict=True)}  # fmt: skip
+    out = []
+    for row in revised.drop_duplicates(["id", "sample"]).itertuples():
+        text = (row.id, " ".join(row.first.split()))
+        if text in seen or row.id not in reference:
+            continue
+        seen.add(text)
+        out.append(Conversation(
+            f"{row.id}:scr{row.sample}",
+            [*revisions.revision_messages(row.prompt, row.first, row.turn),
+             {"role": "assistant", "content": reference[row.id]}],
+            answer=row.answer, cluster=row.cluster or None, last_turn_only=True,
+        ))  # fmt: skip
+    return out
+
+
 def corrections_table(rounds: Sequence[pd.DataFrame]) -> pd.DataFrame:
     """Every round's judged revisions, with the round number (1-based), for samples.parquet."""
     if not rounds:
@@ -197,6 +226,8 @@ class SelfCorrection(RejectionSampling):
                          last_turn_only=True)
             for index, row in enumerate(table[table["kept"].astype(bool)].itertuples())
         ]  # fmt: skip
+        if self.settings(f).reference_revisions:
+            kept += reference_revisions(table, conversation_splits(f)["train"])
         return self._with_references(f, kept, table)
 
     def predict(
