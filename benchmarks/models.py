@@ -24,7 +24,7 @@ from lmpipe.runs.processes import process_env
 from lmpipe.runs.tracking import MetricLogger
 from lmpipe.tasks.base import FinetuningTask
 from lmpipe.tasks.finetuning import finetuning_task, prepare_finetuning
-from lmpipe.tasks.sft import MOST_FREQUENT, RETRIEVAL
+from lmpipe.tasks.sft import MOST_FREQUENT, RETRIEVAL, TASK_SETTINGS
 from lmpipe.training.loop import seed_everything, train
 from lmpipe.training.model import load_base, load_model, save_model
 
@@ -53,8 +53,12 @@ def trained(
     """`task` trained by `f` from `base` (its data first derived from `base`, as the finetune
     stage does: preference pairs, a round's verified replies) into a directory under `home`
     named by the config and the starting model, reused when there."""
-    key = key_of({"f": OmegaConf.to_container(f, resolve=True), "seed": cfg.seed,
-                  "base": directory_digest(base), "task": task.name})  # fmt: skip
+    settings = OmegaConf.to_container(f, resolve=True)
+    for group in TASK_SETTINGS:  # other methods' settings: a change to them keeps the run
+        if group != f.task:
+            settings.pop(group, None)
+    key = key_of({"f": settings, "seed": cfg.seed, "base": directory_digest(base),
+                  "task": task.name})  # fmt: skip
     out = home / f"{f.task}-{f.steps}-{key}"
     record = out / "benchmark.json"
     tokenizer = load_tokenizer(base)
