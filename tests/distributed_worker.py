@@ -131,7 +131,8 @@ def grpo_setup(args: argparse.Namespace, device: torch.device, env) -> tuple:
     model = build_model(ModelConfig(preset="test", hidden_size=32, num_layers=2, num_heads=2,
                                     num_kv_heads=2, intermediate_size=64, max_seq_len=64),
                         tokenizer)  # fmt: skip
-    grpo.judge = lambda reply, answer: Verdict(len(reply.split()) % 2 == 0, None, "stand-in")
+    grpo.judge = lambda reply, answer, steps=False: Verdict(len(reply.split()) % 2 == 0, None,
+                                                            "stand-in")  # fmt: skip
     f = FinetuneConfig(task="grpo", batch_size=args.batch_size, grad_accum=args.grad_accum)
     f.grpo.group_size, f.grpo.max_new_tokens = 3, 6
     problems = [Conversation(f"q{i}", [{"role": "user", "content": f"What is {i} plus two?"},
