@@ -109,6 +109,15 @@ def tiny_model(tiny_tokenizer):
     return build_model(cfg, tiny_tokenizer)
 
 
+@pytest.fixture
+def saved_model(tiny_model, tiny_tokenizer, tmp_path: Path) -> Path:
+    """tiny_model and its tokenizer saved as a model directory (a task's starting model)."""
+    from lmpipe.training.model import save_model
+
+    save_model(tiny_model, tiny_tokenizer, tmp_path / "model")
+    return tmp_path / "model"
+
+
 def project_files() -> list[str]:
     """Tracked and untracked-but-not-ignored files: the project as a fresh clone would have it."""
     out = subprocess.run(

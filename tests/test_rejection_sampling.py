@@ -81,14 +81,6 @@ def small_problems() -> FinetuneConfig:
     return f
 
 
-@pytest.fixture
-def saved_model(tiny_model, tiny_tokenizer, tmp_path: Path) -> Path:
-    from lmpipe.training.model import save_model
-
-    save_model(tiny_model, tiny_tokenizer, tmp_path / "model")
-    return tmp_path / "model"
-
-
 @pytest.mark.parametrize("references", [True, False])
 @pytest.mark.parametrize("hints", [False, True])
 def test_a_round_samples_training_problems_only_and_keeps_verified_replies(

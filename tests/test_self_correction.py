@@ -188,14 +188,6 @@ def small_problems() -> FinetuneConfig:
     return f
 
 
-@pytest.fixture
-def saved_model(tiny_model, tiny_tokenizer, tmp_path: Path) -> Path:
-    from lmpipe.training.model import save_model
-
-    save_model(tiny_model, tiny_tokenizer, tmp_path / "model")
-    return tmp_path / "model"
-
-
 @pytest.mark.parametrize("references", [True, False])
 def test_a_round_revises_training_problems_only(
     monkeypatch: pytest.MonkeyPatch, saved_model: Path, tiny_tokenizer, tmp_path: Path,

@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lmpipe.feedback import rollouts
 from lmpipe.feedback.judge import judge
@@ -228,15 +228,8 @@ class RejectionSampling(SFT):
         device: torch.device, seed: int,
     ) -> pd.DataFrame:  # fmt: skip
         r = self.settings(f)
-        problems = pref.stable_sample(conversation_splits(f)["train"], r.max_prompts)
-        model = load_model(base).to(device)
-        sampling = rollouts.Sampling(r.max_new_tokens, r.temperature, r.top_p, min_new_tokens=1)
-        log.info("rejection sampling: %d replies to each of %d training problems "
-                 "(temperature %g, %d tokens)", r.samples, len(problems), r.temperature,
-                 r.max_new_tokens)  # fmt: skip
-        groups = rollouts.sample(model, tokenizer, [p.prompt for p in problems], r.samples,
-                                 sampling, seed, r.batch_size, device,
-                                 "rejection sampling")  # fmt: skip
+        problems, model, sampling, groups = self._draw(f, base, tokenizer, device, seed,
+                                                       "rejection sampling")  # fmt: skip
         table = judged_samples(problems, groups, r.max_per_problem, r.check_steps)
         if r.hints:
             solved = set(table.loc[table["correct"], "id"])
@@ -253,6 +246,23 @@ class RejectionSampling(SFT):
                  "hints)", 100 * metrics["solve_rate"], metrics["kept_examples"],
                  100 * metrics["hint_share"])  # fmt: skip
         return table
+
+    def _draw(
+        self, f: FinetuneConfig | DictConfig, base: Path, tokenizer: PreTrainedTokenizerBase,
+        device: torch.device, seed: int, what: str,
+    ) -> tuple[list[Conversation], PreTrainedModel, rollouts.Sampling,
+               list[list[rollouts.Completion]]]:  # fmt: skip
+        """A round's training problems (never val or test), the model that samples, how it
+        samples, and its `samples` replies to each problem."""
+        r = self.settings(f)
+        problems = pref.stable_sample(conversation_splits(f)["train"], r.max_prompts)
+        model = load_model(base).to(device)
+        sampling = rollouts.Sampling(r.max_new_tokens, r.temperature, r.top_p, min_new_tokens=1)
+        log.info("%s: %d replies to each of %d training problems (temperature %g, %d tokens)",
+                 what, r.samples, len(problems), r.temperature, r.max_new_tokens)  # fmt: skip
+        groups = rollouts.sample(model, tokenizer, [p.prompt for p in problems], r.samples,
+                                 sampling, seed, r.batch_size, device, what)  # fmt: skip
+        return problems, model, sampling, groups
 
     def _kept(self, f: FinetuneConfig | DictConfig, table: pd.DataFrame) -> list[Conversation]:
         """The training conversations of a round: each kept reply as the reply to its

@@ -41,12 +41,11 @@ from lmpipe.runs.config import (
     FinetuneConfig,
     SelfCorrectionConfig,
 )
-from lmpipe.taskdata import pairs as pref
 from lmpipe.taskdata.conversations import Conversation
 from lmpipe.tasks.base import Report
 from lmpipe.tasks.rejection_sampling import RejectionSampling
 from lmpipe.tasks.sft import RETRIEVAL, clusters_of, conversation_splits
-from lmpipe.training.model import load_model, model_device
+from lmpipe.training.model import model_device
 
 log = logging.getLogger(__name__)
 
@@ -187,15 +186,10 @@ class SelfCorrection(RejectionSampling):
         device: torch.device, seed: int,
     ) -> pd.DataFrame:  # fmt: skip
         s = self.settings(f)
-        problems = pref.stable_sample(conversation_splits(f)["train"], s.max_prompts)
-        model = load_model(base).to(device)
-        sampling = rollouts.Sampling(s.max_new_tokens, s.temperature, s.top_p, min_new_tokens=1)
-        log.info("self-correction: %d first attempts at each of %d training problems, %d "
-                 "revisions after each %s turn", s.samples, len(problems), s.revisions,
-                 s.feedback)  # fmt: skip
-        firsts = rollouts.sample(model, tokenizer, [p.prompt for p in problems], s.samples,
-                                 sampling, seed, s.batch_size, device,
-                                 "self-correction: first attempts")  # fmt: skip
+        problems, model, sampling, firsts = self._draw(
+            f, base, tokenizer, device, seed, "self-correction: first attempts"
+        )
+        log.info("self-correction: %d revisions after each %s turn", s.revisions, s.feedback)
         conversations = []
         for problem, group in zip(problems, firsts, strict=True):
             for first in group:
