@@ -206,7 +206,8 @@ def run(model: str, setting: str, args: argparse.Namespace) -> dict:
                 row[f"{name}_against"] = other
     corrections = second_attempts(cfg, runs, frame, [a for a in runs if a.startswith("self")],
                                   {a: control(steps_of[a]) for a in steps_of})  # fmt: skip
-    return {"setting": setting, "sft_steps": args.sft_steps, "steps": d,
+    return {"setting": setting, "overrides": list(args.overrides), "sft_steps": args.sft_steps,
+            "steps": d,
             "test_problems": len(hits["start"]), "config": OmegaConf.to_container(f),
             "arms": table, "self_correction": corrections}  # fmt: skip
 
@@ -258,7 +259,8 @@ def interval_cell(row: dict, name: str, signed: bool = False) -> str:
 
 def show(entry: dict, model: str) -> None:
     print(
-        f"\n## {model}, {entry['setting']}: {entry['sft_steps']} SFT steps, then "
+        f"\n## {model}, {entry['setting']} {' '.join(entry.get('overrides', []))}: "
+        f"{entry['sft_steps']} SFT steps, then "
         f"{entry['steps']} steps per arm (per round); {entry['test_problems']} test problems"
     )
     print(

@@ -23,7 +23,7 @@ from lmpipe.tasks.rejection_sampling import (
     round_metrics,
     samples_table,
 )
-from lmpipe.tasks.sft import conversation_splits
+from lmpipe.tasks.sft import conversation_splits, problem_splits
 
 CPU = torch.device("cpu")
 
@@ -131,6 +131,40 @@ def test_a_round_samples_training_problems_only_and_keeps_verified_replies(
     again, _ = RejectionSampling().prepare(f, saved_model, tiny_tokenizer, CPU,
                                            tmp_path / "cache", DistEnv(), seed=3)  # fmt: skip
     assert not asked and again.splits(f)["train"] == trained
+
+
+def test_with_few_demonstrations_sft_gets_those_and_sampling_every_problem(
+    monkeypatch: pytest.MonkeyPatch, saved_model: Path, tiny_tokenizer, tmp_path: Path
+) -> None:
+    """finetune.reasoning_gym.demonstrations: SFT's train split is the first N worked
+    replies, the references rejection sampling adds are those N, and a round (and GRPO)
+    samples every training problem, never a held-out one."""
+    from lmpipe.tasks.grpo import GRPO
+
+    f = small_problems()
+    every = conversation_splits(f)
+    f.reasoning_gym.demonstrations = 5
+    f.rejection_sampling.references = True
+    splits = conversation_splits(f)
+    assert splits["train"] == every["train"][:5]
+    assert splits["val"] == every["val"] and splits["test"] == every["test"]
+    assert problem_splits(f) == every
+    asked: list[str] = []
+
+    def sample(model, tokenizer, prompts, k, sampling, seed, batch_size, device, what=""):
+        asked.extend(prompts)
+        return [[reply("#### -1")] * k for _ in prompts]
+
+    monkeypatch.setattr("lmpipe.feedback.rollouts.sample", sample)
+    task, _ = RejectionSampling().prepare(f, saved_model, tiny_tokenizer, CPU,
+                                          tmp_path / "cache", DistEnv(), seed=3)  # fmt: skip
+    assert asked == [c.prompt for c in every["train"]]
+    assert task.splits(f)["train"] == splits["train"]  # nothing solved: the references only
+    f.task, f.grpo.max_new_tokens, f.batch_size, f.grad_accum = "grpo", 4, 2, 1
+    setup = GRPO().setup(f, saved_model, tiny_tokenizer, 3, CPU)
+    assert {c.id for c in setup.batches.problems} == {c.id for c in every["train"]}
+    with pytest.raises(ConfigError, match="demonstrations"):
+        validate({"finetune": {"reasoning_gym": {"demonstrations": 0}}})
 
 
 @pytest.mark.parametrize("lucky", [False, True])

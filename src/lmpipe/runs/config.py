@@ -459,6 +459,10 @@ class ReasoningGymConfig:
     # replies get a wrong final answer (wrong_answer) or another problem's reply (other_reply).
     noise_share: float = 0.0
     noise_kind: str = "wrong_answer"
+    # Worked replies for only the first N training problems (null: all): SFT trains on those;
+    # rejection sampling, self-correction and GRPO sample every training problem and learn
+    # from the checker alone (lmpipe.tasks.sft.problem_splits).
+    demonstrations: int | None = None
 
 
 @dataclass
@@ -777,6 +781,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "finetune.reasoning_gym.val_size": (lambda v: v >= 1, ">= 1"),
     "finetune.reasoning_gym.test_size": (lambda v: v >= 1, ">= 1"),
     "finetune.reasoning_gym.noise_share": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "finetune.reasoning_gym.demonstrations": (lambda v: v >= 1, ">= 1"),
     "finetune.preference.beta": (lambda v: v > 0, "> 0"),
     "finetune.preference.label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
     "finetune.preference.max_pairs": (lambda v: v >= 1, ">= 1"),

@@ -37,7 +37,7 @@ from lmpipe.runs.config import ConfigError, FinetuneConfig, GrpoConfig
 from lmpipe.taskdata import pairs as pref
 from lmpipe.taskdata.conversations import Conversation
 from lmpipe.tasks.base import TrainingSetup
-from lmpipe.tasks.sft import SFT, VERIFIABLE_DATASETS, conversation_splits, sft_phase_config
+from lmpipe.tasks.sft import SFT, VERIFIABLE_DATASETS, problem_splits, sft_phase_config
 from lmpipe.training import distributed
 from lmpipe.training.grpo_loss import (
     LOSS_TYPES,
@@ -284,7 +284,7 @@ class GRPO(SFT):
         """SFT's model and validation (the held-out response loss), with batches sampled
         from the policy and GRPO's objective."""
         supervised = super().setup(f, base, tokenizer, seed, device, rank, world_size, train_ids)
-        problems = [c for c in conversation_splits(f)["train"]
+        problems = [c for c in problem_splits(f)["train"]
                     if train_ids is None or c.id in train_ids]  # fmt: skip
         problems = pref.stable_sample(problems, f.grpo.max_prompts)
         reference = None

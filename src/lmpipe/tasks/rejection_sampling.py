@@ -47,7 +47,13 @@ from lmpipe.runs.processes import DistEnv
 from lmpipe.taskdata import pairs as pref
 from lmpipe.taskdata.conversations import Conversation
 from lmpipe.tasks.base import TrainingSetup, cached_table
-from lmpipe.tasks.sft import SFT, VERIFIABLE_DATASETS, conversation_splits, sft_phase_config
+from lmpipe.tasks.sft import (
+    SFT,
+    VERIFIABLE_DATASETS,
+    conversation_splits,
+    problem_splits,
+    sft_phase_config,
+)
 from lmpipe.training.model import load_model
 
 log = logging.getLogger(__name__)
@@ -255,7 +261,7 @@ class RejectionSampling(SFT):
         """A round's training problems (never val or test), the model that samples, how it
         samples, and its `samples` replies to each problem."""
         r = self.settings(f)
-        problems = pref.stable_sample(conversation_splits(f)["train"], r.max_prompts)
+        problems = pref.stable_sample(problem_splits(f)["train"], r.max_prompts)
         model = load_model(base).to(device)
         sampling = rollouts.Sampling(r.max_new_tokens, r.temperature, r.top_p, min_new_tokens=1)
         log.info("%s: %d replies to each of %d training problems (temperature %g, %d tokens)",

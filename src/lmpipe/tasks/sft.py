@@ -75,13 +75,15 @@ EXACT_MATCH_GATE = "finetuned_exact_match"
 VERIFIABLE_DATASETS = ("reasoning_gym",)
 
 
-def _reasoning_gym(f: FinetuneConfig) -> dict[str, list[Conversation]]:
+def _reasoning_gym(f: FinetuneConfig, every_problem: bool = False) -> dict[str, list[Conversation]]:
     g = f.reasoning_gym
     sizes = {"train": g.train_size, "val": g.val_size, "test": g.test_size}
     splits = reasoning_gym.load_splits(g.generator, sizes, g.seed, g.options, f.val_fraction,
                                        f.test_fraction, g.worked)  # fmt: skip
     if g.noise_share:
         splits["train"] = noise.with_noise(splits["train"], g.noise_share, g.noise_kind, g.seed)
+    if g.demonstrations is not None and not every_problem:
+        splits["train"] = splits["train"][: g.demonstrations]
     return splits
 
 
@@ -98,6 +100,18 @@ CONVERSATION_SOURCES = {"chatterbot": _chatterbot, "reasoning_gym": _reasoning_g
 def conversation_splits(f: FinetuneConfig) -> dict[str, list[Conversation]]:
     """train/val/test conversations of `f.dataset`."""
     return CONVERSATION_SOURCES[f.dataset](f)
+
+
+def problem_splits(f: FinetuneConfig | DictConfig) -> dict[str, list[Conversation]]:
+    """conversation_splits with every training problem in train: what the methods that
+    sample replies and judge them by the answer alone draw from. Under
+    finetune.reasoning_gym.demonstrations SFT's train split keeps only the first N worked
+    replies, and these methods learn from the remaining problems through the checker (their
+    reference replies are never read: methods that fall back on them, the verifier pairs
+    and KTO, draw from conversation_splits)."""
+    if f.dataset == "reasoning_gym":
+        return _reasoning_gym(f, every_problem=True)
+    return conversation_splits(f)
 
 
 # finetune.* groups of one task's own settings: an SFT phase before that task leaves them
