@@ -117,6 +117,12 @@ def scoring_rate(task, f: DictConfig, base: Path, tokenizer, device: torch.devic
             "forward_examples_per_s": n / plain, "ratio": plain / scoring}  # fmt: skip
 
 
+def verified_ids(task, f: DictConfig) -> set[str]:
+    """The training examples whose reply the answer checker verifies."""
+    return {c.id for c in task.splits(f)["train"]
+            if judge(c.messages[-1]["content"], c.answer).correct}  # fmt: skip
+
+
 def fine_tune_and_score(
     task, cfg: DictConfig, base: Path, tokenizer, device: torch.device, overrides: dict
 ) -> dict:
@@ -130,10 +136,12 @@ def fine_tune_and_score(
     chosen = select_for_task(task, f, base, tokenizer, device, cfg.seed,
                              DATA / "selection-scores", process_env())  # fmt: skip
     ids = chosen.selected_ids
-    if verified_only:
-        right = {c.id for c in task.splits(f)["train"]
-                 if judge(c.messages[-1]["content"], c.answer).correct}  # fmt: skip
-        ids = [i for i in ids if i in right]
+    checked = {}
+    if task.answers_checkable(f):  # the share of chosen replies the checker rejects (noise)
+        right = verified_ids(task, f)
+        if verified_only:
+            ids = [i for i in ids if i in right]
+        checked["wrong_replies"] = sum(i not in right for i in ids) / max(len(ids), 1)
     setup = prepare_finetuning(f, base, tokenizer, cfg.seed, device, train_ids=ids)
     result = train(setup.model, setup.batches, setup.config, cfg.hardware, device,
                    MetricLogger(None), setup.evaluate, desc="finetune",
@@ -144,6 +152,7 @@ def fine_tune_and_score(
         "examples": len(ids),
         "tokens": int(chosen.table.loc[chosen.table["id"].isin(ids), "tokens"].sum()),
         "best_step": result.best_step,
+        **checked,
         **held_out(task, cfg, model, tokenizer, "tuned"),
         "seconds": seconds,
     }
@@ -209,7 +218,9 @@ def summary(rows: list[dict]) -> list[dict]:
             out.append(row)
     for unit, group in randoms.items():
         folded = {"arm": f"random (x{len(group)})", "unit": unit}
-        for key in ("examples", "tokens", "test_loss", *QUALITY[quality_kind(group[0])]):
+        kind = quality_kind(group[0])
+        checked = ["wrong_replies"] if "wrong_replies" in group[0] else []
+        for key in ("examples", "tokens", "test_loss", *checked, *QUALITY[kind]):
             values = [r[key] for r in group]
             folded[key] = statistics.mean(values)
             folded[f"{key}_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -277,9 +288,9 @@ def print_model(name: str, entry: dict) -> None:
         print(f"before tuning: test loss {b['test_loss']:.3f}, exact match "
               f"{interval(b, 'exact_match')}; retrieval {interval(b, 'retrieval_exact_match')}, "
               f"most frequent answer {interval(b, 'most_frequent_exact_match')}")  # fmt: skip
-        print("| budget | arm | examples | tokens | test loss | exact match [95% CI] | minus "
-              "full data [95% CI], p | minus random-0 [95% CI], p |")  # fmt: skip
-        print("|---|---|---|---|---|---|---|---|")
+        print("| budget | arm | examples | tokens | wrong replies | test loss | exact match "
+              "[95% CI] | minus full data [95% CI], p | minus random-0 [95% CI], p |")  # fmt: skip
+        print("|---|---|---|---|---|---|---|---|---|")
     else:
         print(f"before tuning: test loss {b['test_loss']:.3f}, chrF {b['chrf']:.1f}, "
               f"ROUGE-L {b['rougeL']:.3f}; retrieval baseline chrF {b['retrieval_chrf']:.1f}, "
@@ -293,13 +304,16 @@ def print_model(name: str, entry: dict) -> None:
             return f"{value} ± {format(row[key + '_sd'], fmt)}" if key + "_sd" in row else value
 
         quality = (
-            (interval(row, "exact_match") if "exact_match_sd" not in row
-             else cell("exact_match", ".3f"))
+            (cell("wrong_replies", ".3f") + " | " if "wrong_replies" in row else " | ")
+            + cell("test_loss", ".3f") + " | "
+            + (interval(row, "exact_match") if "exact_match_sd" not in row
+               else cell("exact_match", ".3f"))
             + f" | {paired_cell(row, 'vs_full')} | {paired_cell(row, 'vs_random')}"
-            if exact else f"{cell('chrf', '.1f')} | {cell('rougeL', '.3f')}"
+            if exact else f"{cell('test_loss', '.3f')} | {cell('chrf', '.1f')} | "
+            f"{cell('rougeL', '.3f')}"
         )  # fmt: skip
         print(f"| {row['unit']} | {row['arm']} | {cell('examples', '.0f')} | "
-              f"{cell('tokens', '.0f')} | {cell('test_loss', '.3f')} | {quality} |")  # fmt: skip
+              f"{cell('tokens', '.0f')} | {quality} |")  # fmt: skip
 
 
 def interval(row: dict, key: str) -> str:
