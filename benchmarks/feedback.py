@@ -312,7 +312,9 @@ def main() -> None:
     for noisy in ("lmpipe.training.loop", "lmpipe.taskdata.conversations", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     report = json.loads(args.out.read_text()) if args.out.is_file() else {"runs": {}}
-    key = f"{args.model}/{args.setting}/sft{args.sft_steps}/d{args.steps}"
+    # One entry per model, setting, overrides and start: its arms accumulate across runs.
+    key = "/".join([args.model, args.setting, *args.overrides, f"sft{args.sft_steps}",
+                    f"d{args.steps}"])  # fmt: skip
     entry = run(args.model, args.setting, args)
     old = report["runs"].get(key, {"arms": {}, "self_correction": {}})
     entry["arms"] = {**old["arms"], **entry["arms"]}  # every configuration tried stays
