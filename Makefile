@@ -104,7 +104,7 @@ gpu-wheels: install
 ## pinned stay unless pyproject.toml rules them out (add --upgrade to take the newest).
 LOCK_FLAGS ?=
 lock: install
-	$(BIN)/pip-compile -q $(LOCK_FLAGS) --extra data --extra base --extra dev \
+	$(BIN)/pip-compile -q $(LOCK_FLAGS) --extra data --extra base --extra harness --extra dev \
 	  --unsafe-package torch --strip-extras --no-emit-index-url --no-emit-find-links \
 	  -o requirements.lock pyproject.toml
 	$(BIN)/pip install -q -r requirements.lock
