@@ -12,7 +12,13 @@ import transformers
 from packaging.version import Version
 from transformers import AutoModelForCausalLM, AutoTokenizer, BertConfig, BertForMaskedLM
 
-from lmpipe.deploy.gguf_export import GGML_TYPES, GgufExportError, export_gguf, unsupported
+from lmpipe.deploy.gguf_export import (
+    GGML_TYPES,
+    GgufExportError,
+    export_gguf,
+    serving_chat_template,
+    unsupported,
+)
 from lmpipe.runs.config import GGUF_TYPES, ConfigError, validate
 from lmpipe.training.model import load_classifier, save_model
 
@@ -53,7 +59,7 @@ def test_the_gguf_file_loads_back_with_the_source_models_logits_and_tokenizer(
         pytest.skip("transformers 5.17 cannot read a GGUF tokenizer without a BOS token")
     tokenizer = AutoTokenizer.from_pretrained(out.parent, gguf_file=out.name)
     assert tokenizer(TEXT)["input_ids"] == ids[0].tolist()
-    assert tokenizer.chat_template == tiny_tokenizer.chat_template
+    assert tokenizer.chat_template == serving_chat_template(tiny_tokenizer.chat_template)
 
 
 def test_q8_0_is_smaller_than_f16_and_f16_than_fp32(saved: Path, tmp_path: Path) -> None:
@@ -80,6 +86,22 @@ def test_an_encoder_and_a_classifier_head_fail_naming_what_the_exporter_maps(
     assert not (tmp_path / "classifier.gguf").exists()
     with pytest.raises(GgufExportError, match="Q3_K"):
         export_gguf(saved, tmp_path / "x.gguf", "Q3_K")
+
+
+def test_a_pre_tokenizer_llama_cpp_knows_by_another_regex_is_refused(
+    saved: Path, tmp_path: Path
+) -> None:
+    from tokenizers import pre_tokenizers
+
+    from lmpipe.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(saved)
+    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel()]
+    )
+    tokenizer.save_pretrained(saved)
+    with pytest.raises(GgufExportError, match=r"pre-tokenizer.*Digits.*GPT-2's split regex"):
+        export_gguf(saved, tmp_path / "digits.gguf")
 
 
 def test_the_config_names_the_gguf_types_the_exporter_writes() -> None:

@@ -3,7 +3,10 @@
 Llama-style causal LMs only (LlamaForCausalLM: our presets and SmolLM2), as llama.cpp's own
 converter (`convert_hf_to_gguf.py`) writes them: tensor names from the gguf package's map,
 the query and key rows permuted into llama.cpp's rotary layout, 1-D tensors (norms) in F32,
-and the byte-level BPE tokenizer as `gpt2` tokens and merges with the chat template. A
+and the byte-level BPE tokenizer as `gpt2` tokens and merges under llama.cpp's name for
+GPT-2's split regex (`gpt-2`), with the chat template stripped of transformers' training-only
+`{% generation %}` tags, which llama.cpp's, Ollama's and node-llama-cpp's template engines
+reject. A
 matrix whose rows are no multiple of the quantization block (688 = 21.5 x 32) is written in
 F16 instead, as llama.cpp's quantizer falls back too.
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import gguf
@@ -20,6 +24,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from lmpipe.data.tokenizer import load_tokenizer
+from lmpipe.training.model import stop_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +33,10 @@ GGML_TYPES = {
     "Q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
     "Q4_0": (gguf.GGMLQuantizationType.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
 }
+
+
+# transformers' assistant-token markers (return_assistant_tokens_mask): no-ops when serving.
+GENERATION_TAG = re.compile(r"\{%-?\s*(?:end)?generation\s*-?%\}")
 
 
 class GgufExportError(ValueError):
@@ -55,12 +64,24 @@ def unsupported(model_dir: Path) -> str | None:
     return None
 
 
+def serving_chat_template(template: str) -> str:
+    """`template` as a runtime renders it: without the `{% generation %}` block tags, which
+    only mark the tokens SFT trains on and render nothing."""
+    return GENERATION_TAG.sub("", template)
+
+
 def _add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int) -> None:
     tokenizer = load_tokenizer(model_dir)
     parsed = json.loads(tokenizer.backend_tokenizer.to_str())
     if parsed["model"]["type"] != "BPE":
         raise GgufExportError(f"{model_dir}: a {parsed['model']['type']} tokenizer; the GGUF "
                               "exporter writes byte-level BPE tokenizers only")  # fmt: skip
+    pre = parsed.get("pre_tokenizer") or {}
+    if pre.get("type") != "ByteLevel" or not pre.get("use_regex", True):
+        # llama.cpp picks its split regex by name; only GPT-2's is known to be this one.
+        raise GgufExportError(f"{model_dir}: pre-tokenizer {json.dumps(pre)[:200]}; the "
+                              "GGUF exporter writes ByteLevel with GPT-2's split regex "
+                              "only")  # fmt: skip
     by_id = {index: token for token, index in tokenizer.get_vocab().items()}
     special = set(tokenizer.all_special_ids)
     tokens, types = [], []
@@ -71,7 +92,7 @@ def _add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int) ->
         types.append(gguf.TokenType.CONTROL if index in special else kind)
     merges = [m if isinstance(m, str) else " ".join(m) for m in parsed["model"]["merges"]]
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt2")  # GPT-2's split regex, as ByteLevel(use_regex=True)
+    writer.add_tokenizer_pre("gpt-2")  # GPT-2's split regex, as ByteLevel(use_regex=True)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
@@ -79,9 +100,13 @@ def _add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int) ->
                            ("pad", tokenizer.pad_token_id)):  # fmt: skip
         if token_id is not None:
             getattr(writer, f"add_{name}_token_id")(token_id)
+    # The token that ends a chat turn (<|im_end|>), when it is not EOS: llama.cpp stops there.
+    turn_end = [index for index in stop_token_ids(tokenizer) if index != tokenizer.eos_token_id]
+    if turn_end:
+        writer.add_eot_token_id(turn_end[0])
     writer.add_add_bos_token(False)
     if tokenizer.chat_template:
-        writer.add_chat_template(tokenizer.chat_template)
+        writer.add_chat_template(serving_chat_template(tokenizer.chat_template))
 
 
 def export_gguf(model_dir: Path, out: Path, kind: str = "F16") -> Path:
