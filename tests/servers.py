@@ -1,9 +1,11 @@
-"""A registered model behind `mlflow models serve`, and timed HTTP requests against it.
+"""A registered model behind `mlflow models serve` or `lmpipe serve`, and timed HTTP
+requests against it.
 
-MLflow's scoring server is the serving engine; this module starts it on 127.0.0.1 with the
-current environment (`--env-manager local`: no virtualenv is built), waits until it
-answers, and measures request latency. Used by the serving and pipeline tests and by
-benchmarks/serving_latency.py; it is no part of the library.
+MLflow's scoring server and our OpenAI-compatible server (LitServe) are the serving engines;
+this module starts one on 127.0.0.1 with the current environment (`--env-manager local`: no
+virtualenv is built), waits until it answers, and measures request latency. Used by the
+serving and pipeline tests and by benchmarks/serving_latency.py; it is no part of the
+library.
 """
 
 from __future__ import annotations
@@ -62,12 +64,29 @@ def is_up(base_url: str) -> bool:
         return False
 
 
-@contextlib.contextmanager
 def mlflow_process(
     args: list[str], port: int, log_path: Path, env: dict[str, str] | None = None,
     startup_timeout: float = 180.0,
+) -> contextlib.AbstractContextManager[str]:  # fmt: skip
+    """`mlflow <args>` serving HTTP on 127.0.0.1:`port` until the block ends; yields its URL."""
+    return http_process("mlflow", args, port, log_path, env, startup_timeout)
+
+
+def lmpipe_serve(
+    source: str, log_path: Path, env: dict[str, str] | None = None, port: int | None = None
+) -> contextlib.AbstractContextManager[str]:
+    """`lmpipe serve <source>` (the OpenAI-compatible server) on 127.0.0.1; yields its URL."""
+    port = port or free_port()
+    return http_process("lmpipe", ["serve", source, "--port", str(port)], port, log_path, env)
+
+
+@contextlib.contextmanager
+def http_process(
+    program: str, args: list[str], port: int, log_path: Path,
+    env: dict[str, str] | None = None, startup_timeout: float = 180.0,
 ) -> Iterator[str]:  # fmt: skip
-    """`mlflow <args>` serving HTTP on 127.0.0.1:`port` until the block ends; yields its URL.
+    """The venv's `program <args>` serving HTTP on 127.0.0.1:`port` until the block ends;
+    yields its URL once /health answers.
 
     It runs in its own process group, so stopping it also stops the workers it forked.
     """
@@ -77,17 +96,17 @@ def mlflow_process(
            "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}  # fmt: skip
     base_url = f"http://127.0.0.1:{port}"
     with open(log_path, "w") as log_file:
-        process = subprocess.Popen([str(Path(bin_dir) / "mlflow"), *args], env=env,
+        process = subprocess.Popen([str(Path(bin_dir) / program), *args], env=env,
                                    stdout=log_file, stderr=subprocess.STDOUT,
                                    start_new_session=True)  # fmt: skip
         try:
             deadline = time.monotonic() + startup_timeout
             while not is_up(base_url):
                 if process.poll() is not None:
-                    raise RuntimeError(f"mlflow {args[0]} exited {process.returncode}: "
+                    raise RuntimeError(f"{program} {args[0]} exited {process.returncode}: "
                                        f"{log_path.read_text()[-3000:]}")  # fmt: skip
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"mlflow {args[0]} not up after {startup_timeout}s")
+                    raise TimeoutError(f"{program} {args[0]} not up after {startup_timeout}s")
                 time.sleep(0.5)
             yield base_url
         finally:

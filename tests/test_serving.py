@@ -57,6 +57,13 @@ def test_served_champion_answers_rejects_malformed_and_stays_up(
             assert all(0 < p["confidence"] <= 1 for p in predictions)
         else:
             assert all(isinstance(p, str) for p in predictions)
+            # Chat messages in a row answer as the same single user turn as a prompt does.
+            chat = {"dataframe_records": [{"messages": [{"role": "user",
+                                                         "content": "a small dog"}]}],
+                    "params": {"max_new_tokens": 4}}  # fmt: skip
+            answer = post(f"{url}/invocations", chat)
+            assert answer.status == 200, answer.body
+            assert answer.body["predictions"] == predictions[:1]
 
         for body, content_type in MALFORMED:
             bad = post(f"{url}/invocations", body, content_type)

@@ -22,11 +22,12 @@ from typing import Any
 import mlflow
 import pandas as pd
 import torch
-from mlflow.models import infer_signature
+from mlflow.models import ModelSignature, infer_signature
 from mlflow.tracking import MlflowClient
+from mlflow.types.schema import Array, ColSpec, DataType, Object, Property, Schema
 
 from lmpipe.deploy import registry
-from lmpipe.deploy.serving import DEFAULT_PARAMS
+from lmpipe.deploy.serving import DEFAULT_PARAMS, MESSAGES
 from lmpipe.deploy.variants import (
     BY_NAME,
     compared_with,
@@ -198,6 +199,9 @@ def log_and_register(
     params = ({**DEFAULT_PARAMS, "max_new_tokens": cfg.max_new_tokens} if serving.generates
               else None)  # fmt: skip
     signature = infer_signature(example, serving.output_example, params=params)
+    if serving.generates:  # a row holds a prompt or chat messages
+        signature = ModelSignature(chat_or_prompt_schema(serving.input_column),
+                                   signature.outputs, signature.params)  # fmt: skip
     info = mlflow.pyfunc.log_model(
         name=artifact,
         python_model=str(Path(__file__).with_name("serving.py")),
@@ -210,6 +214,14 @@ def log_and_register(
         registered_model_name=name,
     )
     return str(info.registered_model_version)
+
+
+def chat_or_prompt_schema(column: str) -> Schema:
+    """A generating model's input: per row `column` (a string) or `messages` (a list of
+    {role, content}), each optional (lmpipe.deploy.serving.chat_or_text picks)."""
+    message = Object([Property("role", DataType.string), Property("content", DataType.string)])
+    return Schema([ColSpec(DataType.string, column, required=False),
+                   ColSpec(Array(message), MESSAGES, required=False)])  # fmt: skip
 
 
 def recipe(quantize: str | None, cfg: DeployConfig) -> dict[str, Any]:

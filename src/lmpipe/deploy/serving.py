@@ -2,7 +2,8 @@
 
 One class serves every task; the logged `model_config` says which, and the task's module
 declares the rest (`FinetuningTask.serving`, `load`, `serve`):
-  task: sft, preference  input: a `prompt` column (or a list of strings); output: one reply
+  task: sft, preference  input: per row a `prompt` (one user turn) or chat `messages` (a
+                         list of {role, content}), or a list of strings; output: one reply
                          per row (params: max_new_tokens, min_new_tokens, do_sample,
                          temperature, top_p)
   task: classify         input: a `text` column; output: `label` and `confidence` per row
@@ -18,6 +19,7 @@ from typing import Any
 import mlflow
 import pandas as pd
 
+MESSAGES = "messages"  # the column of chat conversations a generating model also takes
 DEFAULT_PARAMS: dict[str, Any] = {
     "max_new_tokens": 32,
     "min_new_tokens": 0,
@@ -52,11 +54,35 @@ class ServedModel(mlflow.pyfunc.PythonModel):
         params: dict[str, Any] | None = None,
     ) -> list[str] | pd.DataFrame:
         if isinstance(model_input, pd.DataFrame):
-            texts = model_input[self.task.serving.input_column].astype(str).tolist()
+            column = self.task.serving.input_column
+            if model_input.empty or not {column, MESSAGES} & set(model_input.columns):
+                raise bad_request(column)
+            texts = [chat_or_text(row, column) for row in model_input.to_dict("records")]
         else:
             texts = [str(t) for t in model_input]
         settings = {**DEFAULT_PARAMS, **(params or {})}
         return self.task.serve(self.model, self.tokenizer, texts, settings)
+
+
+def chat_or_text(row: dict[str, Any], column: str) -> str | list[dict[str, str]]:
+    """A request row's input: its chat `messages` where it has them, else its `column`; a
+    row with neither is a bad request (MLflow answers 400)."""
+    messages = row.get(MESSAGES)
+    if messages is not None and len(messages):
+        return [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
+    text = row.get(column)
+    if text is None or (isinstance(text, float) and text != text):  # missing, or NaN
+        raise bad_request(column)
+    return str(text)
+
+
+def bad_request(column: str) -> Exception:
+    """What MLflow's scoring server answers with a 400: a row with no input."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    return MlflowException(f"each row needs `{column}` or `{MESSAGES}`",
+                           error_code=INVALID_PARAMETER_VALUE)  # fmt: skip
 
 
 mlflow.models.set_model(ServedModel())

@@ -25,7 +25,24 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser(
         "replay", help="send the MLflow writes saved while the tracking store was unreachable"
     )
+    serve_cmd = commands.add_parser(
+        "serve", help="serve a model behind the OpenAI API (/v1/chat/completions, /v1/models)"
+    )
+    serve_cmd.add_argument("model", help="models:/<name>@<alias>, models:/<name>/<version>, "
+                           "runs:/<run id>/<path>, a run id, or a model directory")  # fmt: skip
+    serve_cmd.add_argument("--host", default="127.0.0.1")
+    serve_cmd.add_argument("--port", type=int, default=8000)
     args = parser.parse_args(argv)
+
+    if args.command == "serve":
+        from lmpipe.deploy.openai_server import ServeError, serve
+
+        try:
+            serve(args.model, args.host, args.port)
+        except ServeError as err:
+            print(f"lmpipe serve: {err}", file=sys.stderr)
+            return 1
+        return 0
 
     if args.command == "replay":
         from lmpipe.runs import tracking

@@ -283,7 +283,7 @@ class FinetuningTask(Objective):
         self,
         model: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
-        texts: list[str],
+        texts: list[Any],
         params: Mapping[str, Any],
     ) -> list[str] | pd.DataFrame:
         """The served model's answer to `texts` (one per row; see `serving`)."""

@@ -190,10 +190,11 @@ class SFT(NextTokenLoss, FinetuningTask):
         self,
         model: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
-        texts: list[str],
+        texts: list[Any],
         params: Mapping[str, Any],
     ) -> list[str]:
-        """One reply per prompt (a single user turn), as `params` set the generation."""
+        """One reply per prompt (a single user turn, or a list of chat messages), as
+        `params` set the generation."""
         return generate_replies(
             model,
             tokenizer,
