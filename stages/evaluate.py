@@ -9,17 +9,20 @@ majority class and TF-IDF + logistic regression (fitted on the same training spl
 confusion matrix, and the pretrained model's corpus loss (masked-LM loss for an encoder).
 preference: the sft metrics, and each model's reward accuracy and margin on the held-out
 pairs (against the reference log-probs finetune saved in pairs.parquet).
-champion.json holds the difference to the registry's current champion.
+champion.json holds the difference to the registry's current champion. With
+evaluate.harness.tasks, lm-evaluation-harness scores the pretrained and fine-tuned models
+too (harness.json; `<model>_harness_<task>_<metric>` beside our metrics).
 """
 
 import hydra
 import pandas as pd
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from lmpipe.data.tokenizer import base_tokenizer, load_tokenizer
 from lmpipe.data.tokens import load_tokens
 from lmpipe.deploy import registry
 from lmpipe.deploy.variants import quantization_changes, variant_models
+from lmpipe.evaluation.harness import check_tasks, run_harness
 from lmpipe.evaluation.held_out_lm import wikitext_scores
 from lmpipe.evaluation.lm_metrics import perplexity, unigram_entropy
 from lmpipe.stage import Stage, prepare_cli
@@ -41,6 +44,8 @@ def main(cfg: DictConfig) -> None:
         enable_tf32(device, c.hardware.precision)
         pretraining = pretraining_task(c.model.family, c.pretrain, c.seed)
         task = checked_task(c)
+        if e.harness.tasks:  # a task that cannot run fails now, not after the other scores
+            check_tasks(list(e.harness.tasks), e.harness.allow_hub)
         with autocast(device, c.hardware.precision):
             finetuned_dir = stage.input("finetune", "model")
             tokenizer = load_tokenizer(finetuned_dir)
@@ -104,6 +109,19 @@ def main(cfg: DictConfig) -> None:
                 stage.log_table(table, name)
         metrics = {**corpus, **metrics}
         metrics |= quantization_changes(metrics)  # each quantized variant minus fp32
+        harness_results = {}
+        if e.harness.tasks and c.model.family == "decoder":
+            # lm-evaluation-harness on the same models, beside our own metrics.
+            harness, harness_results = run_harness(
+                {"pretrained": stage.input("pretrain", "model"), "finetuned": finetuned_dir},
+                list(e.harness.tasks), OmegaConf.to_container(f, resolve=True),
+                limit=e.harness.limit, batch_size=e.harness.batch_size,
+                max_new_tokens=e.max_new_tokens, device=str(device),
+                allow_hub=e.harness.allow_hub,
+            )  # fmt: skip
+            metrics |= harness
+        stage.write_json("harness.json", {"tasks": list(e.harness.tasks),
+                                          "results": harness_results})  # fmt: skip
         stage.write_json("metrics.json", metrics)
         stage.log_metrics(metrics)
         stage.log_artifact(predictions_path, "predictions")

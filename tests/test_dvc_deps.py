@@ -1,5 +1,6 @@
 """dvc.yaml's deps cover every module a stage runs: the closure of each stage's imports inside
-src/lmpipe, less the bookkeeping its header names as unable to change a stage's outputs.
+src/lmpipe (and the YAML configs beside them), less the bookkeeping its header names as
+unable to change a stage's outputs.
 A module missing from a stage's deps means an edit to it would not rerun the stage."""
 
 import ast
@@ -83,7 +84,9 @@ def code_closure(entry: Path) -> set[Path]:
             seen.add(found)
             todo.append((found, module if found.name == "__init__.py" else
                          module.rpartition(".")[0]))  # fmt: skip
-    return {path for path in seen if not _inert(path)}
+    code = {path for path in seen if not _inert(path)}
+    # Configs a module's library reads from beside it (the harness task YAMLs) run too.
+    return code | {data for path in code for data in path.parent.glob("*.yaml")}
 
 
 def _covered(path: Path, deps: list[str]) -> bool:

@@ -1,0 +1,1 @@
+"""lm-evaluation-harness task configs (YAML) over lmpipe's offline data, and their functions."""
