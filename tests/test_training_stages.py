@@ -155,6 +155,24 @@ def test_torchrun_two_processes_match_one_with_the_doubled_batch(project: Path):
         torch.testing.assert_close(two[name], tensor, rtol=1e-4, atol=1e-6)
 
 
+def metric_keys(project: Path, run_id: str) -> set[str]:
+    with sqlite3.connect(project / "mlflow.db") as db:
+        rows = db.execute("SELECT DISTINCT key FROM metrics WHERE run_uuid = ?", (run_id,))
+        return {key for (key,) in rows}
+
+
+def test_training_runs_carry_mlflow_system_metrics_unless_turned_off(project: Path):
+    short = ["python", "-m", "stages.pretrain", *PARAMS, "pretrain.steps=30",
+             "tracking.system_metrics_interval=0.1"]  # fmt: skip
+    run(short, project)
+    keys = metric_keys(project, runs(project, "pretrain")[-1][0])
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= keys
+    run([*short, "tracking.system_metrics=false"], project)
+    keys = metric_keys(project, runs(project, "pretrain")[-1][0])
+    assert keys  # its own training metrics
+    assert not any(key.startswith("system/") for key in keys)
+
+
 def test_submitit_local_launcher_runs_the_stage_as_a_job(project: Path):
     before = len(runs(project, "pretrain"))
     result = run(

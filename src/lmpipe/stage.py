@@ -60,6 +60,8 @@ log = logging.getLogger(__name__)
 # Set (through hydra.job.env_set) when a launcher runs a single job, not a sweep: the job
 # then writes the DVC-tracked outputs like a plain run.
 SINGLE_JOB_ENV = "LMPIPE_SINGLE_JOB"
+# Stages whose runs carry MLflow's system metrics (tracking.system_metrics).
+TRAINING_STAGES = ("pretrain", "finetune")
 
 
 class MissingInputError(FileNotFoundError):
@@ -426,6 +428,7 @@ class Stage:
             run_id=resume_run,
             run_name=run_name,
             inputs=self.dvc_inputs,
+            system_metrics=self.name in TRAINING_STAGES and self.cfg.tracking.system_metrics,
         )
         run = self._run_ctx.__enter__()
         self.run_id = run.info.run_id

@@ -183,9 +183,12 @@ def stage_run(
     run_id: str | None = None,
     run_name: str | None = None,
     inputs: list[lineage.Input] | None = None,
+    system_metrics: bool = False,
 ) -> Iterator[mlflow.ActiveRun]:
     """One MLflow run for one stage execution; ends FAILED if the body raises.
     `inputs`: the stage's DVC deps with their md5s, where the caller has them already.
+    `system_metrics`: MLflow samples CPU, memory (and GPU) into the run while it is open,
+    every `tracking.system_metrics_interval` seconds.
 
     `upstream` maps upstream stage names to their output directories: their run.json gives
     the run ids tagged here, so the chain corpus -> model can be walked in the UI.
@@ -204,7 +207,10 @@ def stage_run(
     tags |= lineage.upstream_tags(
         {name: record["run_id"] for name, record in upstream_runs.items() if record}
     )
+    if system_metrics:
+        mlflow.set_system_metrics_sampling_interval(cfg.tracking.system_metrics_interval)
     run = mlflow.start_run(
+        log_system_metrics=system_metrics,
         run_id=run_id,
         experiment_id=None if run_id else experiment_id,
         run_name=None if run_id else run_name or stage,
