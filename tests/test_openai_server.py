@@ -113,6 +113,7 @@ def test_stop_ends_the_reply_before_the_stop_sequence(
     reply = client.chat.completions.create(model=NAME, messages=QUESTION, max_tokens=8,
                                            temperature=0, stop=[stop])  # fmt: skip
     assert reply.choices[0].message.content == full[: full.index(stop)]
+    assert reply.usage.completion_tokens < 8  # generation stopped there, not at max_tokens
 
 
 def test_n_choices_with_a_seed_differ_from_each_other_and_repeat(client: openai.OpenAI) -> None:

@@ -291,17 +291,15 @@ class CountingStreamer(TextIteratorStreamer):
         super().put(value)
 
 
-def trimmed_at_stops(pieces: Iterator[str], stops: Sequence[str], stop: StopAtStrings
-                     ) -> Iterator[str]:  # fmt: skip
+def trimmed_at_stops(pieces: Iterator[str], stops: Sequence[str]) -> Iterator[str]:
     """`pieces` up to (not including) the first stop sequence, holding back a tail that
-    could start one; sets `stop` when one appears."""
+    could start one."""
     hold = max((len(s) for s in stops), default=1) - 1
     pending = ""
     for piece in pieces:
         pending += piece
         found = [i for i in (pending.find(s) for s in stops) if i >= 0]
         if found:
-            stop.stopped.set()
             if min(found):
                 yield pending[: min(found)]
             return
@@ -349,11 +347,11 @@ class ChatAPI(ls.LitAPI):
         worker = threading.Thread(target=self.model.generate, kwargs=kwargs, daemon=True)
         worker.start()
         try:
-            for piece in trimmed_at_stops(streamer, stop_sequences(request), stop):
+            for piece in trimmed_at_stops(streamer, stop_sequences(request)):
                 if piece:
                     yield {"role": "assistant", "content": piece}
         finally:
-            stop.stopped.set()
+            stop.stopped.set()  # a stop sequence (or a gone client) ends generation here
             worker.join()
         yield {"role": "assistant", "content": "", "prompt_tokens": budget.prompt_tokens,
                "completion_tokens": streamer.generated,
