@@ -19,7 +19,7 @@ from lmpipe.feedback.rollouts import prompt_ids
 from lmpipe.runs.config import DeployConfig, GateConfig, QuantizeConfig
 from lmpipe.tasks.finetuning import finetuning_task
 from lmpipe.training.model import load_classifier, load_model, save_model
-from tests.servers import free_port, lmpipe_serve, post
+from tests.servers import free_port, lmpipe_serve
 
 NAME = "served-chat"
 QUESTION = [{"role": "user", "content": "What is 3 + 4?"}]
@@ -170,13 +170,26 @@ def test_a_bad_request_gets_an_openai_error_object_and_the_server_stays_up(
 
 
 def test_a_classifier_directory_answers_labels_on_v1_classify(store: dict) -> None:
-    with lmpipe_serve(str(store["root"] / "classifier"), store["root"] / "classify.log") as url:
-        answer = post(f"{url}/v1/classify", {"input": ["a small dog", "an apple pie"]})
-        assert answer.status == 200, answer.body
-        assert [row["index"] for row in answer.body["data"]] == [0, 1]
-        assert {row["label"] for row in answer.body["data"]} <= {"noun.animal", "noun.food"}
-        assert all(0 < row["confidence"] <= 1 for row in answer.body["data"])
-        assert post(f"{url}/v1/classify", {"text": "no input key"}).status == 400
+    """The classifier's API class as LitServe calls it (decode, predict, encode); the
+    server around it is the one the chat tests drive."""
+    from fastapi import HTTPException
+
+    from lmpipe.deploy.openai_server import ClassifyAPI, resolve_source
+
+    source = resolve_source(str(store["root"] / "classifier"))
+    assert not source.mlflow_model and source.name == "classifier"
+    api = ClassifyAPI(source)
+    api.setup("cpu")
+    texts = api.decode_request({"input": ["a small dog", "an apple pie"]})
+    body = api.encode_response(api.predict(texts))
+    assert body["model"] == "classifier" and [row["index"] for row in body["data"]] == [0, 1]
+    assert {row["label"] for row in body["data"]} <= {"noun.animal", "noun.food"}
+    assert all(0 < row["confidence"] <= 1 for row in body["data"])
+    assert api.decode_request({"input": "one text"}) == ["one text"]
+    for bad in ({"text": "no input key"}, {"input": []}, {"input": [1, 2]}):
+        with pytest.raises(HTTPException) as refused:
+            api.decode_request(bad)
+        assert refused.value.status_code == 400
 
 
 def lmpipe(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
