@@ -62,6 +62,17 @@ def test_the_gguf_file_loads_back_with_the_source_models_logits_and_tokenizer(
     assert tokenizer.chat_template == serving_chat_template(tiny_tokenizer.chat_template)
 
 
+def test_q4_0_keeps_the_output_head_at_8_bits_and_the_blocks_at_4(
+    saved: Path, tmp_path: Path
+) -> None:
+    import gguf
+
+    reader = gguf.GGUFReader(export_gguf(saved, tmp_path / "m-Q4_0.gguf", "Q4_0"))
+    types = {tensor.name: tensor.tensor_type for tensor in reader.tensors}
+    assert types["token_embd.weight"] == gguf.GGMLQuantizationType.Q8_0  # tied: the head
+    assert types["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.Q4_0
+
+
 def test_q8_0_is_smaller_than_f16_and_f16_than_fp32(saved: Path, tmp_path: Path) -> None:
     sizes = {kind: export_gguf(saved, tmp_path / f"m-{kind}.gguf", kind).stat().st_size
              for kind in ("F16", "Q8_0")}  # fmt: skip
