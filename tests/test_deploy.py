@@ -386,7 +386,7 @@ def test_champion_challenger_and_int8_variant(
     served = mlflow.pyfunc.load_model("models:/test-chat@champion")
     replies = served.predict(pd.DataFrame({"prompt": ["hi", "bye"]}), params={"max_new_tokens": 3})
     assert len(replies) == 2 and all(isinstance(r, str) for r in replies)
-    assert served.metadata.signature.inputs.input_names() == ["prompt"]
+    assert served.metadata.signature.inputs.input_names() == ["prompt", "messages"]
 
 
 def test_classifier_deploys_and_answers_labels(

@@ -1,7 +1,8 @@
 """The package's folders are layers, and a layer imports only from itself and the layers
 below it: runs/ (bookkeeping) at the bottom, then data/, taskdata/, evaluation/, training/,
-feedback/ (the model's own replies and their verdicts), selection/, tasks/, deploy/, and the
-Stage harness (lmpipe/stage.py) that the stages/ entry points use."""
+feedback/ (the model's own replies and their verdicts), selection/, tasks/, deploy/, the
+Stage harness (lmpipe/stage.py) that the stages/ entry points use, and the `lmpipe` command
+(lmpipe/cli.py) on top."""
 
 import ast
 from pathlib import Path
@@ -22,6 +23,7 @@ LAYERS = [
     "tasks",
     "deploy",
     "stage",
+    "cli",  # the `lmpipe` command: chores from every layer (params, lineage, serve)
 ]
 
 

@@ -8,10 +8,10 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
+from lmpipe.cli import main as lmpipe
 from lmpipe.data.corpus import CleanReport, update_raw_digest
 from lmpipe.data.sources import Document
 from lmpipe.runs import lineage
-from lmpipe.runs.cli import main as lmpipe
 
 
 def fake_run(stage: str, **upstream: str) -> str:

@@ -142,8 +142,8 @@ def test_wikitext_is_scored_in_windows_the_model_can_hold(tiny_tokenizer, monkey
     model.register_forward_pre_hook(
         lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
     )
-    scores = wikitext_scores(WikitextConfig(max_bytes=10_000), {"m": model}, tiny_tokenizer,
-                             16, 4, CPU)  # fmt: skip
+    prefix = WikitextConfig(form="prefix", max_bytes=10_000)
+    scores = wikitext_scores(prefix, {"m": model}, tiny_tokenizer, 16, 4, CPU)
     assert max(widths) == 16
     assert scores["wikitext_test_bytes"] == len(text.encode("utf-8")) > len(text)
     expected = bits_per_byte(model, tiny_tokenizer, text, 15, 4, CPU)["bpb"]
@@ -152,7 +152,7 @@ def test_wikitext_is_scored_in_windows_the_model_can_hold(tiny_tokenizer, monkey
 
 def test_wikitext_scores_name_each_model_and_reference(tiny_tokenizer) -> None:
     model = fresh_model(tiny_tokenizer).eval()
-    config = WikitextConfig(max_bytes=2048)
+    config = WikitextConfig(form="prefix", max_bytes=2048)
     scores = wikitext_scores(config, {"pretrained": model}, tiny_tokenizer, 64, 4, CPU,
                              [("smollm2-135m", model, tiny_tokenizer)])  # fmt: skip
     assert 1024 < scores["wikitext_test_bytes"] <= 2048

@@ -7,8 +7,10 @@ import re
 from typing import Any
 
 import datasets
+from omegaconf import OmegaConf
 
 from lmpipe.evaluation.answers import is_correct
+from lmpipe.runs.config import FinetuneConfig
 from lmpipe.taskdata import trec, wikitext
 
 
@@ -34,17 +36,19 @@ def reasoning_gym_test(lmpipe_finetune: dict[str, Any] | None = None, **_: Any
                        ) -> datasets.DatasetDict:  # fmt: skip
     """The test split of the run's reasoning-gym problems (`lmpipe_finetune`: its finetune
     config, given as task metadata by lmpipe.evaluation.harness)."""
-    from omegaconf import OmegaConf
-
-    from lmpipe.runs.config import FinetuneConfig
-    from lmpipe.tasks.sft import conversation_splits
+    from lmpipe.taskdata.reasoning_gym import load_splits
 
     if lmpipe_finetune is None:
         raise ValueError("lmpipe_reasoning_gym reads the run's finetune config from the task "
                          "metadata `lmpipe_finetune`: run it through "
                          "lmpipe.evaluation.harness")  # fmt: skip
     f = OmegaConf.merge(OmegaConf.structured(FinetuneConfig), lmpipe_finetune)
-    test = conversation_splits(f)["test"]
+    r = f.reasoning_gym
+    # The evaluate stage's test split (lmpipe.tasks.sft builds it the same way; noise and
+    # demonstrations touch only the training split).
+    test = load_splits(r.generator, {"train": r.train_size, "val": r.val_size,
+                                     "test": r.test_size}, r.seed, r.options, f.val_fraction,
+                       f.test_fraction, r.worked)["test"]  # fmt: skip
     questions = [next(m["content"] for m in c.messages if m["role"] == "user") for c in test]
     return datasets.DatasetDict(
         {
