@@ -192,6 +192,25 @@ def test_a_classifier_directory_answers_labels_on_v1_classify(store: dict) -> No
         assert refused.value.status_code == 400
 
 
+def test_building_the_server_leaves_the_models_logged_code_off_sys_path(
+    store: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Loading the pyfunc puts its logged copy of lmpipe first on sys.path; LitServe's
+    spawned workers would import that copy (an older one lacks lmpipe.cli: the worker dies)."""
+    import sys
+
+    from lmpipe.deploy.openai_server import build_server, model_directory, resolve_source
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store["uri"])
+    mlflow.set_tracking_uri(store["uri"])
+    source = resolve_source(f"models:/{NAME}@champion")
+    directory, task = model_directory(source)
+    assert task == "sft" and (directory / "config.json").is_file()
+    before = list(sys.path)
+    build_server(source)
+    assert sys.path == before
+
+
 def lmpipe(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     program = str(Path(sys.executable).parent / "lmpipe")
     return subprocess.run([program, *args], capture_output=True, text=True, timeout=120,

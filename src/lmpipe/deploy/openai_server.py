@@ -421,14 +421,37 @@ def check_port(host: str, port: int) -> None:
                              "with --port") from err  # fmt: skip
 
 
+def model_directory(source: ServedSource) -> tuple[Path, str | None]:
+    """The transformers directory inside `source` and the task its MLflow model was logged
+    for (None: a plain directory), read without loading the pyfunc: loading it puts the
+    model's logged copy of lmpipe first on sys.path, which the inference workers LitServe
+    spawns would then import in place of the installed one."""
+    if not source.mlflow_model:
+        return source.path, None
+    from mlflow.models import Model
+
+    flavor = Model.load(str(source.path / "MLmodel")).flavors["python_function"]
+    task = (flavor.get("config") or {}).get("task", "sft")  # the logged model_config
+    return source.path / flavor["artifacts"]["model"]["path"], task
+
+
 def build_server(source: ServedSource, timeout: float = 600) -> ls.LitServer:
     """The LitServer for `source`: chat completions for a causal LM, /v1/classify for a
     classifier."""
-    loaded = load_served(source)  # here too: the spec checks requests with the tokenizer
-    generates = loaded.task.serving.generates
-    if generates:
-        context_length = int(getattr(loaded.model.config, "max_position_embeddings", 2048))
-        api = ChatAPI(source, loaded.tokenizer, context_length)
+    from transformers import AutoConfig
+
+    from lmpipe.data.tokenizer import load_tokenizer
+    from lmpipe.tasks.finetuning import finetuning_task
+
+    directory, task = model_directory(source)
+    config = AutoConfig.from_pretrained(directory)
+    if task is None:
+        classifier = any(a.endswith("ForSequenceClassification")
+                         for a in config.architectures or [])  # fmt: skip
+        task = "classify" if classifier else "sft"
+    if finetuning_task(task).serving.generates:
+        context_length = int(getattr(config, "max_position_embeddings", 2048))
+        api = ChatAPI(source, load_tokenizer(directory), context_length)
     else:
         api = ClassifyAPI(source)
     server = ls.LitServer(api, accelerator="auto", workers_per_device=1, timeout=timeout)
