@@ -104,7 +104,9 @@ def main() -> None:
                 rows["HTTP: lmpipe serve /v1/classify"] = timed(classify, args.requests)
         if source.mlflow_model and not Path(args.source).is_dir():
             column = loaded.task.serving.input_column
-            record = {"messages": messages} if generates else {column: TEXT}
+            # The prompt column (one user turn, as `messages` holds): versions registered
+            # before /invocations took chat messages have it alone in their signature.
+            record = {column: QUESTION if generates else TEXT}
             payload = {"dataframe_records": [record]}
             if generates:
                 payload["params"] = {"max_new_tokens": args.max_tokens}
