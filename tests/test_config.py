@@ -175,6 +175,20 @@ def test_a_direct_run_resolves_its_config_as_dvc_exp_run_would(tmp_path: Path) -
     assert yaml.safe_load(printed)["model"]["family"] == "encoder"
 
 
+@pytest.mark.parametrize("flag", ["--help", "--hydra-help"])
+def test_help_lists_conf_groups_in_seconds(flag: str) -> None:
+    """Help reads conf/, not params.yaml's directory (the project root), whose .venv and
+    .git Hydra walked as config groups for minutes before printing anything."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "stages.clean", flag]
+    printed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=True,
+                             timeout=60).stdout  # fmt: skip
+    groups = "model: bert-base, bert-tiny, llama-125m" if flag == "--help" else "hydra/launcher:"
+    assert groups in printed
+
+
 def test_sweep_jobs_are_named_by_their_swept_values(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(REPO)
     monkeypatch.setenv(CONFIG_BASE_ENV, "unset")

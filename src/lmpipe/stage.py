@@ -149,7 +149,10 @@ def prepare_cli(stage: str, argv: list[str] | None = None, distributed: bool = F
     flags, overrides = split_argv(argv[1:])
     if any(o.lstrip("+~").startswith("finetune.lora") for o in overrides):
         raise ConfigError(LORA_MOVED)  # before Hydra says only that the key is unknown
-    if config_overrides(overrides):
+    # Help lists the config groups of the config's directory: conf/'s, never the project
+    # root's (params.yaml's), whose .venv and .git Hydra would walk as groups for minutes.
+    asks_help = any(arg in ("--help", "-h", "--hydra-help") for arg in flags)
+    if config_overrides(overrides) or asks_help:
         register_resolvers()  # ${lmpipe_conf_digest:} in conf/config.yaml
         flags += ["--config-path", str(root / CONF_DIR), "--config-name", CONF_NAME]
         os.environ[CONFIG_BASE_ENV] = f"{CONF_DIR}/ (as `dvc exp run -S` composes it)"
