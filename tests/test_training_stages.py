@@ -136,41 +136,36 @@ def test_sigkill_mid_training_then_dvc_repro_resumes_to_identical_weights(projec
     assert list(statuses.values()).count("RUNNING") == 0
 
 
-def test_torchrun_two_processes_match_one_with_the_doubled_batch(project: Path):
-    common = [*PARAMS, "pretrain.steps=6", "pretrain.eval_every=3"]
-    torchrun = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m"]
-    before = len(runs(project, "pretrain"))
-    run([*torchrun, "stages.pretrain", "pretrain.batch_size=2", *common], project, timeout=600)
-    two = weights(project)
-    assert len(runs(project, "pretrain")) == before + 1  # rank 0 alone tracks
-    assert not [p for p in (project / PRETRAIN).iterdir() if p.name.startswith(".tmp-")]
-    two_metrics = json.loads((project / PRETRAIN / "metrics.json").read_text())
-
-    run(["python", "-m", "stages.pretrain", "pretrain.batch_size=4", *common], project)
-    one = weights(project)
-    one_metrics = json.loads((project / PRETRAIN / "metrics.json").read_text())
-    assert two_metrics["tokens"] == one_metrics["tokens"]
-    assert two_metrics["val_loss"] == pytest.approx(one_metrics["val_loss"], rel=1e-5)
-    for name, tensor in one.items():
-        torch.testing.assert_close(two[name], tensor, rtol=1e-4, atol=1e-6)
-
-
 def metric_keys(project: Path, run_id: str) -> set[str]:
     with sqlite3.connect(project / "mlflow.db") as db:
         rows = db.execute("SELECT DISTINCT key FROM metrics WHERE run_uuid = ?", (run_id,))
         return {key for (key,) in rows}
 
 
-def test_training_runs_carry_mlflow_system_metrics_unless_turned_off(project: Path):
-    short = ["python", "-m", "stages.pretrain", *PARAMS, "pretrain.steps=30",
-             "tracking.system_metrics_interval=0.1"]  # fmt: skip
-    run(short, project)
+def test_torchrun_two_processes_match_one_with_the_doubled_batch(project: Path):
+    """... and the training run carries MLflow's system metrics unless they are turned off."""
+    common = [*PARAMS, "pretrain.steps=6", "pretrain.eval_every=3"]
+    torchrun = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m"]
+    before = len(runs(project, "pretrain"))
+    run([*torchrun, "stages.pretrain", "pretrain.batch_size=2", *common,
+         "tracking.system_metrics_interval=0.1"], project, timeout=600)  # fmt: skip
+    two = weights(project)
+    assert len(runs(project, "pretrain")) == before + 1  # rank 0 alone tracks
+    assert not [p for p in (project / PRETRAIN).iterdir() if p.name.startswith(".tmp-")]
+    two_metrics = json.loads((project / PRETRAIN / "metrics.json").read_text())
     keys = metric_keys(project, runs(project, "pretrain")[-1][0])
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= keys
-    run([*short, "tracking.system_metrics=false"], project)
+
+    off = ["tracking.system_metrics=false", "tracking.system_metrics_interval=0.1"]
+    run(["python", "-m", "stages.pretrain", "pretrain.batch_size=4", *common, *off], project)
     keys = metric_keys(project, runs(project, "pretrain")[-1][0])
-    assert keys  # its own training metrics
-    assert not any(key.startswith("system/") for key in keys)
+    assert "train_loss" in keys and not any(key.startswith("system/") for key in keys)
+    one = weights(project)
+    one_metrics = json.loads((project / PRETRAIN / "metrics.json").read_text())
+    assert two_metrics["tokens"] == one_metrics["tokens"]
+    assert two_metrics["val_loss"] == pytest.approx(one_metrics["val_loss"], rel=1e-5)
+    for name, tensor in one.items():
+        torch.testing.assert_close(two[name], tensor, rtol=1e-4, atol=1e-6)
 
 
 def test_submitit_local_launcher_runs_the_stage_as_a_job(project: Path):
