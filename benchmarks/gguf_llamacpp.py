@@ -1,12 +1,14 @@
 """Our GGUF exports in llama.cpp against the transformers model they came from, in one run:
 greedy replies to the held-out reasoning-gym problems (the evaluate stage's test split) from
-F16, Q8_0 and Q4_0 in a real llama.cpp (node-llama-cpp's prebuilt CPU build,
-tools/llamacpp), each beside transformers' fp32 replies: how many are identical, and exact
-match with its interval and the paired difference from fp32 (exact, McNemar).
+each GGUF type (F16, Q8_0 and Q4_0 unless --kinds says otherwise) in a real llama.cpp
+(node-llama-cpp's prebuilt CPU build, tools/llamacpp), each beside transformers' fp32
+replies: how many are identical, and exact match with its interval and the paired difference
+from fp32 (exact, McNemar).
 
     python benchmarks/gguf_llamacpp.py                       # the demo's fine-tuned model
     python benchmarks/gguf_llamacpp.py --models tiny,smollm2 # and SmolLM2-135M-Instruct
     python benchmarks/gguf_llamacpp.py --model-dir smollm2-sft=path/to/model ...
+    python benchmarks/gguf_llamacpp.py --kinds Q5_1,Q5_0,Q4_1 ...        # other types
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from lmpipe.feedback.rollouts import Sampling, complete
 from lmpipe.tasks.finetuning import finetuning_task
 from lmpipe.training.model import load_model
 
-KINDS = ("F16", "Q8_0", "Q4_0")
+KINDS = "F16,Q8_0,Q4_0"
 MODELS = {"tiny": [], "smollm2": ["experiment=smollm2-verifier", "finetune.task=sft"]}
 log = logging.getLogger("benchmarks")
 
@@ -42,7 +44,9 @@ def model_dir(name: str, overrides: list[str]) -> Path:
     return base_model(name, config(overrides))
 
 
-def measure(label: str, path: Path, overrides: list[str], problems: int, threads: int) -> dict:
+def measure(
+    label: str, path: Path, overrides: list[str], problems: int, threads: int, kinds: list[str]
+) -> dict:
     cfg = config(overrides)
     test = finetuning_task("sft").splits(cfg.finetune)["test"][:problems]
     prompts = [[m for m in c.messages if m["role"] != "assistant"] for c in test]
@@ -56,7 +60,7 @@ def measure(label: str, path: Path, overrides: list[str], problems: int, threads
                               for c, t in zip(reference, test, strict=True)])}  # fmt: skip
     rows = {"fp32": {"seconds": time.process_time() - started}}
     with tempfile.TemporaryDirectory() as tmp:
-        for kind in KINDS:
+        for kind in kinds:
             gguf = export_gguf(path, Path(tmp) / f"{label}-{kind}.gguf", kind)
             started = time.perf_counter()
             _, replies = greedy_replies(gguf, prompts, max_tokens, threads)
@@ -94,6 +98,7 @@ def main() -> None:
         default=[],
         help="LABEL=PATH[:CONFIG] another model directory (tiny's config)",
     )
+    parser.add_argument("--kinds", default=KINDS, help="comma-separated GGUF types")
     parser.add_argument("--problems", type=int, default=200)
     parser.add_argument("--threads", type=int, default=None, help="llama.cpp's threads")
     parser.add_argument("--out", type=Path, default=DATA / "gguf_llamacpp.json")
@@ -106,8 +111,9 @@ def main() -> None:
         path, _, model = rest.partition(":")
         todo.append((label, Path(path), MODELS[model or "tiny"]))
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    kinds = args.kinds.split(",")
     for label, path, overrides in todo:
-        results[label] = measure(label, path, overrides, args.problems, args.threads)
+        results[label] = measure(label, path, overrides, args.problems, args.threads, kinds)
         report(label, results[label])
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2))

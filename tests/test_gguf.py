@@ -62,15 +62,18 @@ def test_the_gguf_file_loads_back_with_the_source_models_logits_and_tokenizer(
     assert tokenizer.chat_template == serving_chat_template(tiny_tokenizer.chat_template)
 
 
-def test_q4_0_keeps_the_output_head_at_8_bits_and_the_blocks_at_4(
-    saved: Path, tmp_path: Path
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q5_0", "Q5_1"])
+def test_below_8_bits_the_output_head_stays_at_8_and_the_blocks_take_the_type(
+    saved: Path, tmp_path: Path, kind: str
 ) -> None:
     import gguf
 
-    reader = gguf.GGUFReader(export_gguf(saved, tmp_path / "m-Q4_0.gguf", "Q4_0"))
+    reader = gguf.GGUFReader(export_gguf(saved, tmp_path / f"m-{kind}.gguf", kind))
     types = {tensor.name: tensor.tensor_type for tensor in reader.tensors}
     assert types["token_embd.weight"] == gguf.GGMLQuantizationType.Q8_0  # tied: the head
-    assert types["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.Q4_0
+    assert types["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType[kind]
+    file_type = reader.fields["general.file_type"]
+    assert int(file_type.parts[file_type.data[0]][0]) == gguf.LlamaFileType[f"MOSTLY_{kind}"]
 
 
 def test_q8_0_is_smaller_than_f16_and_f16_than_fp32(saved: Path, tmp_path: Path) -> None:

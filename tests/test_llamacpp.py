@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmpipe.deploy.gguf_export import export_gguf, serving_chat_template
+from lmpipe.deploy.gguf_export import GGML_TYPES, export_gguf, serving_chat_template
 from lmpipe.deploy.llamacpp import LlamaCppUnavailable, ensure_runtime, greedy_replies
 from lmpipe.feedback.rollouts import prompt_ids
 from lmpipe.runs.config import ModelConfig
@@ -21,7 +21,7 @@ from tests.conftest import threads_per_worker
 MAX_TOKENS = 12
 F16_TIE = 0.05  # logits of a near tie F16's rounding may order either way
 # ... and llama.cpp's 8-bit activations in its quantized matmuls (4-bit weights: larger).
-QUANTIZED_TIE = {"Q8_0": 0.3, "Q4_0": 0.3}
+QUANTIZED_TIE = {"Q8_0": 0.3, "Q5_1": 0.3, "Q5_0": 0.3, "Q4_1": 0.3, "Q4_0": 0.3}
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,8 @@ def problems() -> list[list[dict[str, str]]]:
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) -> dict[str, Path]:
     """A grouped-query Llama with weights of a trained model's scale (logits with margins
-    worth comparing), as F16, Q8_0 and Q4_0 GGUF beside its transformers directory."""
+    worth comparing), as GGUF of every type the exporter writes, beside its transformers
+    directory."""
     seed_everything(0)
     cfg = ModelConfig(preset="test", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                       intermediate_size=128, max_seq_len=256)  # fmt: skip
@@ -55,7 +56,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) -> dict[s
     root = tmp_path_factory.mktemp("llamacpp")
     save_model(model, tiny_tokenizer, root / "model")
     files = {kind: export_gguf(root / "model", root / f"model-{kind}.gguf", kind)
-             for kind in ("F16", "Q8_0", "Q4_0")}  # fmt: skip
+             for kind in GGML_TYPES}  # fmt: skip
     return {"model": root / "model", **files}
 
 
@@ -64,7 +65,7 @@ def runs(runtime: Path, exported: dict[str, Path], problems) -> dict[str, tuple]
     """Each file's metadata and greedy replies, from one llama.cpp process per file."""
     threads = threads_per_worker()
     return {kind: greedy_replies(exported[kind], problems, MAX_TOKENS, threads)
-            for kind in ("F16", "Q8_0", "Q4_0")}  # fmt: skip
+            for kind in GGML_TYPES}  # fmt: skip
 
 
 def test_f16_loads_and_replies_as_transformers_to_50_held_out_problems(
@@ -112,7 +113,11 @@ def test_a_multi_turn_conversation_renders_as_transformers_renders_it(
     assert reply.prompt_tokens == tuple(prompt_ids(tiny_tokenizer, conversation))
 
 
-@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0"])
+def test_every_type_the_exporter_writes_is_tested_here() -> None:
+    assert set(GGML_TYPES) == {"F16", *QUANTIZED_TIE}
+
+
+@pytest.mark.parametrize("kind", sorted(QUANTIZED_TIE))
 def test_quantized_files_reply_as_their_dequantized_weights_do(
     runs: dict[str, tuple], exported: dict[str, Path], problems, tiny_tokenizer, kind: str
 ) -> None:

@@ -8,8 +8,9 @@ GPT-2's split regex (`gpt-2`), with the chat template stripped of transformers' 
 `{% generation %}` tags, which llama.cpp's, Ollama's and node-llama-cpp's template engines
 reject. A
 matrix whose rows are no multiple of the quantization block (688 = 21.5 x 32) is written in
-F16 instead, as llama.cpp's quantizer falls back too; under Q4_0 the output head (or the
-embeddings tied to it) stays at 8 bits (Q8_0), as llama.cpp's quantizer keeps it above 4.
+F16 instead, as llama.cpp's quantizer falls back too; under the 4- and 5-bit types the
+output head (or the embeddings tied to it) stays at 8 bits (Q8_0), as llama.cpp's quantizer
+keeps it at 6 (Q6_K, a K-quant the gguf package cannot write).
 """
 
 from __future__ import annotations
@@ -32,8 +33,13 @@ log = logging.getLogger(__name__)
 GGML_TYPES = {
     "F16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
     "Q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+    "Q5_1": (gguf.GGMLQuantizationType.Q5_1, gguf.LlamaFileType.MOSTLY_Q5_1),
+    "Q5_0": (gguf.GGMLQuantizationType.Q5_0, gguf.LlamaFileType.MOSTLY_Q5_0),
+    "Q4_1": (gguf.GGMLQuantizationType.Q4_1, gguf.LlamaFileType.MOSTLY_Q4_1),
     "Q4_0": (gguf.GGMLQuantizationType.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
 }
+# The legacy block types llama.cpp writes below 8 bits: their output head stays at 8.
+BELOW_8_BITS = ("Q5_1", "Q5_0", "Q4_1", "Q4_0")
 
 
 # transformers' assistant-token markers (return_assistant_tokens_mask): no-ops when serving.
@@ -116,7 +122,7 @@ def _add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int) ->
 
 def export_gguf(model_dir: Path, out: Path, kind: str = "F16") -> Path:
     """Write the causal LM saved in `model_dir` (weights and tokenizer) as GGUF `kind`
-    (F16, Q8_0 or Q4_0) to `out`."""
+    (one of GGML_TYPES) to `out`."""
     if kind not in GGML_TYPES:
         raise GgufExportError(f"GGUF type {kind!r}: the exporter writes {list(GGML_TYPES)}")
     reason = unsupported(model_dir)
@@ -163,9 +169,9 @@ def export_gguf(model_dir: Path, out: Path, kind: str = "F16") -> Path:
             writer.add_tensor(name, data.astype(np.float32))
             continue
         tensor_type = qtype
-        if name in OUTPUT_TENSORS and qtype == gguf.GGMLQuantizationType.Q4_0:
+        if name in OUTPUT_TENSORS and kind in BELOW_8_BITS:
             # The output head (the tied embeddings) at 8 bits, as llama.cpp's quantizer keeps
-            # it above 4 (Q6_K): in 4 bits SmolLM2's exact match fell from 0.955 to 0.555.
+            # it at 6 (Q6_K): in 4 bits SmolLM2's exact match fell from 0.955 to 0.555.
             tensor_type = gguf.GGMLQuantizationType.Q8_0
         block = gguf.GGML_QUANT_SIZES[tensor_type][0]
         if tensor_type != gguf.GGMLQuantizationType.F16 and data.shape[-1] % block:

@@ -198,7 +198,7 @@ SPARSITY_METHODS = ("magnitude", "wanda")
 # deploy.quantize.variants: the quantized variants lmpipe.deploy.quantize makes.
 QUANTIZATIONS = ("int8", "int8-dynamic", "int4")
 # deploy.gguf: the GGUF types lmpipe.deploy.gguf_export writes.
-GGUF_TYPES = ("F16", "Q8_0", "Q4_0")
+GGUF_TYPES = ("F16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0")
 
 # finetune.peft.method -> peft's tuner; "none" trains the model's own weights.
 PEFT_METHODS = ("none", "lora", "adalora", "ia3", "loha", "lokr")
@@ -631,7 +631,8 @@ class DeployConfig:
     champion_tolerance: float | None = 0.0
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     # The champion written as GGUF for llama.cpp and Ollama (Llama-style causal LMs), in
-    # these types: F16, Q8_0, Q4_0; empty: none.
+    # these types: F16, Q8_0, Q5_1, Q5_0, Q4_1, Q4_0 (below 8 bits the output head stays
+    # Q8_0); empty: none.
     gguf: list[str] = field(default_factory=lambda: ["F16", "Q8_0"])
     latency_requests: int = 20  # timed requests per variant for reply latency
     smoke_prompt: str = "What is AI?"  # the smoke request of a chat model without checkable answers
