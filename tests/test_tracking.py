@@ -196,6 +196,11 @@ def test_stage_run_records_dvc_deps_as_inputs_with_dvc_md5(mlflow_store: str, cf
     assert tags["mlflow.data.context"] == "code"
 
 
+def test_a_stage_dvc_yaml_does_not_define_records_no_deps() -> None:
+    assert lineage.dvc_deps("no-such-stage", REPO) == []
+    assert "stages/tokenize.py" in {d.name for d in lineage.dvc_deps("tokenize", REPO)}
+
+
 def _log_the_same_inputs(experiment_id: str, rounds: int, barrier, results) -> None:
     """A sweep job: one run per round, all jobs logging the same new datasets at once."""
     client = MlflowClient()
