@@ -5,11 +5,12 @@ for a classifier, TF-IDF retrieval of a training reply for a chat model."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from sklearn.feature_extraction.text import TfidfVectorizer
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics.pairwise import linear_kernel
-from sklearn.pipeline import FeatureUnion, Pipeline, make_pipeline, make_union
+# scikit-learn is imported where a baseline is fitted: at module level it cost every
+# training stage's process 0.5 s (this module comes in through the classify task).
+if TYPE_CHECKING:
+    from sklearn.pipeline import FeatureUnion, Pipeline
 
 # TF-IDF of word unigrams and of character 2-5-grams within words (sublinear term
 # frequency), then an L2-regularised logistic regression: the strong classical text
@@ -21,6 +22,9 @@ TFIDF_C = 30.0
 
 def tfidf_features() -> FeatureUnion:
     """Word unigrams and character 2-5-grams within words, both TF-IDF (unfitted)."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.pipeline import make_union
+
     return make_union(
         TfidfVectorizer(sublinear_tf=True),
         TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True),
@@ -29,6 +33,9 @@ def tfidf_features() -> FeatureUnion:
 
 def tfidf_logistic_regression(seed: int = 0) -> Pipeline:
     """An unfitted TF-IDF + logistic-regression text classifier (scikit-learn)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
     return make_pipeline(
         tfidf_features(), LogisticRegression(C=TFIDF_C, max_iter=3000, random_state=seed)
     )
@@ -47,6 +54,8 @@ def retrieval_replies(
 ) -> list[str]:
     """Answer each prompt with the reply to the most similar training prompt (the summed
     cosines of word and character TF-IDF vectors; ties go to the earlier example)."""
+    from sklearn.metrics.pairwise import linear_kernel
+
     features = tfidf_features().fit(list(train_prompts))
     similarity = linear_kernel(features.transform(list(prompts)),
                                features.transform(list(train_prompts)))  # fmt: skip
