@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # no display on training machines
-
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+
+
+def _subplots(*grid: int, figsize: tuple[float, float], **kwargs: Any) -> tuple[Figure, Any]:
+    """A figure and its axes outside pyplot: no display needed, no global registry that
+    keeps every figure alive, and no pyplot import (0.25 s of every stage's start-up)."""
+    figure = Figure(figsize=figsize, layout="constrained")
+    return figure, figure.subplots(*grid, **kwargs)
 
 
 def length_histogram_figure(histogram: Mapping[str, Sequence[int]]) -> Figure:
     """Documents per power-of-two length bin, before and after cleaning."""
     starts = list(histogram["bin_start_chars"])
     labels = [f"{s:,}" if s < 1024 else f"{s // 1024:,}k" for s in starts]
-    figure, axis = plt.subplots(figsize=(9, 4), layout="constrained")
+    figure, axis = _subplots(figsize=(9, 4))
     positions = range(len(starts))
     width = 0.42
     axis.bar([p - width / 2 for p in positions], histogram["before"], width, label="before clean")
@@ -37,7 +40,7 @@ def confusion_matrix_figure(counts: np.ndarray, labels: Sequence[str], title: st
     totals = counts.sum(1, keepdims=True)
     shares = np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)
     size = max(5.0, 0.6 * len(labels) + 2.5)
-    figure, axis = plt.subplots(figsize=(size, size * 0.85), layout="constrained")
+    figure, axis = _subplots(figsize=(size, size * 0.85))
     image = axis.imshow(shares, cmap="Blues", vmin=0, vmax=1)
     ticks = range(len(labels))
     axis.set_xticks(list(ticks), labels, rotation=60, ha="right", fontsize=8)
@@ -58,7 +61,7 @@ def loss_comparison_figure(losses: Mapping[str, Sequence[float]], title: str) ->
     """Histograms of per-example loss, one per model, on shared bins."""
     values = [np.asarray(v, dtype=float) for v in losses.values()]
     bins = np.linspace(min(v.min() for v in values), max(v.max() for v in values), 30)
-    figure, axis = plt.subplots(figsize=(8, 4), layout="constrained")
+    figure, axis = _subplots(figsize=(8, 4))
     for name, series in zip(losses, values, strict=True):
         axis.hist(series, bins=bins, alpha=0.55, label=f"{name} (mean {series.mean():.3f})")
     axis.set_xlabel("mean response loss per held-out example (nats/token)")
@@ -82,8 +85,8 @@ def selection_figures(table: pd.DataFrame) -> dict[str, Figure]:
     and, where the examples were embedded, their 2-D PCA projection."""
     selected = table["status"] == "selected"
     columns = [c for c in _SELECTION_SCORES if c in table and table[c].notna().any()]
-    figure, axes = plt.subplots(1, len(columns), figsize=(4.2 * len(columns), 3.6),
-                                layout="constrained", squeeze=False)  # fmt: skip
+    figure, axes = _subplots(1, len(columns), figsize=(4.2 * len(columns), 3.6),
+                             squeeze=False)  # fmt: skip
     for axis, column in zip(axes[0], columns, strict=True):
         values = table[column].to_numpy(dtype=float)
         finite = np.isfinite(values)
@@ -97,7 +100,7 @@ def selection_figures(table: pd.DataFrame) -> dict[str, Figure]:
     figure.suptitle("Fine-tuning data selection: scores of all and of selected examples")
     figures = {"selection_scores.png": figure}
     if "pca_x" in table:
-        figure, axis = plt.subplots(figsize=(6.5, 5.5), layout="constrained")
+        figure, axis = _subplots(figsize=(6.5, 5.5))
         axis.scatter(table["pca_x"], table["pca_y"], s=6, c="lightgray", label="all")
         axis.scatter(table.loc[selected, "pca_x"], table.loc[selected, "pca_y"], s=8,
                      c="tab:red", label="selected")  # fmt: skip
@@ -112,7 +115,7 @@ def selection_figures(table: pd.DataFrame) -> dict[str, Figure]:
 def preference_figure(metrics: Mapping[str, float], models: Sequence[str]) -> Figure:
     """Held-out reward accuracy beside held-out response loss, per model: a run that wins
     the preference while its replies get worse shows as a rising bar on both sides."""
-    figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6), layout="constrained")
+    figure, (left, right) = _subplots(1, 2, figsize=(9, 3.6))
     colors = [f"C{i}" for i in range(len(models))]
     left.bar(models, [metrics[f"{m}_reward_accuracy"] for m in models], color=colors)
     left.set_ylim(0, 1)
