@@ -62,12 +62,13 @@ docs: install
 ## Install and run the test suite (CI runs exactly this). Two workers, one test module each
 ## at a time (--dist loadfile keeps each module's shared pipeline build in one process). A
 ## third worker on CI's 2 cores saved nothing (918 s against 917 s: the cores are busy) and
-## stretched the longest module, test_pipeline.py, from ~640 s to 854 s.
+## stretched the longest module, test_pipeline.py, from ~640 s to 854 s. Modules go out in
+## the order tests/conftest.py sorts them (the slowest first), not xdist's most-tests-first.
 TEST_WORKERS ?= 2
 test: install
 	$(BIN)/ruff check .
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
-	$(BIN)/pytest -m "not gpu" -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/pytest -m "not gpu" -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-fast: install
 	$(BIN)/pytest -m "not slow and not gpu and not distributed"
